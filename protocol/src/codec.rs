@@ -1,0 +1,356 @@
+//! Inbound frame decoding: the protocol header check, a frame-size check on the 7-byte frame
+//! header before any payload is buffered, method and content-header parsing through
+//! `amq-protocol`, and body frames handed out as `Bytes` split off the read buffer (no copy).
+
+use amq_protocol::{
+    frame::parsing::parse_content_header,
+    protocol::{basic::AMQPProperties, parse_class, AMQPClass},
+};
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::{reply, FRAME_END, FRAME_OVERHEAD, PROTOCOL_HEADER};
+
+/// Method and content-header frames are not bound by frame_max (RabbitMQ does not apply it to
+/// them), but they are bounded: a peer cannot make us buffer more than this for one of them.
+pub const MAX_NON_BODY_FRAME: usize = 4 * 1024 * 1024;
+
+/// One decoded inbound frame.
+#[derive(Debug, PartialEq)]
+pub enum Frame {
+    /// A method. `raw` is the method payload (class id onwards), kept for the few checks
+    /// `amq-protocol` parses away (basic.qos prefetch_size).
+    Method { channel: u16, class: AMQPClass, raw: Bytes },
+    /// A content header. `raw` is its payload, reusable as is for every delivery.
+    Header { channel: u16, class_id: u16, body_size: u64, properties: AMQPProperties, raw: Bytes },
+    /// A content body frame, sliced out of the read buffer.
+    Body { channel: u16, payload: Bytes },
+    Heartbeat { channel: u16 },
+}
+
+impl Frame {
+    pub fn channel(&self) -> u16 {
+        match self {
+            Frame::Method { channel, .. }
+            | Frame::Header { channel, .. }
+            | Frame::Body { channel, .. }
+            | Frame::Heartbeat { channel } => *channel,
+        }
+    }
+}
+
+/// Why a frame could not be decoded. Every variant is a connection error; [`DecodeError::code`]
+/// gives its reply code.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("frame size {size} exceeds the negotiated frame_max {max}")]
+    FrameTooLarge { size: usize, max: usize },
+    #[error("frame end octet {0:#04x} is not 0xCE")]
+    BadFrameEnd(u8),
+    #[error("unknown frame type {0}")]
+    UnknownFrameType(u8),
+    #[error("malformed method frame on channel {channel} (class {class_id}, method {method_id})")]
+    MalformedMethod { channel: u16, class_id: u16, method_id: u16 },
+    #[error("unknown method (class {class_id}, method {method_id})")]
+    UnknownMethod { class_id: u16, method_id: u16 },
+    #[error("malformed content header on channel {0}")]
+    MalformedHeader(u16),
+}
+
+impl DecodeError {
+    pub fn code(&self) -> u16 {
+        match self {
+            DecodeError::FrameTooLarge { .. }
+            | DecodeError::BadFrameEnd(_)
+            | DecodeError::UnknownFrameType(_)
+            | DecodeError::MalformedHeader(_) => reply::FRAME_ERROR,
+            DecodeError::MalformedMethod { .. } => reply::SYNTAX_ERROR,
+            DecodeError::UnknownMethod { .. } => reply::NOT_IMPLEMENTED,
+        }
+    }
+
+    /// Class and method ids to report in connection.close, when known.
+    pub fn method_ids(&self) -> (u16, u16) {
+        match self {
+            DecodeError::MalformedMethod { class_id, method_id, .. }
+            | DecodeError::UnknownMethod { class_id, method_id } => (*class_id, *method_id),
+            _ => (0, 0),
+        }
+    }
+}
+
+/// Outcome of checking the 8 bytes a client opens with.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HeaderCheck {
+    /// Fewer than 8 bytes so far.
+    Incomplete,
+    /// `AMQP\0\0\x09\x01`.
+    Amqp091,
+    /// Anything else: answer [`PROTOCOL_HEADER`] and close.
+    Wrong,
+}
+
+/// Checks (and on success consumes) the protocol header at the front of `buf`.
+pub fn check_protocol_header(buf: &mut BytesMut) -> HeaderCheck {
+    if buf.len() < PROTOCOL_HEADER.len() {
+        // A prefix that already differs is wrong without waiting for the rest.
+        let n = buf.len();
+        if buf[..] != PROTOCOL_HEADER[..n] {
+            return HeaderCheck::Wrong;
+        }
+        return HeaderCheck::Incomplete;
+    }
+    if buf[..8] == PROTOCOL_HEADER {
+        buf.advance(8);
+        HeaderCheck::Amqp091
+    } else {
+        HeaderCheck::Wrong
+    }
+}
+
+/// Decodes frames from a read buffer. `frame_max` is the negotiated maximum frame size,
+/// including the 8 bytes of framing, applied to body frames before their payload is buffered.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    frame_max: usize,
+}
+
+impl Decoder {
+    pub fn new(frame_max: u32) -> Self {
+        Decoder { frame_max: frame_max_or_unlimited(frame_max) }
+    }
+
+    pub fn set_frame_max(&mut self, frame_max: u32) {
+        self.frame_max = frame_max_or_unlimited(frame_max);
+    }
+
+    /// Bytes the next frame needs in the buffer, if the buffer holds its header. Lets a reader
+    /// reserve exactly once for a large body frame.
+    pub fn needed(&self, buf: &[u8]) -> Option<usize> {
+        if buf.len() < 7 {
+            return None;
+        }
+        let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
+        Some(size + FRAME_OVERHEAD)
+    }
+
+    /// Takes one complete frame off the front of `buf`, `Ok(None)` if more bytes are needed.
+    /// The size is checked as soon as the 7-byte header is in, so an oversized frame is refused
+    /// before its payload is read.
+    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
+        if buf.len() < 7 {
+            return Ok(None);
+        }
+        let kind = buf[0];
+        let channel = u16::from_be_bytes([buf[1], buf[2]]);
+        let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
+        let limit = match kind {
+            3 => self.frame_max,
+            1 | 2 | 8 => self.frame_max.max(MAX_NON_BODY_FRAME),
+            other => return Err(DecodeError::UnknownFrameType(other)),
+        };
+        if size.saturating_add(FRAME_OVERHEAD) > limit {
+            return Err(DecodeError::FrameTooLarge { size: size + FRAME_OVERHEAD, max: limit });
+        }
+        if buf.len() < size + FRAME_OVERHEAD {
+            return Ok(None);
+        }
+        let end = buf[7 + size];
+        if end != FRAME_END {
+            return Err(DecodeError::BadFrameEnd(end));
+        }
+        buf.advance(7);
+        let payload = buf.split_to(size).freeze();
+        buf.advance(1);
+        let frame = match kind {
+            1 => decode_method(channel, payload)?,
+            2 => decode_header(channel, payload)?,
+            3 => Frame::Body { channel, payload },
+            _ => Frame::Heartbeat { channel },
+        };
+        Ok(Some(frame))
+    }
+}
+
+fn frame_max_or_unlimited(frame_max: u32) -> usize {
+    if frame_max == 0 {
+        usize::MAX
+    } else {
+        frame_max as usize
+    }
+}
+
+fn decode_method(channel: u16, raw: Bytes) -> Result<Frame, DecodeError> {
+    let ids = |raw: &[u8]| {
+        if raw.len() >= 4 {
+            (u16::from_be_bytes([raw[0], raw[1]]), u16::from_be_bytes([raw[2], raw[3]]))
+        } else {
+            (0, 0)
+        }
+    };
+    match parse_class(&raw[..]) {
+        Ok((_, class)) => Ok(Frame::Method { channel, class, raw }),
+        Err(_) => {
+            let (class_id, method_id) = ids(&raw);
+            if raw.len() >= 4 && !is_known_method(class_id, method_id) {
+                Err(DecodeError::UnknownMethod { class_id, method_id })
+            } else {
+                Err(DecodeError::MalformedMethod { channel, class_id, method_id })
+            }
+        }
+    }
+}
+
+fn is_known_method(class_id: u16, method_id: u16) -> bool {
+    match class_id {
+        10 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51 | 60 | 61 | 70 | 71),
+        20 => matches!(method_id, 10 | 11 | 20 | 21 | 40 | 41),
+        30 => matches!(method_id, 10 | 11),
+        40 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 51),
+        50 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51),
+        60 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 50 | 60 | 70 | 71 | 72 | 80 | 90 | 100 | 110 | 111 | 120),
+        85 => matches!(method_id, 10 | 11),
+        90 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31),
+        _ => false,
+    }
+}
+
+fn decode_header(channel: u16, raw: Bytes) -> Result<Frame, DecodeError> {
+    match parse_content_header(&raw[..]) {
+        Ok((_, h)) => Ok(Frame::Header {
+            channel,
+            class_id: h.class_id,
+            body_size: h.body_size,
+            properties: h.properties,
+            raw,
+        }),
+        Err(_) => Err(DecodeError::MalformedHeader(channel)),
+    }
+}
+
+/// basic.qos's prefetch_size, which `amq-protocol` parses away. `raw` is the method payload.
+pub fn qos_prefetch_size(raw: &[u8]) -> u32 {
+    if raw.len() >= 8 {
+        u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]])
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode::{encode_frame, encode_heartbeat};
+    use amq_protocol::protocol::{basic, queue};
+
+    fn method_bytes(channel: u16, class: &AMQPClass) -> BytesMut {
+        let mut v = Vec::new();
+        encode_frame(&mut v, channel, class).unwrap();
+        BytesMut::from(&v[..])
+    }
+
+    #[test]
+    fn protocol_header() {
+        let mut b = BytesMut::from(&b"AMQP\x00\x00\x09\x01rest"[..]);
+        assert_eq!(check_protocol_header(&mut b), HeaderCheck::Amqp091);
+        assert_eq!(&b[..], b"rest");
+        let mut b = BytesMut::from(&b"AMQP\x01\x01\x00\x0a"[..]);
+        assert_eq!(check_protocol_header(&mut b), HeaderCheck::Wrong);
+        let mut b = BytesMut::from(&b"AMQ"[..]);
+        assert_eq!(check_protocol_header(&mut b), HeaderCheck::Incomplete);
+        let mut b = BytesMut::from(&b"GET "[..]);
+        assert_eq!(check_protocol_header(&mut b), HeaderCheck::Wrong);
+    }
+
+    #[test]
+    fn method_roundtrip_and_partial() {
+        let class = AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "q".into(),
+            durable: true,
+            ..Default::default()
+        }));
+        let full = method_bytes(3, &class);
+        let d = Decoder::new(131072);
+        for cut in 0..full.len() {
+            let mut part = BytesMut::from(&full[..cut]);
+            assert!(d.decode(&mut part).unwrap().is_none(), "cut at {cut}");
+        }
+        let mut b = full.clone();
+        b.extend_from_slice(&full);
+        for _ in 0..2 {
+            match d.decode(&mut b).unwrap() {
+                Some(Frame::Method { channel: 3, class: c, .. }) => assert_eq!(c, class),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn oversized_body_refused_from_header_alone() {
+        let d = Decoder::new(8192);
+        // Only the 7-byte header of a body frame declaring 1 MiB.
+        let mut b = BytesMut::from(&[3u8, 0, 1, 0, 0x10, 0, 0][..]);
+        assert_eq!(
+            d.decode(&mut b),
+            Err(DecodeError::FrameTooLarge { size: 0x100000 + 8, max: 8192 })
+        );
+        assert_eq!(DecodeError::FrameTooLarge { size: 0, max: 0 }.code(), reply::FRAME_ERROR);
+    }
+
+    #[test]
+    fn body_at_exact_limit_is_accepted() {
+        let d = Decoder::new(8192);
+        let mut b = BytesMut::new();
+        b.extend_from_slice(&[3, 0, 1]);
+        b.extend_from_slice(&(8192u32 - 8).to_be_bytes());
+        b.extend_from_slice(&vec![7u8; 8184]);
+        b.extend_from_slice(&[FRAME_END]);
+        match d.decode(&mut b).unwrap() {
+            Some(Frame::Body { channel: 1, payload }) => assert_eq!(payload.len(), 8184),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_frame_end_and_type() {
+        let d = Decoder::new(131072);
+        let mut b = BytesMut::from(&[8u8, 0, 0, 0, 0, 0, 0, 0xCD][..]);
+        assert_eq!(d.decode(&mut b), Err(DecodeError::BadFrameEnd(0xCD)));
+        let mut b = BytesMut::from(&[9u8, 0, 0, 0, 0, 0, 0, 0xCE][..]);
+        assert_eq!(d.decode(&mut b), Err(DecodeError::UnknownFrameType(9)));
+    }
+
+    #[test]
+    fn heartbeat() {
+        let d = Decoder::new(131072);
+        let mut v = Vec::new();
+        encode_heartbeat(&mut v);
+        assert_eq!(v, [8, 0, 0, 0, 0, 0, 0, 0xCE]);
+        let mut b = BytesMut::from(&v[..]);
+        assert!(matches!(d.decode(&mut b), Ok(Some(Frame::Heartbeat { channel: 0 }))));
+    }
+
+    #[test]
+    fn unknown_and_malformed_methods() {
+        let d = Decoder::new(131072);
+        // class 60 method 99 does not exist
+        let mut b = BytesMut::from(&[1u8, 0, 1, 0, 0, 0, 4, 0, 60, 0, 99, 0xCE][..]);
+        assert_eq!(d.decode(&mut b), Err(DecodeError::UnknownMethod { class_id: 60, method_id: 99 }));
+        // basic.qos truncated
+        let mut b = BytesMut::from(&[1u8, 0, 1, 0, 0, 0, 5, 0, 60, 0, 10, 0, 0xCE][..]);
+        assert!(matches!(d.decode(&mut b), Err(DecodeError::MalformedMethod { .. })));
+    }
+
+    #[test]
+    fn qos_prefetch_size_is_read() {
+        let class = AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos { prefetch_count: 5, global: false }));
+        let mut b = method_bytes(1, &class);
+        // patch prefetch_size (bytes 4..8 of the payload, payload starts at 7)
+        b[7 + 4..7 + 8].copy_from_slice(&10u32.to_be_bytes());
+        let d = Decoder::new(131072);
+        match d.decode(&mut b).unwrap() {
+            Some(Frame::Method { raw, .. }) => assert_eq!(qos_prefetch_size(&raw), 10),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
