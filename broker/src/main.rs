@@ -1,1 +1,58 @@
-fn main(){}
+//! The `warren` binary: parse settings, set up logging, serve until SIGTERM or Ctrl-C, then
+//! close every connection with 320 CONNECTION_FORCED and exit 0.
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use warren_broker::{broker::Broker, Config};
+
+fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display()))?;
+    if config.storage.is_some() {
+        tracing::warn!("--storage is accepted but the SQL backends are not built yet; metadata stays in memory");
+    }
+    let listener = tokio::net::TcpListener::bind(config.amqp_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.amqp_listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "Warren {} listening for AMQP 0-9-1", env!("CARGO_PKG_VERSION"));
+    let broker = Broker::new(config);
+    let server = tokio::spawn(warren_broker::serve(listener, broker.clone()));
+    shutdown_signal().await;
+    tracing::info!("shutting down: closing connections with 320 CONNECTION_FORCED");
+    broker.shutdown.cancel();
+    let _ = server.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -8,7 +8,7 @@ pub mod reply;
 pub mod sasl;
 
 pub use amq_protocol::{
-    frame::{AMQPContentHeader, AMQPFrame},
+    frame::{AMQPContentHeader, AMQPFrame, WriteContext},
     protocol::{self, basic::AMQPProperties, AMQPClass},
     types::{self, AMQPValue, FieldArray, FieldTable, LongString, ShortString},
 };

@@ -1,0 +1,566 @@
+//! One channel's method handling, run on its connection's reader task: topology methods through
+//! the vhost, publishes assembled and routed to queues, consumers, acks, confirms and
+//! transactions. The shared half (`ChannelHandle`) is what queues see. A channel error closes
+//! only this channel (`fail`); the connection decides on hard errors.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use warren_protocol::{
+    codec::{qos_prefetch_size, Frame},
+    content::{Assembler, Content, Step},
+    protocol::{access, basic, channel, confirm, exchange, queue, tx, AMQPClass},
+    ShortString,
+};
+
+use crate::delivery::{ChannelHandle, Consumer, Unacked};
+use crate::error::{AmqpError, AmqpResult};
+use crate::exchange::Exchange;
+use crate::message::Message;
+use crate::outbox::{Outbox, Outgoing};
+use crate::queue::{Entry, Queue, Removed};
+use crate::vhost::{server_name, ExchangeDeclare, QueueDeclare, VHost};
+
+/// What a channel needs from its connection.
+pub struct ConnCtx {
+    pub conn_id: u64,
+    pub vhost: Arc<VHost>,
+    pub outbox: Arc<Outbox>,
+    pub max_message_size: u64,
+    pub cancel_notify: bool,
+}
+
+/// What the connection does with the channel after a frame.
+pub enum After {
+    Keep,
+    Remove,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    Ack,
+    Requeue,
+    Discard,
+}
+
+#[derive(Default)]
+struct Tx {
+    publishes: Vec<(Arc<Exchange>, Arc<Message>, bool)>,
+    settles: Vec<(u64, Unacked, Settle)>,
+}
+
+/// Publisher confirms: the next sequence number and the outcomes not yet sent.
+#[derive(Default)]
+struct Confirms {
+    next: u64,
+    /// (last tag of a run, ack?) runs in order, coalesced into one basic.ack/nack each.
+    pending: Vec<(u64, u64, bool)>,
+}
+
+impl Confirms {
+    fn settle(&mut self, tag: u64, ack: bool) {
+        if let Some(last) = self.pending.last_mut() {
+            if last.2 == ack && last.1 + 1 == tag {
+                last.1 = tag;
+                return;
+            }
+        }
+        self.pending.push((tag, tag, ack));
+    }
+}
+
+pub struct Channel {
+    pub handle: Arc<ChannelHandle>,
+    assembler: Assembler,
+    closing: bool,
+    prefetch: u32,
+    confirms: Option<Confirms>,
+    tx: Option<Tx>,
+    last_queue: Option<String>,
+    route_buf: Vec<Arc<Queue>>,
+}
+
+impl Channel {
+    pub fn new(id: u16, ctx: &ConnCtx) -> Self {
+        Channel {
+            handle: ChannelHandle::new(id, ctx.conn_id, ctx.outbox.clone(), ctx.cancel_notify),
+            assembler: Assembler::new(ctx.max_message_size),
+            closing: false,
+            prefetch: 0,
+            confirms: None,
+            tx: None,
+            last_queue: None,
+            route_buf: Vec::new(),
+        }
+    }
+
+    fn id(&self) -> u16 {
+        self.handle.id
+    }
+
+    fn reply(&self, method: AMQPClass) {
+        self.handle.outbox.push(Outgoing::Method(self.id(), method));
+    }
+
+    /// Closes the channel for a channel error: channel.close goes out, resources are released
+    /// now, and frames are ignored until close-ok.
+    pub fn fail(&mut self, ctx: &ConnCtx, e: AmqpError) {
+        tracing::warn!(channel = self.id(), "channel error: {}", e);
+        self.reply(e.close_method());
+        self.shutdown(ctx);
+        self.closing = true;
+    }
+
+    /// Releases everything: consumers cancelled (auto-delete queues go), unacked requeued.
+    pub fn shutdown(&mut self, ctx: &ConnCtx) {
+        self.assembler.reset();
+        let (consumers, unacked) = self.handle.close();
+        for c in consumers {
+            self.detach_consumer(ctx, &c);
+        }
+        let mut back: Vec<(u64, Unacked)> = unacked.into_iter().map(|u| (0, u)).collect();
+        if let Some(tx) = self.tx.take() {
+            back.extend(tx.settles.into_iter().map(|(t, u, _)| (t, u)));
+        }
+        requeue_all(back.into_iter().map(|(_, u)| u));
+        self.flush_confirms();
+    }
+
+    fn detach_consumer(&self, ctx: &ConnCtx, c: &Arc<Consumer>) {
+        if let Some(q) = c.queue.upgrade() {
+            if q.remove_consumer(c) == Removed::AutoDelete {
+                if let Err(e) = ctx.vhost.remove_queue(&q) {
+                    tracing::warn!(queue = q.name(), error = %e, "auto-delete failed");
+                }
+            }
+        }
+    }
+
+    /// Sends the confirms accumulated since the last call, one method per run.
+    pub fn flush_confirms(&mut self) {
+        let Some(c) = self.confirms.as_mut() else { return };
+        if c.pending.is_empty() {
+            return;
+        }
+        let runs = std::mem::take(&mut c.pending);
+        for (first, last, ack) in runs {
+            let multiple = last > first;
+            let method = if ack {
+                basic::AMQPMethod::Ack(basic::Ack { delivery_tag: last, multiple })
+            } else {
+                basic::AMQPMethod::Nack(basic::Nack { delivery_tag: last, multiple, requeue: false })
+            };
+            self.handle.outbox.push(Outgoing::Method(self.handle.id, AMQPClass::Basic(method)));
+        }
+    }
+
+    pub fn handle(&mut self, ctx: &ConnCtx, frame: Frame) -> AmqpResult<After> {
+        if self.closing {
+            if let Frame::Method { class: AMQPClass::Channel(c), .. } = frame {
+                match c {
+                    channel::AMQPMethod::CloseOk(_) => return Ok(After::Remove),
+                    channel::AMQPMethod::Close(_) => {
+                        self.reply(AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
+                        return Ok(After::Remove);
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(After::Keep);
+        }
+        match frame {
+            Frame::Method { class, raw, .. } => {
+                let ids = (class.get_amqp_class_id(), crate::connection::method_id(&class));
+                self.assembler.check_method().map_err(|e| AmqpError::from(e).at(60, 40))?;
+                self.method(ctx, class, &raw).map_err(|e| e.at(ids.0, ids.1))
+            }
+            Frame::Header { class_id, body_size, properties, raw, .. } => {
+                match self.assembler.header(class_id, body_size, properties, raw) {
+                    Ok(Step::Done(c)) => self.published(ctx, *c).map_err(|e| e.at(60, 40))?,
+                    Ok(Step::Pending) => {}
+                    Err(e) => return Err(AmqpError::from(e).at(60, 40)),
+                }
+                Ok(After::Keep)
+            }
+            Frame::Body { payload, .. } => {
+                match self.assembler.body(payload) {
+                    Ok(Step::Done(c)) => self.published(ctx, *c).map_err(|e| e.at(60, 40))?,
+                    Ok(Step::Pending) => {}
+                    Err(e) => return Err(AmqpError::from(e).at(60, 40)),
+                }
+                Ok(After::Keep)
+            }
+            Frame::Heartbeat { .. } => Ok(After::Keep),
+        }
+    }
+
+    /// The queue a method names; "" means the channel's last declared queue.
+    fn queue_name(&self, name: &ShortString) -> AmqpResult<String> {
+        if name.as_str().is_empty() {
+            self.last_queue.clone().ok_or_else(|| AmqpError::not_found("no previously declared queue"))
+        } else {
+            Ok(name.as_str().to_string())
+        }
+    }
+
+    fn method(&mut self, ctx: &ConnCtx, class: AMQPClass, raw: &[u8]) -> AmqpResult<After> {
+        let vh = &ctx.vhost;
+        let cid = ctx.conn_id;
+        match class {
+            AMQPClass::Channel(c) => match c {
+                channel::AMQPMethod::Close(_) => {
+                    self.shutdown(ctx);
+                    self.reply(AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
+                    return Ok(After::Remove);
+                }
+                channel::AMQPMethod::CloseOk(_) => {}
+                channel::AMQPMethod::Flow(f) => {
+                    if !f.active {
+                        return Err(AmqpError::not_implemented("active=false"));
+                    }
+                    self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: true })));
+                }
+                channel::AMQPMethod::FlowOk(_) => {}
+                _ => return Err(AmqpError::channel_error("second 'channel.open' seen")),
+            },
+            AMQPClass::Access(access::AMQPMethod::Request(_)) => {
+                self.reply(AMQPClass::Access(access::AMQPMethod::RequestOk(access::RequestOk {})));
+            }
+            AMQPClass::Exchange(e) => self.exchange_method(vh, e)?,
+            AMQPClass::Queue(q) => self.queue_method(vh, cid, q)?,
+            AMQPClass::Basic(b) => self.basic_method(ctx, b, raw)?,
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
+                if self.tx.is_some() {
+                    return Err(AmqpError::precondition("cannot switch from tx to confirm mode"));
+                }
+                if self.confirms.is_none() {
+                    self.confirms = Some(Confirms { next: 1, pending: Vec::new() });
+                }
+                if !s.nowait {
+                    self.reply(AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})));
+                }
+            }
+            AMQPClass::Tx(t) => self.tx_method(ctx, t)?,
+            _ => return Err(AmqpError::command_invalid("unimplemented method")),
+        }
+        Ok(After::Keep)
+    }
+
+    fn exchange_method(&mut self, vh: &Arc<VHost>, e: exchange::AMQPMethod) -> AmqpResult<()> {
+        use exchange::AMQPMethod as E;
+        match e {
+            E::Declare(d) => {
+                vh.declare_exchange(&ExchangeDeclare {
+                    name: d.exchange.to_string(),
+                    kind: d.kind.to_string(),
+                    passive: d.passive,
+                    durable: d.durable,
+                    auto_delete: d.auto_delete,
+                    internal: d.internal,
+                    arguments: d.arguments,
+                })?;
+                if !d.nowait {
+                    self.reply(AMQPClass::Exchange(E::DeclareOk(exchange::DeclareOk {})));
+                }
+            }
+            E::Delete(d) => {
+                vh.delete_exchange(d.exchange.as_str(), d.if_unused)?;
+                if !d.nowait {
+                    self.reply(AMQPClass::Exchange(E::DeleteOk(exchange::DeleteOk {})));
+                }
+            }
+            E::Bind(b) => {
+                vh.bind_exchange(b.destination.as_str(), b.source.as_str(), b.routing_key.as_str(), &b.arguments)?;
+                if !b.nowait {
+                    self.reply(AMQPClass::Exchange(E::BindOk(exchange::BindOk {})));
+                }
+            }
+            E::Unbind(b) => {
+                vh.unbind_exchange(b.destination.as_str(), b.source.as_str(), b.routing_key.as_str(), &b.arguments)?;
+                if !b.nowait {
+                    self.reply(AMQPClass::Exchange(E::UnbindOk(exchange::UnbindOk {})));
+                }
+            }
+            _ => return Err(AmqpError::command_invalid("unimplemented method")),
+        }
+        Ok(())
+    }
+
+    fn queue_method(&mut self, vh: &Arc<VHost>, cid: u64, q: queue::AMQPMethod) -> AmqpResult<()> {
+        use queue::AMQPMethod as Q;
+        match q {
+            Q::Declare(d) => {
+                let (queue, messages, consumers) = vh.declare_queue(
+                    cid,
+                    &QueueDeclare {
+                        name: d.queue.to_string(),
+                        passive: d.passive,
+                        durable: d.durable,
+                        exclusive: d.exclusive,
+                        auto_delete: d.auto_delete,
+                        arguments: d.arguments,
+                    },
+                )?;
+                self.last_queue = Some(queue.name().to_string());
+                if !d.nowait {
+                    self.reply(AMQPClass::Queue(Q::DeclareOk(queue::DeclareOk {
+                        queue: ShortString::from(queue.name()),
+                        message_count: messages,
+                        consumer_count: consumers,
+                    })));
+                }
+            }
+            Q::Bind(b) => {
+                let name = self.queue_name(&b.queue)?;
+                vh.bind_queue(cid, &name, b.exchange.as_str(), b.routing_key.as_str(), &b.arguments)?;
+                if !b.nowait {
+                    self.reply(AMQPClass::Queue(Q::BindOk(queue::BindOk {})));
+                }
+            }
+            Q::Unbind(b) => {
+                let name = self.queue_name(&b.queue)?;
+                vh.unbind_queue(cid, &name, b.exchange.as_str(), b.routing_key.as_str(), &b.arguments)?;
+                self.reply(AMQPClass::Queue(Q::UnbindOk(queue::UnbindOk {})));
+            }
+            Q::Purge(p) => {
+                let name = self.queue_name(&p.queue)?;
+                let n = vh.purge_queue(cid, &name)?;
+                if !p.nowait {
+                    self.reply(AMQPClass::Queue(Q::PurgeOk(queue::PurgeOk { message_count: n })));
+                }
+            }
+            Q::Delete(d) => {
+                let name = self.queue_name(&d.queue)?;
+                let (n, consumers) = vh.delete_queue(cid, &name, d.if_unused, d.if_empty)?;
+                // delete-ok goes out before the basic.cancel the deletion causes, as RabbitMQ.
+                if !d.nowait {
+                    self.reply(AMQPClass::Queue(Q::DeleteOk(queue::DeleteOk { message_count: n })));
+                }
+                Queue::cancel_consumers(consumers);
+            }
+            _ => return Err(AmqpError::command_invalid("unimplemented method")),
+        }
+        Ok(())
+    }
+
+    fn basic_method(&mut self, ctx: &ConnCtx, b: basic::AMQPMethod, raw: &[u8]) -> AmqpResult<()> {
+        use basic::AMQPMethod as B;
+        let vh = &ctx.vhost;
+        match b {
+            B::Qos(q) => {
+                let size = qos_prefetch_size(raw);
+                if size != 0 {
+                    return Err(AmqpError::not_implemented(format!("prefetch_size!=0 ({size})")));
+                }
+                if q.global {
+                    self.handle.set_global_prefetch(q.prefetch_count as u32);
+                } else {
+                    self.prefetch = q.prefetch_count as u32;
+                }
+                self.reply(AMQPClass::Basic(B::QosOk(basic::QosOk {})));
+            }
+            B::Consume(c) => {
+                let name = self.queue_name(&c.queue)?;
+                let q = vh.queue_for(ctx.conn_id, &name)?;
+                let tag = if c.consumer_tag.as_str().is_empty() {
+                    ShortString::from(server_name("amq.ctag-"))
+                } else {
+                    c.consumer_tag.clone()
+                };
+                if self.handle.has_consumer(tag.as_str()) {
+                    return Err(AmqpError::not_allowed(format!("attempt to reuse consumer tag '{tag}'")));
+                }
+                let consumer = Arc::new(Consumer {
+                    tag: tag.clone(),
+                    channel: self.handle.clone(),
+                    queue: Arc::downgrade(&q),
+                    no_ack: c.no_ack,
+                    exclusive: c.exclusive,
+                    prefetch: self.prefetch,
+                    unacked: Default::default(),
+                    active: Default::default(),
+                });
+                // Registered inactive so nothing is delivered before consume-ok.
+                q.add_consumer(consumer.clone())?;
+                self.handle.add_consumer(consumer.clone())?;
+                if !c.nowait {
+                    self.reply(AMQPClass::Basic(B::ConsumeOk(basic::ConsumeOk { consumer_tag: tag })));
+                }
+                consumer.active.store(true, Ordering::Release);
+                q.dispatch();
+            }
+            B::Cancel(c) => {
+                if let Some(consumer) = self.handle.remove_consumer(c.consumer_tag.as_str()) {
+                    self.detach_consumer(ctx, &consumer);
+                }
+                if !c.nowait {
+                    self.reply(AMQPClass::Basic(B::CancelOk(basic::CancelOk { consumer_tag: c.consumer_tag })));
+                }
+            }
+            B::Publish(p) => {
+                if p.immediate {
+                    return Err(AmqpError::not_implemented("immediate=true"));
+                }
+                self.assembler.start(p)?;
+            }
+            B::Get(g) => {
+                let name = self.queue_name(&g.queue)?;
+                let q = vh.queue_for(ctx.conn_id, &name)?;
+                if q.get(&self.handle, g.no_ack) != Some(true) {
+                    self.reply(AMQPClass::Basic(B::GetEmpty(basic::GetEmpty {})));
+                }
+            }
+            B::Ack(a) => self.settle(a.delivery_tag, a.multiple, Settle::Ack)?,
+            B::Nack(n) => {
+                self.settle(n.delivery_tag, n.multiple, if n.requeue { Settle::Requeue } else { Settle::Discard })?
+            }
+            B::Reject(r) => self.settle(r.delivery_tag, false, if r.requeue { Settle::Requeue } else { Settle::Discard })?,
+            B::RecoverAsync(r) => self.recover(r.requeue)?,
+            B::Recover(r) => {
+                self.recover(r.requeue)?;
+                self.reply(AMQPClass::Basic(B::RecoverOk(basic::RecoverOk {})));
+            }
+            _ => return Err(AmqpError::command_invalid("unimplemented method")),
+        }
+        Ok(())
+    }
+
+    fn recover(&mut self, requeue: bool) -> AmqpResult<()> {
+        if !requeue {
+            return Err(AmqpError::not_implemented("requeue=false"));
+        }
+        let all = self.handle.take_all_unacked();
+        for u in &all {
+            self.handle.release(u);
+        }
+        requeue_all(all);
+        Ok(())
+    }
+
+    /// ack / nack / reject: now, or at commit in a transaction.
+    fn settle(&mut self, tag: u64, multiple: bool, how: Settle) -> AmqpResult<()> {
+        let taken = self.handle.take_unacked(tag, multiple)?;
+        if let Some(tx) = self.tx.as_mut() {
+            tx.settles.extend(taken.into_iter().map(|(t, u)| (t, u, how)));
+            return Ok(());
+        }
+        self.apply_settles(taken.into_iter().map(|(_, u)| (u, how)));
+        Ok(())
+    }
+
+    fn apply_settles(&self, items: impl IntoIterator<Item = (Unacked, Settle)>) {
+        let mut requeue = Vec::new();
+        let mut touched: Vec<Arc<Queue>> = Vec::new();
+        for (u, how) in items {
+            self.handle.release(&u);
+            if !touched.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
+                touched.push(u.queue.clone());
+            }
+            if how == Settle::Requeue {
+                requeue.push(u);
+            }
+        }
+        requeue_all(requeue);
+        // Credit came back: let the queues deliver again (requeue_all dispatched its own).
+        for q in touched {
+            q.dispatch();
+        }
+        self.handle.dispatch_all_consumers_if_global();
+    }
+
+    /// A complete message arrived.
+    fn published(&mut self, ctx: &ConnCtx, c: Content) -> AmqpResult<()> {
+        let exchange = ctx.vhost.publish_exchange(c.publish.exchange.as_str())?;
+        let mandatory = c.publish.mandatory;
+        let msg = Arc::new(Message {
+            exchange: c.publish.exchange,
+            routing_key: c.publish.routing_key,
+            properties: c.properties,
+            header: c.header,
+            body: c.body,
+        });
+        if let Some(tx) = self.tx.as_mut() {
+            tx.publishes.push((exchange, msg, mandatory));
+            return Ok(());
+        }
+        self.route(ctx, &exchange, msg, mandatory);
+        Ok(())
+    }
+
+    fn route(&mut self, ctx: &ConnCtx, exchange: &Arc<Exchange>, msg: Arc<Message>, mandatory: bool) {
+        let mut queues = std::mem::take(&mut self.route_buf);
+        ctx.vhost.route(exchange, &msg, &mut queues);
+        let mut delivered = false;
+        for q in queues.drain(..) {
+            delivered |= q.publish(msg.clone());
+        }
+        self.route_buf = queues;
+        if !delivered && mandatory {
+            self.handle.outbox.push(Outgoing::Content(
+                self.id(),
+                AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                    reply_code: warren_protocol::reply::NO_ROUTE,
+                    reply_text: ShortString::from("NO_ROUTE"),
+                    exchange: msg.exchange.clone(),
+                    routing_key: msg.routing_key.clone(),
+                })),
+                msg,
+            ));
+        }
+        if let Some(c) = self.confirms.as_mut() {
+            let tag = c.next;
+            c.next += 1;
+            c.settle(tag, true);
+        }
+    }
+
+    fn tx_method(&mut self, ctx: &ConnCtx, t: tx::AMQPMethod) -> AmqpResult<()> {
+        use tx::AMQPMethod as T;
+        match t {
+            T::Select(_) => {
+                if self.confirms.is_some() {
+                    return Err(AmqpError::precondition("cannot switch from confirm to tx mode"));
+                }
+                if self.tx.is_none() {
+                    self.tx = Some(Tx::default());
+                }
+                self.reply(AMQPClass::Tx(T::SelectOk(tx::SelectOk {})));
+            }
+            T::Commit(_) => {
+                let Some(tx) = self.tx.as_mut() else {
+                    return Err(AmqpError::precondition("channel is not transactional"));
+                };
+                let Tx { publishes, settles } = std::mem::take(tx);
+                for (x, msg, mandatory) in publishes {
+                    self.route(ctx, &x, msg, mandatory);
+                }
+                self.apply_settles(settles.into_iter().map(|(_, u, how)| (u, how)));
+                self.reply(AMQPClass::Tx(T::CommitOk(tx::CommitOk {})));
+            }
+            T::Rollback(_) => {
+                let Some(tx) = self.tx.as_mut() else {
+                    return Err(AmqpError::precondition("channel is not transactional"));
+                };
+                let Tx { settles, .. } = std::mem::take(tx);
+                self.handle.restore_unacked(settles.into_iter().map(|(t, u, _)| (t, u)).collect());
+                self.reply(AMQPClass::Tx(T::RollbackOk(tx::RollbackOk {})));
+            }
+            _ => return Err(AmqpError::command_invalid("unimplemented method")),
+        }
+        Ok(())
+    }
+}
+
+/// Requeues deliveries to their queues, in tag order per queue.
+fn requeue_all(items: impl IntoIterator<Item = Unacked>) {
+    let mut groups: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
+    for u in items {
+        match groups.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+            Some((_, v)) => v.push(u.entry),
+            None => groups.push((u.queue, vec![u.entry])),
+        }
+    }
+    for (q, entries) in groups {
+        q.requeue(entries);
+    }
+}

@@ -1,0 +1,158 @@
+//! The broker's settings: command-line flags, each also read from `WARREN_<FLAG>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Warren: an AMQP 0-9-1 message broker, a drop-in replacement for RabbitMQ.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "warren", version, about)]
+pub struct Config {
+    /// Address the AMQP listener binds.
+    #[arg(long, env = "WARREN_AMQP_LISTEN", default_value = "0.0.0.0:5672")]
+    pub amqp_listen: SocketAddr,
+
+    /// Directory for the broker's data (the embedded store arrives with the storage issue).
+    #[arg(long, env = "WARREN_DATA_DIR", default_value = "./warren-data")]
+    pub data_dir: PathBuf,
+
+    /// Storage URL: `sqlite://…` or `mysql://user:pass@host:3306/db`. Accepted and validated now;
+    /// the SQL backends arrive with the storage issue, until then metadata is held in memory.
+    #[arg(long, env = "WARREN_STORAGE", value_parser = parse_storage_url)]
+    pub storage: Option<String>,
+
+    /// Byte budget of the message cache (bytes, or with a unit: 512MiB, 2GiB). Accepted and
+    /// validated now; enforced by the cache tier (storage issue).
+    #[arg(long, env = "WARREN_CACHE_MEMORY", default_value = "512MiB", value_parser = parse_size)]
+    pub cache_memory: u64,
+
+    /// The user created at start (RabbitMQ's default_user).
+    #[arg(long, env = "WARREN_DEFAULT_USER", default_value = "guest")]
+    pub default_user: String,
+
+    /// The default user's password.
+    #[arg(long, env = "WARREN_DEFAULT_PASS", default_value = "guest", hide_env_values = true)]
+    pub default_pass: String,
+
+    /// Users that may log in only from loopback, comma separated (RabbitMQ's loopback_users).
+    /// Give an empty string to let guest connect from anywhere.
+    #[arg(long, env = "WARREN_LOOPBACK_USERS", default_value = "guest", value_delimiter = ',')]
+    pub loopback_users: Vec<String>,
+
+    /// Heartbeat interval the server proposes, in seconds (0 disables).
+    #[arg(long, env = "WARREN_HEARTBEAT", default_value_t = 60)]
+    pub heartbeat: u16,
+
+    /// Largest frame the server accepts, in bytes (at least 8192; 0 means no limit).
+    #[arg(long, env = "WARREN_FRAME_MAX", default_value_t = 131_072, value_parser = parse_frame_max)]
+    pub frame_max: u32,
+
+    /// Most channels per connection.
+    #[arg(long, env = "WARREN_CHANNEL_MAX", default_value_t = 2047)]
+    pub channel_max: u16,
+
+    /// Largest message body accepted, in bytes or with a unit (at most 512MiB, as RabbitMQ).
+    #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE", default_value = "128MiB", value_parser = parse_message_size)]
+    pub max_message_size: u64,
+
+    /// Most concurrent client connections.
+    #[arg(long, env = "WARREN_MAX_CONNECTIONS", default_value_t = 65_536)]
+    pub max_connections: usize,
+
+    /// Bytes of outgoing frames a connection may have pending before deliveries to it pause.
+    #[arg(long, env = "WARREN_OUTBOX_BYTES", default_value = "1MiB", value_parser = parse_size)]
+    pub outbox_bytes: u64,
+
+    /// Product name reported in connection.start (kombu reads it to pick QoS semantics).
+    #[arg(long, env = "WARREN_PRODUCT", default_value = "RabbitMQ")]
+    pub product: String,
+
+    /// Version reported in connection.start.
+    #[arg(long, env = "WARREN_PRODUCT_VERSION", default_value = "3.13.7")]
+    pub product_version: String,
+}
+
+impl Config {
+    /// Settings for tests: loopback on an ephemeral port, defaults otherwise.
+    pub fn for_tests() -> Self {
+        let mut c = Config::parse_from(["warren", "--amqp-listen", "127.0.0.1:0"]);
+        c.data_dir = std::env::temp_dir().join("warren-test");
+        c
+    }
+}
+
+/// Parses `1234`, `512KiB`, `512MiB`, `2GiB`, `1GB`, `10MB`, `64kB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (try 1048576, 512MiB or 2GiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit '{other}' (use B, KiB, MiB, GiB, kB, MB, GB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+fn parse_message_size(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if n == 0 || n > 512 << 20 {
+        return Err(format!("max message size must be between 1 byte and 512MiB, got {n}"));
+    }
+    Ok(n)
+}
+
+fn parse_frame_max(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a frame size"))?;
+    if n != 0 && n < warren_protocol::FRAME_MIN_SIZE {
+        return Err(format!("frame_max must be 0 or at least {}", warren_protocol::FRAME_MIN_SIZE));
+    }
+    Ok(n)
+}
+
+fn parse_storage_url(s: &str) -> Result<String, String> {
+    let scheme = s.split("://").next().unwrap_or("");
+    match scheme {
+        "sqlite" | "mysql" | "mariadb" if s.contains("://") => Ok(s.to_string()),
+        _ => Err(format!("unsupported storage URL '{s}': use sqlite://PATH or mysql://user:pass@host:3306/db")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("10MB"), Ok(10_000_000));
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_message_size("600MiB").is_err());
+        assert!(parse_frame_max("4096").is_err());
+        assert_eq!(parse_frame_max("0"), Ok(0));
+        assert!(parse_storage_url("postgres://x").is_err());
+        assert!(parse_storage_url("mysql://u:p@h:3306/db").is_ok());
+    }
+
+    #[test]
+    fn defaults_match_rabbitmq() {
+        let c = Config::parse_from(["warren"]);
+        assert_eq!(c.frame_max, 131_072);
+        assert_eq!(c.channel_max, 2047);
+        assert_eq!(c.heartbeat, 60);
+        assert_eq!(c.max_message_size, 128 << 20);
+        assert_eq!(c.loopback_users, vec!["guest".to_string()]);
+    }
+}

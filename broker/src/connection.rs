@@ -1,0 +1,639 @@
+//! One AMQP connection: the reader task (this function's task) runs the handshake and every
+//! channel's methods in arrival order; a writer task drains the connection's `Outbox` into the
+//! socket, coalescing what is pending into one vectored write and sending heartbeats. Connection
+//! errors close the connection with `connection.close`; channel errors are handled in `channel`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn, Instrument};
+use warren_protocol::{
+    codec::{check_protocol_header, Decoder, Frame, HeaderCheck},
+    encode::WriteBatch,
+    protocol::{channel, connection, AMQPClass},
+    reply, sasl, AMQPValue, FieldTable, LongString, ShortString, PROTOCOL_HEADER,
+};
+
+use crate::broker::Broker;
+use crate::channel::{Channel, ConnCtx};
+use crate::error::{AmqpError, AmqpResult};
+use crate::outbox::{Outbox, Outgoing};
+
+/// Time a client has to complete the handshake (RabbitMQ's handshake_timeout).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time we wait for close-ok after sending connection.close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Initial read buffer; it grows to frame_max for large body frames.
+const READ_BUFFER: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    StartOk,
+    TuneOk,
+    Open,
+    Running,
+    /// We sent connection.close; waiting for close-ok.
+    Closing,
+}
+
+/// Capabilities the client announced in its client-properties.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ClientCaps {
+    pub consumer_cancel_notify: bool,
+    pub connection_blocked: bool,
+    pub authentication_failure_close: bool,
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+struct Conn {
+    id: u64,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    outbox: Arc<Outbox>,
+    decoder: Decoder,
+    frame_max: Arc<AtomicU32>,
+    heartbeat: Arc<AtomicU16>,
+    channel_max: u16,
+    phase: Phase,
+    caps: ClientCaps,
+    user: String,
+    mechanism: String,
+    ctx: Option<ConnCtx>,
+    channels: HashMap<u16, Channel>,
+    close_deadline: Option<Instant>,
+}
+
+/// Serves one client socket until it closes.
+pub async fn run(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>) {
+    let id = broker.next_connection_id();
+    let span = tracing::info_span!("conn", id, %peer);
+    serve(socket, peer, broker, id).instrument(span).await
+}
+
+async fn serve(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>, id: u64) {
+    let _ = socket.set_nodelay(true);
+    let (mut rd, mut wr) = socket.into_split();
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
+
+    // Protocol header.
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    loop {
+        match check_protocol_header(&mut buf) {
+            HeaderCheck::Amqp091 => break,
+            HeaderCheck::Wrong => {
+                debug!("wrong protocol header; answering with 0-9-1's");
+                let _ = wr.write_all(&PROTOCOL_HEADER).await;
+                let _ = wr.shutdown().await;
+                return;
+            }
+            HeaderCheck::Incomplete => {}
+        }
+        match tokio::time::timeout_at(deadline, rd.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+    }
+
+    let outbox = Outbox::new(broker.config.outbox_bytes as usize);
+    let frame_max = Arc::new(AtomicU32::new(warren_protocol::FRAME_MIN_SIZE));
+    let heartbeat = Arc::new(AtomicU16::new(0));
+    let writer = tokio::spawn(
+        write_loop(wr, outbox.clone(), frame_max.clone(), heartbeat.clone()).in_current_span(),
+    );
+
+    let mut conn = Conn {
+        id,
+        peer,
+        decoder: Decoder::new(warren_protocol::FRAME_MIN_SIZE),
+        outbox: outbox.clone(),
+        frame_max,
+        heartbeat,
+        channel_max: broker.config.channel_max,
+        phase: Phase::StartOk,
+        caps: ClientCaps::default(),
+        user: String::new(),
+        mechanism: String::new(),
+        ctx: None,
+        channels: HashMap::new(),
+        close_deadline: None,
+        broker,
+    };
+    conn.send_start();
+    conn.read_loop(&mut rd, buf, deadline).await;
+    conn.cleanup();
+    outbox.push(Outgoing::Shutdown);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
+
+impl Conn {
+    async fn read_loop(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf, mut buf: BytesMut, handshake_deadline: tokio::time::Instant) {
+        let mut last_read = Instant::now();
+        let shutdown = self.broker.shutdown.clone();
+        loop {
+            loop {
+                match self.decoder.decode(&mut buf) {
+                    Ok(Some(frame)) => match self.handle(frame) {
+                        Ok(Flow::Continue) => {}
+                        Ok(Flow::Stop) => return,
+                        Err(e) => {
+                            if self.connection_error(e) {
+                                return;
+                            }
+                        }
+                    },
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.connection_error(e.into());
+                        // The stream is out of sync: nothing more can be parsed.
+                        self.flush_confirms();
+                        self.drain_until_closed(rd).await;
+                        return;
+                    }
+                }
+            }
+            self.flush_confirms();
+            if let Some(need) = self.decoder.needed(&buf) {
+                if need > buf.len() {
+                    buf.reserve(need - buf.len());
+                }
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(READ_BUFFER);
+            }
+            let timeout = self.read_timeout(last_read, handshake_deadline);
+            tokio::select! {
+                r = rd.read_buf(&mut buf) => match r {
+                    Ok(0) => {
+                        if self.phase != Phase::Closing {
+                            info!("client closed the socket without connection.close");
+                        }
+                        return;
+                    }
+                    Ok(_) => last_read = Instant::now(),
+                    Err(e) => {
+                        info!(error = %e, "read failed");
+                        return;
+                    }
+                },
+                _ = tokio::time::sleep_until(timeout) => {
+                    match self.phase {
+                        Phase::Closing => debug!("no close-ok in time; closing the socket"),
+                        Phase::Running => {
+                            let hb = self.heartbeat.load(Ordering::Relaxed);
+                            warn!("missed heartbeats from client, timeout: {}s", hb);
+                        }
+                        _ => warn!("handshake timed out"),
+                    }
+                    return;
+                }
+                _ = shutdown.cancelled(), if self.phase != Phase::Closing => {
+                    self.connection_error(AmqpError::new(
+                        reply::CONNECTION_FORCED,
+                        "broker forced connection closure with reason 'shutdown'",
+                    ));
+                }
+            }
+        }
+    }
+
+    /// After a framing error: send what is queued, then wait briefly for the peer to go.
+    async fn drain_until_closed(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf) {
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            while let Ok(n) = rd.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
+    fn read_timeout(&self, last_read: Instant, handshake_deadline: tokio::time::Instant) -> tokio::time::Instant {
+        if let Some(d) = self.close_deadline {
+            return tokio::time::Instant::from_std(d);
+        }
+        match self.phase {
+            Phase::Running => {
+                let hb = self.heartbeat.load(Ordering::Relaxed) as u64;
+                if hb == 0 {
+                    tokio::time::Instant::now() + Duration::from_secs(86_400)
+                } else {
+                    tokio::time::Instant::from_std(last_read + Duration::from_secs(hb * 2))
+                }
+            }
+            _ => handshake_deadline,
+        }
+    }
+
+    fn send(&self, channel: u16, method: AMQPClass) {
+        self.outbox.push(Outgoing::Method(channel, method));
+    }
+
+    fn send_start(&self) {
+        let cfg = &self.broker.config;
+        let mut caps = FieldTable::default();
+        for c in [
+            "publisher_confirms",
+            "exchange_exchange_bindings",
+            "basic.nack",
+            "consumer_cancel_notify",
+            "connection.blocked",
+            "consumer_priorities",
+            "authentication_failure_close",
+            "per_consumer_qos",
+            "direct_reply_to",
+        ] {
+            caps.insert(c.into(), AMQPValue::Boolean(true));
+        }
+        let mut props = FieldTable::default();
+        let s = |v: &str| AMQPValue::LongString(LongString::from(v));
+        props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+        props.insert("product".into(), s(&cfg.product));
+        props.insert("version".into(), s(&cfg.product_version));
+        props.insert("platform".into(), s(&format!("Warren {} (Rust)", env!("CARGO_PKG_VERSION"))));
+        props.insert("cluster_name".into(), s("warren"));
+        props.insert("copyright".into(), s("Copyright (c) the Warren authors"));
+        props.insert(
+            "information".into(),
+            s("Warren, an AMQP 0-9-1 broker compatible with RabbitMQ. Licensed under the Apache License 2.0"),
+        );
+        self.send(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Start(connection::Start {
+                version_major: 0,
+                version_minor: 9,
+                server_properties: props,
+                mechanisms: LongString::from("PLAIN AMQPLAIN"),
+                locales: LongString::from("en_US"),
+            })),
+        );
+    }
+
+    /// Sends connection.close for `e`. Returns true when the connection should end now (no
+    /// close-ok to wait for).
+    fn connection_error(&mut self, e: AmqpError) -> bool {
+        if self.phase == Phase::Closing {
+            return false;
+        }
+        if e.code == reply::CONNECTION_FORCED {
+            info!("closing connection: {}", e);
+        } else {
+            warn!(user = %self.user, "connection error: {}", e);
+        }
+        let close = AmqpError { code: e.code, ..e };
+        let method = if close.is_connection_error() || close.code == reply::ACCESS_REFUSED {
+            AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                reply_code: close.code,
+                reply_text: close.reply_text(),
+                class_id: close.class_id,
+                method_id: close.method_id,
+            }))
+        } else {
+            close.close_method()
+        };
+        self.send(0, method);
+        self.shutdown_channels();
+        self.phase = Phase::Closing;
+        self.close_deadline = Some(Instant::now() + CLOSE_TIMEOUT);
+        false
+    }
+
+    fn handle(&mut self, frame: Frame) -> AmqpResult<Flow> {
+        if self.phase == Phase::Closing {
+            // Only the close handshake matters now.
+            if let Frame::Method { channel: 0, class: AMQPClass::Connection(m), .. } = frame {
+                match m {
+                    connection::AMQPMethod::CloseOk(_) => return Ok(Flow::Stop),
+                    connection::AMQPMethod::Close(_) => {
+                        self.send(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})));
+                        return Ok(Flow::Stop);
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(Flow::Continue);
+        }
+        match frame {
+            Frame::Heartbeat { channel: 0 } => Ok(Flow::Continue),
+            Frame::Heartbeat { channel } => {
+                Err(AmqpError::frame_error(format!("heartbeat frame on non-zero channel {channel}")))
+            }
+            Frame::Method { channel: 0, class, .. } => self.handle_connection_method(class),
+            Frame::Method { channel: _, .. } | Frame::Header { .. } | Frame::Body { .. }
+                if self.phase != Phase::Running =>
+            {
+                Err(AmqpError::command_invalid("connection not yet open").at(10, 0))
+            }
+            Frame::Header { channel: 0, .. } | Frame::Body { channel: 0, .. } => {
+                Err(AmqpError::unexpected_frame("content frame on channel 0"))
+            }
+            frame => self.handle_channel_frame(frame),
+        }
+    }
+
+    fn handle_connection_method(&mut self, class: AMQPClass) -> AmqpResult<Flow> {
+        use connection::AMQPMethod as M;
+        let AMQPClass::Connection(m) = class else {
+            return Err(AmqpError::command_invalid("only connection methods are allowed on channel 0"));
+        };
+        match (self.phase, m) {
+            (Phase::StartOk, M::StartOk(s)) => self.on_start_ok(s),
+            (Phase::TuneOk, M::TuneOk(t)) => self.on_tune_ok(t),
+            (Phase::Open, M::Open(o)) => self.on_open(o),
+            (_, M::Close(c)) => {
+                debug!(code = c.reply_code, text = %c.reply_text, "client closed the connection");
+                self.shutdown_channels();
+                self.send(0, AMQPClass::Connection(M::CloseOk(connection::CloseOk {})));
+                Ok(Flow::Stop)
+            }
+            (Phase::Running, M::UpdateSecret(_)) => {
+                self.send(0, AMQPClass::Connection(M::UpdateSecretOk(connection::UpdateSecretOk {})));
+                Ok(Flow::Continue)
+            }
+            (Phase::Running, M::Blocked(_) | M::Unblocked(_)) => Ok(Flow::Continue),
+            (_, other) => Err(AmqpError::command_invalid(format!(
+                "unexpected method {} on channel 0",
+                method_name(&AMQPClass::Connection(other.clone()))
+            ))
+            .at(10, method_id(&AMQPClass::Connection(other)))),
+        }
+    }
+
+    fn on_start_ok(&mut self, s: connection::StartOk) -> AmqpResult<Flow> {
+        if let Some(AMQPValue::FieldTable(caps)) = s.client_properties.inner().get("capabilities") {
+            let on = |k: &str| matches!(caps.inner().get(k), Some(AMQPValue::Boolean(true)));
+            self.caps = ClientCaps {
+                consumer_cancel_notify: on("consumer_cancel_notify"),
+                connection_blocked: on("connection.blocked"),
+                authentication_failure_close: on("authentication_failure_close"),
+            };
+        }
+        self.mechanism = s.mechanism.as_str().to_string();
+        let refused = |this: &mut Self, why: String| -> AmqpResult<Flow> {
+            warn!(mechanism = %this.mechanism, "login refused: {why}");
+            if this.caps.authentication_failure_close {
+                Err(AmqpError::access_refused(format!(
+                    "Login was refused using authentication mechanism {}. For details see the broker logfile.",
+                    this.mechanism
+                ))
+                .at(10, 11))
+            } else {
+                Ok(Flow::Stop)
+            }
+        };
+        let creds = match sasl::parse_response(&self.mechanism, s.response.as_bytes()) {
+            Ok(c) => c,
+            Err(sasl::SaslError::UnsupportedMechanism(m)) => {
+                return Err(AmqpError::access_refused(format!(
+                    "unsupported authentication mechanism '{m}', supported mechanisms: PLAIN AMQPLAIN"
+                ))
+                .at(10, 11))
+            }
+            Err(e) => return refused(self, e.to_string()),
+        };
+        if let Err(e) = self.broker.authenticate(&creds.username, &creds.password, self.peer.ip()) {
+            let why = match e {
+                crate::broker::LoginError::UnknownUser => format!("user '{}' does not exist", creds.username),
+                crate::broker::LoginError::BadPassword => format!("invalid credentials for user '{}'", creds.username),
+                crate::broker::LoginError::LoopbackOnly => {
+                    format!("user '{}' can only connect via localhost", creds.username)
+                }
+            };
+            return refused(self, why);
+        }
+        self.user = creds.username;
+        let cfg = &self.broker.config;
+        self.send(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
+                channel_max: cfg.channel_max,
+                frame_max: cfg.frame_max,
+                heartbeat: cfg.heartbeat,
+            })),
+        );
+        self.phase = Phase::TuneOk;
+        Ok(Flow::Continue)
+    }
+
+    fn on_tune_ok(&mut self, t: connection::TuneOk) -> AmqpResult<Flow> {
+        let cfg = &self.broker.config;
+        let check = |name: &str, client: u64, server: u64| -> AmqpResult<()> {
+            if server != 0 && (client == 0 || client > server) {
+                return Err(AmqpError::not_allowed(format!(
+                    "negotiated {name} = {client} is higher than the maximum allowed value ({server})"
+                ))
+                .at(10, 31));
+            }
+            Ok(())
+        };
+        check("channel_max", t.channel_max as u64, cfg.channel_max as u64)?;
+        check("frame_max", t.frame_max as u64, cfg.frame_max as u64)?;
+        if t.frame_max != 0 && t.frame_max < warren_protocol::FRAME_MIN_SIZE {
+            return Err(AmqpError::not_allowed(format!(
+                "frame_max={} < {} min size",
+                t.frame_max,
+                warren_protocol::FRAME_MIN_SIZE
+            ))
+            .at(10, 31));
+        }
+        self.channel_max = if t.channel_max == 0 { u16::MAX } else { t.channel_max };
+        self.frame_max.store(t.frame_max, Ordering::Relaxed);
+        self.decoder.set_frame_max(t.frame_max);
+        self.heartbeat.store(t.heartbeat, Ordering::Relaxed);
+        self.phase = Phase::Open;
+        Ok(Flow::Continue)
+    }
+
+    fn on_open(&mut self, o: connection::Open) -> AmqpResult<Flow> {
+        let name = o.virtual_host.as_str();
+        let Some(vhost) = self.broker.vhost(name) else {
+            return Err(AmqpError::not_allowed(format!("vhost {name} not found")).at(10, 40));
+        };
+        info!(user = %self.user, vhost = name, "connection open");
+        self.ctx = Some(ConnCtx {
+            conn_id: self.id,
+            vhost,
+            outbox: self.outbox.clone(),
+            max_message_size: self.broker.config.max_message_size,
+            cancel_notify: self.caps.consumer_cancel_notify,
+        });
+        self.send(0, AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})));
+        self.phase = Phase::Running;
+        Ok(Flow::Continue)
+    }
+
+    fn handle_channel_frame(&mut self, frame: Frame) -> AmqpResult<Flow> {
+        let id = frame.channel();
+        let Some(ctx) = self.ctx.as_ref() else {
+            return Err(AmqpError::command_invalid("connection not yet open"));
+        };
+        if id > self.channel_max {
+            return Err(AmqpError::channel_error(format!(
+                "channel number {id} exceeds the negotiated channel_max {}",
+                self.channel_max
+            )));
+        }
+        if let Frame::Method { class: AMQPClass::Channel(channel::AMQPMethod::Open(_)), .. } = &frame {
+            if self.channels.contains_key(&id) {
+                return Err(AmqpError::channel_error("second 'channel.open' seen").at(20, 10));
+            }
+            self.channels.insert(id, Channel::new(id, ctx));
+            self.send(id, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})));
+            return Ok(Flow::Continue);
+        }
+        let Some(ch) = self.channels.get_mut(&id) else {
+            if let Frame::Method { class: AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)), .. } = &frame {
+                return Ok(Flow::Continue);
+            }
+            return Err(AmqpError::channel_error("expected 'channel.open'").at(frame_ids(&frame).0, frame_ids(&frame).1));
+        };
+        match ch.handle(ctx, frame) {
+            Ok(crate::channel::After::Keep) => Ok(Flow::Continue),
+            Ok(crate::channel::After::Remove) => {
+                self.channels.remove(&id);
+                Ok(Flow::Continue)
+            }
+            Err(e) if e.is_connection_error() => Err(e),
+            Err(e) => {
+                ch.fail(ctx, e);
+                Ok(Flow::Continue)
+            }
+        }
+    }
+
+    fn flush_confirms(&mut self) {
+        for ch in self.channels.values_mut() {
+            ch.flush_confirms();
+        }
+    }
+
+    /// Closes every channel: consumers cancelled, unacked deliveries requeued.
+    fn shutdown_channels(&mut self) {
+        if let Some(ctx) = &self.ctx {
+            for (_, mut ch) in self.channels.drain() {
+                ch.shutdown(ctx);
+            }
+        }
+    }
+
+    fn cleanup(&mut self) {
+        self.shutdown_channels();
+        if let Some(ctx) = &self.ctx {
+            ctx.vhost.drop_exclusive(self.id);
+        }
+        debug!("connection closed");
+    }
+}
+
+fn frame_ids(frame: &Frame) -> (u16, u16) {
+    match frame {
+        Frame::Method { class, .. } => (class.get_amqp_class_id(), method_id(class)),
+        _ => (0, 0),
+    }
+}
+
+/// The method id of a method, read from its encoding (amq-protocol keeps it per method struct).
+pub fn method_id(class: &AMQPClass) -> u16 {
+    let mut v = Vec::new();
+    if warren_protocol::encode::encode_frame(&mut v, 0, class).is_ok() && v.len() >= 11 {
+        u16::from_be_bytes([v[9], v[10]])
+    } else {
+        0
+    }
+}
+
+fn method_name(class: &AMQPClass) -> String {
+    let dbg = format!("{class:?}");
+    dbg.split('(').take(2).collect::<Vec<_>>().join(".")
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, outbox: Arc<Outbox>, frame_max: Arc<AtomicU32>, heartbeat: Arc<AtomicU16>) {
+    let mut items = Vec::new();
+    let mut batch = WriteBatch::new();
+    let mut last_write = Instant::now();
+    loop {
+        let hb = heartbeat.load(Ordering::Relaxed);
+        let tick = if hb == 0 { Duration::from_secs(3600) } else { Duration::from_secs(hb as u64) / 2 };
+        tokio::select! {
+            _ = outbox.wait() => {}
+            _ = tokio::time::sleep(tick) => {
+                if hb > 0 && last_write.elapsed() >= tick {
+                    batch.push_heartbeat();
+                }
+            }
+        }
+        outbox.take(&mut items);
+        let fm = match frame_max.load(Ordering::Relaxed) {
+            0 => usize::MAX,
+            n => n as usize,
+        };
+        let mut stop = false;
+        for item in items.drain(..) {
+            let r = match item {
+                Outgoing::Method(ch, m) => batch.push_method(ch, &m),
+                Outgoing::Content(ch, m, msg) => batch.push_method(ch, &m).map(|_| batch.push_content(ch, &msg.header, &msg.body, fm)),
+                Outgoing::Heartbeat => {
+                    batch.push_heartbeat();
+                    Ok(())
+                }
+                Outgoing::Shutdown => {
+                    stop = true;
+                    break;
+                }
+            };
+            if let Err(e) = r {
+                warn!(error = %e, "could not encode an outgoing frame");
+            }
+        }
+        if !batch.is_empty() {
+            if let Err(e) = write_batch(&mut wr, &mut batch).await {
+                debug!(error = %e, "write failed");
+                outbox.close();
+                return;
+            }
+            last_write = Instant::now();
+        }
+        if stop {
+            let _ = wr.shutdown().await;
+            outbox.close();
+            return;
+        }
+        for q in outbox.take_parked() {
+            if let Some(q) = q.upgrade() {
+                q.dispatch();
+            }
+        }
+    }
+}
+
+async fn write_batch(wr: &mut OwnedWriteHalf, batch: &mut WriteBatch) -> std::io::Result<()> {
+    while !batch.is_empty() {
+        let n = {
+            let mut slices = [std::io::IoSlice::new(&[]); 64];
+            let k = batch.io_slices(&mut slices);
+            wr.write_vectored(&slices[..k]).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        batch.advance(n);
+    }
+    Ok(())
+}
+
+#[allow(dead_code)]
+fn short(s: &str) -> ShortString {
+    ShortString::from(s)
+}

@@ -1,0 +1,257 @@
+//! What a channel shares with the queues that deliver to it: `ChannelHandle` (delivery tags, the
+//! unacked map, consumers, the channel-wide prefetch) and `Consumer` (per-consumer prefetch).
+//! A `std::sync::Mutex` guards the channel's delivery state; it is taken after a queue's lock
+//! during dispatch and never the other way round, and never across `.await`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use warren_protocol::{
+    protocol::{basic, AMQPClass},
+    ShortString,
+};
+
+use crate::error::{AmqpError, AmqpResult};
+use crate::outbox::{Outbox, Outgoing};
+use crate::queue::{Entry, Queue};
+
+/// A delivery the client has not acknowledged yet.
+#[derive(Debug)]
+pub struct Unacked {
+    pub queue: Arc<Queue>,
+    pub entry: Entry,
+    /// The consumer whose prefetch credit it holds (None for basic.get).
+    pub consumer: Option<Arc<Consumer>>,
+}
+
+#[derive(Default)]
+struct State {
+    next_tag: u64,
+    unacked: BTreeMap<u64, Unacked>,
+    consumers: HashMap<String, Arc<Consumer>>,
+    closed: bool,
+}
+
+/// The shared half of a channel.
+pub struct ChannelHandle {
+    pub id: u16,
+    pub conn_id: u64,
+    pub outbox: Arc<Outbox>,
+    /// The client asked for server-sent basic.cancel (consumer_cancel_notify).
+    pub cancel_notify: bool,
+    state: Mutex<State>,
+    global_limit: AtomicU32,
+    global_unacked: AtomicU32,
+}
+
+impl std::fmt::Debug for ChannelHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Channel({}/{})", self.conn_id, self.id)
+    }
+}
+
+/// Why a consumer cannot take a message now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoCredit {
+    /// Prefetch used up: an ack will re-dispatch.
+    Prefetch,
+    /// The connection's outgoing buffer is full: park on the outbox.
+    Outbox,
+    /// The channel is closing.
+    Closed,
+}
+
+impl ChannelHandle {
+    pub fn new(id: u16, conn_id: u64, outbox: Arc<Outbox>, cancel_notify: bool) -> Arc<Self> {
+        Arc::new(ChannelHandle {
+            id,
+            conn_id,
+            outbox,
+            cancel_notify,
+            state: Mutex::new(State::default()),
+            global_limit: AtomicU32::new(0),
+            global_unacked: AtomicU32::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every update to State is a single map operation; a poisoned lock holds consistent data.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_global_prefetch(&self, n: u32) {
+        self.global_limit.store(n, Ordering::Relaxed);
+    }
+
+    fn reserve_global(&self) -> bool {
+        let limit = self.global_limit.load(Ordering::Relaxed);
+        if limit == 0 {
+            self.global_unacked.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        self.global_unacked
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+            .is_ok()
+    }
+
+    fn release_global(&self) {
+        let _ = self.global_unacked.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// Records a delivery and returns its tag; None if the channel has closed.
+    pub fn record(&self, queue: &Arc<Queue>, entry: &Entry, consumer: Option<&Arc<Consumer>>, ack: bool) -> Option<u64> {
+        let mut g = self.lock();
+        if g.closed {
+            return None;
+        }
+        g.next_tag += 1;
+        let tag = g.next_tag;
+        if ack {
+            g.unacked.insert(tag, Unacked { queue: queue.clone(), entry: entry.clone(), consumer: consumer.cloned() });
+        }
+        Some(tag)
+    }
+
+    /// Takes the deliveries an ack, nack or reject names. `tag == 0` with `multiple` means all.
+    pub fn take_unacked(&self, tag: u64, multiple: bool) -> AmqpResult<Vec<(u64, Unacked)>> {
+        let mut g = self.lock();
+        if multiple && tag == 0 {
+            return Ok(std::mem::take(&mut g.unacked).into_iter().collect());
+        }
+        if !g.unacked.contains_key(&tag) {
+            return Err(AmqpError::precondition(format!("unknown delivery tag {tag}")));
+        }
+        if multiple {
+            let rest = g.unacked.split_off(&(tag + 1));
+            let taken = std::mem::replace(&mut g.unacked, rest);
+            Ok(taken.into_iter().collect())
+        } else {
+            Ok(g.unacked.remove(&tag).map(|u| (tag, u)).into_iter().collect())
+        }
+    }
+
+    /// Puts deliveries back (tx.rollback of acks).
+    pub fn restore_unacked(&self, items: Vec<(u64, Unacked)>) {
+        let mut g = self.lock();
+        for (tag, u) in items {
+            g.unacked.insert(tag, u);
+        }
+    }
+
+    /// Releases the prefetch credit a finished delivery held.
+    pub fn release(&self, u: &Unacked) {
+        if let Some(c) = &u.consumer {
+            let _ = c.unacked.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
+            self.release_global();
+        }
+    }
+
+    /// With a channel-wide prefetch, an ack frees credit for every consumer on the channel:
+    /// re-dispatch all their queues (the channel lock is released first).
+    pub fn dispatch_all_consumers_if_global(&self) {
+        if self.global_limit.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let queues: Vec<Arc<Queue>> = self.lock().consumers.values().filter_map(|c| c.queue.upgrade()).collect();
+        for q in queues {
+            q.dispatch();
+        }
+    }
+
+    pub fn add_consumer(&self, c: Arc<Consumer>) -> AmqpResult<()> {
+        let mut g = self.lock();
+        if g.consumers.contains_key(c.tag.as_str()) {
+            return Err(AmqpError::not_allowed(format!("attempt to reuse consumer tag '{}'", c.tag)));
+        }
+        g.consumers.insert(c.tag.as_str().to_string(), c);
+        Ok(())
+    }
+
+    pub fn has_consumer(&self, tag: &str) -> bool {
+        self.lock().consumers.contains_key(tag)
+    }
+
+    pub fn remove_consumer(&self, tag: &str) -> Option<Arc<Consumer>> {
+        self.lock().consumers.remove(tag)
+    }
+
+    pub fn consumer_count(&self) -> usize {
+        self.lock().consumers.len()
+    }
+
+    /// The server cancels a consumer (its queue was deleted): forget it and tell the client if
+    /// it asked to be told.
+    pub fn server_cancel(&self, tag: &ShortString) {
+        if self.lock().consumers.remove(tag.as_str()).is_some() && self.cancel_notify {
+            self.outbox.push(Outgoing::Method(
+                self.id,
+                AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel { consumer_tag: tag.clone(), nowait: true })),
+            ));
+        }
+    }
+
+    /// Closes the channel: no more deliveries; returns its consumers and unacked deliveries.
+    pub fn close(&self) -> (Vec<Arc<Consumer>>, Vec<Unacked>) {
+        let mut g = self.lock();
+        g.closed = true;
+        let consumers = g.consumers.drain().map(|(_, c)| c).collect();
+        let unacked = std::mem::take(&mut g.unacked).into_values().collect();
+        (consumers, unacked)
+    }
+
+    /// Takes every unacked delivery (basic.recover).
+    pub fn take_all_unacked(&self) -> Vec<Unacked> {
+        std::mem::take(&mut self.lock().unacked).into_values().collect()
+    }
+}
+
+/// A basic.consume subscription.
+pub struct Consumer {
+    pub tag: ShortString,
+    pub channel: Arc<ChannelHandle>,
+    pub queue: Weak<Queue>,
+    pub no_ack: bool,
+    pub exclusive: bool,
+    /// Per-consumer prefetch (basic.qos global=false before the consume); 0 is unlimited.
+    pub prefetch: u32,
+    pub unacked: AtomicU32,
+    pub active: AtomicBool,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Consumer({}, {:?})", self.tag, self.channel)
+    }
+}
+
+impl Consumer {
+    /// Takes one unit of credit for a delivery.
+    pub fn reserve(&self) -> Result<(), NoCredit> {
+        if !self.active.load(Ordering::Acquire) {
+            return Err(NoCredit::Closed);
+        }
+        if !self.channel.outbox.has_room() {
+            return Err(NoCredit::Outbox);
+        }
+        if self.no_ack {
+            return Ok(());
+        }
+        if self.prefetch > 0 && self.unacked.load(Ordering::Acquire) >= self.prefetch {
+            return Err(NoCredit::Prefetch);
+        }
+        if !self.channel.reserve_global() {
+            return Err(NoCredit::Prefetch);
+        }
+        self.unacked.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Gives back credit taken by `reserve` for a delivery that did not happen.
+    pub fn unreserve(&self) {
+        if !self.no_ack {
+            let _ = self.unacked.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
+            self.channel.release_global();
+        }
+    }
+}

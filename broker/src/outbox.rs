@@ -1,0 +1,131 @@
+//! `Outbox`: a connection's outgoing frames, shared by its reader task and by the queues that
+//! deliver to it, drained by its writer task. A `std::sync::Mutex` guards it: pushes and takes are
+//! short and nobody holds it across `.await`. Control frames are always accepted; deliveries check
+//! `has_room` first, and a queue that finds no room parks itself here and is woken (its dispatch
+//! re-run) once the writer has written the backlog out: a slow consumer never grows memory without
+//! bound.
+
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use tokio::sync::Notify;
+use warren_protocol::AMQPClass;
+
+use crate::message::Message;
+use crate::queue::Queue;
+
+/// One outgoing item, encoded by the writer task.
+#[derive(Debug)]
+pub enum Outgoing {
+    Method(u16, AMQPClass),
+    /// A content-bearing method (deliver, get-ok, return) followed by the message's content.
+    Content(u16, AMQPClass, Arc<Message>),
+    Heartbeat,
+    /// Write what precedes, then close the socket and stop the writer.
+    Shutdown,
+}
+
+impl Outgoing {
+    fn weight(&self) -> usize {
+        match self {
+            Outgoing::Content(_, _, m) => 64 + m.header.len() + m.body.len(),
+            _ => 64,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    items: Vec<Outgoing>,
+    bytes: usize,
+    parked: Vec<Weak<Queue>>,
+    closed: bool,
+}
+
+pub struct Outbox {
+    inner: Mutex<Inner>,
+    notify: Notify,
+    limit: usize,
+}
+
+impl Outbox {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Outbox { inner: Mutex::new(Inner::default()), notify: Notify::new(), limit })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the frame list half-updated in a way
+        // that matters more than losing the connection, so a poisoned lock is used as is.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a frame for the writer. Frames pushed after `Shutdown` are dropped.
+    pub fn push(&self, item: Outgoing) {
+        let mut g = self.lock();
+        if g.closed {
+            return;
+        }
+        if matches!(item, Outgoing::Shutdown) {
+            g.closed = true;
+        }
+        g.bytes += item.weight();
+        let was_empty = g.items.is_empty();
+        g.items.push(item);
+        drop(g);
+        if was_empty {
+            self.notify.notify_one();
+        }
+    }
+
+    pub fn push_method(&self, channel: u16, method: AMQPClass) {
+        self.push(Outgoing::Method(channel, method));
+    }
+
+    /// May a delivery be added now?
+    pub fn has_room(&self) -> bool {
+        let g = self.lock();
+        !g.closed && g.bytes < self.limit
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Remembers a queue to re-dispatch once the writer catches up. If the writer drained the
+    /// backlog between the caller's room check and now, it is woken so the queue is not stranded.
+    pub fn park(&self, queue: &Arc<Queue>) {
+        let mut g = self.lock();
+        if !g.parked.iter().any(|w| w.as_ptr() == Arc::as_ptr(queue)) {
+            g.parked.push(Arc::downgrade(queue));
+        }
+        let room = g.bytes < self.limit;
+        drop(g);
+        if room {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Stops accepting frames (the writer is gone).
+    pub fn close(&self) {
+        let mut g = self.lock();
+        g.closed = true;
+        g.items.clear();
+        g.parked.clear();
+    }
+
+    /// Takes everything pending into `out` (for the writer).
+    pub fn take(&self, out: &mut Vec<Outgoing>) {
+        let mut g = self.lock();
+        std::mem::swap(&mut g.items, out);
+        g.bytes = 0;
+    }
+
+    /// Queues parked for room, to wake after a write.
+    pub fn take_parked(&self) -> Vec<Weak<Queue>> {
+        std::mem::take(&mut self.lock().parked)
+    }
+
+    /// Resolves when something was pushed since the last take.
+    pub async fn wait(&self) {
+        self.notify.notified().await
+    }
+}

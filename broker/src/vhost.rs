@@ -1,0 +1,653 @@
+//! `VHost`: one virtual host's exchanges, queues and bindings, and the topology operations
+//! (declare, delete, bind, unbind, purge) with RabbitMQ's checks and texts. The exchange and queue
+//! maps are `std::sync::RwLock`s read by every publish; topology changes are serialised by the
+//! `admin` mutex so that, for example, a bind cannot race the deletion of its queue. No lock here
+//! is held across `.await`. Durable entities are written through to the `MetaStore`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use bytes::Bytes;
+use warren_protocol::{
+    types::generation::gen_field_table, AMQPValue, FieldTable,
+};
+use warren_storage::{BindingRecord, DestinationKind, ExchangeRecord, MetaStore, QueueRecord};
+
+use crate::args;
+use crate::delivery::Consumer;
+use crate::error::{AmqpError, AmqpResult};
+use crate::exchange::{Destination, Exchange, ExchangeKind};
+use crate::headers;
+use crate::message::Message;
+use crate::queue::{Queue, QueueSpec};
+
+/// An exchange.declare, decoded.
+#[derive(Debug, Clone)]
+pub struct ExchangeDeclare {
+    pub name: String,
+    pub kind: String,
+    pub passive: bool,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+}
+
+/// A queue.declare, decoded.
+#[derive(Debug, Clone)]
+pub struct QueueDeclare {
+    pub name: String,
+    pub passive: bool,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+}
+
+pub struct VHost {
+    pub name: String,
+    exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
+    queues: RwLock<HashMap<String, Arc<Queue>>>,
+    admin: Mutex<()>,
+    store: Arc<dyn MetaStore>,
+}
+
+const BUILTIN: &[(&str, ExchangeKind)] = &[
+    ("", ExchangeKind::Direct),
+    ("amq.direct", ExchangeKind::Direct),
+    ("amq.fanout", ExchangeKind::Fanout),
+    ("amq.topic", ExchangeKind::Topic),
+    ("amq.headers", ExchangeKind::Headers),
+    ("amq.match", ExchangeKind::Headers),
+];
+
+fn encode_table(t: &FieldTable) -> Bytes {
+    match gen_field_table(t)(warren_protocol::WriteContext::from(Vec::new())) {
+        Ok(ctx) => Bytes::from(ctx.into_inner().0),
+        Err(_) => Bytes::new(),
+    }
+}
+
+fn reserved(name: &str) -> bool {
+    name.starts_with("amq.")
+}
+
+impl VHost {
+    pub fn new(name: &str, store: Arc<dyn MetaStore>) -> Arc<Self> {
+        let mut exchanges = HashMap::new();
+        for (n, k) in BUILTIN {
+            exchanges.insert(n.to_string(), Exchange::new(n, *k, true, false, false, FieldTable::default()));
+        }
+        Arc::new(VHost {
+            name: name.to_string(),
+            exchanges: RwLock::new(exchanges),
+            queues: RwLock::new(HashMap::new()),
+            admin: Mutex::new(()),
+            store,
+        })
+    }
+
+    fn admin(&self) -> MutexGuard<'_, ()> {
+        // The guard protects no data of its own, only ordering.
+        self.admin.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn exchange(&self, name: &str) -> Option<Arc<Exchange>> {
+        self.exchanges.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+
+    pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
+        self.queues.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+
+    pub fn queue_names(&self) -> Vec<String> {
+        self.queues.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    }
+
+    fn exchange_or_404(&self, name: &str) -> AmqpResult<Arc<Exchange>> {
+        self.exchange(name).ok_or_else(|| AmqpError::no_exchange(name, &self.name))
+    }
+
+    /// A queue `conn_id` may use: 405 beats 404 for exclusive queues of others.
+    pub fn queue_for(&self, conn_id: u64, name: &str) -> AmqpResult<Arc<Queue>> {
+        let q = self.queue(name).ok_or_else(|| AmqpError::no_queue(name, &self.name))?;
+        q.check_access(conn_id)?;
+        Ok(q)
+    }
+
+    /// The exchange a basic.publish names (404 if missing, 403 if internal).
+    pub fn publish_exchange(&self, name: &str) -> AmqpResult<Arc<Exchange>> {
+        let x = self.exchange_or_404(name)?;
+        if x.internal {
+            return Err(AmqpError::access_refused(format!(
+                "cannot publish to internal exchange '{}' in vhost '{}'",
+                name, self.name
+            )));
+        }
+        Ok(x)
+    }
+
+    pub fn declare_exchange(&self, d: &ExchangeDeclare) -> AmqpResult<()> {
+        let _g = self.admin();
+        if d.name.is_empty() {
+            return Err(AmqpError::access_refused("operation not permitted on the default exchange"));
+        }
+        if d.passive {
+            self.exchange_or_404(&d.name)?;
+            return Ok(());
+        }
+        if reserved(&d.name) && self.exchange(&d.name).is_none() {
+            return Err(AmqpError::access_refused(format!(
+                "exchange name '{}' contains reserved prefix 'amq.*'",
+                d.name
+            )));
+        }
+        let Some(kind) = ExchangeKind::parse(&d.kind) else {
+            return Err(AmqpError::precondition(format!(
+                "invalid exchange type '{}' for exchange '{}' in vhost '{}'",
+                d.kind, d.name, self.name
+            )));
+        };
+        if let Some(ae) = d.arguments.inner().get("alternate-exchange") {
+            if args::as_str(ae).is_none() {
+                return Err(AmqpError::precondition(format!(
+                    "invalid arg 'alternate-exchange' for exchange '{}' in vhost '{}': {{unacceptable_type,{}}}",
+                    d.name,
+                    self.name,
+                    args::type_name(ae)
+                )));
+            }
+        }
+        if let Some(x) = self.exchange(&d.name) {
+            let ineq = |what: &str, rec: String, cur: String| {
+                Err(AmqpError::precondition(format!(
+                    "inequivalent arg '{what}' for exchange '{}' in vhost '{}': received '{rec}' but current is '{cur}'",
+                    d.name, self.name
+                )))
+            };
+            if x.kind != kind {
+                return ineq("type", d.kind.clone(), x.kind.as_str().into());
+            }
+            if x.durable != d.durable {
+                return ineq("durable", d.durable.to_string(), x.durable.to_string());
+            }
+            if x.auto_delete != d.auto_delete {
+                return ineq("auto_delete", d.auto_delete.to_string(), x.auto_delete.to_string());
+            }
+            if x.internal != d.internal {
+                return ineq("internal", d.internal.to_string(), x.internal.to_string());
+            }
+            let cur = x.arguments.inner().get("alternate-exchange");
+            let new = d.arguments.inner().get("alternate-exchange");
+            if cur.map(args::render) != new.map(args::render) {
+                let show = |v: Option<&AMQPValue>| match v {
+                    None => "none".to_string(),
+                    Some(v) => format!("the value '{}' of type '{}'", args::render(v), args::type_name(v)),
+                };
+                return Err(AmqpError::precondition(format!(
+                    "inequivalent arg 'alternate-exchange' for exchange '{}' in vhost '{}': received {} but current is {}",
+                    d.name,
+                    self.name,
+                    show(new),
+                    show(cur)
+                )));
+            }
+            return Ok(());
+        }
+        let x = Exchange::new(&d.name, kind, d.durable, d.auto_delete, d.internal, d.arguments.clone());
+        if d.durable {
+            self.store.put_exchange(&ExchangeRecord {
+                vhost: self.name.clone(),
+                name: d.name.clone(),
+                kind: kind.as_str().to_string(),
+                auto_delete: d.auto_delete,
+                internal: d.internal,
+                arguments: encode_table(&d.arguments),
+            })?;
+        }
+        self.exchanges.write().unwrap_or_else(|e| e.into_inner()).insert(d.name.clone(), x);
+        Ok(())
+    }
+
+    pub fn delete_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<()> {
+        let _g = self.admin();
+        if name.is_empty() {
+            return Err(AmqpError::access_refused("operation not permitted on the default exchange"));
+        }
+        if reserved(name) {
+            return Err(AmqpError::access_refused(format!(
+                "deletion of system exchange '{name}' in vhost '{}' not allowed",
+                self.name
+            )));
+        }
+        let Some(x) = self.exchange(name) else { return Ok(()) };
+        if if_unused && (x.has_bindings() || self.is_exchange_destination(&x)) {
+            return Err(AmqpError::precondition(format!("exchange '{name}' in vhost '{}' in use", self.name)));
+        }
+        self.remove_exchange_locked(&x)
+    }
+
+    fn is_exchange_destination(&self, x: &Arc<Exchange>) -> bool {
+        let dest = Destination::Exchange(x.clone());
+        let all: Vec<_> = self.exchanges.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        all.iter().any(|s| s.bindings().iter().any(|b| b.destination == dest))
+    }
+
+    fn remove_exchange_locked(&self, x: &Arc<Exchange>) -> AmqpResult<()> {
+        self.exchanges.write().unwrap_or_else(|e| e.into_inner()).remove(&x.name);
+        let dest = Destination::Exchange(x.clone());
+        let all: Vec<_> = self.exchanges.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for s in all {
+            if s.unbind_all_to(&dest) > 0 {
+                self.maybe_auto_delete_locked(&s)?;
+            }
+        }
+        // Its own bindings go with it. Losing an incoming binding never auto-deletes the
+        // destination: RabbitMQ deletes an auto-delete exchange only when its last outgoing
+        // binding goes.
+        for b in x.bindings() {
+            x.unbind(&b.destination, &b.routing_key, &b.arguments);
+        }
+        if x.durable {
+            self.store.delete_exchange(&self.name, &x.name)?;
+        }
+        Ok(())
+    }
+
+    fn maybe_auto_delete_locked(&self, x: &Arc<Exchange>) -> AmqpResult<()> {
+        if x.auto_delete && !x.has_bindings() && self.exchange(&x.name).is_some_and(|cur| Arc::ptr_eq(&cur, x)) {
+            self.remove_exchange_locked(x)?;
+        }
+        Ok(())
+    }
+
+    /// queue.declare: returns the queue and its (message, consumer) counts.
+    pub fn declare_queue(&self, conn_id: u64, d: &QueueDeclare) -> AmqpResult<(Arc<Queue>, u32, u32)> {
+        let _g = self.admin();
+        let mut name = d.name.clone();
+        if let Some(q) = self.queue(&name) {
+            q.check_access(conn_id)?;
+            if !d.passive {
+                let ineq = |what: &str, rec: bool, cur: bool| {
+                    Err(AmqpError::precondition(format!(
+                        "inequivalent arg '{what}' for queue '{name}' in vhost '{}': received '{rec}' but current is '{cur}'",
+                        self.name
+                    )))
+                };
+                let exclusive = q.spec.exclusive_owner.is_some();
+                if exclusive != d.exclusive {
+                    return Err(AmqpError::resource_locked(format!(
+                        "cannot obtain exclusive access to locked queue '{name}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+                        self.name
+                    )));
+                }
+                // An exclusive queue's durable flag is ignored (it is never durable).
+                if !exclusive && q.spec.durable != d.durable {
+                    return ineq("durable", d.durable, q.spec.durable);
+                }
+                if q.spec.auto_delete != d.auto_delete {
+                    return ineq("auto_delete", d.auto_delete, q.spec.auto_delete);
+                }
+                args::validate_queue_args(&name, &self.name, &d.arguments)?;
+                args::check_queue_args_equivalent(&name, &self.name, &q.spec.arguments, &d.arguments)?;
+            }
+            let (m, c) = q.counts();
+            return Ok((q, m, c));
+        }
+        if d.passive {
+            return Err(AmqpError::no_queue(&name, &self.name));
+        }
+        if name.is_empty() {
+            name = server_name("amq.gen-");
+        } else if reserved(&name) {
+            return Err(AmqpError::access_refused(format!(
+                "queue name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        args::validate_queue_args(&name, &self.name, &d.arguments)?;
+        let durable = d.durable && !d.exclusive;
+        let q = Queue::new(
+            &self.name,
+            QueueSpec {
+                name: name.clone(),
+                durable,
+                exclusive_owner: d.exclusive.then_some(conn_id),
+                auto_delete: d.auto_delete,
+                arguments: d.arguments.clone(),
+            },
+        );
+        if durable {
+            self.store.put_queue(&QueueRecord {
+                vhost: self.name.clone(),
+                name: name.clone(),
+                auto_delete: d.auto_delete,
+                arguments: encode_table(&d.arguments),
+            })?;
+        }
+        self.queues.write().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), q.clone());
+        // Every queue is bound to the default exchange under its own name; that binding is
+        // implicit in routing (see `route`).
+        Ok((q, 0, 0))
+    }
+
+    /// queue.delete with its conditions: the number of messages deleted, and the consumers the
+    /// caller must cancel (after its delete-ok).
+    pub fn delete_queue(
+        &self,
+        conn_id: u64,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> AmqpResult<(u32, Vec<Arc<Consumer>>)> {
+        let _g = self.admin();
+        let Some(q) = self.queue(name) else { return Ok((0, Vec::new())) };
+        q.check_access(conn_id)?;
+        let (messages, consumers) = q.counts();
+        if if_empty && messages > 0 {
+            return Err(AmqpError::precondition(format!("queue '{name}' in vhost '{}' not empty", self.name)));
+        }
+        if if_unused && consumers > 0 {
+            return Err(AmqpError::precondition(format!("queue '{name}' in vhost '{}' in use", self.name)));
+        }
+        self.remove_queue_locked(&q)
+    }
+
+    /// Deletes a queue unconditionally (exclusive owner gone, auto-delete), cancelling its
+    /// consumers.
+    pub fn remove_queue(&self, q: &Arc<Queue>) -> AmqpResult<u32> {
+        let (n, consumers) = {
+            let _g = self.admin();
+            self.remove_queue_locked(q)?
+        };
+        Queue::cancel_consumers(consumers);
+        Ok(n)
+    }
+
+    fn remove_queue_locked(&self, q: &Arc<Queue>) -> AmqpResult<(u32, Vec<Arc<Consumer>>)> {
+        {
+            let mut map = self.queues.write().unwrap_or_else(|e| e.into_inner());
+            match map.get(q.name()) {
+                Some(cur) if Arc::ptr_eq(cur, q) => {
+                    map.remove(q.name());
+                }
+                _ => return Ok((0, Vec::new())),
+            }
+        }
+        let (n, consumers) = q.mark_deleted();
+        let dest = Destination::Queue(q.clone());
+        let all: Vec<_> = self.exchanges.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for x in all {
+            if x.unbind_all_to(&dest) > 0 {
+                self.maybe_auto_delete_locked(&x)?;
+            }
+        }
+        if q.spec.durable {
+            self.store.delete_queue(&self.name, q.name())?;
+        }
+        Ok((n, consumers))
+    }
+
+    pub fn purge_queue(&self, conn_id: u64, name: &str) -> AmqpResult<u32> {
+        Ok(self.queue_for(conn_id, name)?.purge())
+    }
+
+    fn check_bindable(&self, name: &str) -> AmqpResult<()> {
+        if name.is_empty() {
+            return Err(AmqpError::access_refused("operation not permitted on the default exchange"));
+        }
+        Ok(())
+    }
+
+    fn check_binding_args(&self, x: &Exchange, arguments: &FieldTable) -> AmqpResult<()> {
+        if x.kind == ExchangeKind::Headers {
+            headers::x_match(arguments)?;
+        }
+        Ok(())
+    }
+
+    fn binding_record(&self, source: &str, dest: &str, kind: DestinationKind, key: &str, a: &FieldTable) -> BindingRecord {
+        BindingRecord {
+            vhost: self.name.clone(),
+            source: source.to_string(),
+            destination: dest.to_string(),
+            destination_kind: kind,
+            routing_key: key.to_string(),
+            arguments: encode_table(a),
+        }
+    }
+
+    pub fn bind_queue(&self, conn_id: u64, queue: &str, exchange: &str, key: &str, a: &FieldTable) -> AmqpResult<()> {
+        let _g = self.admin();
+        self.check_bindable(exchange)?;
+        let q = self.queue_for(conn_id, queue)?;
+        let x = self.exchange_or_404(exchange)?;
+        self.check_binding_args(&x, a)?;
+        if x.bind(Destination::Queue(q.clone()), key, a.clone()) && x.durable && q.spec.durable {
+            self.store.put_binding(&self.binding_record(exchange, queue, DestinationKind::Queue, key, a))?;
+        }
+        Ok(())
+    }
+
+    pub fn unbind_queue(&self, conn_id: u64, queue: &str, exchange: &str, key: &str, a: &FieldTable) -> AmqpResult<()> {
+        let _g = self.admin();
+        self.check_bindable(exchange)?;
+        let q = self.queue_for(conn_id, queue)?;
+        let x = self.exchange_or_404(exchange)?;
+        if x.unbind(&Destination::Queue(q.clone()), key, a) {
+            if x.durable && q.spec.durable {
+                self.store.delete_binding(&self.binding_record(exchange, queue, DestinationKind::Queue, key, a))?;
+            }
+            self.maybe_auto_delete_locked(&x)?;
+        }
+        Ok(())
+    }
+
+    pub fn bind_exchange(&self, destination: &str, source: &str, key: &str, a: &FieldTable) -> AmqpResult<()> {
+        let _g = self.admin();
+        self.check_bindable(source)?;
+        self.check_bindable(destination)?;
+        let d = self.exchange_or_404(destination)?;
+        let s = self.exchange_or_404(source)?;
+        self.check_binding_args(&s, a)?;
+        if s.bind(Destination::Exchange(d.clone()), key, a.clone()) && s.durable && d.durable {
+            self.store.put_binding(&self.binding_record(source, destination, DestinationKind::Exchange, key, a))?;
+        }
+        Ok(())
+    }
+
+    pub fn unbind_exchange(&self, destination: &str, source: &str, key: &str, a: &FieldTable) -> AmqpResult<()> {
+        let _g = self.admin();
+        self.check_bindable(source)?;
+        self.check_bindable(destination)?;
+        let d = self.exchange_or_404(destination)?;
+        let s = self.exchange_or_404(source)?;
+        if s.unbind(&Destination::Exchange(d.clone()), key, a) {
+            if s.durable && d.durable {
+                self.store.delete_binding(&self.binding_record(source, destination, DestinationKind::Exchange, key, a))?;
+            }
+            self.maybe_auto_delete_locked(&s)?;
+        }
+        Ok(())
+    }
+
+    /// The queues `msg` reaches from `exchange`: bindings, exchange-to-exchange bindings (each
+    /// exchange visited once) and alternate exchanges for what an exchange cannot route.
+    /// Each queue appears once.
+    pub fn route(&self, exchange: &Arc<Exchange>, msg: &Message, out: &mut Vec<Arc<Queue>>) {
+        let mut visited: Vec<*const Exchange> = Vec::new();
+        self.route_into(exchange, msg, out, &mut visited);
+        if out.len() > 1 {
+            out.sort_by_key(|q| Arc::as_ptr(q) as usize);
+            out.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        }
+    }
+
+    fn route_into(&self, x: &Arc<Exchange>, msg: &Message, out: &mut Vec<Arc<Queue>>, visited: &mut Vec<*const Exchange>) -> bool {
+        if visited.contains(&Arc::as_ptr(x)) {
+            return false;
+        }
+        visited.push(Arc::as_ptr(x));
+        let mut routed = false;
+        if x.name.is_empty() {
+            if let Some(q) = self.queue(msg.routing_key.as_str()) {
+                out.push(q);
+                routed = true;
+            }
+        } else {
+            let mut dests = Vec::new();
+            x.route(msg, &mut dests);
+            for d in dests {
+                match d {
+                    Destination::Queue(q) => {
+                        out.push(q);
+                        routed = true;
+                    }
+                    Destination::Exchange(e) => routed |= self.route_into(&e, msg, out, visited),
+                }
+            }
+        }
+        if !routed {
+            if let Some(ae) = x.alternate.as_deref().and_then(|n| self.exchange(n)) {
+                routed = self.route_into(&ae, msg, out, visited);
+            }
+        }
+        routed
+    }
+
+    /// Deletes the exclusive queues `conn_id` owns (its connection closed).
+    pub fn drop_exclusive(&self, conn_id: u64) {
+        let owned: Vec<_> = self
+            .queues
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|q| q.spec.exclusive_owner == Some(conn_id))
+            .cloned()
+            .collect();
+        for q in owned {
+            if let Err(e) = self.remove_queue(&q) {
+                tracing::warn!(queue = q.name(), error = %e, "could not delete exclusive queue");
+            }
+        }
+    }
+}
+
+/// `amq.gen-` followed by 22 URL-safe base64 characters of 128 random bits, as RabbitMQ names
+/// server-named queues (and `amq.ctag-` consumer tags).
+pub fn server_name(prefix: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bits: u128 = rand::random();
+    let mut s = String::with_capacity(prefix.len() + 22);
+    s.push_str(prefix);
+    for i in 0..22 {
+        s.push(ALPHABET[((bits >> (i * 6)) & 63) as usize] as char);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_storage::MemoryStore;
+
+    fn vh() -> Arc<VHost> {
+        VHost::new("/", Arc::new(MemoryStore::new()))
+    }
+    fn qd(name: &str) -> QueueDeclare {
+        QueueDeclare { name: name.into(), passive: false, durable: false, exclusive: false, auto_delete: false, arguments: FieldTable::default() }
+    }
+    fn xd(name: &str, kind: &str) -> ExchangeDeclare {
+        ExchangeDeclare { name: name.into(), kind: kind.into(), passive: false, durable: false, auto_delete: false, internal: false, arguments: FieldTable::default() }
+    }
+    fn msg(rk: &str) -> Message {
+        Message {
+            exchange: "".into(),
+            routing_key: rk.into(),
+            properties: Default::default(),
+            header: Bytes::new(),
+            body: Bytes::new(),
+        }
+    }
+    fn routed(v: &VHost, x: &str, rk: &str) -> Vec<String> {
+        let mut out = vec![];
+        v.route(&v.exchange(x).unwrap(), &msg(rk), &mut out);
+        let mut names: Vec<_> = out.iter().map(|q| q.name().to_string()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn declare_rules() {
+        let v = vh();
+        assert_eq!(v.declare_exchange(&xd("amq.foo", "direct")).unwrap_err().code, 403);
+        assert_eq!(v.declare_exchange(&xd("x", "nonsense")).unwrap_err().code, 406);
+        v.declare_exchange(&xd("x", "direct")).unwrap();
+        let e = v.declare_exchange(&xd("x", "fanout")).unwrap_err();
+        assert_eq!(e.text, "inequivalent arg 'type' for exchange 'x' in vhost '/': received 'fanout' but current is 'direct'");
+        let (q, _, _) = v.declare_queue(1, &qd("")).unwrap();
+        assert!(q.name().starts_with("amq.gen-") && q.name().len() == 30);
+        assert_eq!(v.declare_queue(1, &qd("amq.q")).unwrap_err().code, 403);
+        let mut durable = qd("d");
+        v.declare_queue(1, &durable).unwrap();
+        durable.durable = true;
+        let e = v.declare_queue(1, &durable).unwrap_err();
+        assert_eq!(e.text, "inequivalent arg 'durable' for queue 'd' in vhost '/': received 'true' but current is 'false'");
+        let mut ex = qd("ex");
+        ex.exclusive = true;
+        v.declare_queue(1, &ex).unwrap();
+        assert_eq!(v.declare_queue(2, &ex).unwrap_err().code, 405);
+        assert_eq!(v.queue_for(2, "ex").unwrap_err().code, 405);
+        let mut passive = qd("missing");
+        passive.passive = true;
+        assert_eq!(v.declare_queue(1, &passive).unwrap_err().text, "no queue 'missing' in vhost '/'");
+    }
+
+    #[test]
+    fn routing_through_types_e2e_and_ae() {
+        let v = vh();
+        for q in ["q1", "q2", "q3", "unrouted"] {
+            v.declare_queue(1, &qd(q)).unwrap();
+        }
+        let t = FieldTable::default();
+        v.bind_queue(1, "q1", "amq.topic", "a.*", &t).unwrap();
+        v.bind_queue(1, "q2", "amq.topic", "a.#", &t).unwrap();
+        assert_eq!(routed(&v, "amq.topic", "a.b"), vec!["q1", "q2"]);
+        assert_eq!(routed(&v, "amq.topic", "a"), vec!["q2"]);
+        assert_eq!(routed(&v, "", "q3"), vec!["q3"]);
+        // exchange to exchange, with a cycle
+        v.declare_exchange(&xd("fan", "fanout")).unwrap();
+        v.bind_exchange("fan", "amq.topic", "#", &t).unwrap();
+        v.bind_exchange("amq.topic", "fan", "", &t).unwrap();
+        v.bind_queue(1, "q3", "fan", "", &t).unwrap();
+        assert_eq!(routed(&v, "amq.topic", "a.b"), vec!["q1", "q2", "q3"]);
+        // alternate exchange
+        let mut d = xd("withae", "direct");
+        d.arguments.insert("alternate-exchange".into(), AMQPValue::LongString("ae".into()));
+        v.declare_exchange(&d).unwrap();
+        v.declare_exchange(&xd("ae", "fanout")).unwrap();
+        v.bind_queue(1, "unrouted", "ae", "", &t).unwrap();
+        v.bind_queue(1, "q1", "withae", "k", &t).unwrap();
+        assert_eq!(routed(&v, "withae", "k"), vec!["q1"]);
+        assert_eq!(routed(&v, "withae", "other"), vec!["unrouted"]);
+    }
+
+    #[test]
+    fn auto_delete_exchange_and_queue_cleanup() {
+        let v = vh();
+        v.declare_queue(1, &qd("q")).unwrap();
+        let mut d = xd("ad", "direct");
+        d.auto_delete = true;
+        v.declare_exchange(&d).unwrap();
+        let t = FieldTable::default();
+        v.bind_queue(1, "q", "ad", "k", &t).unwrap();
+        v.unbind_queue(1, "q", "ad", "k", &t).unwrap();
+        assert!(v.exchange("ad").is_none());
+        v.declare_exchange(&d).unwrap();
+        v.bind_queue(1, "q", "ad", "k", &t).unwrap();
+        v.delete_queue(1, "q", false, false).unwrap();
+        assert!(v.exchange("ad").is_none(), "deleting the queue removed the last binding");
+        assert_eq!(v.delete_exchange("amq.direct", false).unwrap_err().code, 403);
+        v.delete_exchange("nope", false).unwrap();
+        v.delete_queue(1, "nope", false, false).unwrap();
+    }
+}
