@@ -65,53 +65,93 @@ pub fn as_str(v: &AMQPValue) -> Option<String> {
 }
 
 enum Rule {
-    NonNegInt,
-    PosInt,
+    /// An integer >= 0, at most the given bound (if any).
+    NonNegInt(Option<i64>),
+    /// An integer > 0, at most the bound.
+    PosInt(i64),
     Priority,
     Str,
     StrOneOf(&'static [&'static str], &'static str),
     Bool,
 }
 
-/// The queue arguments RabbitMQ validates at declare, and the equivalence keys on redeclare.
+/// RabbitMQ's largest TTL / expiry (ten years in milliseconds).
+const MAX_EXPIRY_MS: i64 = 315_360_000_000;
+
+/// The queue arguments RabbitMQ validates at declare and compares on redeclare, in its order.
 const QUEUE_ARGS: &[(&str, Rule)] = &[
-    ("x-message-ttl", Rule::NonNegInt),
-    ("x-expires", Rule::PosInt),
-    ("x-max-length", Rule::NonNegInt),
-    ("x-max-length-bytes", Rule::NonNegInt),
-    ("x-max-priority", Rule::Priority),
+    ("x-expires", Rule::PosInt(MAX_EXPIRY_MS)),
+    ("x-message-ttl", Rule::NonNegInt(Some(MAX_EXPIRY_MS))),
     ("x-dead-letter-exchange", Rule::Str),
     ("x-dead-letter-routing-key", Rule::Str),
-    ("x-overflow", Rule::StrOneOf(&["drop-head", "reject-publish", "reject-publish-dlx"], "unknown_overflow_type")),
-    ("x-queue-mode", Rule::StrOneOf(&["default", "lazy"], "unsupported_queue_mode")),
-    ("x-queue-type", Rule::StrOneOf(&["classic", "quorum", "stream"], "unsupported_queue_type")),
+    ("x-max-length", Rule::NonNegInt(None)),
+    ("x-max-length-bytes", Rule::NonNegInt(None)),
+    ("x-max-priority", Rule::Priority),
+    ("x-overflow", Rule::StrOneOf(&["drop-head", "reject-publish", "reject-publish-dlx"], "overflow")),
+    ("x-queue-mode", Rule::StrOneOf(&["default", "lazy"], "mode")),
+    ("x-queue-version", Rule::NonNegInt(None)),
     ("x-single-active-consumer", Rule::Bool),
-    ("x-delivery-limit", Rule::NonNegInt),
-    ("x-consumer-timeout", Rule::NonNegInt),
+    ("x-queue-type", Rule::StrOneOf(&["classic", "quorum", "stream"], "type")),
     ("x-queue-master-locator", Rule::Str),
-    ("x-queue-leader-locator", Rule::Str),
+    ("x-delivery-limit", Rule::NonNegInt(None)),
+    ("x-consumer-timeout", Rule::NonNegInt(None)),
 ];
 
-/// Checks a queue.declare's arguments (406 with RabbitMQ's text on the first bad one).
+/// Checks a new queue's arguments (406 with RabbitMQ's text on the first bad one). Keys Warren
+/// does not know (`x-foo`) are kept and never checked, as RabbitMQ does.
 pub fn validate_queue_args(queue: &str, vhost: &str, args: &FieldTable) -> AmqpResult<()> {
+    let rs = format!("queue '{queue}' in vhost '{vhost}'");
+    if let Some(v) = args.inner().get("x-dead-letter-exchange") {
+        if !matches!(v, AMQPValue::LongString(_)) {
+            return Err(AmqpError::precondition(format!(
+                "invalid type '{}' for arg 'x-dead-letter-exchange' in {rs}",
+                type_name(v)
+            )));
+        }
+    }
     for (key, rule) in QUEUE_ARGS {
         let Some(v) = args.inner().get(*key) else { continue };
         let problem = match rule {
-            Rule::NonNegInt | Rule::PosInt | Rule::Priority => match as_int(v) {
-                None => Some(format!("{{unacceptable_type,{}}}", type_name(v))),
-                Some(n) if n < 0 => Some(format!("{{value_negative,{n}}}")),
-                Some(0) if matches!(rule, Rule::PosInt) => Some("{value_zero,0}".to_string()),
-                Some(n) if matches!(rule, Rule::Priority) && n > 255 => Some(format!("{{value_too_large,{n},255}}")),
-                Some(_) => None,
+            Rule::NonNegInt(_) | Rule::PosInt(_) | Rule::Priority if as_int(v).is_none() => {
+                Some(format!("\"expected integer, got {}\"", type_name(v)))
+            }
+            Rule::NonNegInt(max) => {
+                let n = as_int(v).unwrap_or(0);
+                if n < 0 {
+                    Some(format!("{{value_negative,{n}}}"))
+                } else if max.is_some_and(|m| n > m) {
+                    Some(format!("{{value_too_large,{n}}}"))
+                } else {
+                    None
+                }
+            }
+            Rule::PosInt(max) => match as_int(v).unwrap_or(0) {
+                n if n < 0 => Some(format!("{{value_negative,{n}}}")),
+                0 => Some("{value_zero,0}".to_string()),
+                n if n > *max => Some(format!("{{value_too_large,{n}}}")),
+                _ => None,
+            },
+            Rule::Priority => match as_int(v).unwrap_or(0) {
+                n if n < 0 => Some(format!("{{value_negative,{n}}}")),
+                n if n > 255 => Some(format!("{{max_value_exceeded,{n}}}")),
+                _ => None,
             },
             Rule::Str => match v {
-                AMQPValue::LongString(_) | AMQPValue::ShortString(_) => None,
+                AMQPValue::LongString(_) => None,
                 _ => Some(format!("{{unacceptable_type,{}}}", type_name(v))),
             },
-            Rule::StrOneOf(allowed, err) => match as_str(v) {
-                None => Some(format!("{{unacceptable_type,{}}}", type_name(v))),
-                Some(s) if !allowed.contains(&s.as_str()) => Some(format!("{{{err},<<\"{s}\">>}}")),
-                Some(_) => None,
+            Rule::StrOneOf(allowed, what) => match v {
+                AMQPValue::LongString(_) => {
+                    let s = as_str(v).unwrap_or_default();
+                    if allowed.contains(&s.as_str()) {
+                        None
+                    } else if *what == "overflow" {
+                        Some("invalid_overflow".to_string())
+                    } else {
+                        Some(format!("\"unsupported queue {what} '{s}'\""))
+                    }
+                }
+                _ => Some(format!("{{unacceptable_type,{}}}", type_name(v))),
             },
             Rule::Bool => match v {
                 AMQPValue::Boolean(_) => None,
@@ -119,66 +159,64 @@ pub fn validate_queue_args(queue: &str, vhost: &str, args: &FieldTable) -> AmqpR
             },
         };
         if let Some(p) = problem {
-            return Err(AmqpError::precondition(format!(
-                "invalid arg '{key}' for queue '{queue}' in vhost '{vhost}': {p}"
-            )));
+            return Err(AmqpError::precondition(format!("invalid arg '{key}' for {rs}: {p}")));
         }
     }
     if args.inner().contains_key("x-dead-letter-routing-key") && !args.inner().contains_key("x-dead-letter-exchange") {
         return Err(AmqpError::precondition(format!(
-            "invalid arg 'x-dead-letter-routing-key' for queue '{queue}' in vhost '{vhost}': {{routing_key_but_no_dlx_defined}}"
+            "invalid arg 'x-dead-letter-routing-key' for {rs}: routing_key_but_no_dlx_defined"
         )));
     }
-    if let Some(t) = args.inner().get("x-queue-type").and_then(as_str) {
-        if t == "stream" {
-            return Err(AmqpError::precondition(format!(
-                "invalid arg 'x-queue-type' for queue '{queue}' in vhost '{vhost}': stream queues are not supported by Warren yet"
-            )));
-        }
+    if args.inner().get("x-queue-type").and_then(as_str).as_deref() == Some("stream") {
+        return Err(AmqpError::precondition(format!(
+            "invalid arg 'x-queue-type' for {rs}: \"unsupported queue type 'stream'\" (streams are not supported by Warren yet)"
+        )));
     }
     Ok(())
 }
 
 /// On redeclare, the equivalence keys must match (406 naming the first that differs).
 pub fn check_queue_args_equivalent(queue: &str, vhost: &str, current: &FieldTable, received: &FieldTable) -> AmqpResult<()> {
-    for (key, _) in QUEUE_ARGS {
-        if *key == "x-queue-type" || *key == "x-queue-mode" {
-            // RabbitMQ treats an absent type as the default and does not compare modes.
-            let cur = current.inner().get(*key).and_then(as_str);
-            let new = received.inner().get(*key).and_then(as_str);
-            let def = if *key == "x-queue-type" { Some("classic".to_string()) } else { cur.clone() };
-            if new.is_some() && new.clone().or(def.clone()) != cur.clone().or(def) {
-                return Err(inequivalent(key, queue, vhost, received.inner().get(*key), current.inner().get(*key)));
-            }
-            continue;
-        }
-        let cur = current.inner().get(*key);
-        let new = received.inner().get(*key);
-        let same = match (cur, new) {
-            (None, None) => true,
-            (Some(a), Some(b)) => match (as_int(a), as_int(b)) {
-                (Some(x), Some(y)) => x == y,
-                _ => render(a) == render(b) && type_name(a) == type_name(b),
-            },
-            _ => false,
-        };
-        if !same {
-            return Err(inequivalent(key, queue, vhost, new, cur));
-        }
-    }
-    Ok(())
+    let keys: Vec<&str> = QUEUE_ARGS.iter().map(|(k, _)| *k).collect();
+    check_equivalent(&format!("queue '{queue}' in vhost '{vhost}'"), &keys, current, received)
 }
 
-fn inequivalent(key: &str, queue: &str, vhost: &str, received: Option<&AMQPValue>, current: Option<&AMQPValue>) -> AmqpError {
-    let show = |v: Option<&AMQPValue>| match v {
-        None => "none".to_string(),
-        Some(v) => format!("the value '{}' of type '{}'", render(v), type_name(v)),
-    };
-    AmqpError::precondition(format!(
-        "inequivalent arg '{key}' for queue '{queue}' in vhost '{vhost}': received {} but current is {}",
-        show(received),
-        show(current)
-    ))
+/// Numeric types compare by value across widths, as RabbitMQ's type classes do.
+fn same_value(a: &AMQPValue, b: &AMQPValue) -> bool {
+    match (as_int(a), as_int(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => type_name(a) == type_name(b) && render(a) == render(b),
+    }
+}
+
+/// Compares `keys` of two argument tables; `rs` names the resource (`queue 'q' in vhost '/'`).
+pub fn check_equivalent(rs: &str, keys: &[&str], current: &FieldTable, received: &FieldTable) -> AmqpResult<()> {
+    for key in keys {
+        let mut cur = current.inner().get(*key).cloned();
+        let mut new = received.inner().get(*key).cloned();
+        if *key == "x-queue-type" {
+            // An absent type is the default, classic.
+            let classic = || Some(AMQPValue::LongString("classic".into()));
+            cur = cur.or_else(classic);
+            new = new.or_else(classic);
+        }
+        let (received_txt, current_txt) = match (&new, &cur) {
+            (None, None) => continue,
+            (Some(a), Some(b)) if same_value(a, b) => continue,
+            (Some(a), Some(b)) => (format!("'{}'", render(a)), format!("'{}'", render(b))),
+            (a, b) => {
+                let show = |v: &Option<AMQPValue>| match v {
+                    None => "none".to_string(),
+                    Some(v) => format!("the value '{}' of type '{}'", render(v), type_name(v)),
+                };
+                (show(a), show(b))
+            }
+        };
+        return Err(AmqpError::precondition(format!(
+            "inequivalent arg '{key}' for {rs}: received {received_txt} but current is {current_txt}"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -197,13 +235,15 @@ mod tests {
     #[test]
     fn validation_texts() {
         let e = validate_queue_args("q", "/", &t(&[("x-message-ttl", AMQPValue::LongString(LongString::from("1")))])).unwrap_err();
-        assert_eq!(e.text, "invalid arg 'x-message-ttl' for queue 'q' in vhost '/': {unacceptable_type,longstr}");
+        assert_eq!(e.text, "invalid arg 'x-message-ttl' for queue 'q' in vhost '/': \"expected integer, got longstr\"");
         let e = validate_queue_args("q", "/", &t(&[("x-expires", AMQPValue::LongInt(0))])).unwrap_err();
         assert!(e.text.ends_with("{value_zero,0}"));
         let e = validate_queue_args("q", "/", &t(&[("x-max-priority", AMQPValue::LongInt(300))])).unwrap_err();
-        assert!(e.text.ends_with("{value_too_large,300,255}"));
+        assert!(e.text.ends_with("{max_value_exceeded,300}"));
         let e = validate_queue_args("q", "/", &t(&[("x-overflow", AMQPValue::LongString(LongString::from("nope")))])).unwrap_err();
-        assert!(e.text.ends_with("{unknown_overflow_type,<<\"nope\">>}"));
+        assert!(e.text.ends_with(": invalid_overflow"));
+        let e = validate_queue_args("q", "/", &t(&[("x-dead-letter-exchange", AMQPValue::LongLongInt(1))])).unwrap_err();
+        assert_eq!(e.text, "invalid type 'long' for arg 'x-dead-letter-exchange' in queue 'q' in vhost '/'");
         assert!(validate_queue_args("q", "/", &t(&[("x-message-ttl", AMQPValue::ShortShortUInt(5)), ("x-custom", AMQPValue::Void)])).is_ok());
     }
 
@@ -217,6 +257,9 @@ mod tests {
             e.text,
             "inequivalent arg 'x-message-ttl' for queue 'q' in vhost '/': received the value '100' of type 'signedint' but current is none"
         );
+        let c = t(&[("x-message-ttl", AMQPValue::LongInt(200))]);
+        let e = check_queue_args_equivalent("q", "/", &a, &c).unwrap_err();
+        assert!(e.text.ends_with("received '200' but current is '100'"));
         let q = t(&[("x-queue-type", AMQPValue::LongString(LongString::from("classic")))]);
         assert!(check_queue_args_equivalent("q", "/", &FieldTable::default(), &q).is_ok());
         assert!(check_queue_args_equivalent("q", "/", &q, &FieldTable::default()).is_ok());

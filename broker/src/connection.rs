@@ -18,7 +18,7 @@ use warren_protocol::{
     codec::{check_protocol_header, Decoder, Frame, HeaderCheck},
     encode::WriteBatch,
     protocol::{channel, connection, AMQPClass},
-    reply, sasl, AMQPValue, FieldTable, LongString, ShortString, PROTOCOL_HEADER,
+    reply, sasl, AMQPValue, FieldTable, LongString, PROTOCOL_HEADER,
 };
 
 use crate::broker::Broker;
@@ -237,6 +237,16 @@ impl Conn {
         }
     }
 
+    fn phase_name(&self) -> &'static str {
+        match self.phase {
+            Phase::StartOk => "starting",
+            Phase::TuneOk => "tuning",
+            Phase::Open => "opening",
+            Phase::Running => "running",
+            Phase::Closing => "closing",
+        }
+    }
+
     fn send(&self, channel: u16, method: AMQPClass) {
         self.outbox.push(Outgoing::Method(channel, method));
     }
@@ -327,26 +337,25 @@ impl Conn {
         }
         match frame {
             Frame::Heartbeat { channel: 0 } => Ok(Flow::Continue),
-            Frame::Heartbeat { channel } => {
-                Err(AmqpError::frame_error(format!("heartbeat frame on non-zero channel {channel}")))
-            }
+            Frame::Heartbeat { .. } => Err(AmqpError::unexpected_frame("type 8, all octets = <<>>")),
             Frame::Method { channel: 0, class, .. } => self.handle_connection_method(class),
             Frame::Method { channel: _, .. } | Frame::Header { .. } | Frame::Body { .. }
                 if self.phase != Phase::Running =>
             {
-                Err(AmqpError::command_invalid("connection not yet open").at(10, 0))
+                Err(AmqpError::unexpected_frame("frame on a channel before connection.open-ok"))
             }
-            Frame::Header { channel: 0, .. } | Frame::Body { channel: 0, .. } => {
-                Err(AmqpError::unexpected_frame("content frame on channel 0"))
-            }
+            Frame::Header { channel: 0, .. } => Err(AmqpError::unexpected_frame("type 2 on channel 0")),
+            Frame::Body { channel: 0, .. } => Err(AmqpError::unexpected_frame("type 3 on channel 0")),
             frame => self.handle_channel_frame(frame),
         }
     }
 
     fn handle_connection_method(&mut self, class: AMQPClass) -> AmqpResult<Flow> {
         use connection::AMQPMethod as M;
+        let ids = (class.get_amqp_class_id(), method_id(&class));
         let AMQPClass::Connection(m) = class else {
-            return Err(AmqpError::command_invalid("only connection methods are allowed on channel 0"));
+            return Err(AmqpError::channel_error(format!("unexpected method in connection state {}", self.phase_name()))
+                .at(ids.0, ids.1));
         };
         match (self.phase, m) {
             (Phase::StartOk, M::StartOk(s)) => self.on_start_ok(s),
@@ -363,11 +372,11 @@ impl Conn {
                 Ok(Flow::Continue)
             }
             (Phase::Running, M::Blocked(_) | M::Unblocked(_)) => Ok(Flow::Continue),
-            (_, other) => Err(AmqpError::command_invalid(format!(
-                "unexpected method {} on channel 0",
-                method_name(&AMQPClass::Connection(other.clone()))
+            (_, _) => Err(AmqpError::channel_error(format!(
+                "unexpected method in connection state {}",
+                self.phase_name()
             ))
-            .at(10, method_id(&AMQPClass::Connection(other)))),
+            .at(ids.0, ids.1)),
         }
     }
 
@@ -387,21 +396,18 @@ impl Conn {
                 Err(AmqpError::access_refused(format!(
                     "Login was refused using authentication mechanism {}. For details see the broker logfile.",
                     this.mechanism
-                ))
-                .at(10, 11))
+                )))
             } else {
                 Ok(Flow::Stop)
             }
         };
         let creds = match sasl::parse_response(&self.mechanism, s.response.as_bytes()) {
             Ok(c) => c,
-            Err(sasl::SaslError::UnsupportedMechanism(m)) => {
-                return Err(AmqpError::access_refused(format!(
-                    "unsupported authentication mechanism '{m}', supported mechanisms: PLAIN AMQPLAIN"
-                ))
-                .at(10, 11))
+            // RabbitMQ logs these and drops the socket without a close frame.
+            Err(e) => {
+                warn!("login refused: {e}");
+                return Ok(Flow::Stop);
             }
-            Err(e) => return refused(self, e.to_string()),
         };
         if let Err(e) = self.broker.authenticate(&creds.username, &creds.password, self.peer.ip()) {
             let why = match e {
@@ -431,10 +437,11 @@ impl Conn {
         let cfg = &self.broker.config;
         let check = |name: &str, client: u64, server: u64| -> AmqpResult<()> {
             if server != 0 && (client == 0 || client > server) {
+                let none = if client == 0 { " (no limit)" } else { "" };
                 return Err(AmqpError::not_allowed(format!(
-                    "negotiated {name} = {client} is higher than the maximum allowed value ({server})"
+                    "negotiated {name} = {client}{none} is higher than the maximum allowed value ({server})"
                 ))
-                .at(10, 31));
+                .at(10, 30));
             }
             Ok(())
         };
@@ -442,11 +449,11 @@ impl Conn {
         check("frame_max", t.frame_max as u64, cfg.frame_max as u64)?;
         if t.frame_max != 0 && t.frame_max < warren_protocol::FRAME_MIN_SIZE {
             return Err(AmqpError::not_allowed(format!(
-                "frame_max={} < {} min size",
+                "negotiated frame_max = {} is lower than the minimum allowed value ({})",
                 t.frame_max,
                 warren_protocol::FRAME_MIN_SIZE
             ))
-            .at(10, 31));
+            .at(10, 30));
         }
         self.channel_max = if t.channel_max == 0 { u16::MAX } else { t.channel_max };
         self.frame_max.store(t.frame_max, Ordering::Relaxed);
@@ -479,15 +486,17 @@ impl Conn {
         let Some(ctx) = self.ctx.as_ref() else {
             return Err(AmqpError::command_invalid("connection not yet open"));
         };
-        if id > self.channel_max {
-            return Err(AmqpError::channel_error(format!(
-                "channel number {id} exceeds the negotiated channel_max {}",
-                self.channel_max
-            )));
-        }
         if let Frame::Method { class: AMQPClass::Channel(channel::AMQPMethod::Open(_)), .. } = &frame {
             if self.channels.contains_key(&id) {
                 return Err(AmqpError::channel_error("second 'channel.open' seen").at(20, 10));
+            }
+            // As RabbitMQ, the limit is on how many channels are open, not on their numbers.
+            if self.channels.len() >= self.channel_max as usize {
+                return Err(AmqpError::not_allowed(format!(
+                    "number of channels opened ({}) has reached the negotiated channel_max ({})",
+                    self.channels.len(),
+                    self.channel_max
+                )));
             }
             self.channels.insert(id, Channel::new(id, ctx));
             self.send(id, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})));
@@ -554,10 +563,6 @@ pub fn method_id(class: &AMQPClass) -> u16 {
     }
 }
 
-fn method_name(class: &AMQPClass) -> String {
-    let dbg = format!("{class:?}");
-    dbg.split('(').take(2).collect::<Vec<_>>().join(".")
-}
 
 async fn write_loop(mut wr: OwnedWriteHalf, outbox: Arc<Outbox>, frame_max: Arc<AtomicU32>, heartbeat: Arc<AtomicU16>) {
     let mut items = Vec::new();
@@ -633,7 +638,3 @@ async fn write_batch(wr: &mut OwnedWriteHalf, batch: &mut WriteBatch) -> std::io
     Ok(())
 }
 
-#[allow(dead_code)]
-fn short(s: &str) -> ShortString {
-    ShortString::from(s)
-}

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
 use warren_protocol::{
-    types::generation::gen_field_table, AMQPValue, FieldTable,
+    types::generation::gen_field_table, FieldTable,
 };
 use warren_storage::{BindingRecord, DestinationKind, ExchangeRecord, MetaStore, QueueRecord};
 
@@ -129,32 +129,34 @@ impl VHost {
 
     pub fn declare_exchange(&self, d: &ExchangeDeclare) -> AmqpResult<()> {
         let _g = self.admin();
+        // RabbitMQ's order: the type, the default exchange, existence, then the reserved prefix.
+        let kind = if d.passive {
+            None
+        } else {
+            Some(ExchangeKind::parse(&d.kind).ok_or_else(|| {
+                AmqpError::precondition(format!("unknown exchange type '{}'", d.kind))
+            })?)
+        };
         if d.name.is_empty() {
             return Err(AmqpError::access_refused("operation not permitted on the default exchange"));
         }
-        if d.passive {
+        let Some(kind) = kind else {
             self.exchange_or_404(&d.name)?;
             return Ok(());
-        }
+        };
         if reserved(&d.name) && self.exchange(&d.name).is_none() {
             return Err(AmqpError::access_refused(format!(
                 "exchange name '{}' contains reserved prefix 'amq.*'",
                 d.name
             )));
         }
-        let Some(kind) = ExchangeKind::parse(&d.kind) else {
-            return Err(AmqpError::precondition(format!(
-                "invalid exchange type '{}' for exchange '{}' in vhost '{}'",
-                d.kind, d.name, self.name
-            )));
-        };
         if let Some(ae) = d.arguments.inner().get("alternate-exchange") {
             if args::as_str(ae).is_none() {
                 return Err(AmqpError::precondition(format!(
-                    "invalid arg 'alternate-exchange' for exchange '{}' in vhost '{}': {{unacceptable_type,{}}}",
+                    "invalid type '{}' for arg 'alternate-exchange' in exchange '{}' in vhost '{}'",
+                    args::type_name(ae),
                     d.name,
-                    self.name,
-                    args::type_name(ae)
+                    self.name
                 )));
             }
         }
@@ -177,21 +179,12 @@ impl VHost {
             if x.internal != d.internal {
                 return ineq("internal", d.internal.to_string(), x.internal.to_string());
             }
-            let cur = x.arguments.inner().get("alternate-exchange");
-            let new = d.arguments.inner().get("alternate-exchange");
-            if cur.map(args::render) != new.map(args::render) {
-                let show = |v: Option<&AMQPValue>| match v {
-                    None => "none".to_string(),
-                    Some(v) => format!("the value '{}' of type '{}'", args::render(v), args::type_name(v)),
-                };
-                return Err(AmqpError::precondition(format!(
-                    "inequivalent arg 'alternate-exchange' for exchange '{}' in vhost '{}': received {} but current is {}",
-                    d.name,
-                    self.name,
-                    show(new),
-                    show(cur)
-                )));
-            }
+            args::check_equivalent(
+                &format!("exchange '{}' in vhost '{}'", d.name, self.name),
+                &["alternate-exchange"],
+                &x.arguments,
+                &d.arguments,
+            )?;
             return Ok(());
         }
         let x = Exchange::new(&d.name, kind, d.durable, d.auto_delete, d.internal, d.arguments.clone());
@@ -265,6 +258,11 @@ impl VHost {
     pub fn declare_queue(&self, conn_id: u64, d: &QueueDeclare) -> AmqpResult<(Arc<Queue>, u32, u32)> {
         let _g = self.admin();
         let mut name = d.name.clone();
+        if !d.passive && reserved(&name) {
+            return Err(AmqpError::access_refused(format!(
+                "queue name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
         if let Some(q) = self.queue(&name) {
             q.check_access(conn_id)?;
             if !d.passive {
@@ -288,7 +286,6 @@ impl VHost {
                 if q.spec.auto_delete != d.auto_delete {
                     return ineq("auto_delete", d.auto_delete, q.spec.auto_delete);
                 }
-                args::validate_queue_args(&name, &self.name, &d.arguments)?;
                 args::check_queue_args_equivalent(&name, &self.name, &q.spec.arguments, &d.arguments)?;
             }
             let (m, c) = q.counts();
@@ -299,10 +296,6 @@ impl VHost {
         }
         if name.is_empty() {
             name = server_name("amq.gen-");
-        } else if reserved(&name) {
-            return Err(AmqpError::access_refused(format!(
-                "queue name '{name}' contains reserved prefix 'amq.*'"
-            )));
         }
         args::validate_queue_args(&name, &self.name, &d.arguments)?;
         let durable = d.durable && !d.exclusive;
@@ -622,7 +615,7 @@ mod tests {
         assert_eq!(routed(&v, "amq.topic", "a.b"), vec!["q1", "q2", "q3"]);
         // alternate exchange
         let mut d = xd("withae", "direct");
-        d.arguments.insert("alternate-exchange".into(), AMQPValue::LongString("ae".into()));
+        d.arguments.insert("alternate-exchange".into(), warren_protocol::AMQPValue::LongString("ae".into()));
         v.declare_exchange(&d).unwrap();
         v.declare_exchange(&xd("ae", "fanout")).unwrap();
         v.bind_queue(1, "unrouted", "ae", "", &t).unwrap();

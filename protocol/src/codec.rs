@@ -42,11 +42,12 @@ impl Frame {
 /// gives its reply code.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("frame size {size} exceeds the negotiated frame_max {max}")]
-    FrameTooLarge { size: usize, max: usize },
-    #[error("frame end octet {0:#04x} is not 0xCE")]
+    /// `size` is the payload size, `max` the largest payload allowed (frame_max - 8).
+    #[error("type {kind}, all octets = <<>>: {{frame_too_large,{size},{max}}}")]
+    FrameTooLarge { kind: u8, size: usize, max: usize },
+    #[error("{{invalid_frame_end_marker,{0}}}")]
     BadFrameEnd(u8),
-    #[error("unknown frame type {0}")]
+    #[error("type {0}, all octets = <<>>: unknown_frame")]
     UnknownFrameType(u8),
     #[error("malformed method frame on channel {channel} (class {class_id}, method {method_id})")]
     MalformedMethod { channel: u16, class_id: u16, method_id: u16 },
@@ -149,7 +150,7 @@ impl Decoder {
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
         if size.saturating_add(FRAME_OVERHEAD) > limit {
-            return Err(DecodeError::FrameTooLarge { size: size + FRAME_OVERHEAD, max: limit });
+            return Err(DecodeError::FrameTooLarge { kind, size, max: limit - FRAME_OVERHEAD });
         }
         if buf.len() < size + FRAME_OVERHEAD {
             return Ok(None);
@@ -292,9 +293,11 @@ mod tests {
         let mut b = BytesMut::from(&[3u8, 0, 1, 0, 0x10, 0, 0][..]);
         assert_eq!(
             d.decode(&mut b),
-            Err(DecodeError::FrameTooLarge { size: 0x100000 + 8, max: 8192 })
+            Err(DecodeError::FrameTooLarge { kind: 3, size: 0x100000, max: 8184 })
         );
-        assert_eq!(DecodeError::FrameTooLarge { size: 0, max: 0 }.code(), reply::FRAME_ERROR);
+        let e = DecodeError::FrameTooLarge { kind: 3, size: 200000, max: 131064 };
+        assert_eq!(e.code(), reply::FRAME_ERROR);
+        assert_eq!(e.to_string(), "type 3, all octets = <<>>: {frame_too_large,200000,131064}");
     }
 
     #[test]

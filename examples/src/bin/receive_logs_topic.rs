@@ -1,0 +1,71 @@
+//! Tutorial 5, "Topics" (consumer): bind a server-named exclusive queue to the topic exchange
+//! `topic_logs` once per binding key given as argument (`*` = one word, `#` = zero or more
+//! words), and print the matching log messages.
+
+use anyhow::Result;
+use futures_lite::StreamExt;
+use lapin::{
+    options::{BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{FieldTable, ShortString},
+    ExchangeKind,
+};
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let binding_keys = warren_examples::args()?;
+    if binding_keys.is_empty() {
+        eprintln!("Usage: receive_logs_topic [binding_key]...");
+        std::process::exit(1);
+    }
+    let limit = warren_examples::exit_after()?;
+
+    let connection = warren_examples::connect("tutorial-5 receive_logs_topic").await?;
+    let channel = connection.create_channel().await?;
+
+    channel
+        .exchange_declare(
+            "topic_logs".into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    let queue = channel
+        .queue_declare("".into(), QueueDeclareOptions::exclusive(), FieldTable::default())
+        .await?;
+    let queue_name = queue.name().clone();
+
+    for binding_key in &binding_keys {
+        channel
+            .queue_bind(
+                queue_name.clone(),
+                "topic_logs".into(),
+                ShortString::try_new(binding_key.as_str())?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+
+    let mut consumer = channel
+        .basic_consume(
+            queue_name,
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    println!(" [*] Waiting for logs. To exit press CTRL+C");
+
+    let mut handled = 0;
+    while !warren_examples::done(limit, handled) {
+        let Some(delivery) = consumer.next().await else { break };
+        let delivery = delivery?;
+        println!(" [x] {}:{}", delivery.routing_key, String::from_utf8_lossy(&delivery.data));
+        handled += 1;
+    }
+
+    connection.close(200, "OK".into()).await?;
+    Ok(())
+}
