@@ -11,7 +11,11 @@ use lapin::{
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = warren_examples::args()?;
-    let message = if args.is_empty() { "info: Hello World!".to_owned() } else { args.join(" ") };
+    let message = if args.is_empty() {
+        "info: Hello World!".to_owned()
+    } else {
+        args.join(" ")
+    };
 
     let connection = warren_examples::connect("tutorial-3 emit_log").await?;
     let channel = connection.create_channel().await?;

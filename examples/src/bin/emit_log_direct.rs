@@ -12,7 +12,11 @@ use lapin::{
 async fn main() -> Result<()> {
     let args = warren_examples::args()?;
     let severity = args.first().map_or("info", String::as_str);
-    let message = if args.len() > 1 { args[1..].join(" ") } else { "Hello World!".to_owned() };
+    let message = if args.len() > 1 {
+        args[1..].join(" ")
+    } else {
+        "Hello World!".to_owned()
+    };
     let routing_key = ShortString::try_new(severity)?;
 
     let connection = warren_examples::connect("tutorial-4 emit_log_direct").await?;

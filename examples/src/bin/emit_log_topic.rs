@@ -12,7 +12,11 @@ use lapin::{
 async fn main() -> Result<()> {
     let args = warren_examples::args()?;
     let key = args.first().map_or("anonymous.info", String::as_str);
-    let message = if args.len() > 1 { args[1..].join(" ") } else { "Hello World!".to_owned() };
+    let message = if args.len() > 1 {
+        args[1..].join(" ")
+    } else {
+        "Hello World!".to_owned()
+    };
     let routing_key = ShortString::try_new(key)?;
 
     let connection = warren_examples::connect("tutorial-5 emit_log_topic").await?;

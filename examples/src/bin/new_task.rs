@@ -11,13 +11,21 @@ use lapin::{
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = warren_examples::args()?;
-    let message = if args.is_empty() { "Hello World!".to_owned() } else { args.join(" ") };
+    let message = if args.is_empty() {
+        "Hello World!".to_owned()
+    } else {
+        args.join(" ")
+    };
 
     let connection = warren_examples::connect("tutorial-2 new_task").await?;
     let channel = connection.create_channel().await?;
 
     channel
-        .queue_declare("task_queue".into(), QueueDeclareOptions::durable(), FieldTable::default())
+        .queue_declare(
+            "task_queue".into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
         .await?;
 
     channel

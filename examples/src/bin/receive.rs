@@ -14,14 +14,21 @@ async fn main() -> Result<()> {
     let channel = connection.create_channel().await?;
 
     channel
-        .queue_declare("hello".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .queue_declare(
+            "hello".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
 
     let mut consumer = channel
         .basic_consume(
             "hello".into(),
             "".into(),
-            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
             FieldTable::default(),
         )
         .await?;
@@ -29,9 +36,14 @@ async fn main() -> Result<()> {
 
     let mut handled = 0;
     while !warren_examples::done(limit, handled) {
-        let Some(delivery) = consumer.next().await else { break };
+        let Some(delivery) = consumer.next().await else {
+            break;
+        };
         let delivery = delivery?;
-        println!(" [x] Received '{}'", String::from_utf8_lossy(&delivery.data));
+        println!(
+            " [x] Received '{}'",
+            String::from_utf8_lossy(&delivery.data)
+        );
         handled += 1;
     }
 

@@ -26,7 +26,11 @@ async fn main() -> Result<()> {
 
     // An empty name asks the broker to pick one (amq.gen-...); exclusive deletes it on disconnect.
     let queue = channel
-        .queue_declare("".into(), QueueDeclareOptions::exclusive(), FieldTable::default())
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions::exclusive(),
+            FieldTable::default(),
+        )
         .await?;
     let queue_name = queue.name().clone();
 
@@ -44,7 +48,10 @@ async fn main() -> Result<()> {
         .basic_consume(
             queue_name,
             "".into(),
-            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
             FieldTable::default(),
         )
         .await?;
@@ -52,7 +59,9 @@ async fn main() -> Result<()> {
 
     let mut handled = 0;
     while !warren_examples::done(limit, handled) {
-        let Some(delivery) = consumer.next().await else { break };
+        let Some(delivery) = consumer.next().await else {
+            break;
+        };
         let delivery = delivery?;
         println!(" [x] {}", String::from_utf8_lossy(&delivery.data));
         handled += 1;

@@ -31,7 +31,11 @@ async fn main() -> Result<()> {
         .await?;
 
     let queue = channel
-        .queue_declare("".into(), QueueDeclareOptions::exclusive(), FieldTable::default())
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions::exclusive(),
+            FieldTable::default(),
+        )
         .await?;
     let queue_name = queue.name().clone();
 
@@ -51,7 +55,10 @@ async fn main() -> Result<()> {
         .basic_consume(
             queue_name,
             "".into(),
-            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
             FieldTable::default(),
         )
         .await?;
@@ -59,9 +66,15 @@ async fn main() -> Result<()> {
 
     let mut handled = 0;
     while !warren_examples::done(limit, handled) {
-        let Some(delivery) = consumer.next().await else { break };
+        let Some(delivery) = consumer.next().await else {
+            break;
+        };
         let delivery = delivery?;
-        println!(" [x] {}:{}", delivery.routing_key, String::from_utf8_lossy(&delivery.data));
+        println!(
+            " [x] {}:{}",
+            delivery.routing_key,
+            String::from_utf8_lossy(&delivery.data)
+        );
         handled += 1;
     }
 

@@ -13,7 +13,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// A correlation id unique enough for the tutorial: process id plus the current time.
 fn correlation_id() -> Result<ShortString> {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
-    Ok(ShortString::try_new(format!("{:x}-{nanos:x}", std::process::id()))?)
+    Ok(ShortString::try_new(format!(
+        "{:x}-{nanos:x}",
+        std::process::id()
+    ))?)
 }
 
 #[tokio::main]
@@ -31,7 +34,11 @@ async fn main() -> Result<()> {
 
     // The callback queue: server-named, exclusive to this connection.
     let callback_queue = channel
-        .queue_declare("".into(), QueueDeclareOptions::exclusive(), FieldTable::default())
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions::exclusive(),
+            FieldTable::default(),
+        )
         .await?;
     let callback_queue_name = callback_queue.name().clone();
 
@@ -39,7 +46,10 @@ async fn main() -> Result<()> {
         .basic_consume(
             callback_queue_name.clone(),
             "".into(),
-            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
             FieldTable::default(),
         )
         .await?;

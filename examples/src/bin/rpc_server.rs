@@ -4,7 +4,10 @@
 use anyhow::Result;
 use futures_lite::StreamExt;
 use lapin::{
-    options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions},
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        QueueDeclareOptions,
+    },
     types::FieldTable,
     BasicProperties,
 };
@@ -45,7 +48,11 @@ async fn main() -> Result<()> {
     let channel = connection.create_channel().await?;
 
     channel
-        .queue_declare("rpc_queue".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .queue_declare(
+            "rpc_queue".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     // Spread the load evenly when several servers consume from rpc_queue.
     channel.basic_qos(1, BasicQosOptions::default()).await?;
@@ -62,7 +69,9 @@ async fn main() -> Result<()> {
 
     let mut handled = 0;
     while !warren_examples::done(limit, handled) {
-        let Some(delivery) = consumer.next().await else { break };
+        let Some(delivery) = consumer.next().await else {
+            break;
+        };
         let delivery = delivery?;
         let response = answer(&String::from_utf8_lossy(&delivery.data));
 

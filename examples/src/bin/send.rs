@@ -13,7 +13,11 @@ async fn main() -> Result<()> {
     let channel = connection.create_channel().await?;
 
     channel
-        .queue_declare("hello".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .queue_declare(
+            "hello".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
 
     let message = "Hello World!";

@@ -16,7 +16,11 @@ async fn main() -> Result<()> {
     let channel = connection.create_channel().await?;
 
     channel
-        .queue_declare("task_queue".into(), QueueDeclareOptions::durable(), FieldTable::default())
+        .queue_declare(
+            "task_queue".into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
         .await?;
     // Fair dispatch: no new task until the previous one is acknowledged.
     channel.basic_qos(1, BasicQosOptions::default()).await?;
@@ -33,7 +37,9 @@ async fn main() -> Result<()> {
 
     let mut handled = 0;
     while !warren_examples::done(limit, handled) {
-        let Some(delivery) = consumer.next().await else { break };
+        let Some(delivery) = consumer.next().await else {
+            break;
+        };
         let delivery = delivery?;
         let body = String::from_utf8_lossy(&delivery.data);
         println!(" [x] Received '{body}'");
