@@ -87,11 +87,20 @@ const QUEUE_ARGS: &[(&str, Rule)] = &[
     ("x-max-length", Rule::NonNegInt(None)),
     ("x-max-length-bytes", Rule::NonNegInt(None)),
     ("x-max-priority", Rule::Priority),
-    ("x-overflow", Rule::StrOneOf(&["drop-head", "reject-publish", "reject-publish-dlx"], "overflow")),
+    (
+        "x-overflow",
+        Rule::StrOneOf(
+            &["drop-head", "reject-publish", "reject-publish-dlx"],
+            "overflow",
+        ),
+    ),
     ("x-queue-mode", Rule::StrOneOf(&["default", "lazy"], "mode")),
     ("x-queue-version", Rule::NonNegInt(None)),
     ("x-single-active-consumer", Rule::Bool),
-    ("x-queue-type", Rule::StrOneOf(&["classic", "quorum", "stream"], "type")),
+    (
+        "x-queue-type",
+        Rule::StrOneOf(&["classic", "quorum", "stream"], "type"),
+    ),
     ("x-queue-master-locator", Rule::Str),
     ("x-delivery-limit", Rule::NonNegInt(None)),
     ("x-consumer-timeout", Rule::NonNegInt(None)),
@@ -110,7 +119,9 @@ pub fn validate_queue_args(queue: &str, vhost: &str, args: &FieldTable) -> AmqpR
         }
     }
     for (key, rule) in QUEUE_ARGS {
-        let Some(v) = args.inner().get(*key) else { continue };
+        let Some(v) = args.inner().get(*key) else {
+            continue;
+        };
         let problem = match rule {
             Rule::NonNegInt(_) | Rule::PosInt(_) | Rule::Priority if as_int(v).is_none() => {
                 Some(format!("\"expected integer, got {}\"", type_name(v)))
@@ -159,10 +170,14 @@ pub fn validate_queue_args(queue: &str, vhost: &str, args: &FieldTable) -> AmqpR
             },
         };
         if let Some(p) = problem {
-            return Err(AmqpError::precondition(format!("invalid arg '{key}' for {rs}: {p}")));
+            return Err(AmqpError::precondition(format!(
+                "invalid arg '{key}' for {rs}: {p}"
+            )));
         }
     }
-    if args.inner().contains_key("x-dead-letter-routing-key") && !args.inner().contains_key("x-dead-letter-exchange") {
+    if args.inner().contains_key("x-dead-letter-routing-key")
+        && !args.inner().contains_key("x-dead-letter-exchange")
+    {
         return Err(AmqpError::precondition(format!(
             "invalid arg 'x-dead-letter-routing-key' for {rs}: routing_key_but_no_dlx_defined"
         )));
@@ -176,9 +191,19 @@ pub fn validate_queue_args(queue: &str, vhost: &str, args: &FieldTable) -> AmqpR
 }
 
 /// On redeclare, the equivalence keys must match (406 naming the first that differs).
-pub fn check_queue_args_equivalent(queue: &str, vhost: &str, current: &FieldTable, received: &FieldTable) -> AmqpResult<()> {
+pub fn check_queue_args_equivalent(
+    queue: &str,
+    vhost: &str,
+    current: &FieldTable,
+    received: &FieldTable,
+) -> AmqpResult<()> {
     let keys: Vec<&str> = QUEUE_ARGS.iter().map(|(k, _)| *k).collect();
-    check_equivalent(&format!("queue '{queue}' in vhost '{vhost}'"), &keys, current, received)
+    check_equivalent(
+        &format!("queue '{queue}' in vhost '{vhost}'"),
+        &keys,
+        current,
+        received,
+    )
 }
 
 /// Numeric types compare by value across widths, as RabbitMQ's type classes do.
@@ -190,7 +215,12 @@ fn same_value(a: &AMQPValue, b: &AMQPValue) -> bool {
 }
 
 /// Compares `keys` of two argument tables; `rs` names the resource (`queue 'q' in vhost '/'`).
-pub fn check_equivalent(rs: &str, keys: &[&str], current: &FieldTable, received: &FieldTable) -> AmqpResult<()> {
+pub fn check_equivalent(
+    rs: &str,
+    keys: &[&str],
+    current: &FieldTable,
+    received: &FieldTable,
+) -> AmqpResult<()> {
     for key in keys {
         let mut cur = current.inner().get(*key).cloned();
         let mut new = received.inner().get(*key).cloned();
@@ -234,17 +264,51 @@ mod tests {
 
     #[test]
     fn validation_texts() {
-        let e = validate_queue_args("q", "/", &t(&[("x-message-ttl", AMQPValue::LongString(LongString::from("1")))])).unwrap_err();
+        let e = validate_queue_args(
+            "q",
+            "/",
+            &t(&[(
+                "x-message-ttl",
+                AMQPValue::LongString(LongString::from("1")),
+            )]),
+        )
+        .unwrap_err();
         assert_eq!(e.text, "invalid arg 'x-message-ttl' for queue 'q' in vhost '/': \"expected integer, got longstr\"");
-        let e = validate_queue_args("q", "/", &t(&[("x-expires", AMQPValue::LongInt(0))])).unwrap_err();
+        let e =
+            validate_queue_args("q", "/", &t(&[("x-expires", AMQPValue::LongInt(0))])).unwrap_err();
         assert!(e.text.ends_with("{value_zero,0}"));
-        let e = validate_queue_args("q", "/", &t(&[("x-max-priority", AMQPValue::LongInt(300))])).unwrap_err();
+        let e = validate_queue_args("q", "/", &t(&[("x-max-priority", AMQPValue::LongInt(300))]))
+            .unwrap_err();
         assert!(e.text.ends_with("{max_value_exceeded,300}"));
-        let e = validate_queue_args("q", "/", &t(&[("x-overflow", AMQPValue::LongString(LongString::from("nope")))])).unwrap_err();
+        let e = validate_queue_args(
+            "q",
+            "/",
+            &t(&[(
+                "x-overflow",
+                AMQPValue::LongString(LongString::from("nope")),
+            )]),
+        )
+        .unwrap_err();
         assert!(e.text.ends_with(": invalid_overflow"));
-        let e = validate_queue_args("q", "/", &t(&[("x-dead-letter-exchange", AMQPValue::LongLongInt(1))])).unwrap_err();
-        assert_eq!(e.text, "invalid type 'long' for arg 'x-dead-letter-exchange' in queue 'q' in vhost '/'");
-        assert!(validate_queue_args("q", "/", &t(&[("x-message-ttl", AMQPValue::ShortShortUInt(5)), ("x-custom", AMQPValue::Void)])).is_ok());
+        let e = validate_queue_args(
+            "q",
+            "/",
+            &t(&[("x-dead-letter-exchange", AMQPValue::LongLongInt(1))]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.text,
+            "invalid type 'long' for arg 'x-dead-letter-exchange' in queue 'q' in vhost '/'"
+        );
+        assert!(validate_queue_args(
+            "q",
+            "/",
+            &t(&[
+                ("x-message-ttl", AMQPValue::ShortShortUInt(5)),
+                ("x-custom", AMQPValue::Void)
+            ])
+        )
+        .is_ok());
     }
 
     #[test]
@@ -260,7 +324,10 @@ mod tests {
         let c = t(&[("x-message-ttl", AMQPValue::LongInt(200))]);
         let e = check_queue_args_equivalent("q", "/", &a, &c).unwrap_err();
         assert!(e.text.ends_with("received '200' but current is '100'"));
-        let q = t(&[("x-queue-type", AMQPValue::LongString(LongString::from("classic")))]);
+        let q = t(&[(
+            "x-queue-type",
+            AMQPValue::LongString(LongString::from("classic")),
+        )]);
         assert!(check_queue_args_equivalent("q", "/", &FieldTable::default(), &q).is_ok());
         assert!(check_queue_args_equivalent("q", "/", &q, &FieldTable::default()).is_ok());
     }

@@ -36,7 +36,13 @@ impl Broker {
         vhosts.insert("/".to_string(), VHost::new("/", store));
         let mut users = HashMap::new();
         users.insert(config.default_user.clone(), config.default_pass.clone());
-        Arc::new(Broker { config, vhosts, users, next_conn_id: AtomicU64::new(1), shutdown: CancellationToken::new() })
+        Arc::new(Broker {
+            config,
+            vhosts,
+            users,
+            next_conn_id: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+        })
     }
 
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
@@ -82,9 +88,18 @@ mod tests {
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         let remote: IpAddr = "10.1.2.3".parse().unwrap();
         assert_eq!(b.authenticate("guest", "guest", lo), Ok(()));
-        assert_eq!(b.authenticate("guest", "guest", remote), Err(LoginError::LoopbackOnly));
-        assert_eq!(b.authenticate("guest", "nope", lo), Err(LoginError::BadPassword));
-        assert_eq!(b.authenticate("bob", "guest", lo), Err(LoginError::UnknownUser));
+        assert_eq!(
+            b.authenticate("guest", "guest", remote),
+            Err(LoginError::LoopbackOnly)
+        );
+        assert_eq!(
+            b.authenticate("guest", "nope", lo),
+            Err(LoginError::BadPassword)
+        );
+        assert_eq!(
+            b.authenticate("bob", "guest", lo),
+            Err(LoginError::UnknownUser)
+        );
         let mut c = Config::for_tests();
         c.loopback_users.clear();
         let b = Broker::new(c);

@@ -138,7 +138,9 @@ impl Channel {
 
     /// Sends the confirms accumulated since the last call, one method per run.
     pub fn flush_confirms(&mut self) {
-        let Some(c) = self.confirms.as_mut() else { return };
+        let Some(c) = self.confirms.as_mut() else {
+            return;
+        };
         if c.pending.is_empty() {
             return;
         }
@@ -146,21 +148,36 @@ impl Channel {
         for (first, last, ack) in runs {
             let multiple = last > first;
             let method = if ack {
-                basic::AMQPMethod::Ack(basic::Ack { delivery_tag: last, multiple })
+                basic::AMQPMethod::Ack(basic::Ack {
+                    delivery_tag: last,
+                    multiple,
+                })
             } else {
-                basic::AMQPMethod::Nack(basic::Nack { delivery_tag: last, multiple, requeue: false })
+                basic::AMQPMethod::Nack(basic::Nack {
+                    delivery_tag: last,
+                    multiple,
+                    requeue: false,
+                })
             };
-            self.handle.outbox.push(Outgoing::Method(self.handle.id, AMQPClass::Basic(method)));
+            self.handle
+                .outbox
+                .push(Outgoing::Method(self.handle.id, AMQPClass::Basic(method)));
         }
     }
 
     pub fn handle(&mut self, ctx: &ConnCtx, frame: Frame) -> AmqpResult<After> {
         if self.closing {
-            if let Frame::Method { class: AMQPClass::Channel(c), .. } = frame {
+            if let Frame::Method {
+                class: AMQPClass::Channel(c),
+                ..
+            } = frame
+            {
                 match c {
                     channel::AMQPMethod::CloseOk(_) => return Ok(After::Remove),
                     channel::AMQPMethod::Close(_) => {
-                        self.reply(AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
+                        self.reply(AMQPClass::Channel(channel::AMQPMethod::CloseOk(
+                            channel::CloseOk {},
+                        )));
                         return Ok(After::Remove);
                     }
                     _ => {}
@@ -170,11 +187,23 @@ impl Channel {
         }
         match frame {
             Frame::Method { class, raw, .. } => {
-                let ids = (class.get_amqp_class_id(), crate::connection::method_id(&class));
-                self.assembler.check_method().map_err(|e| AmqpError::from(e).at(60, 40))?;
-                self.method(ctx, class, &raw).map_err(|e| e.at(ids.0, ids.1))
+                let ids = (
+                    class.get_amqp_class_id(),
+                    crate::connection::method_id(&class),
+                );
+                self.assembler
+                    .check_method()
+                    .map_err(|e| AmqpError::from(e).at(60, 40))?;
+                self.method(ctx, class, &raw)
+                    .map_err(|e| e.at(ids.0, ids.1))
             }
-            Frame::Header { class_id, body_size, properties, raw, .. } => {
+            Frame::Header {
+                class_id,
+                body_size,
+                properties,
+                raw,
+                ..
+            } => {
                 match self.assembler.header(class_id, body_size, properties, raw) {
                     Ok(Step::Done(c)) => self.published(ctx, *c).map_err(|e| e.at(60, 40))?,
                     Ok(Step::Pending) => {}
@@ -197,7 +226,9 @@ impl Channel {
     /// The queue a method names; "" means the channel's last declared queue.
     fn queue_name(&self, name: &ShortString) -> AmqpResult<String> {
         if name.as_str().is_empty() {
-            self.last_queue.clone().ok_or_else(|| AmqpError::not_found("no previously declared queue"))
+            self.last_queue
+                .clone()
+                .ok_or_else(|| AmqpError::not_found("no previously declared queue"))
         } else {
             Ok(name.as_str().to_string())
         }
@@ -210,7 +241,9 @@ impl Channel {
             AMQPClass::Channel(c) => match c {
                 channel::AMQPMethod::Close(_) => {
                     self.shutdown(ctx);
-                    self.reply(AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})));
+                    self.reply(AMQPClass::Channel(channel::AMQPMethod::CloseOk(
+                        channel::CloseOk {},
+                    )));
                     return Ok(After::Remove);
                 }
                 channel::AMQPMethod::CloseOk(_) => {}
@@ -218,26 +251,37 @@ impl Channel {
                     if !f.active {
                         return Err(AmqpError::not_implemented("active=false"));
                     }
-                    self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk { active: true })));
+                    self.reply(AMQPClass::Channel(channel::AMQPMethod::FlowOk(
+                        channel::FlowOk { active: true },
+                    )));
                 }
                 channel::AMQPMethod::FlowOk(_) => {}
                 _ => return Err(AmqpError::channel_error("second 'channel.open' seen")),
             },
             AMQPClass::Access(access::AMQPMethod::Request(_)) => {
-                self.reply(AMQPClass::Access(access::AMQPMethod::RequestOk(access::RequestOk {})));
+                self.reply(AMQPClass::Access(access::AMQPMethod::RequestOk(
+                    access::RequestOk {},
+                )));
             }
             AMQPClass::Exchange(e) => self.exchange_method(vh, e)?,
             AMQPClass::Queue(q) => self.queue_method(vh, cid, q)?,
             AMQPClass::Basic(b) => self.basic_method(ctx, b, raw)?,
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
                 if self.tx.is_some() {
-                    return Err(AmqpError::precondition("cannot switch from tx to confirm mode"));
+                    return Err(AmqpError::precondition(
+                        "cannot switch from tx to confirm mode",
+                    ));
                 }
                 if self.confirms.is_none() {
-                    self.confirms = Some(Confirms { next: 1, pending: Vec::new() });
+                    self.confirms = Some(Confirms {
+                        next: 1,
+                        pending: Vec::new(),
+                    });
                 }
                 if !s.nowait {
-                    self.reply(AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})));
+                    self.reply(AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(
+                        confirm::SelectOk {},
+                    )));
                 }
             }
             AMQPClass::Tx(t) => self.tx_method(ctx, t)?,
@@ -270,13 +314,23 @@ impl Channel {
                 }
             }
             E::Bind(b) => {
-                vh.bind_exchange(b.destination.as_str(), b.source.as_str(), b.routing_key.as_str(), &b.arguments)?;
+                vh.bind_exchange(
+                    b.destination.as_str(),
+                    b.source.as_str(),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                )?;
                 if !b.nowait {
                     self.reply(AMQPClass::Exchange(E::BindOk(exchange::BindOk {})));
                 }
             }
             E::Unbind(b) => {
-                vh.unbind_exchange(b.destination.as_str(), b.source.as_str(), b.routing_key.as_str(), &b.arguments)?;
+                vh.unbind_exchange(
+                    b.destination.as_str(),
+                    b.source.as_str(),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                )?;
                 if !b.nowait {
                     self.reply(AMQPClass::Exchange(E::UnbindOk(exchange::UnbindOk {})));
                 }
@@ -312,21 +366,35 @@ impl Channel {
             }
             Q::Bind(b) => {
                 let name = self.queue_name(&b.queue)?;
-                vh.bind_queue(cid, &name, b.exchange.as_str(), b.routing_key.as_str(), &b.arguments)?;
+                vh.bind_queue(
+                    cid,
+                    &name,
+                    b.exchange.as_str(),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                )?;
                 if !b.nowait {
                     self.reply(AMQPClass::Queue(Q::BindOk(queue::BindOk {})));
                 }
             }
             Q::Unbind(b) => {
                 let name = self.queue_name(&b.queue)?;
-                vh.unbind_queue(cid, &name, b.exchange.as_str(), b.routing_key.as_str(), &b.arguments)?;
+                vh.unbind_queue(
+                    cid,
+                    &name,
+                    b.exchange.as_str(),
+                    b.routing_key.as_str(),
+                    &b.arguments,
+                )?;
                 self.reply(AMQPClass::Queue(Q::UnbindOk(queue::UnbindOk {})));
             }
             Q::Purge(p) => {
                 let name = self.queue_name(&p.queue)?;
                 let n = vh.purge_queue(cid, &name)?;
                 if !p.nowait {
-                    self.reply(AMQPClass::Queue(Q::PurgeOk(queue::PurgeOk { message_count: n })));
+                    self.reply(AMQPClass::Queue(Q::PurgeOk(queue::PurgeOk {
+                        message_count: n,
+                    })));
                 }
             }
             Q::Delete(d) => {
@@ -334,7 +402,9 @@ impl Channel {
                 let (n, consumers) = vh.delete_queue(cid, &name, d.if_unused, d.if_empty)?;
                 // delete-ok goes out before the basic.cancel the deletion causes, as RabbitMQ.
                 if !d.nowait {
-                    self.reply(AMQPClass::Queue(Q::DeleteOk(queue::DeleteOk { message_count: n })));
+                    self.reply(AMQPClass::Queue(Q::DeleteOk(queue::DeleteOk {
+                        message_count: n,
+                    })));
                 }
                 Queue::cancel_consumers(consumers);
             }
@@ -350,7 +420,9 @@ impl Channel {
             B::Qos(q) => {
                 let size = qos_prefetch_size(raw);
                 if size != 0 {
-                    return Err(AmqpError::not_implemented(format!("prefetch_size!=0 ({size})")));
+                    return Err(AmqpError::not_implemented(format!(
+                        "prefetch_size!=0 ({size})"
+                    )));
                 }
                 if q.global {
                     self.handle.set_global_prefetch(q.prefetch_count as u32);
@@ -368,7 +440,9 @@ impl Channel {
                     c.consumer_tag.clone()
                 };
                 if self.handle.has_consumer(tag.as_str()) {
-                    return Err(AmqpError::not_allowed(format!("attempt to reuse consumer tag '{tag}'")));
+                    return Err(AmqpError::not_allowed(format!(
+                        "attempt to reuse consumer tag '{tag}'"
+                    )));
                 }
                 let consumer = Arc::new(Consumer {
                     tag: tag.clone(),
@@ -384,7 +458,9 @@ impl Channel {
                 q.add_consumer(consumer.clone())?;
                 self.handle.add_consumer(consumer.clone())?;
                 if !c.nowait {
-                    self.reply(AMQPClass::Basic(B::ConsumeOk(basic::ConsumeOk { consumer_tag: tag })));
+                    self.reply(AMQPClass::Basic(B::ConsumeOk(basic::ConsumeOk {
+                        consumer_tag: tag,
+                    })));
                 }
                 consumer.active.store(true, Ordering::Release);
                 q.dispatch();
@@ -394,7 +470,9 @@ impl Channel {
                     self.detach_consumer(ctx, &consumer);
                 }
                 if !c.nowait {
-                    self.reply(AMQPClass::Basic(B::CancelOk(basic::CancelOk { consumer_tag: c.consumer_tag })));
+                    self.reply(AMQPClass::Basic(B::CancelOk(basic::CancelOk {
+                        consumer_tag: c.consumer_tag,
+                    })));
                 }
             }
             B::Publish(p) => {
@@ -411,10 +489,24 @@ impl Channel {
                 }
             }
             B::Ack(a) => self.settle(a.delivery_tag, a.multiple, Settle::Ack)?,
-            B::Nack(n) => {
-                self.settle(n.delivery_tag, n.multiple, if n.requeue { Settle::Requeue } else { Settle::Discard })?
-            }
-            B::Reject(r) => self.settle(r.delivery_tag, false, if r.requeue { Settle::Requeue } else { Settle::Discard })?,
+            B::Nack(n) => self.settle(
+                n.delivery_tag,
+                n.multiple,
+                if n.requeue {
+                    Settle::Requeue
+                } else {
+                    Settle::Discard
+                },
+            )?,
+            B::Reject(r) => self.settle(
+                r.delivery_tag,
+                false,
+                if r.requeue {
+                    Settle::Requeue
+                } else {
+                    Settle::Discard
+                },
+            )?,
             B::RecoverAsync(r) => self.recover(r.requeue)?,
             B::Recover(r) => {
                 self.recover(r.requeue)?;
@@ -441,7 +533,8 @@ impl Channel {
     fn settle(&mut self, tag: u64, multiple: bool, how: Settle) -> AmqpResult<()> {
         let taken = self.handle.take_unacked(tag, multiple)?;
         if let Some(tx) = self.tx.as_mut() {
-            tx.settles.extend(taken.into_iter().map(|(t, u)| (t, u, how)));
+            tx.settles
+                .extend(taken.into_iter().map(|(t, u)| (t, u, how)));
             return Ok(());
         }
         self.apply_settles(taken.into_iter().map(|(_, u)| (u, how)));
@@ -487,7 +580,13 @@ impl Channel {
         Ok(())
     }
 
-    fn route(&mut self, ctx: &ConnCtx, exchange: &Arc<Exchange>, msg: Arc<Message>, mandatory: bool) {
+    fn route(
+        &mut self,
+        ctx: &ConnCtx,
+        exchange: &Arc<Exchange>,
+        msg: Arc<Message>,
+        mandatory: bool,
+    ) {
         let mut queues = std::mem::take(&mut self.route_buf);
         ctx.vhost.route(exchange, &msg, &mut queues);
         let mut delivered = false;
@@ -519,7 +618,9 @@ impl Channel {
         match t {
             T::Select(_) => {
                 if self.confirms.is_some() {
-                    return Err(AmqpError::precondition("cannot switch from confirm to tx mode"));
+                    return Err(AmqpError::precondition(
+                        "cannot switch from confirm to tx mode",
+                    ));
                 }
                 if self.tx.is_none() {
                     self.tx = Some(Tx::default());
@@ -542,7 +643,8 @@ impl Channel {
                     return Err(AmqpError::precondition("channel is not transactional"));
                 };
                 let Tx { settles, .. } = std::mem::take(tx);
-                self.handle.restore_unacked(settles.into_iter().map(|(t, u, _)| (t, u)).collect());
+                self.handle
+                    .restore_unacked(settles.into_iter().map(|(t, u, _)| (t, u)).collect());
                 self.reply(AMQPClass::Tx(T::RollbackOk(tx::RollbackOk {})));
             }
             _ => return Err(AmqpError::command_invalid("unimplemented method")),

@@ -32,12 +32,22 @@ pub struct Config {
     pub default_user: String,
 
     /// The default user's password.
-    #[arg(long, env = "WARREN_DEFAULT_PASS", default_value = "guest", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "WARREN_DEFAULT_PASS",
+        default_value = "guest",
+        hide_env_values = true
+    )]
     pub default_pass: String,
 
     /// Users that may log in only from loopback, comma separated (RabbitMQ's loopback_users).
     /// Give an empty string to let guest connect from anywhere.
-    #[arg(long, env = "WARREN_LOOPBACK_USERS", default_value = "guest", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "WARREN_LOOPBACK_USERS",
+        default_value = "guest",
+        value_delimiter = ','
+    )]
     pub loopback_users: Vec<String>,
 
     /// Heartbeat interval the server proposes, in seconds (0 disables).
@@ -87,7 +97,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (try 1048576, 512MiB or 2GiB)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (try 1048576, 512MiB or 2GiB)"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1_000,
@@ -98,23 +110,35 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "gib" => 1 << 30,
         "t" | "tb" => 1_000_000_000_000,
         "tib" => 1 << 40,
-        other => return Err(format!("unknown size unit '{other}' (use B, KiB, MiB, GiB, kB, MB, GB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit '{other}' (use B, KiB, MiB, GiB, kB, MB, GB)"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 fn parse_message_size(s: &str) -> Result<u64, String> {
     let n = parse_size(s)?;
     if n == 0 || n > 512 << 20 {
-        return Err(format!("max message size must be between 1 byte and 512MiB, got {n}"));
+        return Err(format!(
+            "max message size must be between 1 byte and 512MiB, got {n}"
+        ));
     }
     Ok(n)
 }
 
 fn parse_frame_max(s: &str) -> Result<u32, String> {
-    let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a frame size"))?;
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a frame size"))?;
     if n != 0 && n < warren_protocol::FRAME_MIN_SIZE {
-        return Err(format!("frame_max must be 0 or at least {}", warren_protocol::FRAME_MIN_SIZE));
+        return Err(format!(
+            "frame_max must be 0 or at least {}",
+            warren_protocol::FRAME_MIN_SIZE
+        ));
     }
     Ok(n)
 }
@@ -123,7 +147,9 @@ fn parse_storage_url(s: &str) -> Result<String, String> {
     let scheme = s.split("://").next().unwrap_or("");
     match scheme {
         "sqlite" | "mysql" | "mariadb" if s.contains("://") => Ok(s.to_string()),
-        _ => Err(format!("unsupported storage URL '{s}': use sqlite://PATH or mysql://user:pass@host:3306/db")),
+        _ => Err(format!(
+            "unsupported storage URL '{s}': use sqlite://PATH or mysql://user:pass@host:3306/db"
+        )),
     }
 }
 

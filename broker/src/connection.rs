@@ -137,7 +137,12 @@ async fn serve(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>, id: u64
 }
 
 impl Conn {
-    async fn read_loop(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf, mut buf: BytesMut, handshake_deadline: tokio::time::Instant) {
+    async fn read_loop(
+        &mut self,
+        rd: &mut tokio::net::tcp::OwnedReadHalf,
+        mut buf: BytesMut,
+        handshake_deadline: tokio::time::Instant,
+    ) {
         let mut last_read = Instant::now();
         let shutdown = self.broker.shutdown.clone();
         loop {
@@ -220,7 +225,11 @@ impl Conn {
         .await;
     }
 
-    fn read_timeout(&self, last_read: Instant, handshake_deadline: tokio::time::Instant) -> tokio::time::Instant {
+    fn read_timeout(
+        &self,
+        last_read: Instant,
+        handshake_deadline: tokio::time::Instant,
+    ) -> tokio::time::Instant {
         if let Some(d) = self.close_deadline {
             return tokio::time::Instant::from_std(d);
         }
@@ -272,7 +281,10 @@ impl Conn {
         props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
         props.insert("product".into(), s(&cfg.product));
         props.insert("version".into(), s(&cfg.product_version));
-        props.insert("platform".into(), s(&format!("Warren {} (Rust)", env!("CARGO_PKG_VERSION"))));
+        props.insert(
+            "platform".into(),
+            s(&format!("Warren {} (Rust)", env!("CARGO_PKG_VERSION"))),
+        );
         props.insert("cluster_name".into(), s("warren"));
         props.insert("copyright".into(), s("Copyright (c) the Warren authors"));
         props.insert(
@@ -323,11 +335,21 @@ impl Conn {
     fn handle(&mut self, frame: Frame) -> AmqpResult<Flow> {
         if self.phase == Phase::Closing {
             // Only the close handshake matters now.
-            if let Frame::Method { channel: 0, class: AMQPClass::Connection(m), .. } = frame {
+            if let Frame::Method {
+                channel: 0,
+                class: AMQPClass::Connection(m),
+                ..
+            } = frame
+            {
                 match m {
                     connection::AMQPMethod::CloseOk(_) => return Ok(Flow::Stop),
                     connection::AMQPMethod::Close(_) => {
-                        self.send(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})));
+                        self.send(
+                            0,
+                            AMQPClass::Connection(connection::AMQPMethod::CloseOk(
+                                connection::CloseOk {},
+                            )),
+                        );
                         return Ok(Flow::Stop);
                     }
                     _ => {}
@@ -337,15 +359,25 @@ impl Conn {
         }
         match frame {
             Frame::Heartbeat { channel: 0 } => Ok(Flow::Continue),
-            Frame::Heartbeat { .. } => Err(AmqpError::unexpected_frame("type 8, all octets = <<>>")),
-            Frame::Method { channel: 0, class, .. } => self.handle_connection_method(class),
+            Frame::Heartbeat { .. } => {
+                Err(AmqpError::unexpected_frame("type 8, all octets = <<>>"))
+            }
+            Frame::Method {
+                channel: 0, class, ..
+            } => self.handle_connection_method(class),
             Frame::Method { channel: _, .. } | Frame::Header { .. } | Frame::Body { .. }
                 if self.phase != Phase::Running =>
             {
-                Err(AmqpError::unexpected_frame("frame on a channel before connection.open-ok"))
+                Err(AmqpError::unexpected_frame(
+                    "frame on a channel before connection.open-ok",
+                ))
             }
-            Frame::Header { channel: 0, .. } => Err(AmqpError::unexpected_frame("type 2 on channel 0")),
-            Frame::Body { channel: 0, .. } => Err(AmqpError::unexpected_frame("type 3 on channel 0")),
+            Frame::Header { channel: 0, .. } => {
+                Err(AmqpError::unexpected_frame("type 2 on channel 0"))
+            }
+            Frame::Body { channel: 0, .. } => {
+                Err(AmqpError::unexpected_frame("type 3 on channel 0"))
+            }
             frame => self.handle_channel_frame(frame),
         }
     }
@@ -354,8 +386,11 @@ impl Conn {
         use connection::AMQPMethod as M;
         let ids = (class.get_amqp_class_id(), method_id(&class));
         let AMQPClass::Connection(m) = class else {
-            return Err(AmqpError::channel_error(format!("unexpected method in connection state {}", self.phase_name()))
-                .at(ids.0, ids.1));
+            return Err(AmqpError::channel_error(format!(
+                "unexpected method in connection state {}",
+                self.phase_name()
+            ))
+            .at(ids.0, ids.1));
         };
         match (self.phase, m) {
             (Phase::StartOk, M::StartOk(s)) => self.on_start_ok(s),
@@ -368,7 +403,10 @@ impl Conn {
                 Ok(Flow::Stop)
             }
             (Phase::Running, M::UpdateSecret(_)) => {
-                self.send(0, AMQPClass::Connection(M::UpdateSecretOk(connection::UpdateSecretOk {})));
+                self.send(
+                    0,
+                    AMQPClass::Connection(M::UpdateSecretOk(connection::UpdateSecretOk {})),
+                );
                 Ok(Flow::Continue)
             }
             (Phase::Running, M::Blocked(_) | M::Unblocked(_)) => Ok(Flow::Continue),
@@ -409,10 +447,17 @@ impl Conn {
                 return Ok(Flow::Stop);
             }
         };
-        if let Err(e) = self.broker.authenticate(&creds.username, &creds.password, self.peer.ip()) {
+        if let Err(e) = self
+            .broker
+            .authenticate(&creds.username, &creds.password, self.peer.ip())
+        {
             let why = match e {
-                crate::broker::LoginError::UnknownUser => format!("user '{}' does not exist", creds.username),
-                crate::broker::LoginError::BadPassword => format!("invalid credentials for user '{}'", creds.username),
+                crate::broker::LoginError::UnknownUser => {
+                    format!("user '{}' does not exist", creds.username)
+                }
+                crate::broker::LoginError::BadPassword => {
+                    format!("invalid credentials for user '{}'", creds.username)
+                }
                 crate::broker::LoginError::LoopbackOnly => {
                     format!("user '{}' can only connect via localhost", creds.username)
                 }
@@ -455,7 +500,11 @@ impl Conn {
             ))
             .at(10, 30));
         }
-        self.channel_max = if t.channel_max == 0 { u16::MAX } else { t.channel_max };
+        self.channel_max = if t.channel_max == 0 {
+            u16::MAX
+        } else {
+            t.channel_max
+        };
         self.frame_max.store(t.frame_max, Ordering::Relaxed);
         self.decoder.set_frame_max(t.frame_max);
         self.heartbeat.store(t.heartbeat, Ordering::Relaxed);
@@ -476,7 +525,10 @@ impl Conn {
             max_message_size: self.broker.config.max_message_size,
             cancel_notify: self.caps.consumer_cancel_notify,
         });
-        self.send(0, AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})));
+        self.send(
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
+        );
         self.phase = Phase::Running;
         Ok(Flow::Continue)
     }
@@ -486,7 +538,11 @@ impl Conn {
         let Some(ctx) = self.ctx.as_ref() else {
             return Err(AmqpError::command_invalid("connection not yet open"));
         };
-        if let Frame::Method { class: AMQPClass::Channel(channel::AMQPMethod::Open(_)), .. } = &frame {
+        if let Frame::Method {
+            class: AMQPClass::Channel(channel::AMQPMethod::Open(_)),
+            ..
+        } = &frame
+        {
             if self.channels.contains_key(&id) {
                 return Err(AmqpError::channel_error("second 'channel.open' seen").at(20, 10));
             }
@@ -499,14 +555,22 @@ impl Conn {
                 )));
             }
             self.channels.insert(id, Channel::new(id, ctx));
-            self.send(id, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})));
+            self.send(
+                id,
+                AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+            );
             return Ok(Flow::Continue);
         }
         let Some(ch) = self.channels.get_mut(&id) else {
-            if let Frame::Method { class: AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)), .. } = &frame {
+            if let Frame::Method {
+                class: AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)),
+                ..
+            } = &frame
+            {
                 return Ok(Flow::Continue);
             }
-            return Err(AmqpError::channel_error("expected 'channel.open'").at(frame_ids(&frame).0, frame_ids(&frame).1));
+            return Err(AmqpError::channel_error("expected 'channel.open'")
+                .at(frame_ids(&frame).0, frame_ids(&frame).1));
         };
         match ch.handle(ctx, frame) {
             Ok(crate::channel::After::Keep) => Ok(Flow::Continue),
@@ -563,14 +627,22 @@ pub fn method_id(class: &AMQPClass) -> u16 {
     }
 }
 
-
-async fn write_loop(mut wr: OwnedWriteHalf, outbox: Arc<Outbox>, frame_max: Arc<AtomicU32>, heartbeat: Arc<AtomicU16>) {
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    outbox: Arc<Outbox>,
+    frame_max: Arc<AtomicU32>,
+    heartbeat: Arc<AtomicU16>,
+) {
     let mut items = Vec::new();
     let mut batch = WriteBatch::new();
     let mut last_write = Instant::now();
     loop {
         let hb = heartbeat.load(Ordering::Relaxed);
-        let tick = if hb == 0 { Duration::from_secs(3600) } else { Duration::from_secs(hb as u64) / 2 };
+        let tick = if hb == 0 {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_secs(hb as u64) / 2
+        };
         tokio::select! {
             _ = outbox.wait() => {}
             _ = tokio::time::sleep(tick) => {
@@ -588,7 +660,9 @@ async fn write_loop(mut wr: OwnedWriteHalf, outbox: Arc<Outbox>, frame_max: Arc<
         for item in items.drain(..) {
             let r = match item {
                 Outgoing::Method(ch, m) => batch.push_method(ch, &m),
-                Outgoing::Content(ch, m, msg) => batch.push_method(ch, &m).map(|_| batch.push_content(ch, &msg.header, &msg.body, fm)),
+                Outgoing::Content(ch, m, msg) => batch
+                    .push_method(ch, &m)
+                    .map(|_| batch.push_content(ch, &msg.header, &msg.body, fm)),
                 Outgoing::Heartbeat => {
                     batch.push_heartbeat();
                     Ok(())
@@ -637,4 +711,3 @@ async fn write_batch(wr: &mut OwnedWriteHalf, batch: &mut WriteBatch) -> std::io
     }
     Ok(())
 }
-

@@ -91,16 +91,26 @@ impl ChannelHandle {
             return true;
         }
         self.global_unacked
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
             .is_ok()
     }
 
     fn release_global(&self) {
-        let _ = self.global_unacked.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
+        let _ = self
+            .global_unacked
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// Records a delivery and returns its tag; None if the channel has closed.
-    pub fn record(&self, queue: &Arc<Queue>, entry: &Entry, consumer: Option<&Arc<Consumer>>, ack: bool) -> Option<u64> {
+    pub fn record(
+        &self,
+        queue: &Arc<Queue>,
+        entry: &Entry,
+        consumer: Option<&Arc<Consumer>>,
+        ack: bool,
+    ) -> Option<u64> {
         let mut g = self.lock();
         if g.closed {
             return None;
@@ -108,7 +118,14 @@ impl ChannelHandle {
         g.next_tag += 1;
         let tag = g.next_tag;
         if ack {
-            g.unacked.insert(tag, Unacked { queue: queue.clone(), entry: entry.clone(), consumer: consumer.cloned() });
+            g.unacked.insert(
+                tag,
+                Unacked {
+                    queue: queue.clone(),
+                    entry: entry.clone(),
+                    consumer: consumer.cloned(),
+                },
+            );
         }
         Some(tag)
     }
@@ -120,14 +137,20 @@ impl ChannelHandle {
             return Ok(std::mem::take(&mut g.unacked).into_iter().collect());
         }
         if !g.unacked.contains_key(&tag) {
-            return Err(AmqpError::precondition(format!("unknown delivery tag {tag}")));
+            return Err(AmqpError::precondition(format!(
+                "unknown delivery tag {tag}"
+            )));
         }
         if multiple {
             let rest = g.unacked.split_off(&(tag + 1));
             let taken = std::mem::replace(&mut g.unacked, rest);
             Ok(taken.into_iter().collect())
         } else {
-            Ok(g.unacked.remove(&tag).map(|u| (tag, u)).into_iter().collect())
+            Ok(g.unacked
+                .remove(&tag)
+                .map(|u| (tag, u))
+                .into_iter()
+                .collect())
         }
     }
 
@@ -142,7 +165,9 @@ impl ChannelHandle {
     /// Releases the prefetch credit a finished delivery held.
     pub fn release(&self, u: &Unacked) {
         if let Some(c) = &u.consumer {
-            let _ = c.unacked.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
+            let _ = c
+                .unacked
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
             self.release_global();
         }
     }
@@ -153,7 +178,12 @@ impl ChannelHandle {
         if self.global_limit.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let queues: Vec<Arc<Queue>> = self.lock().consumers.values().filter_map(|c| c.queue.upgrade()).collect();
+        let queues: Vec<Arc<Queue>> = self
+            .lock()
+            .consumers
+            .values()
+            .filter_map(|c| c.queue.upgrade())
+            .collect();
         for q in queues {
             q.dispatch();
         }
@@ -162,7 +192,10 @@ impl ChannelHandle {
     pub fn add_consumer(&self, c: Arc<Consumer>) -> AmqpResult<()> {
         let mut g = self.lock();
         if g.consumers.contains_key(c.tag.as_str()) {
-            return Err(AmqpError::not_allowed(format!("attempt to reuse consumer tag '{}'", c.tag)));
+            return Err(AmqpError::not_allowed(format!(
+                "attempt to reuse consumer tag '{}'",
+                c.tag
+            )));
         }
         g.consumers.insert(c.tag.as_str().to_string(), c);
         Ok(())
@@ -186,7 +219,10 @@ impl ChannelHandle {
         if self.lock().consumers.remove(tag.as_str()).is_some() && self.cancel_notify {
             self.outbox.push(Outgoing::Method(
                 self.id,
-                AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel { consumer_tag: tag.clone(), nowait: true })),
+                AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                    consumer_tag: tag.clone(),
+                    nowait: true,
+                })),
             ));
         }
     }
@@ -202,7 +238,9 @@ impl ChannelHandle {
 
     /// Takes every unacked delivery (basic.recover).
     pub fn take_all_unacked(&self) -> Vec<Unacked> {
-        std::mem::take(&mut self.lock().unacked).into_values().collect()
+        std::mem::take(&mut self.lock().unacked)
+            .into_values()
+            .collect()
     }
 }
 
@@ -250,7 +288,9 @@ impl Consumer {
     /// Gives back credit taken by `reserve` for a delivery that did not happen.
     pub fn unreserve(&self) {
         if !self.no_ack {
-            let _ = self.unacked.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
+            let _ = self
+                .unacked
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
             self.channel.release_global();
         }
     }

@@ -22,7 +22,12 @@ pub type AmqpResult<T> = Result<T, AmqpError>;
 
 impl AmqpError {
     pub fn new(code: u16, text: impl Into<String>) -> Self {
-        AmqpError { code, text: text.into(), class_id: 0, method_id: 0 }
+        AmqpError {
+            code,
+            text: text.into(),
+            class_id: 0,
+            method_id: 0,
+        }
     }
 
     /// Sets the causing method unless one is set already.
@@ -139,7 +144,10 @@ mod tests {
     #[test]
     fn maps_codes_to_close_kind() {
         let e = AmqpError::no_queue("q", "/").at(50, 10);
-        assert_eq!(e.reply_text().as_str(), "NOT_FOUND - no queue 'q' in vhost '/'");
+        assert_eq!(
+            e.reply_text().as_str(),
+            "NOT_FOUND - no queue 'q' in vhost '/'"
+        );
         assert!(matches!(e.close_method(), AMQPClass::Channel(_)));
         let e = AmqpError::not_allowed("vhost x not found");
         assert!(matches!(e.close_method(), AMQPClass::Connection(_)));

@@ -105,7 +105,9 @@ impl Exchange {
         arguments: FieldTable,
     ) -> Arc<Self> {
         let alternate = match arguments.inner().get("alternate-exchange") {
-            Some(warren_protocol::AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            Some(warren_protocol::AMQPValue::LongString(s)) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
             Some(warren_protocol::AMQPValue::ShortString(s)) => Some(s.as_str().to_string()),
             _ => None,
         };
@@ -134,13 +136,22 @@ impl Exchange {
     /// Adds a binding; false if an identical one exists. `x-match` must have been validated.
     pub fn bind(&self, destination: Destination, routing_key: &str, arguments: FieldTable) -> bool {
         let x_match = headers::x_match(&arguments).unwrap_or(XMatch::All);
-        let b = Arc::new(Binding { destination, routing_key: routing_key.to_string(), arguments, x_match });
+        let b = Arc::new(Binding {
+            destination,
+            routing_key: routing_key.to_string(),
+            arguments,
+            x_match,
+        });
         let mut t = self.write();
         if t.all.iter().any(|x| **x == *b) {
             return false;
         }
         match self.kind {
-            ExchangeKind::Direct => t.direct.entry(b.routing_key.clone()).or_default().push(b.clone()),
+            ExchangeKind::Direct => t
+                .direct
+                .entry(b.routing_key.clone())
+                .or_default()
+                .push(b.clone()),
             ExchangeKind::Topic => t.topic.insert(&b.routing_key, b.clone()),
             ExchangeKind::Fanout | ExchangeKind::Headers => {}
         }
@@ -149,13 +160,18 @@ impl Exchange {
     }
 
     /// Removes the binding equal to (destination, key, args); true if it was there.
-    pub fn unbind(&self, destination: &Destination, routing_key: &str, arguments: &FieldTable) -> bool {
+    pub fn unbind(
+        &self,
+        destination: &Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> bool {
         let mut t = self.write();
-        let Some(pos) = t
-            .all
-            .iter()
-            .position(|b| b.destination == *destination && b.routing_key == routing_key && b.arguments == *arguments)
-        else {
+        let Some(pos) = t.all.iter().position(|b| {
+            b.destination == *destination
+                && b.routing_key == routing_key
+                && b.arguments == *arguments
+        }) else {
             return false;
         };
         let b = t.all.remove(pos);
@@ -183,7 +199,9 @@ impl Exchange {
     /// Removes every binding to `destination`; returns how many.
     pub fn unbind_all_to(&self, destination: &Destination) -> usize {
         let mut t = self.write();
-        let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut t.all).into_iter().partition(|b| b.destination == *destination);
+        let (gone, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut t.all)
+            .into_iter()
+            .partition(|b| b.destination == *destination);
         t.all = keep;
         for b in &gone {
             Self::unindex(self.kind, &mut t, b);
@@ -195,11 +213,17 @@ impl Exchange {
         !self.read().all.is_empty()
     }
 
-    pub fn has_binding(&self, destination: &Destination, routing_key: &str, arguments: &FieldTable) -> bool {
-        self.read()
-            .all
-            .iter()
-            .any(|b| b.destination == *destination && b.routing_key == routing_key && b.arguments == *arguments)
+    pub fn has_binding(
+        &self,
+        destination: &Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> bool {
+        self.read().all.iter().any(|b| {
+            b.destination == *destination
+                && b.routing_key == routing_key
+                && b.arguments == *arguments
+        })
     }
 
     /// Every binding (for listing and cleanup).

@@ -116,20 +116,32 @@ mod tests {
     #[test]
     fn all_and_any() {
         let args = table(&[("format", s("pdf")), ("type", s("report"))]);
-        let both = table(&[("format", s("pdf")), ("type", s("report")), ("extra", s("1"))]);
+        let both = table(&[
+            ("format", s("pdf")),
+            ("type", s("report")),
+            ("extra", s("1")),
+        ]);
         let one = table(&[("format", AMQPValue::ShortString("pdf".into()))]);
         assert!(matches(XMatch::All, &args, Some(&both)));
         assert!(!matches(XMatch::All, &args, Some(&one)));
         assert!(matches(XMatch::Any, &args, Some(&one)));
         assert!(!matches(XMatch::Any, &args, None));
-        assert!(!matches(XMatch::Any, &args, Some(&table(&[("format", s("zip"))]))));
+        assert!(!matches(
+            XMatch::Any,
+            &args,
+            Some(&table(&[("format", s("zip"))]))
+        ));
     }
 
     #[test]
     fn x_keys_only_with_x_modes() {
         let args = table(&[("x-match", s("all-with-x")), ("x-tag", s("a"))]);
         assert!(!matches(XMatch::AllWithX, &args, Some(&table(&[]))));
-        assert!(matches(XMatch::AllWithX, &args, Some(&table(&[("x-tag", s("a"))]))));
+        assert!(matches(
+            XMatch::AllWithX,
+            &args,
+            Some(&table(&[("x-tag", s("a"))]))
+        ));
         let args = table(&[("x-match", s("all")), ("x-tag", s("a"))]);
         assert!(matches(XMatch::All, &args, Some(&table(&[]))));
         assert_eq!(x_match(&args).unwrap(), XMatch::All);

@@ -22,6 +22,10 @@ impl Message {
 
     /// Bytes this message holds in memory, for budgets.
     pub fn weight(&self) -> usize {
-        self.body.len() + self.header.len() + self.exchange.as_str().len() + self.routing_key.as_str().len() + 64
+        self.body.len()
+            + self.header.len()
+            + self.exchange.as_str().len()
+            + self.routing_key.as_str().len()
+            + 64
     }
 }

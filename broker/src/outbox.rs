@@ -49,7 +49,11 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Outbox { inner: Mutex::new(Inner::default()), notify: Notify::new(), limit })
+        Arc::new(Outbox {
+            inner: Mutex::new(Inner::default()),
+            notify: Notify::new(),
+            limit,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -70,7 +70,11 @@ pub enum Removed {
 
 impl Queue {
     pub fn new(vhost: &str, spec: QueueSpec) -> Arc<Self> {
-        Arc::new(Queue { spec, vhost: vhost.to_string(), state: Mutex::new(State::default()) })
+        Arc::new(Queue {
+            spec,
+            vhost: vhost.to_string(),
+            state: Mutex::new(State::default()),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -118,7 +122,11 @@ impl Queue {
         g.next_seq += 1;
         let seq = g.next_seq;
         g.ready_bytes += msg.body.len();
-        g.ready.push_back(Entry { seq, msg, redelivered: false });
+        g.ready.push_back(Entry {
+            seq,
+            msg,
+            redelivered: false,
+        });
         self.dispatch_locked(&mut g);
         true
     }
@@ -137,7 +145,9 @@ impl Queue {
             let consumer = g.consumers[idx].clone();
             match consumer.reserve() {
                 Ok(()) => {
-                    let Some(entry) = g.ready.pop_front() else { break };
+                    let Some(entry) = g.ready.pop_front() else {
+                        break;
+                    };
                     g.ready_bytes -= entry.msg.body.len();
                     if self.deliver(&consumer, &entry) {
                         g.rr = idx + 1;
@@ -232,7 +242,9 @@ impl Queue {
         if g.deleted {
             return Err(AmqpError::no_queue(&self.spec.name, &self.vhost));
         }
-        if g.consumers.iter().any(|c| c.exclusive) || (consumer.exclusive && !g.consumers.is_empty()) {
+        if g.consumers.iter().any(|c| c.exclusive)
+            || (consumer.exclusive && !g.consumers.is_empty())
+        {
             return Err(AmqpError::access_refused(format!(
                 "queue '{}' in vhost '{}' in exclusive use",
                 self.spec.name, self.vhost
@@ -291,5 +303,4 @@ impl Queue {
             c.channel.server_cancel(&c.tag);
         }
     }
-
 }

@@ -13,13 +13,21 @@ struct Node<T> {
 
 impl<T> Default for Node<T> {
     fn default() -> Self {
-        Node { words: HashMap::new(), star: None, hash: None, values: Vec::new() }
+        Node {
+            words: HashMap::new(),
+            star: None,
+            hash: None,
+            values: Vec::new(),
+        }
     }
 }
 
 impl<T> Node<T> {
     fn is_empty(&self) -> bool {
-        self.values.is_empty() && self.words.is_empty() && self.star.is_none() && self.hash.is_none()
+        self.values.is_empty()
+            && self.words.is_empty()
+            && self.star.is_none()
+            && self.hash.is_none()
     }
 }
 
@@ -31,7 +39,9 @@ pub struct TopicTrie<T> {
 
 impl<T> Default for TopicTrie<T> {
     fn default() -> Self {
-        TopicTrie { root: Node::default() }
+        TopicTrie {
+            root: Node::default(),
+        }
     }
 }
 
@@ -74,15 +84,23 @@ fn remove_at<T: PartialEq>(node: &mut Node<T>, words: &[&str], value: &T) -> boo
     let removed;
     match *first {
         "*" | "#" => {
-            let slot = if *first == "*" { &mut node.star } else { &mut node.hash };
-            let Some(child) = slot.as_mut() else { return false };
+            let slot = if *first == "*" {
+                &mut node.star
+            } else {
+                &mut node.hash
+            };
+            let Some(child) = slot.as_mut() else {
+                return false;
+            };
             removed = remove_at(child, rest, value);
             if child.is_empty() {
                 *slot = None;
             }
         }
         w => {
-            let Some(child) = node.words.get_mut(w) else { return false };
+            let Some(child) = node.words.get_mut(w) else {
+                return false;
+            };
             removed = remove_at(child, rest, value);
             if child.is_empty() {
                 node.words.remove(w);

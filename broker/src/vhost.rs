@@ -8,9 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
-use warren_protocol::{
-    types::generation::gen_field_table, FieldTable,
-};
+use warren_protocol::{types::generation::gen_field_table, FieldTable};
 use warren_storage::{BindingRecord, DestinationKind, ExchangeRecord, MetaStore, QueueRecord};
 
 use crate::args;
@@ -76,7 +74,10 @@ impl VHost {
     pub fn new(name: &str, store: Arc<dyn MetaStore>) -> Arc<Self> {
         let mut exchanges = HashMap::new();
         for (n, k) in BUILTIN {
-            exchanges.insert(n.to_string(), Exchange::new(n, *k, true, false, false, FieldTable::default()));
+            exchanges.insert(
+                n.to_string(),
+                Exchange::new(n, *k, true, false, false, FieldTable::default()),
+            );
         }
         Arc::new(VHost {
             name: name.to_string(),
@@ -93,24 +94,40 @@ impl VHost {
     }
 
     pub fn exchange(&self, name: &str) -> Option<Arc<Exchange>> {
-        self.exchanges.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+        self.exchanges
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 
     pub fn queue(&self, name: &str) -> Option<Arc<Queue>> {
-        self.queues.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+        self.queues
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 
     pub fn queue_names(&self) -> Vec<String> {
-        self.queues.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+        self.queues
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     fn exchange_or_404(&self, name: &str) -> AmqpResult<Arc<Exchange>> {
-        self.exchange(name).ok_or_else(|| AmqpError::no_exchange(name, &self.name))
+        self.exchange(name)
+            .ok_or_else(|| AmqpError::no_exchange(name, &self.name))
     }
 
     /// A queue `conn_id` may use: 405 beats 404 for exclusive queues of others.
     pub fn queue_for(&self, conn_id: u64, name: &str) -> AmqpResult<Arc<Queue>> {
-        let q = self.queue(name).ok_or_else(|| AmqpError::no_queue(name, &self.name))?;
+        let q = self
+            .queue(name)
+            .ok_or_else(|| AmqpError::no_queue(name, &self.name))?;
         q.check_access(conn_id)?;
         Ok(q)
     }
@@ -138,7 +155,9 @@ impl VHost {
             })?)
         };
         if d.name.is_empty() {
-            return Err(AmqpError::access_refused("operation not permitted on the default exchange"));
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
         }
         let Some(kind) = kind else {
             self.exchange_or_404(&d.name)?;
@@ -174,7 +193,11 @@ impl VHost {
                 return ineq("durable", d.durable.to_string(), x.durable.to_string());
             }
             if x.auto_delete != d.auto_delete {
-                return ineq("auto_delete", d.auto_delete.to_string(), x.auto_delete.to_string());
+                return ineq(
+                    "auto_delete",
+                    d.auto_delete.to_string(),
+                    x.auto_delete.to_string(),
+                );
             }
             if x.internal != d.internal {
                 return ineq("internal", d.internal.to_string(), x.internal.to_string());
@@ -187,7 +210,14 @@ impl VHost {
             )?;
             return Ok(());
         }
-        let x = Exchange::new(&d.name, kind, d.durable, d.auto_delete, d.internal, d.arguments.clone());
+        let x = Exchange::new(
+            &d.name,
+            kind,
+            d.durable,
+            d.auto_delete,
+            d.internal,
+            d.arguments.clone(),
+        );
         if d.durable {
             self.store.put_exchange(&ExchangeRecord {
                 vhost: self.name.clone(),
@@ -198,14 +228,19 @@ impl VHost {
                 arguments: encode_table(&d.arguments),
             })?;
         }
-        self.exchanges.write().unwrap_or_else(|e| e.into_inner()).insert(d.name.clone(), x);
+        self.exchanges
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(d.name.clone(), x);
         Ok(())
     }
 
     pub fn delete_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<()> {
         let _g = self.admin();
         if name.is_empty() {
-            return Err(AmqpError::access_refused("operation not permitted on the default exchange"));
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
         }
         if reserved(name) {
             return Err(AmqpError::access_refused(format!(
@@ -213,23 +248,44 @@ impl VHost {
                 self.name
             )));
         }
-        let Some(x) = self.exchange(name) else { return Ok(()) };
+        let Some(x) = self.exchange(name) else {
+            return Ok(());
+        };
         if if_unused && (x.has_bindings() || self.is_exchange_destination(&x)) {
-            return Err(AmqpError::precondition(format!("exchange '{name}' in vhost '{}' in use", self.name)));
+            return Err(AmqpError::precondition(format!(
+                "exchange '{name}' in vhost '{}' in use",
+                self.name
+            )));
         }
         self.remove_exchange_locked(&x)
     }
 
     fn is_exchange_destination(&self, x: &Arc<Exchange>) -> bool {
         let dest = Destination::Exchange(x.clone());
-        let all: Vec<_> = self.exchanges.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
-        all.iter().any(|s| s.bindings().iter().any(|b| b.destination == dest))
+        let all: Vec<_> = self
+            .exchanges
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.iter()
+            .any(|s| s.bindings().iter().any(|b| b.destination == dest))
     }
 
     fn remove_exchange_locked(&self, x: &Arc<Exchange>) -> AmqpResult<()> {
-        self.exchanges.write().unwrap_or_else(|e| e.into_inner()).remove(&x.name);
+        self.exchanges
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&x.name);
         let dest = Destination::Exchange(x.clone());
-        let all: Vec<_> = self.exchanges.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let all: Vec<_> = self
+            .exchanges
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
         for s in all {
             if s.unbind_all_to(&dest) > 0 {
                 self.maybe_auto_delete_locked(&s)?;
@@ -248,14 +304,23 @@ impl VHost {
     }
 
     fn maybe_auto_delete_locked(&self, x: &Arc<Exchange>) -> AmqpResult<()> {
-        if x.auto_delete && !x.has_bindings() && self.exchange(&x.name).is_some_and(|cur| Arc::ptr_eq(&cur, x)) {
+        if x.auto_delete
+            && !x.has_bindings()
+            && self
+                .exchange(&x.name)
+                .is_some_and(|cur| Arc::ptr_eq(&cur, x))
+        {
             self.remove_exchange_locked(x)?;
         }
         Ok(())
     }
 
     /// queue.declare: returns the queue and its (message, consumer) counts.
-    pub fn declare_queue(&self, conn_id: u64, d: &QueueDeclare) -> AmqpResult<(Arc<Queue>, u32, u32)> {
+    pub fn declare_queue(
+        &self,
+        conn_id: u64,
+        d: &QueueDeclare,
+    ) -> AmqpResult<(Arc<Queue>, u32, u32)> {
         let _g = self.admin();
         let mut name = d.name.clone();
         if !d.passive && reserved(&name) {
@@ -286,7 +351,12 @@ impl VHost {
                 if q.spec.auto_delete != d.auto_delete {
                     return ineq("auto_delete", d.auto_delete, q.spec.auto_delete);
                 }
-                args::check_queue_args_equivalent(&name, &self.name, &q.spec.arguments, &d.arguments)?;
+                args::check_queue_args_equivalent(
+                    &name,
+                    &self.name,
+                    &q.spec.arguments,
+                    &d.arguments,
+                )?;
             }
             let (m, c) = q.counts();
             return Ok((q, m, c));
@@ -317,7 +387,10 @@ impl VHost {
                 arguments: encode_table(&d.arguments),
             })?;
         }
-        self.queues.write().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), q.clone());
+        self.queues
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone(), q.clone());
         // Every queue is bound to the default exchange under its own name; that binding is
         // implicit in routing (see `route`).
         Ok((q, 0, 0))
@@ -333,14 +406,22 @@ impl VHost {
         if_empty: bool,
     ) -> AmqpResult<(u32, Vec<Arc<Consumer>>)> {
         let _g = self.admin();
-        let Some(q) = self.queue(name) else { return Ok((0, Vec::new())) };
+        let Some(q) = self.queue(name) else {
+            return Ok((0, Vec::new()));
+        };
         q.check_access(conn_id)?;
         let (messages, consumers) = q.counts();
         if if_empty && messages > 0 {
-            return Err(AmqpError::precondition(format!("queue '{name}' in vhost '{}' not empty", self.name)));
+            return Err(AmqpError::precondition(format!(
+                "queue '{name}' in vhost '{}' not empty",
+                self.name
+            )));
         }
         if if_unused && consumers > 0 {
-            return Err(AmqpError::precondition(format!("queue '{name}' in vhost '{}' in use", self.name)));
+            return Err(AmqpError::precondition(format!(
+                "queue '{name}' in vhost '{}' in use",
+                self.name
+            )));
         }
         self.remove_queue_locked(&q)
     }
@@ -368,7 +449,13 @@ impl VHost {
         }
         let (n, consumers) = q.mark_deleted();
         let dest = Destination::Queue(q.clone());
-        let all: Vec<_> = self.exchanges.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let all: Vec<_> = self
+            .exchanges
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
         for x in all {
             if x.unbind_all_to(&dest) > 0 {
                 self.maybe_auto_delete_locked(&x)?;
@@ -386,7 +473,9 @@ impl VHost {
 
     fn check_bindable(&self, name: &str) -> AmqpResult<()> {
         if name.is_empty() {
-            return Err(AmqpError::access_refused("operation not permitted on the default exchange"));
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
         }
         Ok(())
     }
@@ -398,7 +487,14 @@ impl VHost {
         Ok(())
     }
 
-    fn binding_record(&self, source: &str, dest: &str, kind: DestinationKind, key: &str, a: &FieldTable) -> BindingRecord {
+    fn binding_record(
+        &self,
+        source: &str,
+        dest: &str,
+        kind: DestinationKind,
+        key: &str,
+        a: &FieldTable,
+    ) -> BindingRecord {
         BindingRecord {
             vhost: self.name.clone(),
             source: source.to_string(),
@@ -409,33 +505,65 @@ impl VHost {
         }
     }
 
-    pub fn bind_queue(&self, conn_id: u64, queue: &str, exchange: &str, key: &str, a: &FieldTable) -> AmqpResult<()> {
+    pub fn bind_queue(
+        &self,
+        conn_id: u64,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        a: &FieldTable,
+    ) -> AmqpResult<()> {
         let _g = self.admin();
         self.check_bindable(exchange)?;
         let q = self.queue_for(conn_id, queue)?;
         let x = self.exchange_or_404(exchange)?;
         self.check_binding_args(&x, a)?;
         if x.bind(Destination::Queue(q.clone()), key, a.clone()) && x.durable && q.spec.durable {
-            self.store.put_binding(&self.binding_record(exchange, queue, DestinationKind::Queue, key, a))?;
+            self.store.put_binding(&self.binding_record(
+                exchange,
+                queue,
+                DestinationKind::Queue,
+                key,
+                a,
+            ))?;
         }
         Ok(())
     }
 
-    pub fn unbind_queue(&self, conn_id: u64, queue: &str, exchange: &str, key: &str, a: &FieldTable) -> AmqpResult<()> {
+    pub fn unbind_queue(
+        &self,
+        conn_id: u64,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        a: &FieldTable,
+    ) -> AmqpResult<()> {
         let _g = self.admin();
         self.check_bindable(exchange)?;
         let q = self.queue_for(conn_id, queue)?;
         let x = self.exchange_or_404(exchange)?;
         if x.unbind(&Destination::Queue(q.clone()), key, a) {
             if x.durable && q.spec.durable {
-                self.store.delete_binding(&self.binding_record(exchange, queue, DestinationKind::Queue, key, a))?;
+                self.store.delete_binding(&self.binding_record(
+                    exchange,
+                    queue,
+                    DestinationKind::Queue,
+                    key,
+                    a,
+                ))?;
             }
             self.maybe_auto_delete_locked(&x)?;
         }
         Ok(())
     }
 
-    pub fn bind_exchange(&self, destination: &str, source: &str, key: &str, a: &FieldTable) -> AmqpResult<()> {
+    pub fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        key: &str,
+        a: &FieldTable,
+    ) -> AmqpResult<()> {
         let _g = self.admin();
         self.check_bindable(source)?;
         self.check_bindable(destination)?;
@@ -443,12 +571,24 @@ impl VHost {
         let s = self.exchange_or_404(source)?;
         self.check_binding_args(&s, a)?;
         if s.bind(Destination::Exchange(d.clone()), key, a.clone()) && s.durable && d.durable {
-            self.store.put_binding(&self.binding_record(source, destination, DestinationKind::Exchange, key, a))?;
+            self.store.put_binding(&self.binding_record(
+                source,
+                destination,
+                DestinationKind::Exchange,
+                key,
+                a,
+            ))?;
         }
         Ok(())
     }
 
-    pub fn unbind_exchange(&self, destination: &str, source: &str, key: &str, a: &FieldTable) -> AmqpResult<()> {
+    pub fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        key: &str,
+        a: &FieldTable,
+    ) -> AmqpResult<()> {
         let _g = self.admin();
         self.check_bindable(source)?;
         self.check_bindable(destination)?;
@@ -456,7 +596,13 @@ impl VHost {
         let s = self.exchange_or_404(source)?;
         if s.unbind(&Destination::Exchange(d.clone()), key, a) {
             if s.durable && d.durable {
-                self.store.delete_binding(&self.binding_record(source, destination, DestinationKind::Exchange, key, a))?;
+                self.store.delete_binding(&self.binding_record(
+                    source,
+                    destination,
+                    DestinationKind::Exchange,
+                    key,
+                    a,
+                ))?;
             }
             self.maybe_auto_delete_locked(&s)?;
         }
@@ -475,7 +621,13 @@ impl VHost {
         }
     }
 
-    fn route_into(&self, x: &Arc<Exchange>, msg: &Message, out: &mut Vec<Arc<Queue>>, visited: &mut Vec<*const Exchange>) -> bool {
+    fn route_into(
+        &self,
+        x: &Arc<Exchange>,
+        msg: &Message,
+        out: &mut Vec<Arc<Queue>>,
+        visited: &mut Vec<*const Exchange>,
+    ) -> bool {
         if visited.contains(&Arc::as_ptr(x)) {
             return false;
         }
@@ -547,10 +699,25 @@ mod tests {
         VHost::new("/", Arc::new(MemoryStore::new()))
     }
     fn qd(name: &str) -> QueueDeclare {
-        QueueDeclare { name: name.into(), passive: false, durable: false, exclusive: false, auto_delete: false, arguments: FieldTable::default() }
+        QueueDeclare {
+            name: name.into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            arguments: FieldTable::default(),
+        }
     }
     fn xd(name: &str, kind: &str) -> ExchangeDeclare {
-        ExchangeDeclare { name: name.into(), kind: kind.into(), passive: false, durable: false, auto_delete: false, internal: false, arguments: FieldTable::default() }
+        ExchangeDeclare {
+            name: name.into(),
+            kind: kind.into(),
+            passive: false,
+            durable: false,
+            auto_delete: false,
+            internal: false,
+            arguments: FieldTable::default(),
+        }
     }
     fn msg(rk: &str) -> Message {
         Message {
@@ -572,8 +739,16 @@ mod tests {
     #[test]
     fn declare_rules() {
         let v = vh();
-        assert_eq!(v.declare_exchange(&xd("amq.foo", "direct")).unwrap_err().code, 403);
-        assert_eq!(v.declare_exchange(&xd("x", "nonsense")).unwrap_err().code, 406);
+        assert_eq!(
+            v.declare_exchange(&xd("amq.foo", "direct"))
+                .unwrap_err()
+                .code,
+            403
+        );
+        assert_eq!(
+            v.declare_exchange(&xd("x", "nonsense")).unwrap_err().code,
+            406
+        );
         v.declare_exchange(&xd("x", "direct")).unwrap();
         let e = v.declare_exchange(&xd("x", "fanout")).unwrap_err();
         assert_eq!(e.text, "inequivalent arg 'type' for exchange 'x' in vhost '/': received 'fanout' but current is 'direct'");
@@ -592,7 +767,10 @@ mod tests {
         assert_eq!(v.queue_for(2, "ex").unwrap_err().code, 405);
         let mut passive = qd("missing");
         passive.passive = true;
-        assert_eq!(v.declare_queue(1, &passive).unwrap_err().text, "no queue 'missing' in vhost '/'");
+        assert_eq!(
+            v.declare_queue(1, &passive).unwrap_err().text,
+            "no queue 'missing' in vhost '/'"
+        );
     }
 
     #[test]
@@ -615,7 +793,10 @@ mod tests {
         assert_eq!(routed(&v, "amq.topic", "a.b"), vec!["q1", "q2", "q3"]);
         // alternate exchange
         let mut d = xd("withae", "direct");
-        d.arguments.insert("alternate-exchange".into(), warren_protocol::AMQPValue::LongString("ae".into()));
+        d.arguments.insert(
+            "alternate-exchange".into(),
+            warren_protocol::AMQPValue::LongString("ae".into()),
+        );
         v.declare_exchange(&d).unwrap();
         v.declare_exchange(&xd("ae", "fanout")).unwrap();
         v.bind_queue(1, "unrouted", "ae", "", &t).unwrap();
@@ -638,8 +819,14 @@ mod tests {
         v.declare_exchange(&d).unwrap();
         v.bind_queue(1, "q", "ad", "k", &t).unwrap();
         v.delete_queue(1, "q", false, false).unwrap();
-        assert!(v.exchange("ad").is_none(), "deleting the queue removed the last binding");
-        assert_eq!(v.delete_exchange("amq.direct", false).unwrap_err().code, 403);
+        assert!(
+            v.exchange("ad").is_none(),
+            "deleting the queue removed the last binding"
+        );
+        assert_eq!(
+            v.delete_exchange("amq.direct", false).unwrap_err().code,
+            403
+        );
         v.delete_exchange("nope", false).unwrap();
         v.delete_queue(1, "nope", false, false).unwrap();
     }

@@ -19,12 +19,27 @@ pub const MAX_NON_BODY_FRAME: usize = 4 * 1024 * 1024;
 pub enum Frame {
     /// A method. `raw` is the method payload (class id onwards), kept for the few checks
     /// `amq-protocol` parses away (basic.qos prefetch_size).
-    Method { channel: u16, class: AMQPClass, raw: Bytes },
+    Method {
+        channel: u16,
+        class: AMQPClass,
+        raw: Bytes,
+    },
     /// A content header. `raw` is its payload, reusable as is for every delivery.
-    Header { channel: u16, class_id: u16, body_size: u64, properties: AMQPProperties, raw: Bytes },
+    Header {
+        channel: u16,
+        class_id: u16,
+        body_size: u64,
+        properties: AMQPProperties,
+        raw: Bytes,
+    },
     /// A content body frame, sliced out of the read buffer.
-    Body { channel: u16, payload: Bytes },
-    Heartbeat { channel: u16 },
+    Body {
+        channel: u16,
+        payload: Bytes,
+    },
+    Heartbeat {
+        channel: u16,
+    },
 }
 
 impl Frame {
@@ -50,7 +65,11 @@ pub enum DecodeError {
     #[error("type {0}, all octets = <<>>: unknown_frame")]
     UnknownFrameType(u8),
     #[error("malformed method frame on channel {channel} (class {class_id}, method {method_id})")]
-    MalformedMethod { channel: u16, class_id: u16, method_id: u16 },
+    MalformedMethod {
+        channel: u16,
+        class_id: u16,
+        method_id: u16,
+    },
     #[error("unknown method (class {class_id}, method {method_id})")]
     UnknownMethod { class_id: u16, method_id: u16 },
     #[error("malformed content header on channel {0}")]
@@ -72,8 +91,15 @@ impl DecodeError {
     /// Class and method ids to report in connection.close, when known.
     pub fn method_ids(&self) -> (u16, u16) {
         match self {
-            DecodeError::MalformedMethod { class_id, method_id, .. }
-            | DecodeError::UnknownMethod { class_id, method_id } => (*class_id, *method_id),
+            DecodeError::MalformedMethod {
+                class_id,
+                method_id,
+                ..
+            }
+            | DecodeError::UnknownMethod {
+                class_id,
+                method_id,
+            } => (*class_id, *method_id),
             _ => (0, 0),
         }
     }
@@ -117,7 +143,9 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(frame_max: u32) -> Self {
-        Decoder { frame_max: frame_max_or_unlimited(frame_max) }
+        Decoder {
+            frame_max: frame_max_or_unlimited(frame_max),
+        }
     }
 
     pub fn set_frame_max(&mut self, frame_max: u32) {
@@ -150,7 +178,11 @@ impl Decoder {
             other => return Err(DecodeError::UnknownFrameType(other)),
         };
         if size.saturating_add(FRAME_OVERHEAD) > limit {
-            return Err(DecodeError::FrameTooLarge { kind, size, max: limit - FRAME_OVERHEAD });
+            return Err(DecodeError::FrameTooLarge {
+                kind,
+                size,
+                max: limit - FRAME_OVERHEAD,
+            });
         }
         if buf.len() < size + FRAME_OVERHEAD {
             return Ok(None);
@@ -183,19 +215,33 @@ fn frame_max_or_unlimited(frame_max: u32) -> usize {
 fn decode_method(channel: u16, raw: Bytes) -> Result<Frame, DecodeError> {
     let ids = |raw: &[u8]| {
         if raw.len() >= 4 {
-            (u16::from_be_bytes([raw[0], raw[1]]), u16::from_be_bytes([raw[2], raw[3]]))
+            (
+                u16::from_be_bytes([raw[0], raw[1]]),
+                u16::from_be_bytes([raw[2], raw[3]]),
+            )
         } else {
             (0, 0)
         }
     };
     match parse_class(&raw[..]) {
-        Ok((_, class)) => Ok(Frame::Method { channel, class, raw }),
+        Ok((_, class)) => Ok(Frame::Method {
+            channel,
+            class,
+            raw,
+        }),
         Err(_) => {
             let (class_id, method_id) = ids(&raw);
             if raw.len() >= 4 && !is_known_method(class_id, method_id) {
-                Err(DecodeError::UnknownMethod { class_id, method_id })
+                Err(DecodeError::UnknownMethod {
+                    class_id,
+                    method_id,
+                })
             } else {
-                Err(DecodeError::MalformedMethod { channel, class_id, method_id })
+                Err(DecodeError::MalformedMethod {
+                    channel,
+                    class_id,
+                    method_id,
+                })
             }
         }
     }
@@ -203,12 +249,34 @@ fn decode_method(channel: u16, raw: Bytes) -> Result<Frame, DecodeError> {
 
 fn is_known_method(class_id: u16, method_id: u16) -> bool {
     match class_id {
-        10 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51 | 60 | 61 | 70 | 71),
+        10 => matches!(
+            method_id,
+            10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51 | 60 | 61 | 70 | 71
+        ),
         20 => matches!(method_id, 10 | 11 | 20 | 21 | 40 | 41),
         30 => matches!(method_id, 10 | 11),
         40 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 51),
         50 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 41 | 50 | 51),
-        60 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31 | 40 | 50 | 60 | 70 | 71 | 72 | 80 | 90 | 100 | 110 | 111 | 120),
+        60 => matches!(
+            method_id,
+            10 | 11
+                | 20
+                | 21
+                | 30
+                | 31
+                | 40
+                | 50
+                | 60
+                | 70
+                | 71
+                | 72
+                | 80
+                | 90
+                | 100
+                | 110
+                | 111
+                | 120
+        ),
         85 => matches!(method_id, 10 | 11),
         90 => matches!(method_id, 10 | 11 | 20 | 21 | 30 | 31),
         _ => false,
@@ -279,7 +347,11 @@ mod tests {
         b.extend_from_slice(&full);
         for _ in 0..2 {
             match d.decode(&mut b).unwrap() {
-                Some(Frame::Method { channel: 3, class: c, .. }) => assert_eq!(c, class),
+                Some(Frame::Method {
+                    channel: 3,
+                    class: c,
+                    ..
+                }) => assert_eq!(c, class),
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -293,11 +365,22 @@ mod tests {
         let mut b = BytesMut::from(&[3u8, 0, 1, 0, 0x10, 0, 0][..]);
         assert_eq!(
             d.decode(&mut b),
-            Err(DecodeError::FrameTooLarge { kind: 3, size: 0x100000, max: 8184 })
+            Err(DecodeError::FrameTooLarge {
+                kind: 3,
+                size: 0x100000,
+                max: 8184
+            })
         );
-        let e = DecodeError::FrameTooLarge { kind: 3, size: 200000, max: 131064 };
+        let e = DecodeError::FrameTooLarge {
+            kind: 3,
+            size: 200000,
+            max: 131064,
+        };
         assert_eq!(e.code(), reply::FRAME_ERROR);
-        assert_eq!(e.to_string(), "type 3, all octets = <<>>: {frame_too_large,200000,131064}");
+        assert_eq!(
+            e.to_string(),
+            "type 3, all octets = <<>>: {frame_too_large,200000,131064}"
+        );
     }
 
     #[test]
@@ -309,7 +392,10 @@ mod tests {
         b.extend_from_slice(&vec![7u8; 8184]);
         b.extend_from_slice(&[FRAME_END]);
         match d.decode(&mut b).unwrap() {
-            Some(Frame::Body { channel: 1, payload }) => assert_eq!(payload.len(), 8184),
+            Some(Frame::Body {
+                channel: 1,
+                payload,
+            }) => assert_eq!(payload.len(), 8184),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -330,7 +416,10 @@ mod tests {
         encode_heartbeat(&mut v);
         assert_eq!(v, [8, 0, 0, 0, 0, 0, 0, 0xCE]);
         let mut b = BytesMut::from(&v[..]);
-        assert!(matches!(d.decode(&mut b), Ok(Some(Frame::Heartbeat { channel: 0 }))));
+        assert!(matches!(
+            d.decode(&mut b),
+            Ok(Some(Frame::Heartbeat { channel: 0 }))
+        ));
     }
 
     #[test]
@@ -338,15 +427,27 @@ mod tests {
         let d = Decoder::new(131072);
         // class 60 method 99 does not exist
         let mut b = BytesMut::from(&[1u8, 0, 1, 0, 0, 0, 4, 0, 60, 0, 99, 0xCE][..]);
-        assert_eq!(d.decode(&mut b), Err(DecodeError::UnknownMethod { class_id: 60, method_id: 99 }));
+        assert_eq!(
+            d.decode(&mut b),
+            Err(DecodeError::UnknownMethod {
+                class_id: 60,
+                method_id: 99
+            })
+        );
         // basic.qos truncated
         let mut b = BytesMut::from(&[1u8, 0, 1, 0, 0, 0, 5, 0, 60, 0, 10, 0, 0xCE][..]);
-        assert!(matches!(d.decode(&mut b), Err(DecodeError::MalformedMethod { .. })));
+        assert!(matches!(
+            d.decode(&mut b),
+            Err(DecodeError::MalformedMethod { .. })
+        ));
     }
 
     #[test]
     fn qos_prefetch_size_is_read() {
-        let class = AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos { prefetch_count: 5, global: false }));
+        let class = AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+            prefetch_count: 5,
+            global: false,
+        }));
         let mut b = method_bytes(1, &class);
         // patch prefetch_size (bytes 4..8 of the payload, payload starts at 7)
         b[7 + 4..7 + 8].copy_from_slice(&10u32.to_be_bytes());

@@ -37,13 +37,24 @@ impl ContentError {
     }
 }
 
+// One assembler per channel, so the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Default)]
 enum State {
     #[default]
     Idle,
     Header(Publish),
-    Body { publish: Publish, properties: AMQPProperties, header: Bytes, remaining: u64, single: Option<Bytes>, buf: BytesMut },
-    Discard { remaining: u64 },
+    Body {
+        publish: Publish,
+        properties: AMQPProperties,
+        header: Bytes,
+        remaining: u64,
+        single: Option<Bytes>,
+        buf: BytesMut,
+    },
+    Discard {
+        remaining: u64,
+    },
 }
 
 /// Per-channel content assembler.
@@ -64,7 +75,10 @@ pub enum Step {
 
 impl Assembler {
     pub fn new(max_size: u64) -> Self {
-        Assembler { state: State::Idle, max_size }
+        Assembler {
+            state: State::Idle,
+            max_size,
+        }
     }
 
     /// True while a message is being assembled: only header or body frames may come next.
@@ -108,11 +122,25 @@ impl Assembler {
             )));
         }
         if body_size > self.max_size {
-            self.state = if body_size == 0 { State::Idle } else { State::Discard { remaining: body_size } };
-            return Err(ContentError::TooLarge { size: body_size, max: self.max_size });
+            self.state = if body_size == 0 {
+                State::Idle
+            } else {
+                State::Discard {
+                    remaining: body_size,
+                }
+            };
+            return Err(ContentError::TooLarge {
+                size: body_size,
+                max: self.max_size,
+            });
         }
         if body_size == 0 {
-            return Ok(Step::Done(Box::new(Content { publish, properties, header: raw, body: Bytes::new() })));
+            return Ok(Step::Done(Box::new(Content {
+                publish,
+                properties,
+                header: raw,
+                body: Bytes::new(),
+            })));
         }
         self.state = State::Body {
             publish,
@@ -200,14 +228,22 @@ mod tests {
     use super::*;
 
     fn publish() -> Publish {
-        Publish { exchange: "".into(), routing_key: "q".into(), mandatory: false, immediate: false }
+        Publish {
+            exchange: "".into(),
+            routing_key: "q".into(),
+            mandatory: false,
+            immediate: false,
+        }
     }
 
     #[test]
     fn single_frame_body_is_not_copied() {
         let mut a = Assembler::new(1000);
         a.start(publish()).unwrap();
-        assert!(matches!(a.header(60, 5, AMQPProperties::default(), Bytes::new()), Ok(Step::Pending)));
+        assert!(matches!(
+            a.header(60, 5, AMQPProperties::default(), Bytes::new()),
+            Ok(Step::Pending)
+        ));
         let payload = Bytes::from_static(b"hello");
         match a.body(payload.clone()).unwrap() {
             Step::Done(c) => {
@@ -223,34 +259,52 @@ mod tests {
     fn multi_frame_body_and_empty_body() {
         let mut a = Assembler::new(1000);
         a.start(publish()).unwrap();
-        a.header(60, 6, AMQPProperties::default(), Bytes::new()).unwrap();
-        assert!(matches!(a.body(Bytes::from_static(b"abc")), Ok(Step::Pending)));
+        a.header(60, 6, AMQPProperties::default(), Bytes::new())
+            .unwrap();
+        assert!(matches!(
+            a.body(Bytes::from_static(b"abc")),
+            Ok(Step::Pending)
+        ));
         match a.body(Bytes::from_static(b"def")).unwrap() {
             Step::Done(c) => assert_eq!(&c.body[..], b"abcdef"),
             Step::Pending => panic!(),
         }
         a.start(publish()).unwrap();
-        assert!(matches!(a.header(60, 0, AMQPProperties::default(), Bytes::new()), Ok(Step::Done(_))));
+        assert!(matches!(
+            a.header(60, 0, AMQPProperties::default(), Bytes::new()),
+            Ok(Step::Done(_))
+        ));
     }
 
     #[test]
     fn unexpected_frames() {
         let mut a = Assembler::new(1000);
-        assert_eq!(a.body(Bytes::new()).unwrap_err().code(), reply::UNEXPECTED_FRAME);
-        assert!(a.header(60, 1, AMQPProperties::default(), Bytes::new()).is_err());
+        assert_eq!(
+            a.body(Bytes::new()).unwrap_err().code(),
+            reply::UNEXPECTED_FRAME
+        );
+        assert!(a
+            .header(60, 1, AMQPProperties::default(), Bytes::new())
+            .is_err());
         a.start(publish()).unwrap();
-        assert_eq!(a.check_method().unwrap_err().code(), reply::UNEXPECTED_FRAME);
+        assert_eq!(
+            a.check_method().unwrap_err().code(),
+            reply::UNEXPECTED_FRAME
+        );
         assert!(a.body(Bytes::from_static(b"x")).is_err());
         let mut a = Assembler::new(1000);
         a.start(publish()).unwrap();
-        assert!(a.header(50, 1, AMQPProperties::default(), Bytes::new()).is_err());
+        assert!(a
+            .header(50, 1, AMQPProperties::default(), Bytes::new())
+            .is_err());
     }
 
     #[test]
     fn body_longer_than_declared() {
         let mut a = Assembler::new(1000);
         a.start(publish()).unwrap();
-        a.header(60, 3, AMQPProperties::default(), Bytes::new()).unwrap();
+        a.header(60, 3, AMQPProperties::default(), Bytes::new())
+            .unwrap();
         let err = a.body(Bytes::from_static(b"abcd")).unwrap_err();
         assert_eq!(err.code(), reply::UNEXPECTED_FRAME);
     }
@@ -259,10 +313,15 @@ mod tests {
     fn oversized_is_refused_and_discarded() {
         let mut a = Assembler::new(10);
         a.start(publish()).unwrap();
-        let err = a.header(60, 25, AMQPProperties::default(), Bytes::new()).unwrap_err();
+        let err = a
+            .header(60, 25, AMQPProperties::default(), Bytes::new())
+            .unwrap_err();
         assert_eq!(err, ContentError::TooLarge { size: 25, max: 10 });
         assert_eq!(err.code(), reply::PRECONDITION_FAILED);
-        assert!(matches!(a.body(Bytes::from(vec![0; 20])), Ok(Step::Pending)));
+        assert!(matches!(
+            a.body(Bytes::from(vec![0; 20])),
+            Ok(Step::Pending)
+        ));
         assert!(a.in_progress());
         assert!(matches!(a.body(Bytes::from(vec![0; 5])), Ok(Step::Pending)));
         assert!(!a.in_progress());

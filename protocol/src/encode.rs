@@ -89,7 +89,8 @@ impl WriteBatch {
     }
 
     pub fn push_heartbeat(&mut self) {
-        self.cur.extend_from_slice(&[8, 0, 0, 0, 0, 0, 0, FRAME_END]);
+        self.cur
+            .extend_from_slice(&[8, 0, 0, 0, 0, 0, 0, FRAME_END]);
     }
 
     /// A content header frame from an encoded payload, then the body split to `frame_max`.
@@ -137,7 +138,9 @@ impl WriteBatch {
     pub fn advance(&mut self, mut n: usize) {
         self.seal();
         while n > 0 {
-            let Some(front) = self.chunks.front_mut() else { break };
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
             if front.len() <= n {
                 n -= front.len();
                 self.chunks.pop_front();
@@ -187,7 +190,12 @@ mod tests {
         let mut wire = drain(&mut batch);
         let d = Decoder::new(8192);
         match d.decode(&mut wire).unwrap() {
-            Some(Frame::Header { channel: 7, body_size: 20000, properties, .. }) => {
+            Some(Frame::Header {
+                channel: 7,
+                body_size: 20000,
+                properties,
+                ..
+            }) => {
                 assert_eq!(properties.delivery_mode(), &Some(2))
             }
             other => panic!("unexpected {other:?}"),
@@ -195,7 +203,10 @@ mod tests {
         let mut sizes = vec![];
         while let Some(f) = d.decode(&mut wire).unwrap() {
             match f {
-                Frame::Body { channel: 7, payload } => {
+                Frame::Body {
+                    channel: 7,
+                    payload,
+                } => {
                     assert!(payload.iter().all(|b| *b == 5));
                     sizes.push(payload.len())
                 }
@@ -212,7 +223,10 @@ mod tests {
         batch.push_content(1, &header, &Bytes::new(), 131072);
         let mut wire = drain(&mut batch);
         let d = Decoder::new(131072);
-        assert!(matches!(d.decode(&mut wire), Ok(Some(Frame::Header { body_size: 0, .. }))));
+        assert!(matches!(
+            d.decode(&mut wire),
+            Ok(Some(Frame::Header { body_size: 0, .. }))
+        ));
         assert!(wire.is_empty());
     }
 
@@ -237,12 +251,18 @@ mod tests {
         }
         assert_eq!(out.len(), total);
         let d = Decoder::new(131072);
-        assert!(matches!(d.decode(&mut out), Ok(Some(Frame::Heartbeat { .. }))));
+        assert!(matches!(
+            d.decode(&mut out),
+            Ok(Some(Frame::Heartbeat { .. }))
+        ));
         assert!(matches!(d.decode(&mut out), Ok(Some(Frame::Header { .. }))));
         match d.decode(&mut out) {
             Ok(Some(Frame::Body { payload, .. })) => assert_eq!(payload, body),
             other => panic!("unexpected {other:?}"),
         }
-        assert!(matches!(d.decode(&mut out), Ok(Some(Frame::Heartbeat { .. }))));
+        assert!(matches!(
+            d.decode(&mut out),
+            Ok(Some(Frame::Heartbeat { .. }))
+        ));
     }
 }

@@ -42,7 +42,8 @@ fn parse_amqplain(response: &[u8]) -> Result<Credentials, SaslError> {
     let mut framed = Vec::with_capacity(response.len() + 4);
     framed.extend_from_slice(&(response.len() as u32).to_be_bytes());
     framed.extend_from_slice(response);
-    let (_, table) = parse_field_table(&framed[..]).map_err(|_| SaslError::Malformed("AMQPLAIN"))?;
+    let (_, table) =
+        parse_field_table(&framed[..]).map_err(|_| SaslError::Malformed("AMQPLAIN"))?;
     let get = |k: &str| -> Option<String> {
         match table.inner().get(k)? {
             AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
@@ -64,21 +65,42 @@ mod tests {
     #[test]
     fn plain() {
         let c = parse_response("PLAIN", b"\0guest\0gu\0est").unwrap();
-        assert_eq!(c, Credentials { username: "guest".into(), password: "gu\0est".into() });
+        assert_eq!(
+            c,
+            Credentials {
+                username: "guest".into(),
+                password: "gu\0est".into()
+            }
+        );
         assert!(parse_response("PLAIN", b"guest").is_err());
-        assert!(matches!(parse_response("EXTERNAL", b""), Err(SaslError::UnsupportedMechanism(_))));
+        assert!(matches!(
+            parse_response("EXTERNAL", b""),
+            Err(SaslError::UnsupportedMechanism(_))
+        ));
     }
 
     #[test]
     fn amqplain() {
         let mut t = FieldTable::default();
-        t.insert("LOGIN".into(), AMQPValue::LongString(LongString::from("bob")));
-        t.insert("PASSWORD".into(), AMQPValue::LongString(LongString::from("secret")));
+        t.insert(
+            "LOGIN".into(),
+            AMQPValue::LongString(LongString::from("bob")),
+        );
+        t.insert(
+            "PASSWORD".into(),
+            AMQPValue::LongString(LongString::from("secret")),
+        );
         let (v, _) = gen_field_table(&t)(amq_protocol::frame::WriteContext::from(Vec::new()))
             .unwrap()
             .into_inner();
         let c = parse_response("AMQPLAIN", &v[4..]).unwrap();
-        assert_eq!(c, Credentials { username: "bob".into(), password: "secret".into() });
+        assert_eq!(
+            c,
+            Credentials {
+                username: "bob".into(),
+                password: "secret".into()
+            }
+        );
         assert!(parse_response("AMQPLAIN", b"\x01").is_err());
     }
 }

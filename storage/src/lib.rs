@@ -93,7 +93,12 @@ pub(crate) mod suite {
     }
 
     pub fn queue(name: &str) -> QueueRecord {
-        QueueRecord { vhost: "/".into(), name: name.into(), auto_delete: false, arguments: Bytes::new() }
+        QueueRecord {
+            vhost: "/".into(),
+            name: name.into(),
+            auto_delete: false,
+            arguments: Bytes::new(),
+        }
     }
 
     pub fn binding(source: &str, dest: &str, key: &str) -> BindingRecord {
@@ -122,7 +127,10 @@ pub(crate) mod suite {
         assert_eq!(s.bindings.len(), 2);
 
         store.delete_binding(&binding("x", "q2", "b")).unwrap();
-        assert_eq!(store.load().unwrap().bindings, vec![binding("x", "q1", "a.#")]);
+        assert_eq!(
+            store.load().unwrap().bindings,
+            vec![binding("x", "q1", "a.#")]
+        );
         store.put_binding(&binding("x", "q2", "b")).unwrap();
         store.delete_queue("/", "q1").unwrap();
         let s = store.load().unwrap();

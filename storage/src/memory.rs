@@ -25,13 +25,17 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Inner>, StoreError> {
-        self.inner.lock().map_err(|_| StoreError::Corrupt("memory store lock poisoned".into()))
+        self.inner
+            .lock()
+            .map_err(|_| StoreError::Corrupt("memory store lock poisoned".into()))
     }
 }
 
 impl MetaStore for MemoryStore {
     fn put_exchange(&self, r: &ExchangeRecord) -> Result<(), StoreError> {
-        self.lock()?.exchanges.insert((r.vhost.clone(), r.name.clone()), r.clone());
+        self.lock()?
+            .exchanges
+            .insert((r.vhost.clone(), r.name.clone()), r.clone());
         Ok(())
     }
 
@@ -41,13 +45,16 @@ impl MetaStore for MemoryStore {
         g.bindings.retain(|b| {
             !(b.vhost == vhost
                 && (b.source == name
-                    || (b.destination_kind == crate::DestinationKind::Exchange && b.destination == name)))
+                    || (b.destination_kind == crate::DestinationKind::Exchange
+                        && b.destination == name)))
         });
         Ok(())
     }
 
     fn put_queue(&self, r: &QueueRecord) -> Result<(), StoreError> {
-        self.lock()?.queues.insert((r.vhost.clone(), r.name.clone()), r.clone());
+        self.lock()?
+            .queues
+            .insert((r.vhost.clone(), r.name.clone()), r.clone());
         Ok(())
     }
 
@@ -55,7 +62,9 @@ impl MetaStore for MemoryStore {
         let mut g = self.lock()?;
         g.queues.remove(&(vhost.to_string(), name.to_string()));
         g.bindings.retain(|b| {
-            !(b.vhost == vhost && b.destination_kind == crate::DestinationKind::Queue && b.destination == name)
+            !(b.vhost == vhost
+                && b.destination_kind == crate::DestinationKind::Queue
+                && b.destination == name)
         });
         Ok(())
     }

@@ -1,6 +1,8 @@
 //! RabbitMQ's error behaviour: reply codes and texts, channel versus connection errors, and
 //! framing errors on a raw socket.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
 mod common;
 
 use std::time::Duration;
@@ -15,32 +17,89 @@ async fn declare_errors_carry_rabbitmq_texts() {
     let b = broker().await;
     let c = connect(&b).await;
     let ch = c.create_channel().await.unwrap();
-    let e = ch.queue_declare("nope".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap_err();
+    let e = ch
+        .queue_declare(
+            "nope".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(text(&e), "NOT_FOUND - no queue 'nope' in vhost '/'");
 
     let ch = c.create_channel().await.unwrap();
-    ch.queue_declare("q".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
-    let e = ch.queue_declare("q".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default()).await.unwrap_err();
+    ch.queue_declare(
+        "q".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let e = ch
+        .queue_declare(
+            "q".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), 406);
     assert_eq!(text(&e), "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q' in vhost '/': received 'true' but current is 'false'");
 
     let ch = c.create_channel().await.unwrap();
-    let e = ch.exchange_declare("amq.mine".into(), ExchangeKind::Direct, ExchangeDeclareOptions::default(), FieldTable::default()).await.unwrap_err();
+    let e = ch
+        .exchange_declare(
+            "amq.mine".into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), 403);
 
     let ch = c.create_channel().await.unwrap();
     let e = ch
-        .exchange_declare("x".into(), ExchangeKind::Custom("nonsense".into()), ExchangeDeclareOptions::default(), FieldTable::default())
+        .exchange_declare(
+            "x".into(),
+            ExchangeKind::Custom("nonsense".into()),
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap_err();
-    assert_eq!(text(&e), "PRECONDITION_FAILED - unknown exchange type 'nonsense'");
+    assert_eq!(
+        text(&e),
+        "PRECONDITION_FAILED - unknown exchange type 'nonsense'"
+    );
 
     let ch = c.create_channel().await.unwrap();
-    let e = ch.queue_bind("q".into(), "missing".into(), "k".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap_err();
+    let e = ch
+        .queue_bind(
+            "q".into(),
+            "missing".into(),
+            "k".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(text(&e), "NOT_FOUND - no exchange 'missing' in vhost '/'");
     // channel errors leave the connection usable
     let ch = c.create_channel().await.unwrap();
-    ch.queue_declare("q".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    ch.queue_declare(
+        "q".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     b.stop().await;
 }
 
@@ -49,7 +108,10 @@ async fn qos_prefetch_size_closes_the_connection_with_540() {
     let b = broker().await;
     let (c, ch) = channel(&b).await;
     // lapin cannot send prefetch_size; use a raw frame below instead. Here: channel.flow false.
-    let e = ch.channel_flow(ChannelFlowOptions { active: false }).await.unwrap_err();
+    let e = ch
+        .channel_flow(ChannelFlowOptions { active: false })
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), 540);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!c.status().connected());
@@ -66,41 +128,79 @@ async fn wrong_protocol_header_is_answered_with_ours() {
     let mut s = raw(&b).await;
     s.write_all(b"AMQP\x01\x01\x00\x0a").await.unwrap();
     let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got, b"AMQP\x00\x00\x09\x01");
     b.stop().await;
 }
 
 /// Reads frames until a connection.close arrives; returns its reply code.
 async fn read_until_close(s: &mut TcpStream) -> (u16, String) {
-    use warren_protocol::{codec::{Decoder, Frame}, protocol::{connection, AMQPClass}};
+    use warren_protocol::{
+        codec::{Decoder, Frame},
+        protocol::{connection, AMQPClass},
+    };
     let d = Decoder::new(0);
     let mut buf = bytes::BytesMut::new();
     loop {
         while let Some(f) = d.decode(&mut buf).unwrap() {
-            if let Frame::Method { class: AMQPClass::Connection(connection::AMQPMethod::Close(c)), .. } = f {
+            if let Frame::Method {
+                class: AMQPClass::Connection(connection::AMQPMethod::Close(c)),
+                ..
+            } = f
+            {
                 return (c.reply_code, c.reply_text.to_string());
             }
         }
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(n > 0, "socket closed before connection.close");
     }
 }
 
 /// Opens a raw connection through tune-ok/open with the given frame_max.
 async fn handshake(b: &warren_broker::Running) -> TcpStream {
-    use warren_protocol::{encode::encode_frame, protocol::{connection, AMQPClass}, LongString};
+    use warren_protocol::{
+        encode::encode_frame,
+        protocol::{connection, AMQPClass},
+        LongString,
+    };
     let mut s = raw(b).await;
     s.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
     let mut v = Vec::new();
-    encode_frame(&mut v, 0, &AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-        client_properties: Default::default(),
-        mechanism: "PLAIN".into(),
-        response: LongString::from(&b"\0guest\0guest"[..]),
-        locale: "en_US".into(),
-    }))).unwrap();
-    encode_frame(&mut v, 0, &AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk { channel_max: 2047, frame_max: 131072, heartbeat: 0 }))).unwrap();
-    encode_frame(&mut v, 0, &AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open { virtual_host: "/".into() }))).unwrap();
+    encode_frame(
+        &mut v,
+        0,
+        &AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+            client_properties: Default::default(),
+            mechanism: "PLAIN".into(),
+            response: LongString::from(&b"\0guest\0guest"[..]),
+            locale: "en_US".into(),
+        })),
+    )
+    .unwrap();
+    encode_frame(
+        &mut v,
+        0,
+        &AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+            channel_max: 2047,
+            frame_max: 131072,
+            heartbeat: 0,
+        })),
+    )
+    .unwrap();
+    encode_frame(
+        &mut v,
+        0,
+        &AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+            virtual_host: "/".into(),
+        })),
+    )
+    .unwrap();
     s.write_all(&v).await.unwrap();
     s
 }
@@ -119,49 +219,97 @@ async fn oversized_frame_is_501_before_its_payload_arrives() {
 
 #[tokio::test]
 async fn qos_with_prefetch_size_is_540() {
-    use warren_protocol::{encode::encode_frame, protocol::{basic, channel, AMQPClass}};
+    use warren_protocol::{
+        encode::encode_frame,
+        protocol::{basic, channel, AMQPClass},
+    };
     let b = broker().await;
     let mut s = handshake(&b).await;
     let mut v = Vec::new();
-    encode_frame(&mut v, 1, &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).unwrap();
+    encode_frame(
+        &mut v,
+        1,
+        &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .unwrap();
     let start = v.len();
-    encode_frame(&mut v, 1, &AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos { prefetch_count: 1, global: false }))).unwrap();
+    encode_frame(
+        &mut v,
+        1,
+        &AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+            prefetch_count: 1,
+            global: false,
+        })),
+    )
+    .unwrap();
     v[start + 7 + 4..start + 7 + 8].copy_from_slice(&4096u32.to_be_bytes());
     s.write_all(&v).await.unwrap();
     let (code, text) = read_until_close(&mut s).await;
-    assert_eq!((code, text.as_str()), (540, "NOT_IMPLEMENTED - prefetch_size!=0 (4096)"));
+    assert_eq!(
+        (code, text.as_str()),
+        (540, "NOT_IMPLEMENTED - prefetch_size!=0 (4096)")
+    );
     b.stop().await;
 }
 
 #[tokio::test]
 async fn message_over_max_size_is_406_and_never_buffered() {
-    use warren_protocol::{encode::{content_header_payload, encode_frame}, protocol::{basic, channel, AMQPClass}, AMQPProperties};
+    use warren_protocol::{
+        encode::{content_header_payload, encode_frame},
+        protocol::{basic, channel, AMQPClass},
+        AMQPProperties,
+    };
     let b = broker_with(|c| c.max_message_size = 1024).await;
     let mut s = handshake(&b).await;
     let mut v = Vec::new();
-    encode_frame(&mut v, 1, &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}))).unwrap();
-    encode_frame(&mut v, 1, &AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish { exchange: "".into(), routing_key: "q".into(), mandatory: false, immediate: false }))).unwrap();
+    encode_frame(
+        &mut v,
+        1,
+        &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .unwrap();
+    encode_frame(
+        &mut v,
+        1,
+        &AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: "q".into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    )
+    .unwrap();
     let header = content_header_payload(60, 10 << 20, &AMQPProperties::default()).unwrap();
     v.extend_from_slice(&[2, 0, 1]);
     v.extend_from_slice(&(header.len() as u32).to_be_bytes());
     v.extend_from_slice(&header);
     v.push(0xCE);
     s.write_all(&v).await.unwrap();
-    use warren_protocol::{codec::{Decoder, Frame}};
+    use warren_protocol::codec::{Decoder, Frame};
     let d = Decoder::new(0);
     let mut buf = bytes::BytesMut::new();
     let close = loop {
         if let Some(f) = d.decode(&mut buf).unwrap() {
-            if let Frame::Method { class: AMQPClass::Channel(channel::AMQPMethod::Close(c)), .. } = f {
+            if let Frame::Method {
+                class: AMQPClass::Channel(channel::AMQPMethod::Close(c)),
+                ..
+            } = f
+            {
                 break c;
             }
             continue;
         }
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(n > 0);
     };
     assert_eq!(close.reply_code, 406);
-    assert_eq!(close.reply_text.as_str(), "PRECONDITION_FAILED - message size 10485760 is larger than configured max size 1024");
+    assert_eq!(
+        close.reply_text.as_str(),
+        "PRECONDITION_FAILED - message size 10485760 is larger than configured max size 1024"
+    );
     b.stop().await;
 }
 
@@ -169,10 +317,14 @@ async fn message_over_max_size_is_406_and_never_buffered() {
 async fn bad_login_and_unknown_vhost() {
     let b = broker().await;
     let url = format!("amqp://guest:wrong@{}/%2f", b.addr);
-    let e = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap_err();
+    let e = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), 403);
     let url = format!("amqp://guest:guest@{}/nowhere", b.addr);
-    let e = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap_err();
+    let e = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), 530);
     assert_eq!(text(&e), "NOT_ALLOWED - vhost nowhere not found");
     b.stop().await;
@@ -186,8 +338,14 @@ async fn shutdown_closes_connections_with_320() {
     let stopping = tokio::spawn(b.stop());
     let (code, text) = read_until_close(&mut s).await;
     assert_eq!(code, 320);
-    assert_eq!(text, "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'");
+    assert_eq!(
+        text,
+        "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'"
+    );
     // the lapin client answered close-ok and is now disconnected
-    tokio::time::timeout(Duration::from_secs(10), stopping).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!c.status().connected());
 }

@@ -1,6 +1,8 @@
 //! Publish, consume, acks, prefetch, confirms, transactions and routing through lapin against
 //! an in-process Warren.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
 mod common;
 
 use common::*;
@@ -11,9 +13,15 @@ use lapin::{
 };
 
 async fn publish(ch: &lapin::Channel, exchange: &str, key: &str, body: &[u8]) {
-    ch.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body, BasicProperties::default())
-        .await
-        .expect("publish");
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default(),
+    )
+    .await
+    .expect("publish");
 }
 
 #[tokio::test]
@@ -48,7 +56,10 @@ async fn round_robin_and_prefetch() {
     let z1 = next(&mut z).await;
     let a2 = next(&mut a).await;
     let z2 = next(&mut z).await;
-    assert_eq!((a1.data[0], z1.data[0], a2.data[0], z2.data[0]), (0, 1, 2, 3));
+    assert_eq!(
+        (a1.data[0], z1.data[0], a2.data[0], z2.data[0]),
+        (0, 1, 2, 3)
+    );
     // prefetch 2 each: nothing more until an ack
     nothing(&mut a).await;
     a1.ack(BasicAckOptions::default()).await.unwrap();
@@ -65,18 +76,45 @@ async fn nack_requeue_keeps_place_and_marks_redelivered() {
     for i in 0..3u8 {
         publish(&ch, "", &q, &[i]).await;
     }
-    let g0 = ch.basic_get(q.as_str().into(), BasicGetOptions::default()).await.unwrap().unwrap();
+    let g0 = ch
+        .basic_get(q.as_str().into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(g0.message_count, 2);
-    let g1 = ch.basic_get(q.as_str().into(), BasicGetOptions::default()).await.unwrap().unwrap();
-    g0.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
-    g1.reject(BasicRejectOptions { requeue: false }).await.unwrap();
-    let again = ch.basic_get(q.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+    let g1 = ch
+        .basic_get(q.as_str().into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .unwrap();
+    g0.nack(BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    g1.reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    let again = ch
+        .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(again.data, [0]);
     assert!(again.redelivered);
-    let last = ch.basic_get(q.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+    let last = ch
+        .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(last.data, [2]);
     assert!(!last.redelivered);
-    assert!(ch.basic_get(q.as_str().into(), BasicGetOptions::default()).await.unwrap().is_none());
+    assert!(ch
+        .basic_get(q.as_str().into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .is_none());
     b.stop().await;
 }
 
@@ -91,7 +129,11 @@ async fn unacked_are_requeued_when_the_channel_closes() {
     assert!(!d.redelivered);
     ch.close(200, "bye".into()).await.unwrap();
     let ch2 = c.create_channel().await.unwrap();
-    let got = ch2.basic_get(q.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+    let got = ch2
+        .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
     assert!(got.redelivered);
     b.stop().await;
 }
@@ -101,7 +143,10 @@ async fn unknown_delivery_tag_is_406() {
     let b = broker().await;
     let (_c, ch) = channel(&b).await;
     ch.basic_ack(99, BasicAckOptions::default()).await.unwrap();
-    let e = ch.basic_qos(1, BasicQosOptions::default()).await.unwrap_err();
+    let e = ch
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), 406);
     assert_eq!(text(&e), "PRECONDITION_FAILED - unknown delivery tag 99");
     b.stop().await;
@@ -111,11 +156,19 @@ async fn unknown_delivery_tag_is_406() {
 async fn confirms_and_mandatory_returns() {
     let b = broker().await;
     let (_c, ch) = channel(&b).await;
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     let q = declare(&ch, "confirmed").await;
     for _ in 0..50 {
         let conf = ch
-            .basic_publish("".into(), q.as_str().into(), BasicPublishOptions::default(), b"x", BasicProperties::default())
+            .basic_publish(
+                "".into(),
+                q.as_str().into(),
+                BasicPublishOptions::default(),
+                b"x",
+                BasicProperties::default(),
+            )
             .await
             .unwrap()
             .await
@@ -126,7 +179,10 @@ async fn confirms_and_mandatory_returns() {
         .basic_publish(
             "amq.direct".into(),
             "nowhere".into(),
-            BasicPublishOptions { mandatory: true, ..Default::default() },
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
             b"lost",
             BasicProperties::default(),
         )
@@ -154,16 +210,34 @@ async fn transactions_cover_publishes_and_acks() {
     ch.tx_rollback().await.unwrap();
     publish(&ch, "", &q, b"committed").await;
     let (_, ch2) = channel(&b).await;
-    let ok = ch2.queue_declare(q.as_str().into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    let ok = ch2
+        .queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     assert_eq!(ok.message_count(), 0, "nothing visible before commit");
     ch.tx_commit().await.unwrap();
-    let got = ch.basic_get(q.as_str().into(), BasicGetOptions::default()).await.unwrap().unwrap();
+    let got = ch
+        .basic_get(q.as_str().into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got.data, b"committed");
     got.ack(BasicAckOptions::default()).await.unwrap();
     ch.tx_rollback().await.unwrap();
     // the rolled-back ack leaves the message unacked; closing the channel requeues it
     ch.close(200, "".into()).await.unwrap();
-    let back = ch2.basic_get(q.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+    let back = ch2
+        .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
     assert!(back.redelivered);
     b.stop().await;
 }
@@ -176,30 +250,99 @@ async fn topic_headers_fanout_and_exchange_bindings() {
         declare(&ch, q).await;
     }
     let none = FieldTable::default();
-    ch.queue_bind("t1".into(), "amq.topic".into(), "*.orange.*".into(), QueueBindOptions::default(), none.clone()).await.unwrap();
-    ch.queue_bind("t2".into(), "amq.topic".into(), "lazy.#".into(), QueueBindOptions::default(), none.clone()).await.unwrap();
+    ch.queue_bind(
+        "t1".into(),
+        "amq.topic".into(),
+        "*.orange.*".into(),
+        QueueBindOptions::default(),
+        none.clone(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "t2".into(),
+        "amq.topic".into(),
+        "lazy.#".into(),
+        QueueBindOptions::default(),
+        none.clone(),
+    )
+    .await
+    .unwrap();
     let mut hargs = FieldTable::default();
-    hargs.insert("x-match".into(), AMQPValue::LongString(LongString::from("any")));
-    hargs.insert("kind".into(), AMQPValue::LongString(LongString::from("pdf")));
-    ch.queue_bind("h".into(), "amq.headers".into(), "".into(), QueueBindOptions::default(), hargs).await.unwrap();
-    ch.exchange_declare("fan".into(), lapin::ExchangeKind::Fanout, ExchangeDeclareOptions::default(), none.clone()).await.unwrap();
-    ch.exchange_bind("fan".into(), "amq.topic".into(), "#".into(), ExchangeBindOptions::default(), none.clone()).await.unwrap();
-    ch.queue_bind("f".into(), "fan".into(), "".into(), QueueBindOptions::default(), none.clone()).await.unwrap();
+    hargs.insert(
+        "x-match".into(),
+        AMQPValue::LongString(LongString::from("any")),
+    );
+    hargs.insert(
+        "kind".into(),
+        AMQPValue::LongString(LongString::from("pdf")),
+    );
+    ch.queue_bind(
+        "h".into(),
+        "amq.headers".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        hargs,
+    )
+    .await
+    .unwrap();
+    ch.exchange_declare(
+        "fan".into(),
+        lapin::ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        none.clone(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_bind(
+        "fan".into(),
+        "amq.topic".into(),
+        "#".into(),
+        ExchangeBindOptions::default(),
+        none.clone(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "f".into(),
+        "fan".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        none.clone(),
+    )
+    .await
+    .unwrap();
 
     publish(&ch, "amq.topic", "lazy.orange.elephant", b"1").await;
     publish(&ch, "amq.topic", "quick.brown.fox", b"2").await;
     let mut headers = FieldTable::default();
-    headers.insert("kind".into(), AMQPValue::LongString(LongString::from("pdf")));
-    ch.basic_publish("amq.headers".into(), "".into(), BasicPublishOptions::default(), b"3", BasicProperties::default().with_headers(headers))
-        .await
-        .unwrap();
+    headers.insert(
+        "kind".into(),
+        AMQPValue::LongString(LongString::from("pdf")),
+    );
+    ch.basic_publish(
+        "amq.headers".into(),
+        "".into(),
+        BasicPublishOptions::default(),
+        b"3",
+        BasicProperties::default().with_headers(headers),
+    )
+    .await
+    .unwrap();
     let count = |q: &'static str| {
         let ch = ch.clone();
         async move {
-            ch.queue_declare(q.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
-                .await
-                .unwrap()
-                .message_count()
+            ch.queue_declare(
+                q.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
         }
     };
     assert_eq!(count("t1").await, 1);
@@ -213,20 +356,70 @@ async fn topic_headers_fanout_and_exchange_bindings() {
 async fn auto_delete_and_exclusive_queues_go_away() {
     let b = broker().await;
     let (c, ch) = channel(&b).await;
-    ch.queue_declare("ad".into(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    ch.queue_declare(
+        "ad".into(),
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     let cons = consume(&ch, "ad", true).await;
-    ch.basic_cancel(cons.tag().as_str().into(), BasicCancelOptions::default()).await.unwrap();
-    let e = ch.queue_declare("ad".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap_err();
+    ch.basic_cancel(cons.tag().as_str().into(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    let e = ch
+        .queue_declare(
+            "ad".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), 404);
 
     let ch = c.create_channel().await.unwrap();
-    ch.queue_declare("mine".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    ch.queue_declare(
+        "mine".into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     let (c2, other) = channel(&b).await;
-    let e = other.queue_declare("mine".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap_err();
+    let e = other
+        .queue_declare(
+            "mine".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), 405);
     c.close(200, "".into()).await.unwrap();
     let ch3 = c2.create_channel().await.unwrap();
-    let e = ch3.queue_declare("mine".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap_err();
+    let e = ch3
+        .queue_declare(
+            "mine".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), 404);
     b.stop().await;
 }
@@ -238,9 +431,17 @@ async fn deleting_a_queue_cancels_its_consumers() {
     declare(&ch, "doomed").await;
     let mut cons = consume(&ch, "doomed", true).await;
     let (_c2, ch2) = channel(&b).await;
-    let n = ch2.queue_delete("doomed".into(), QueueDeleteOptions::default()).await.unwrap();
+    let n = ch2
+        .queue_delete("doomed".into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
     assert_eq!(n, 0);
-    let end = tokio::time::timeout(std::time::Duration::from_secs(5), futures_lite::StreamExt::next(&mut cons)).await.expect("cancel in time");
+    let end = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        futures_lite::StreamExt::next(&mut cons),
+    )
+    .await
+    .expect("cancel in time");
     assert!(end.is_none(), "consumer stream ends on basic.cancel");
     b.stop().await;
 }

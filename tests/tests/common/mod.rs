@@ -1,6 +1,6 @@
 //! Shared helpers: start Warren in-process on 127.0.0.1:0 and connect lapin to it.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
@@ -24,7 +24,9 @@ pub async fn broker_with(f: impl FnOnce(&mut Config)) -> Running {
 }
 
 pub async fn connect(b: &Running) -> Connection {
-    Connection::connect(&b.url(), ConnectionProperties::default()).await.expect("connect")
+    Connection::connect(&b.url(), ConnectionProperties::default())
+        .await
+        .expect("connect")
 }
 
 pub async fn channel(b: &Running) -> (Connection, Channel) {
@@ -34,19 +36,26 @@ pub async fn channel(b: &Running) -> (Connection, Channel) {
 }
 
 pub async fn declare(ch: &Channel, name: &str) -> String {
-    ch.queue_declare(name.into(), QueueDeclareOptions::default(), FieldTable::default())
-        .await
-        .expect("declare")
-        .name()
-        .as_str()
-        .to_string()
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare")
+    .name()
+    .as_str()
+    .to_string()
 }
 
 pub async fn consume(ch: &Channel, queue: &str, no_ack: bool) -> Consumer {
     ch.basic_consume(
         queue.into(),
         "".into(),
-        BasicConsumeOptions { no_ack, ..Default::default() },
+        BasicConsumeOptions {
+            no_ack,
+            ..Default::default()
+        },
         FieldTable::default(),
     )
     .await
@@ -64,7 +73,12 @@ pub async fn next(c: &mut Consumer) -> Delivery {
 
 /// Asserts nothing arrives for a short while.
 pub async fn nothing(c: &mut Consumer) {
-    assert!(tokio::time::timeout(Duration::from_millis(200), c.next()).await.is_err(), "unexpected delivery");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), c.next())
+            .await
+            .is_err(),
+        "unexpected delivery"
+    );
 }
 
 /// The AMQP reply code inside a lapin error.
