@@ -64,6 +64,17 @@ def queue_exists(connection, name):
     return True
 
 
+def get_eventually(channel, queue, auto_ack=True, timeout=WAIT):
+    """basic_get, retried until a message is there: a requeue (reject, nack,
+    recover, channel close) is asynchronous in RabbitMQ."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = channel.basic_get(queue=queue, auto_ack=auto_ack)
+        if result[0] is not None or time.monotonic() > deadline:
+            return result
+        time.sleep(0.02)
+
+
 def publish_confirmed(channel, queue, bodies):
     """Publish to the default exchange on a confirm-mode channel, so the
     messages are known to be enqueued when this returns."""
@@ -521,7 +532,7 @@ def test_requeued_message_is_redelivered(conn, confirmed, names, how):
         channel.basic_reject(delivery_tag=method.delivery_tag, requeue=True)
     else:
         channel.basic_nack(delivery_tag=method.delivery_tag, requeue=True)
-    method2, _, body2 = channel.basic_get(queue=q, auto_ack=True)
+    method2, _, body2 = get_eventually(channel, q)
     assert body2 == b"again"
     assert method2.redelivered is True
 
@@ -547,9 +558,7 @@ def test_nack_multiple_requeues_all(conn, confirmed, names):
     channel = conn.channel()
     tags = [channel.basic_get(queue=q)[0].delivery_tag for _ in range(3)]
     channel.basic_nack(delivery_tag=tags[-1], multiple=True, requeue=True)
-    ok = channel.queue_declare(queue=q, passive=True)
-    assert ok.method.message_count == 3
-    got = [channel.basic_get(queue=q, auto_ack=True) for _ in range(3)]
+    got = [get_eventually(channel, q) for _ in range(3)]
     assert sorted(b for _, _, b in got) == [b"1", b"2", b"3"]
     assert all(m.redelivered for m, _, _ in got)
 
@@ -693,11 +702,8 @@ def test_tx_acks_are_transactional(conn, confirmed, names):
     # The rolled-back ack was discarded, so the message was not consumed:
     # once the channel holding it closes, it is back in the queue.
     tx.close()
-    got = []
-    assert wait_until(lambda: got.append(
-        confirmed.basic_get(queue=q, auto_ack=True)) or got[-1][0]), (
-        "message acked in a rolled-back transaction was lost")
-    m, _, body = got[-1]
+    m, _, body = get_eventually(confirmed, q)
+    assert m is not None, "message acked in a rolled-back transaction was lost"
     assert body == b"m"
     assert m.redelivered is True
 
@@ -715,7 +721,7 @@ def test_basic_recover_requeues_unacked(conn, confirmed, names):
     second, _, _ = channel.basic_get(queue=q, auto_ack=False)
     assert channel.basic_get(queue=q) == (None, None, None)
     channel.basic_recover(requeue=True)
-    again = [channel.basic_get(queue=q, auto_ack=True) for _ in range(2)]
+    again = [get_eventually(channel, q) for _ in range(2)]
     assert sorted(b for _, _, b in again) == [b"x", b"y"]
     assert all(m.redelivered for m, _, _ in again)
 
