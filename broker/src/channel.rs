@@ -187,10 +187,7 @@ impl Channel {
         }
         match frame {
             Frame::Method { class, raw, .. } => {
-                let ids = (
-                    class.get_amqp_class_id(),
-                    crate::connection::method_id(&class),
-                );
+                let ids = warren_protocol::codec::method_ids(&raw);
                 self.assembler
                     .check_method()
                     .map_err(|e| AmqpError::from(e).at(60, 40))?;

@@ -363,8 +363,10 @@ impl Conn {
                 Err(AmqpError::unexpected_frame("type 8, all octets = <<>>"))
             }
             Frame::Method {
-                channel: 0, class, ..
-            } => self.handle_connection_method(class),
+                channel: 0,
+                class,
+                raw,
+            } => self.handle_connection_method(class, &raw),
             Frame::Method { channel: _, .. } | Frame::Header { .. } | Frame::Body { .. }
                 if self.phase != Phase::Running =>
             {
@@ -382,9 +384,9 @@ impl Conn {
         }
     }
 
-    fn handle_connection_method(&mut self, class: AMQPClass) -> AmqpResult<Flow> {
+    fn handle_connection_method(&mut self, class: AMQPClass, raw: &[u8]) -> AmqpResult<Flow> {
         use connection::AMQPMethod as M;
-        let ids = (class.get_amqp_class_id(), method_id(&class));
+        let ids = warren_protocol::codec::method_ids(raw);
         let AMQPClass::Connection(m) = class else {
             return Err(AmqpError::channel_error(format!(
                 "unexpected method in connection state {}",
@@ -612,18 +614,8 @@ impl Conn {
 
 fn frame_ids(frame: &Frame) -> (u16, u16) {
     match frame {
-        Frame::Method { class, .. } => (class.get_amqp_class_id(), method_id(class)),
+        Frame::Method { raw, .. } => warren_protocol::codec::method_ids(raw),
         _ => (0, 0),
-    }
-}
-
-/// The method id of a method, read from its encoding (amq-protocol keeps it per method struct).
-pub fn method_id(class: &AMQPClass) -> u16 {
-    let mut v = Vec::new();
-    if warren_protocol::encode::encode_frame(&mut v, 0, class).is_ok() && v.len() >= 11 {
-        u16::from_be_bytes([v[9], v[10]])
-    } else {
-        0
     }
 }
 

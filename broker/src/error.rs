@@ -85,6 +85,12 @@ impl AmqpError {
     pub fn no_exchange(name: &str, vhost: &str) -> Self {
         Self::not_found(format!("no exchange '{name}' in vhost '{vhost}'"))
     }
+    /// 405 for an exclusive queue of another connection, or an exclusive-flag mismatch.
+    pub fn locked_queue(name: &str, vhost: &str) -> Self {
+        Self::resource_locked(format!(
+            "cannot obtain exclusive access to locked queue '{name}' in vhost '{vhost}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration."
+        ))
+    }
     pub fn precondition(text: impl Into<String>) -> Self {
         Self::new(reply::PRECONDITION_FAILED, text)
     }

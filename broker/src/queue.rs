@@ -95,10 +95,7 @@ impl Queue {
     /// 405 unless `conn_id` may use this queue.
     pub fn check_access(&self, conn_id: u64) -> AmqpResult<()> {
         if self.locked_against(conn_id) {
-            return Err(AmqpError::resource_locked(format!(
-                "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
-                self.spec.name, self.vhost
-            )));
+            return Err(AmqpError::locked_queue(&self.spec.name, &self.vhost));
         }
         Ok(())
     }

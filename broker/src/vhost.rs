@@ -109,6 +109,15 @@ impl VHost {
             .cloned()
     }
 
+    fn all_exchanges(&self) -> Vec<Arc<Exchange>> {
+        self.exchanges
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     pub fn queue_names(&self) -> Vec<String> {
         self.queues
             .read()
@@ -262,13 +271,7 @@ impl VHost {
 
     fn is_exchange_destination(&self, x: &Arc<Exchange>) -> bool {
         let dest = Destination::Exchange(x.clone());
-        let all: Vec<_> = self
-            .exchanges
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let all = self.all_exchanges();
         all.iter()
             .any(|s| s.bindings().iter().any(|b| b.destination == dest))
     }
@@ -279,13 +282,7 @@ impl VHost {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&x.name);
         let dest = Destination::Exchange(x.clone());
-        let all: Vec<_> = self
-            .exchanges
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let all = self.all_exchanges();
         for s in all {
             if s.unbind_all_to(&dest) > 0 {
                 self.maybe_auto_delete_locked(&s)?;
@@ -339,10 +336,7 @@ impl VHost {
                 };
                 let exclusive = q.spec.exclusive_owner.is_some();
                 if exclusive != d.exclusive {
-                    return Err(AmqpError::resource_locked(format!(
-                        "cannot obtain exclusive access to locked queue '{name}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
-                        self.name
-                    )));
+                    return Err(AmqpError::locked_queue(&name, &self.name));
                 }
                 // An exclusive queue's durable flag is ignored (it is never durable).
                 if !exclusive && q.spec.durable != d.durable {
@@ -449,13 +443,7 @@ impl VHost {
         }
         let (n, consumers) = q.mark_deleted();
         let dest = Destination::Queue(q.clone());
-        let all: Vec<_> = self
-            .exchanges
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let all = self.all_exchanges();
         for x in all {
             if x.unbind_all_to(&dest) > 0 {
                 self.maybe_auto_delete_locked(&x)?;

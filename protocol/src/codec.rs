@@ -212,17 +212,19 @@ fn frame_max_or_unlimited(frame_max: u32) -> usize {
     }
 }
 
+/// (class id, method id) of a method frame's payload.
+pub fn method_ids(raw: &[u8]) -> (u16, u16) {
+    if raw.len() >= 4 {
+        (
+            u16::from_be_bytes([raw[0], raw[1]]),
+            u16::from_be_bytes([raw[2], raw[3]]),
+        )
+    } else {
+        (0, 0)
+    }
+}
+
 fn decode_method(channel: u16, raw: Bytes) -> Result<Frame, DecodeError> {
-    let ids = |raw: &[u8]| {
-        if raw.len() >= 4 {
-            (
-                u16::from_be_bytes([raw[0], raw[1]]),
-                u16::from_be_bytes([raw[2], raw[3]]),
-            )
-        } else {
-            (0, 0)
-        }
-    };
     match parse_class(&raw[..]) {
         Ok((_, class)) => Ok(Frame::Method {
             channel,
@@ -230,7 +232,7 @@ fn decode_method(channel: u16, raw: Bytes) -> Result<Frame, DecodeError> {
             raw,
         }),
         Err(_) => {
-            let (class_id, method_id) = ids(&raw);
+            let (class_id, method_id) = method_ids(&raw);
             if raw.len() >= 4 && !is_known_method(class_id, method_id) {
                 Err(DecodeError::UnknownMethod {
                     class_id,
