@@ -113,7 +113,12 @@ async fn qos_prefetch_size_closes_the_connection_with_540() {
         .await
         .unwrap_err();
     assert_eq!(code(&e), 540);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..100 {
+        if !c.status().connected() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(!c.status().connected());
     b.stop().await;
 }
@@ -348,4 +353,58 @@ async fn shutdown_closes_connections_with_320() {
         .unwrap()
         .unwrap();
     assert!(!c.status().connected());
+}
+
+#[tokio::test]
+async fn unknown_delivery_tag_is_406_on_the_channel() {
+    use warren_protocol::{
+        codec::{Decoder, Frame},
+        encode::encode_frame,
+        protocol::{basic, channel, AMQPClass},
+    };
+    let b = broker().await;
+    let mut s = handshake(&b).await;
+    let mut v = Vec::new();
+    encode_frame(
+        &mut v,
+        1,
+        &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .unwrap();
+    encode_frame(
+        &mut v,
+        1,
+        &AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag: 99,
+            multiple: false,
+        })),
+    )
+    .unwrap();
+    s.write_all(&v).await.unwrap();
+    let d = Decoder::new(0);
+    let mut buf = bytes::BytesMut::new();
+    let close = loop {
+        if let Some(f) = d.decode(&mut buf).unwrap() {
+            if let Frame::Method {
+                class: AMQPClass::Channel(channel::AMQPMethod::Close(c)),
+                ..
+            } = f
+            {
+                break c;
+            }
+            continue;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+    };
+    assert_eq!(close.reply_code, 406);
+    assert_eq!(
+        close.reply_text.as_str(),
+        "PRECONDITION_FAILED - unknown delivery tag 99"
+    );
+    assert_eq!((close.class_id, close.method_id), (60, 80));
+    b.stop().await;
 }

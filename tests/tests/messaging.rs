@@ -139,20 +139,6 @@ async fn unacked_are_requeued_when_the_channel_closes() {
 }
 
 #[tokio::test]
-async fn unknown_delivery_tag_is_406() {
-    let b = broker().await;
-    let (_c, ch) = channel(&b).await;
-    ch.basic_ack(99, BasicAckOptions::default()).await.unwrap();
-    let e = ch
-        .basic_qos(1, BasicQosOptions::default())
-        .await
-        .unwrap_err();
-    assert_eq!(code(&e), 406);
-    assert_eq!(text(&e), "PRECONDITION_FAILED - unknown delivery tag 99");
-    b.stop().await;
-}
-
-#[tokio::test]
 async fn confirms_and_mandatory_returns() {
     let b = broker().await;
     let (_c, ch) = channel(&b).await;
