@@ -143,10 +143,7 @@ async fn wrong_protocol_header_is_answered_with_ours() {
 
 /// Reads frames until a connection.close arrives; returns its reply code.
 async fn read_until_close(s: &mut TcpStream) -> (u16, String) {
-    use warren_protocol::{
-        codec::{Decoder, Frame},
-        protocol::{connection, AMQPClass},
-    };
+    use warren_protocol::protocol::{connection, AMQPClass};
     let d = Decoder::new(0);
     let mut buf = bytes::BytesMut::new();
     loop {
@@ -164,6 +161,29 @@ async fn read_until_close(s: &mut TcpStream) -> (u16, String) {
             .unwrap()
             .unwrap();
         assert!(n > 0, "socket closed before connection.close");
+    }
+}
+
+/// Reads frames until a channel.close arrives.
+async fn read_until_channel_close(s: &mut TcpStream) -> warren_protocol::protocol::channel::Close {
+    use warren_protocol::protocol::{channel, AMQPClass};
+    let d = Decoder::new(0);
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        while let Some(f) = d.decode(&mut buf).unwrap() {
+            if let Frame::Method {
+                class: AMQPClass::Channel(channel::AMQPMethod::Close(c)),
+                ..
+            } = f
+            {
+                return c;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "socket closed before channel.close");
     }
 }
 
@@ -290,26 +310,7 @@ async fn message_over_max_size_is_406_and_never_buffered() {
     v.extend_from_slice(&header);
     v.push(0xCE);
     s.write_all(&v).await.unwrap();
-    use warren_protocol::codec::{Decoder, Frame};
-    let d = Decoder::new(0);
-    let mut buf = bytes::BytesMut::new();
-    let close = loop {
-        if let Some(f) = d.decode(&mut buf).unwrap() {
-            if let Frame::Method {
-                class: AMQPClass::Channel(channel::AMQPMethod::Close(c)),
-                ..
-            } = f
-            {
-                break c;
-            }
-            continue;
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0);
-    };
+    let close = read_until_channel_close(&mut s).await;
     assert_eq!(close.reply_code, 406);
     assert_eq!(
         close.reply_text.as_str(),
@@ -358,7 +359,6 @@ async fn shutdown_closes_connections_with_320() {
 #[tokio::test]
 async fn unknown_delivery_tag_is_406_on_the_channel() {
     use warren_protocol::{
-        codec::{Decoder, Frame},
         encode::encode_frame,
         protocol::{basic, channel, AMQPClass},
     };
@@ -381,25 +381,7 @@ async fn unknown_delivery_tag_is_406_on_the_channel() {
     )
     .unwrap();
     s.write_all(&v).await.unwrap();
-    let d = Decoder::new(0);
-    let mut buf = bytes::BytesMut::new();
-    let close = loop {
-        if let Some(f) = d.decode(&mut buf).unwrap() {
-            if let Frame::Method {
-                class: AMQPClass::Channel(channel::AMQPMethod::Close(c)),
-                ..
-            } = f
-            {
-                break c;
-            }
-            continue;
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0);
-    };
+    let close = read_until_channel_close(&mut s).await;
     assert_eq!(close.reply_code, 406);
     assert_eq!(
         close.reply_text.as_str(),
