@@ -11,6 +11,7 @@ use common::*;
 use lapin::{options::*, types::FieldTable, ExchangeKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use warren_protocol::codec::{Decoder, Frame};
 
 #[tokio::test]
 async fn declare_errors_carry_rabbitmq_texts() {
