@@ -7,13 +7,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
-use warren_storage::{MemoryStore, MetaStore};
+use warren_storage::StoreError;
 
 use crate::config::Config;
+use crate::persist::Persistence;
 use crate::vhost::VHost;
 
 pub struct Broker {
     pub config: Config,
+    pub persist: Arc<Persistence>,
     vhosts: HashMap<String, Arc<VHost>>,
     users: HashMap<String, String>,
     next_conn_id: AtomicU64,
@@ -30,19 +32,24 @@ pub enum LoginError {
 }
 
 impl Broker {
-    pub fn new(config: Config) -> Arc<Self> {
-        let store: Arc<dyn MetaStore> = Arc::new(MemoryStore::new());
+    /// Opens the store, recovers the durable topology (messages are read lazily) and builds
+    /// the broker.
+    pub async fn open(config: Config) -> Result<Arc<Self>, StoreError> {
+        let (persist, recovered) = Persistence::open(&config).await?;
+        let vhost = VHost::new("/", persist.clone());
+        vhost.restore(&recovered.snapshot).await?;
         let mut vhosts = HashMap::new();
-        vhosts.insert("/".to_string(), VHost::new("/", store));
+        vhosts.insert("/".to_string(), vhost);
         let mut users = HashMap::new();
         users.insert(config.default_user.clone(), config.default_pass.clone());
-        Arc::new(Broker {
+        Ok(Arc::new(Broker {
             config,
+            persist,
             vhosts,
             users,
             next_conn_id: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
-        })
+        }))
     }
 
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
@@ -82,9 +89,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn guest_only_from_loopback() {
-        let b = Broker::new(Config::for_tests());
+    #[tokio::test]
+    async fn guest_only_from_loopback() {
+        let b = Broker::open(Config::for_tests()).await.unwrap();
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         let remote: IpAddr = "10.1.2.3".parse().unwrap();
         assert_eq!(b.authenticate("guest", "guest", lo), Ok(()));
@@ -102,7 +109,7 @@ mod tests {
         );
         let mut c = Config::for_tests();
         c.loopback_users.clear();
-        let b = Broker::new(c);
+        let b = Broker::open(c).await.unwrap();
         assert_eq!(b.authenticate("guest", "guest", remote), Ok(()));
         assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abcd"));
     }

@@ -3,6 +3,7 @@
 //! transactions. The shared half (`ChannelHandle`) is what queues see. A channel error closes
 //! only this channel (`fail`); the connection decides on hard errors.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -18,7 +19,8 @@ use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::Exchange;
 use crate::message::Message;
 use crate::outbox::{Outbox, Outgoing};
-use crate::queue::{Entry, Queue, Removed};
+use crate::persist::Persistence;
+use crate::queue::{Enqueued, Entry, Queue, Removed};
 use crate::vhost::{server_name, ExchangeDeclare, QueueDeclare, VHost};
 
 /// What a channel needs from its connection.
@@ -49,16 +51,28 @@ struct Tx {
     settles: Vec<(u64, Unacked, Settle)>,
 }
 
-/// Publisher confirms: the next sequence number and the outcomes not yet sent.
+/// Publisher confirms: the next sequence number, outcomes waiting for the store, and the
+/// outcomes ready to send.
 #[derive(Default)]
 struct Confirms {
     next: u64,
-    /// (last tag of a run, ack?) runs in order, coalesced into one basic.ack/nack each.
+    /// (tag, store ticket, ack?) in tag order: sent once the ticket is committed. Confirms go
+    /// out in tag order, so a transient message's confirm may wait behind a persistent one's.
+    waiting: VecDeque<(u64, u64, bool)>,
+    /// (first tag, last tag, ack?) runs in order, coalesced into one basic.ack/nack each.
     pending: Vec<(u64, u64, bool)>,
 }
 
 impl Confirms {
-    fn settle(&mut self, tag: u64, ack: bool) {
+    fn settle(&mut self, tag: u64, ack: bool, ticket: u64, committed: u64) {
+        if ticket > committed || !self.waiting.is_empty() {
+            self.waiting.push_back((tag, ticket, ack));
+            return;
+        }
+        self.ready(tag, ack);
+    }
+
+    fn ready(&mut self, tag: u64, ack: bool) {
         if let Some(last) = self.pending.last_mut() {
             if last.2 == ack && last.1 + 1 == tag {
                 last.1 = tag;
@@ -66,6 +80,17 @@ impl Confirms {
             }
         }
         self.pending.push((tag, tag, ack));
+    }
+
+    /// Moves what the store has committed to the ready runs.
+    fn release(&mut self, committed: u64) {
+        while let Some(&(tag, ticket, ack)) = self.waiting.front() {
+            if ticket > committed {
+                break;
+            }
+            self.waiting.pop_front();
+            self.ready(tag, ack);
+        }
     }
 }
 
@@ -78,6 +103,13 @@ pub struct Channel {
     tx: Option<Tx>,
     last_queue: Option<String>,
     route_buf: Vec<Arc<Queue>>,
+    persist: Arc<Persistence>,
+    /// Some publish on this channel waited for the store (so the connection may be held
+    /// when the store falls behind).
+    pub stored_publishes: bool,
+    /// While handling a topology method: the store ticket before it, so its reply waits for
+    /// any write it made.
+    topology_mark: Option<u64>,
 }
 
 impl Channel {
@@ -91,6 +123,9 @@ impl Channel {
             tx: None,
             last_queue: None,
             route_buf: Vec::new(),
+            persist: ctx.vhost.persist.clone(),
+            stored_publishes: false,
+            topology_mark: None,
         }
     }
 
@@ -99,6 +134,13 @@ impl Channel {
     }
 
     fn reply(&self, method: AMQPClass) {
+        if let Some(mark) = self.topology_mark {
+            let last = self.persist.writer.last_ticket();
+            if last > mark {
+                // A durable change: the reply goes out once it is committed.
+                self.handle.outbox.push(Outgoing::Gate(last));
+            }
+        }
         self.handle.outbox.push(Outgoing::Method(self.id(), method));
     }
 
@@ -136,11 +178,17 @@ impl Channel {
         }
     }
 
-    /// Sends the confirms accumulated since the last call, one method per run.
+    /// Are confirms waiting for the store?
+    pub fn confirms_waiting(&self) -> bool {
+        self.confirms.as_ref().is_some_and(|c| !c.waiting.is_empty())
+    }
+
+    /// Sends the confirms that are ready (their messages committed), one method per run.
     pub fn flush_confirms(&mut self) {
         let Some(c) = self.confirms.as_mut() else {
             return;
         };
+        c.release(self.persist.writer.committed());
         if c.pending.is_empty() {
             return;
         }
@@ -260,8 +308,18 @@ impl Channel {
                     access::RequestOk {},
                 )));
             }
-            AMQPClass::Exchange(e) => self.exchange_method(vh, e)?,
-            AMQPClass::Queue(q) => self.queue_method(vh, cid, q)?,
+            AMQPClass::Exchange(e) => {
+                self.topology_mark = Some(self.persist.writer.last_ticket());
+                let r = self.exchange_method(vh, e);
+                self.topology_mark = None;
+                r?
+            }
+            AMQPClass::Queue(q) => {
+                self.topology_mark = Some(self.persist.writer.last_ticket());
+                let r = self.queue_method(vh, cid, q);
+                self.topology_mark = None;
+                r?
+            }
             AMQPClass::Basic(b) => self.basic_method(ctx, b, raw)?,
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
                 if self.tx.is_some() {
@@ -272,7 +330,7 @@ impl Channel {
                 if self.confirms.is_none() {
                     self.confirms = Some(Confirms {
                         next: 1,
-                        pending: Vec::new(),
+                        ..Confirms::default()
                     });
                 }
                 if !s.nowait {
@@ -548,6 +606,8 @@ impl Channel {
             }
             if how == Settle::Requeue {
                 requeue.push(u);
+            } else {
+                u.queue.forget(&u.entry);
             }
         }
         requeue_all(requeue);
@@ -562,13 +622,15 @@ impl Channel {
     fn published(&mut self, ctx: &ConnCtx, c: Content) -> AmqpResult<()> {
         let exchange = ctx.vhost.publish_exchange(c.publish.exchange.as_str())?;
         let mandatory = c.publish.mandatory;
-        let msg = Arc::new(Message {
-            exchange: c.publish.exchange,
-            routing_key: c.publish.routing_key,
-            properties: c.properties,
-            header: c.header,
-            body: c.body,
-        });
+        let msg = Arc::new(Message::new(
+            self.persist.next_message_id(),
+            c.publish.exchange,
+            c.publish.routing_key,
+            c.properties,
+            c.header,
+            c.body,
+            Some(self.persist.gauge.clone()),
+        ));
         if let Some(tx) = self.tx.as_mut() {
             tx.publishes.push((exchange, msg, mandatory));
             return Ok(());
@@ -577,20 +639,37 @@ impl Channel {
         Ok(())
     }
 
+    /// Routes a message to its queues; returns the store ticket its durability waits for
+    /// (0: none).
     fn route(
         &mut self,
         ctx: &ConnCtx,
         exchange: &Arc<Exchange>,
         msg: Arc<Message>,
         mandatory: bool,
-    ) {
+    ) -> u64 {
         let mut queues = std::mem::take(&mut self.route_buf);
         ctx.vhost.route(exchange, &msg, &mut queues);
         let mut delivered = false;
+        let mut ticket = 0;
+        let mut row = None;
         for q in queues.drain(..) {
-            delivered |= q.publish(msg.clone());
+            match q.publish(&msg, &mut row) {
+                Enqueued::Deleted => {}
+                Enqueued::Held => delivered = true,
+                Enqueued::Stored { ticket: t, durable } => {
+                    delivered = true;
+                    if durable {
+                        ticket = ticket.max(t);
+                    }
+                }
+            }
         }
         self.route_buf = queues;
+        if ticket > 0 {
+            self.stored_publishes = true;
+        }
+        let ticket = self.persist.confirm_ticket(ticket);
         if !delivered && mandatory {
             self.handle.outbox.push(Outgoing::Content(
                 self.id(),
@@ -606,8 +685,9 @@ impl Channel {
         if let Some(c) = self.confirms.as_mut() {
             let tag = c.next;
             c.next += 1;
-            c.settle(tag, true);
+            c.settle(tag, true, ticket, self.persist.writer.committed());
         }
+        ticket
     }
 
     fn tx_method(&mut self, ctx: &ConnCtx, t: tx::AMQPMethod) -> AmqpResult<()> {
@@ -629,10 +709,15 @@ impl Channel {
                     return Err(AmqpError::precondition("channel is not transactional"));
                 };
                 let Tx { publishes, settles } = std::mem::take(tx);
+                let mut ticket = 0;
                 for (x, msg, mandatory) in publishes {
-                    self.route(ctx, &x, msg, mandatory);
+                    ticket = ticket.max(self.route(ctx, &x, msg, mandatory));
                 }
                 self.apply_settles(settles.into_iter().map(|(_, u, how)| (u, how)));
+                if ticket > 0 {
+                    // commit-ok once the transaction's persistent messages are stored
+                    self.handle.outbox.push(Outgoing::Gate(ticket));
+                }
                 self.reply(AMQPClass::Tx(T::CommitOk(tx::CommitOk {})));
             }
             T::Rollback(_) => {

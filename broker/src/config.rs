@@ -13,21 +13,43 @@ pub struct Config {
     #[arg(long, env = "WARREN_AMQP_LISTEN", default_value = "0.0.0.0:5672")]
     pub amqp_listen: SocketAddr,
 
-    /// Directory for the broker's data (the embedded store arrives with the storage issue).
+    /// Directory for the broker's data: the embedded SQLite store (`warren.db`) lives here.
     #[arg(long, env = "WARREN_DATA_DIR", default_value = "./warren-data")]
     pub data_dir: PathBuf,
 
-    /// Storage URL: `sqlite://…` or `mysql://user:pass@host:3306/db`. Accepted and validated now;
-    /// the SQL backends arrive with the storage issue, until then metadata is held in memory.
+    /// Storage URL: `sqlite://PATH` or `mysql://user:pass@host:3306/db`. Default: SQLite in the
+    /// data directory.
     #[arg(long, env = "WARREN_STORAGE", value_parser = parse_storage_url)]
     pub storage: Option<String>,
 
-    /// Byte budget of the message cache (bytes, or with a unit: 512MiB, 2GiB). Accepted and
-    /// validated now; enforced by the cache tier (storage issue).
+    /// Memory budget for message bodies (bytes, or with a unit: 512MiB, 2GiB). A quarter is the
+    /// moka cache of stored bodies; past three quarters, new messages page out to the store.
     #[arg(long, env = "WARREN_CACHE_MEMORY", default_value = "512MiB", value_parser = parse_size)]
     pub cache_memory: u64,
 
     /// The user created at start (RabbitMQ's default_user).
+    /// When a publisher confirm is sent for a persistent message: `confirm` (after the commit
+    /// that stores it) or `periodic:<ms>` (write-behind: at once, with the store flushed every
+    /// <ms>; a crash can lose up to that window of confirmed messages).
+    #[arg(long, env = "WARREN_SYNC", default_value = "confirm", value_parser = parse_sync)]
+    pub sync: SyncMode,
+
+    /// Group commit: how long a batch gathers writes after its first one, in microseconds.
+    #[arg(long, env = "WARREN_COMMIT_INTERVAL_US", default_value_t = 1000)]
+    pub commit_interval_us: u64,
+
+    /// Group commit: most operations in one transaction.
+    #[arg(long, env = "WARREN_COMMIT_MAX_OPS", default_value_t = 10_000)]
+    pub commit_max_ops: usize,
+
+    /// Group commit: most bytes in one transaction.
+    #[arg(long, env = "WARREN_COMMIT_MAX_BYTES", default_value = "16MiB", value_parser = parse_size)]
+    pub commit_max_bytes: u64,
+
+    /// Bytes waiting for the store above which publishers are held (and sent connection.blocked).
+    #[arg(long, env = "WARREN_STORE_HOLD_BYTES", default_value = "64MiB", value_parser = parse_size)]
+    pub store_hold_bytes: u64,
+
     #[arg(long, env = "WARREN_DEFAULT_USER", default_value = "guest")]
     pub default_user: String,
 
@@ -83,12 +105,51 @@ pub struct Config {
     pub product_version: String,
 }
 
+/// When publisher confirms for persistent messages are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// After the commit that stores the message.
+    Confirm,
+    /// On enqueue; the store is flushed every this many milliseconds.
+    Periodic(u64),
+}
+
+fn parse_sync(s: &str) -> Result<SyncMode, String> {
+    if s == "confirm" {
+        return Ok(SyncMode::Confirm);
+    }
+    if let Some(ms) = s.strip_prefix("periodic:") {
+        return match ms.parse::<u64>() {
+            Ok(n) if (1..=60_000).contains(&n) => Ok(SyncMode::Periodic(n)),
+            _ => Err(format!(
+                "periodic interval must be 1..=60000 milliseconds, got '{ms}'"
+            )),
+        };
+    }
+    Err(format!(
+        "unknown sync mode '{s}': use confirm or periodic:<ms>"
+    ))
+}
+
 impl Config {
-    /// Settings for tests: loopback on an ephemeral port, defaults otherwise.
+    /// Settings for an in-process test broker: an ephemeral port and a fresh data directory.
     pub fn for_tests() -> Self {
         let mut c = Config::parse_from(["warren", "--amqp-listen", "127.0.0.1:0"]);
-        c.data_dir = std::env::temp_dir().join("warren-test");
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        c.data_dir = std::env::temp_dir().join(format!(
+            "warren-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&c.data_dir);
         c
+    }
+
+    /// The store's URL: `--storage`, or SQLite in the data directory.
+    pub fn storage_url(&self) -> String {
+        self.storage
+            .clone()
+            .unwrap_or_else(|| warren_storage::SqlStore::sqlite_url(&self.data_dir))
     }
 }
 
@@ -169,6 +230,10 @@ mod tests {
         assert!(parse_frame_max("4096").is_err());
         assert_eq!(parse_frame_max("0"), Ok(0));
         assert!(parse_storage_url("postgres://x").is_err());
+        assert_eq!(parse_sync("confirm"), Ok(SyncMode::Confirm));
+        assert_eq!(parse_sync("periodic:200"), Ok(SyncMode::Periodic(200)));
+        assert!(parse_sync("periodic:0").is_err());
+        assert!(parse_sync("always").is_err());
         assert!(parse_storage_url("mysql://u:p@h:3306/db").is_ok());
     }
 

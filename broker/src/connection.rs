@@ -109,7 +109,14 @@ async fn serve(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>, id: u64
     let frame_max = Arc::new(AtomicU32::new(warren_protocol::FRAME_MIN_SIZE));
     let heartbeat = Arc::new(AtomicU16::new(0));
     let writer = tokio::spawn(
-        write_loop(wr, outbox.clone(), frame_max.clone(), heartbeat.clone()).in_current_span(),
+        write_loop(
+            wr,
+            outbox.clone(),
+            frame_max.clone(),
+            heartbeat.clone(),
+            broker.persist.writer.clone(),
+        )
+        .in_current_span(),
     );
 
     let mut conn = Conn {
@@ -145,6 +152,8 @@ impl Conn {
     ) {
         let mut last_read = Instant::now();
         let shutdown = self.broker.shutdown.clone();
+        let store = self.broker.persist.writer.clone();
+        let mut committed = store.subscribe();
         loop {
             loop {
                 match self.decoder.decode(&mut buf) {
@@ -168,6 +177,9 @@ impl Conn {
                 }
             }
             self.flush_confirms();
+            if store.over_limit() && self.channels.values().any(|c| c.stored_publishes) {
+                self.hold_publisher(&store).await;
+            }
             if let Some(need) = self.decoder.needed(&buf) {
                 if need > buf.len() {
                     buf.reserve(need - buf.len());
@@ -201,6 +213,9 @@ impl Conn {
                         _ => warn!("handshake timed out"),
                     }
                     return;
+                }
+                _ = committed.changed(), if self.confirms_waiting() => {
+                    self.flush_confirms();
                 }
                 _ = shutdown.cancelled(), if self.phase != Phase::Closing => {
                     self.connection_error(AmqpError::new(
@@ -594,6 +609,41 @@ impl Conn {
         }
     }
 
+    fn confirms_waiting(&self) -> bool {
+        self.channels.values().any(|c| c.confirms_waiting())
+    }
+
+    /// The store is behind: stop reading this publisher's socket (TCP pushes back) until it
+    /// catches up, telling a client that understands it with connection.blocked / unblocked.
+    /// Confirms keep flowing meanwhile.
+    async fn hold_publisher(&mut self, store: &Arc<warren_storage::Writer>) {
+        let notify = self.caps.connection_blocked;
+        if notify {
+            self.send(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Blocked(connection::Blocked {
+                    reason: "low on store capacity".into(),
+                })),
+            );
+        }
+        warn!(held = store.held_bytes(), "publisher held: the store is behind");
+        let mut committed = store.subscribe();
+        loop {
+            tokio::select! {
+                _ = store.room() => break,
+                _ = committed.changed() => self.flush_confirms(),
+                _ = self.broker.shutdown.cancelled() => break,
+            }
+        }
+        if notify {
+            self.send(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Unblocked(connection::Unblocked {})),
+            );
+        }
+        info!("publisher released");
+    }
+
     /// Closes every channel: consumers cancelled, unacked deliveries requeued.
     fn shutdown_channels(&mut self) {
         if let Some(ctx) = &self.ctx {
@@ -624,6 +674,7 @@ async fn write_loop(
     outbox: Arc<Outbox>,
     frame_max: Arc<AtomicU32>,
     heartbeat: Arc<AtomicU16>,
+    store: Arc<warren_storage::Writer>,
 ) {
     let mut items = Vec::new();
     let mut batch = WriteBatch::new();
@@ -657,6 +708,17 @@ async fn write_loop(
                     .map(|_| batch.push_content(ch, &msg.header, &msg.body, fm)),
                 Outgoing::Heartbeat => {
                     batch.push_heartbeat();
+                    Ok(())
+                }
+                Outgoing::Gate(ticket) => {
+                    if store.committed() < ticket {
+                        if let Err(e) = write_batch(&mut wr, &mut batch).await {
+                            debug!(error = %e, "write failed");
+                            outbox.close();
+                            return;
+                        }
+                        store.wait(ticket).await;
+                    }
                     Ok(())
                 }
                 Outgoing::Shutdown => {

@@ -107,13 +107,13 @@ impl ChannelHandle {
     pub fn record(
         &self,
         queue: &Arc<Queue>,
-        entry: &Entry,
+        entry: Entry,
         consumer: Option<&Arc<Consumer>>,
         ack: bool,
-    ) -> Option<u64> {
+    ) -> Result<u64, Entry> {
         let mut g = self.lock();
         if g.closed {
-            return None;
+            return Err(entry);
         }
         g.next_tag += 1;
         let tag = g.next_tag;
@@ -122,12 +122,12 @@ impl ChannelHandle {
                 tag,
                 Unacked {
                     queue: queue.clone(),
-                    entry: entry.clone(),
+                    entry,
                     consumer: consumer.cloned(),
                 },
             );
         }
-        Some(tag)
+        Ok(tag)
     }
 
     /// Takes the deliveries an ack, nack or reject names. `tag == 0` with `multiple` means all.

@@ -13,6 +13,7 @@ pub mod exchange;
 pub mod headers;
 pub mod message;
 pub mod outbox;
+pub mod persist;
 pub mod queue;
 pub mod server;
 pub mod topic;

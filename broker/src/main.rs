@@ -1,5 +1,6 @@
-//! The `warren` binary: parse settings, set up logging, serve until SIGTERM or Ctrl-C, then
-//! close every connection with 320 CONNECTION_FORCED and exit 0.
+//! The `warren` binary: parse settings, set up logging, open and recover the store, serve until
+//! SIGTERM or Ctrl-C, then close every connection with 320 CONNECTION_FORCED, commit what the
+//! store writer holds and exit 0.
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -20,22 +21,19 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-        anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
-    })?;
-    if config.storage.is_some() {
-        tracing::warn!("--storage is accepted but the SQL backends are not built yet; metadata stays in memory");
-    }
     let listener = tokio::net::TcpListener::bind(config.amqp_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.amqp_listen))?;
     tracing::info!(addr = %listener.local_addr()?, "Warren {} listening for AMQP 0-9-1", env!("CARGO_PKG_VERSION"));
-    let broker = Broker::new(config);
+    let broker = Broker::open(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))?;
     let server = tokio::spawn(warren_broker::serve(listener, broker.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down: closing connections with 320 CONNECTION_FORCED");
     broker.shutdown.cancel();
     let _ = server.await;
+    broker.persist.close().await;
     tracing::info!("stopped");
     Ok(())
 }

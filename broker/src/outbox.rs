@@ -20,6 +20,8 @@ pub enum Outgoing {
     /// A content-bearing method (deliver, get-ok, return) followed by the message's content.
     Content(u16, AMQPClass, Arc<Message>),
     Heartbeat,
+    /// Write what precedes, then hold what follows until this store ticket is committed.
+    Gate(u64),
     /// Write what precedes, then close the socket and stop the writer.
     Shutdown,
 }

@@ -1,40 +1,87 @@
 //! `Queue`: one queue's messages and consumers. Each queue serialises its own state behind a
 //! `std::sync::Mutex` (held only for short, non-awaiting sections); publishers, acks and writers
 //! all call into it directly, so there is no global lock on the publish/deliver path and no queue
-//! task to hop through. Ready messages are ordered by sequence number, so a requeued message goes
-//! back to its original place. Dispatch is round-robin over consumers with credit.
+//! task to hop through. Dispatch is round-robin over consumers with credit.
+//!
+//! A queue's messages are in two parts, in sequence order:
+//! - `ready`: the head, in memory (entries in seq order, so a requeued message goes back to its
+//!   place). An entry holds its body, or only the message id when the body is stored and may be
+//!   in the cache;
+//! - `paged`: the rest, only in the store (a count and a cursor). Once anything is paged, every
+//!   newer message is paged too, so order holds. A loader task reads the next window when the head
+//!   runs low, and re-reads bodies the cache evicted.
+//!
+//! A position is written to the store (`Op::Insert`, under this queue's lock, so positions reach
+//! the writer in seq order) when the message is persistent and the queue durable, or when it
+//! is paged. Acks and drops of stored positions submit `Op::Remove`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use warren_protocol::{
     protocol::{basic, AMQPClass},
     FieldTable,
 };
+use warren_storage::{MessageRow, MessageStore, Op, QueueSummary};
 
 use crate::delivery::{ChannelHandle, Consumer, NoCredit};
 use crate::error::{AmqpError, AmqpResult};
 use crate::message::Message;
 use crate::outbox::Outgoing;
+use crate::persist::Persistence;
+
+/// Most entries a queue's head holds before new messages page out.
+const MAX_HELD: usize = 32_768;
+/// The loader reads this many entries (or `WINDOW_BYTES`) per trip...
+const WINDOW: usize = 1024;
+const WINDOW_BYTES: usize = 4 << 20;
+/// ...when the head has fewer than this left.
+const LOW_WATER: usize = 256;
+/// Head entries whose evicted bodies one trip re-reads.
+const REFILL: usize = 64;
 
 /// A message in a queue.
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub seq: u64,
-    pub msg: Arc<Message>,
+    pub id: u64,
+    /// The body, or None when it is stored (then it may be in the cache).
+    pub msg: Option<Arc<Message>>,
     pub redelivered: bool,
+    /// A position row exists (or is on its way) in the store.
+    pub stored: bool,
+}
+
+#[derive(Default)]
+struct Paged {
+    /// Messages only in the store, all with seq > cursor.
+    count: u64,
+    cursor: u64,
+    /// Seqs at or below this were committed before start (gaps allowed); above it the loader
+    /// takes only consecutive seqs.
+    sealed: u64,
+    loading: bool,
+    /// Bumped by purge and delete: a load started before is discarded.
+    epoch: u64,
 }
 
 #[derive(Default)]
 struct State {
     ready: VecDeque<Entry>,
-    ready_bytes: usize,
+    paged: Paged,
     next_seq: u64,
     consumers: Vec<Arc<Consumer>>,
     rr: usize,
     had_consumer: bool,
     deleted: bool,
+    /// Recovered: seqs at or below were delivered before the restart.
+    delivered_before: u64,
+    /// Highest delivered seq reported to the store.
+    delivered_reported: u64,
+    /// Some position of this queue was written to the store.
+    stored_any: bool,
 }
 
 /// The properties a queue was declared with.
@@ -50,6 +97,9 @@ pub struct QueueSpec {
 pub struct Queue {
     pub spec: QueueSpec,
     pub vhost: String,
+    /// The store's number for this queue.
+    pub id: i64,
+    persist: Arc<Persistence>,
     state: Mutex<State>,
 }
 
@@ -68,13 +118,65 @@ pub enum Removed {
     AutoDelete,
 }
 
+/// What publishing to a queue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// The queue was deleted meanwhile.
+    Deleted,
+    /// Held in memory only.
+    Held,
+    /// Written to the store under `ticket`; `durable` when the message must survive a restart
+    /// (a publisher confirm waits for the ticket).
+    Stored { ticket: u64, durable: bool },
+}
+
+/// Runs a store read to completion from synchronous code (basic.get on a paged queue). Needs the
+/// multi-threaded runtime; None elsewhere.
+fn block_on<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+        return None;
+    }
+    Some(tokio::task::block_in_place(|| handle.block_on(f)))
+}
+
 impl Queue {
-    pub fn new(vhost: &str, spec: QueueSpec) -> Arc<Self> {
+    pub fn new(vhost: &str, spec: QueueSpec, id: i64, persist: Arc<Persistence>) -> Arc<Self> {
         Arc::new(Queue {
             spec,
             vhost: vhost.to_string(),
+            id,
+            persist,
             state: Mutex::new(State::default()),
         })
+    }
+
+    /// A durable queue rebuilt at start: its stored messages are paged, read lazily.
+    pub fn recovered(
+        vhost: &str,
+        spec: QueueSpec,
+        id: i64,
+        persist: Arc<Persistence>,
+        summary: QueueSummary,
+        delivered_before: i64,
+    ) -> Arc<Self> {
+        let q = Queue::new(vhost, spec, id, persist);
+        {
+            let mut g = q.lock();
+            let max = summary.max_seq.max(0) as u64;
+            g.paged = Paged {
+                count: summary.count,
+                cursor: (summary.min_seq.max(1) - 1) as u64,
+                sealed: max,
+                loading: false,
+                epoch: 0,
+            };
+            g.next_seq = max.max(delivered_before.max(0) as u64);
+            g.delivered_before = delivered_before.max(0) as u64;
+            g.delivered_reported = g.delivered_before;
+            g.stored_any = summary.count > 0;
+        }
+        q
     }
 
     pub fn name(&self) -> &str {
@@ -103,29 +205,70 @@ impl Queue {
     /// (ready messages, consumers)
     pub fn counts(&self) -> (u32, u32) {
         let g = self.lock();
-        (g.ready.len() as u32, g.consumers.len() as u32)
+        let n = g.ready.len() as u64 + g.paged.count;
+        (n.min(u32::MAX as u64) as u32, g.consumers.len() as u32)
     }
 
     pub fn is_deleted(&self) -> bool {
         self.lock().deleted
     }
 
-    /// Enqueues a message and delivers what consumers can take. False if the queue was deleted.
-    pub fn publish(self: &Arc<Self>, msg: Arc<Message>) -> bool {
+    /// Did this queue ever write a position to the store?
+    pub fn stored_any(&self) -> bool {
+        self.lock().stored_any
+    }
+
+    /// Enqueues a message and delivers what consumers can take. `row` is the message's store
+    /// row, made once for all the queues it is routed to.
+    pub fn publish(
+        self: &Arc<Self>,
+        msg: &Arc<Message>,
+        row: &mut Option<Arc<MessageRow>>,
+    ) -> Enqueued {
         let mut g = self.lock();
         if g.deleted {
-            return false;
+            return Enqueued::Deleted;
         }
         g.next_seq += 1;
         let seq = g.next_seq;
-        g.ready_bytes += msg.body.len();
+        let durable = self.spec.durable && msg.is_persistent();
+        let page = g.paged.count > 0
+            || g.ready.len() >= MAX_HELD
+            || (!g.ready.is_empty() && self.persist.over_budget());
+        if page || durable {
+            let row = row.get_or_insert_with(|| Arc::new(msg.to_row())).clone();
+            let ticket = self.persist.submit(Op::Insert {
+                message: row,
+                entries: vec![(self.id, seq as i64)],
+            });
+            g.stored_any = true;
+            if page {
+                if g.paged.count == 0 {
+                    g.paged.cursor = seq - 1;
+                }
+                g.paged.count += 1;
+                self.maybe_load(&mut g);
+                return Enqueued::Stored { ticket, durable };
+            }
+            g.ready.push_back(Entry {
+                seq,
+                id: msg.id,
+                msg: Some(msg.clone()),
+                redelivered: false,
+                stored: true,
+            });
+            self.dispatch_locked(&mut g);
+            return Enqueued::Stored { ticket, durable };
+        }
         g.ready.push_back(Entry {
             seq,
-            msg,
+            id: msg.id,
+            msg: Some(msg.clone()),
             redelivered: false,
+            stored: false,
         });
         self.dispatch_locked(&mut g);
-        true
+        Enqueued::Held
     }
 
     /// Delivers to consumers with credit until the queue is empty or nobody can take more.
@@ -134,10 +277,18 @@ impl Queue {
         self.dispatch_locked(&mut g);
     }
 
+    /// The head entry's body, from the entry or the cache.
+    fn body(&self, e: &Entry) -> Option<Arc<Message>> {
+        e.msg.clone().or_else(|| self.persist.cache.get(&e.id))
+    }
+
     fn dispatch_locked(self: &Arc<Self>, g: &mut State) {
         let n = g.consumers.len();
         let mut refused = 0;
         while refused < n && !g.ready.is_empty() {
+            let Some(msg) = g.ready.front().and_then(|e| self.body(e)) else {
+                break; // the loader brings the body back
+            };
             let idx = g.rr % n;
             let consumer = g.consumers[idx].clone();
             match consumer.reserve() {
@@ -145,16 +296,17 @@ impl Queue {
                     let Some(entry) = g.ready.pop_front() else {
                         break;
                     };
-                    g.ready_bytes -= entry.msg.body.len();
-                    if self.deliver(&consumer, &entry) {
-                        g.rr = idx + 1;
-                        refused = 0;
-                    } else {
-                        consumer.unreserve();
-                        g.ready_bytes += entry.msg.body.len();
-                        g.ready.push_front(entry);
-                        g.rr = idx + 1;
-                        refused += 1;
+                    match self.deliver(g, &consumer, entry, msg) {
+                        Ok(()) => {
+                            g.rr = idx + 1;
+                            refused = 0;
+                        }
+                        Err(entry) => {
+                            consumer.unreserve();
+                            g.ready.push_front(entry);
+                            g.rr = idx + 1;
+                            refused += 1;
+                        }
                     }
                 }
                 Err(NoCredit::Outbox) => {
@@ -171,51 +323,135 @@ impl Queue {
         if n > 0 {
             g.rr %= n;
         }
+        self.maybe_load(g);
     }
 
-    /// Sends one message to a consumer; false if its channel has closed.
-    fn deliver(self: &Arc<Self>, consumer: &Arc<Consumer>, entry: &Entry) -> bool {
+    /// What a delivered entry keeps: a stored one gives its body to the cache.
+    fn delivered(&self, g: &mut State, mut entry: Entry, msg: &Arc<Message>, ack: bool) -> Entry {
+        if entry.stored {
+            if self.spec.durable && entry.seq > g.delivered_reported {
+                g.delivered_reported = entry.seq;
+                self.persist.submit(Op::Delivered {
+                    queue_id: self.id,
+                    seq: entry.seq as i64,
+                });
+            }
+            if ack {
+                self.persist.cache_body(msg);
+                entry.msg = None;
+            } else {
+                self.forget(&entry);
+            }
+        }
+        entry
+    }
+
+    /// Sends one message to a consumer; gives the entry back if its channel has closed.
+    fn deliver(
+        self: &Arc<Self>,
+        g: &mut State,
+        consumer: &Arc<Consumer>,
+        entry: Entry,
+        msg: Arc<Message>,
+    ) -> Result<(), Entry> {
         let ch = &consumer.channel;
-        let Some(tag) = ch.record(self, entry, Some(consumer), !consumer.no_ack) else {
-            return false;
+        let redelivered = entry.redelivered;
+        let kept = entry.clone();
+        let to_record = self.delivered(g, entry, &msg, !consumer.no_ack);
+        let tag = match ch.record(self, to_record, Some(consumer), !consumer.no_ack) {
+            Ok(tag) => tag,
+            Err(_) => {
+                if consumer.no_ack && kept.stored {
+                    // forgotten above: write the position back
+                    self.restore_position(&kept, &msg, &mut None);
+                }
+                return Err(kept);
+            }
         };
         ch.outbox.push(Outgoing::Content(
             ch.id,
             AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
                 consumer_tag: consumer.tag.clone(),
                 delivery_tag: tag,
-                redelivered: entry.redelivered,
-                exchange: entry.msg.exchange.clone(),
-                routing_key: entry.msg.routing_key.clone(),
+                redelivered,
+                exchange: msg.exchange.clone(),
+                routing_key: msg.routing_key.clone(),
             })),
-            entry.msg.clone(),
+            msg,
         ));
-        true
+        Ok(())
     }
 
-    /// basic.get: takes the head message for `channel`, or None when empty.
+    /// Re-submits a stored position that was forgotten too early.
+    fn restore_position(
+        &self,
+        e: &Entry,
+        msg: &Arc<Message>,
+        row: &mut Option<Arc<MessageRow>>,
+    ) {
+        let row = row.get_or_insert_with(|| Arc::new(msg.to_row())).clone();
+        self.persist.submit(Op::Insert {
+            message: row,
+            entries: vec![(self.id, e.seq as i64)],
+        });
+    }
+
+    /// The entry is gone for good (acked, dropped): its stored position goes too.
+    pub fn forget(&self, e: &Entry) {
+        if e.stored {
+            self.persist.submit(Op::Remove {
+                queue_id: self.id,
+                seq: e.seq as i64,
+                message_id: e.id as i64,
+            });
+        }
+    }
+
+    /// basic.get: takes the head message for `channel`; None when empty.
     pub fn get(self: &Arc<Self>, channel: &Arc<ChannelHandle>, no_ack: bool) -> Option<bool> {
-        let mut g = self.lock();
-        let entry = g.ready.pop_front()?;
-        g.ready_bytes -= entry.msg.body.len();
-        let remaining = g.ready.len() as u32;
-        let Some(tag) = channel.record(self, &entry, None, !no_ack) else {
-            g.ready_bytes += entry.msg.body.len();
-            g.ready.push_front(entry);
-            return Some(false);
-        };
-        channel.outbox.push(Outgoing::Content(
-            channel.id,
-            AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
-                delivery_tag: tag,
-                redelivered: entry.redelivered,
-                exchange: entry.msg.exchange.clone(),
-                routing_key: entry.msg.routing_key.clone(),
-                message_count: remaining,
-            })),
-            entry.msg.clone(),
-        ));
-        Some(true)
+        for _ in 0..3 {
+            let mut g = self.lock();
+            let head = g.ready.front().map(|e| self.body(e));
+            match head {
+                Some(Some(msg)) => {
+                    let entry = g.ready.pop_front()?;
+                    let remaining = (g.ready.len() as u64 + g.paged.count) as u32;
+                    let redelivered = entry.redelivered;
+                    let kept = entry.clone();
+                    let to_record = self.delivered(&mut *g, entry, &msg, !no_ack);
+                    let Ok(tag) = channel.record(self, to_record, None, !no_ack) else {
+                        if no_ack && kept.stored {
+                            self.restore_position(&kept, &msg, &mut None);
+                        }
+                        g.ready.push_front(kept);
+                        return Some(false);
+                    };
+                    channel.outbox.push(Outgoing::Content(
+                        channel.id,
+                        AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
+                            delivery_tag: tag,
+                            redelivered,
+                            exchange: msg.exchange.clone(),
+                            routing_key: msg.routing_key.clone(),
+                            message_count: remaining,
+                        })),
+                        msg,
+                    ));
+                    self.maybe_load(&mut g);
+                    return Some(true);
+                }
+                None if g.paged.count == 0 => return None,
+                _ => {}
+            }
+            // The head is in the store: read it now.
+            let job = self.load_job(&mut g, true);
+            drop(g);
+            if block_on(self.clone().load(job)).is_none() {
+                tracing::warn!(queue = self.name(), "basic.get on a paged queue needs the multi-threaded runtime");
+                return None;
+            }
+        }
+        None
     }
 
     /// Puts messages back in their original places, marked redelivered, and re-dispatches.
@@ -226,7 +462,6 @@ impl Queue {
         }
         for mut e in entries {
             e.redelivered = true;
-            g.ready_bytes += e.msg.body.len();
             let pos = g.ready.partition_point(|x| x.seq < e.seq);
             g.ready.insert(pos, e);
         }
@@ -271,27 +506,39 @@ impl Queue {
         }
     }
 
-    /// Drops every ready message; returns how many.
+    /// Drops every ready message; returns how many. Deliveries not yet acked stay.
     pub fn purge(&self) -> u32 {
         let mut g = self.lock();
-        let n = g.ready.len() as u32;
-        g.ready.clear();
-        g.ready_bytes = 0;
-        n
+        let n = g.ready.len() as u64 + g.paged.count;
+        let ready = std::mem::take(&mut g.ready);
+        for e in &ready {
+            self.forget(e);
+        }
+        if g.paged.count > 0 {
+            self.persist.submit(Op::Purge {
+                queue_id: self.id,
+                after_seq: g.paged.cursor as i64,
+            });
+        }
+        g.paged.count = 0;
+        g.paged.epoch += 1;
+        n.min(u32::MAX as u64) as u32
     }
 
     /// Marks the queue deleted: returns its ready count and its consumers (to be cancelled).
+    /// The caller deletes its stored rows (`Op::DeleteQueue`).
     pub fn mark_deleted(&self) -> (u32, Vec<Arc<Consumer>>) {
         let mut g = self.lock();
         g.deleted = true;
-        let n = g.ready.len() as u32;
+        let n = g.ready.len() as u64 + g.paged.count;
         g.ready.clear();
-        g.ready_bytes = 0;
+        g.paged.count = 0;
+        g.paged.epoch += 1;
         let consumers = std::mem::take(&mut g.consumers);
         for c in &consumers {
             c.active.store(false, Ordering::Release);
         }
-        (n, consumers)
+        (n.min(u32::MAX as u64) as u32, consumers)
     }
 
     /// Cancels a deleted queue's consumers on their channels.
@@ -300,4 +547,151 @@ impl Queue {
             c.channel.server_cancel(&c.tag);
         }
     }
+
+    /// Starts the loader when the head runs low on a paged queue or needs evicted bodies back.
+    fn maybe_load(self: &Arc<Self>, g: &mut State) {
+        if g.loading_blocked() {
+            return;
+        }
+        let want_page = g.paged.count > 0 && g.ready.len() < LOW_WATER;
+        let want_bodies = g
+            .ready
+            .iter()
+            .take(REFILL)
+            .any(|e| e.msg.is_none() && !self.persist.cache.contains_key(&e.id));
+        if !want_page && !want_bodies {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let job = self.load_job(g, want_page);
+        g.paged.loading = true;
+        let q = self.clone();
+        rt.spawn(async move {
+            if q.clone().load(job).await.is_err() {
+                // The store failed: try again in a while, not in a hot loop.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let mut g = q.lock();
+            g.paged.loading = false;
+            q.dispatch_locked(&mut g);
+        });
+    }
+
+    fn load_job(&self, g: &mut State, want_page: bool) -> LoadJob {
+        LoadJob {
+            ticket: self.persist.writer.last_ticket(),
+            epoch: g.paged.epoch,
+            cursor: g.paged.cursor,
+            page: want_page && g.paged.count > 0,
+            missing: g
+                .ready
+                .iter()
+                .take(REFILL)
+                .filter(|e| e.msg.is_none() && !self.persist.cache.contains_key(&e.id))
+                .map(|e| e.id)
+                .collect(),
+        }
+    }
+
+    /// Reads what `job` names from the store into the head. Err if the store failed.
+    async fn load(self: Arc<Self>, job: LoadJob) -> Result<(), ()> {
+        let p = self.persist.clone();
+        p.writer.wait(job.ticket).await;
+        let mut bodies = Vec::new();
+        for id in &job.missing {
+            match p.store.read_message(*id as i64).await {
+                Ok(Some(row)) => match Message::from_row(row, Some(p.gauge.clone())) {
+                    Some(m) => bodies.push(Arc::new(m)),
+                    None => tracing::error!(queue = self.name(), id, "stored header unreadable"),
+                },
+                Ok(None) => tracing::error!(queue = self.name(), id, "stored message missing"),
+                Err(e) => {
+                    tracing::warn!(queue = self.name(), error = %e, "store read failed");
+                    return Err(());
+                }
+            }
+        }
+        let rows = if job.page {
+            match p.store.read_queue(self.id, job.cursor as i64, WINDOW, WINDOW_BYTES).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(queue = self.name(), error = %e, "store read failed");
+                    return Err(());
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let mut g = self.lock();
+        if g.deleted || g.paged.epoch != job.epoch {
+            return Ok(());
+        }
+        for m in bodies {
+            for e in g.ready.iter_mut().filter(|e| e.id == m.id && e.msg.is_none()) {
+                e.msg = Some(m.clone());
+            }
+        }
+        // A missing body that could not be read back is dropped rather than wedging the head.
+        let unreadable: Vec<u64> = job
+            .missing
+            .iter()
+            .copied()
+            .filter(|id| g.ready.iter().any(|e| e.id == *id && e.msg.is_none()))
+            .filter(|id| !p.cache.contains_key(id))
+            .collect();
+        if !unreadable.is_empty() {
+            g.ready.retain(|e| !(e.msg.is_none() && unreadable.contains(&e.id)));
+        }
+        if job.page && rows.is_empty() && g.paged.count > 0 && g.paged.cursor == job.cursor {
+            tracing::error!(
+                queue = self.name(),
+                count = g.paged.count,
+                "the store holds none of this queue's paged messages; dropping the count"
+            );
+            g.paged.count = 0;
+        }
+        for row in rows {
+            let seq = row.seq as u64;
+            if seq <= g.paged.cursor || g.paged.count == 0 {
+                continue;
+            }
+            if seq > g.paged.sealed && seq != g.paged.cursor + 1 {
+                break; // not committed yet: the next trip takes it
+            }
+            let Some(m) = Message::from_row(row.message, Some(p.gauge.clone())) else {
+                tracing::error!(queue = self.name(), seq, "stored header unreadable; skipped");
+                g.paged.cursor = seq;
+                g.paged.count -= 1;
+                continue;
+            };
+            let redelivered = seq <= g.delivered_before;
+            g.ready.push_back(Entry {
+                seq,
+                id: m.id,
+                msg: Some(Arc::new(m)),
+                redelivered,
+                stored: true,
+            });
+            g.paged.cursor = seq;
+            g.paged.count -= 1;
+        }
+        Ok(())
+    }
+}
+
+impl State {
+    fn loading_blocked(&self) -> bool {
+        self.paged.loading || self.deleted
+    }
+}
+
+/// One loader trip: wait for `ticket`, re-read `missing` bodies, and read a page after `cursor`.
+struct LoadJob {
+    ticket: u64,
+    epoch: u64,
+    cursor: u64,
+    page: bool,
+    missing: Vec<u64>,
 }

@@ -51,6 +51,12 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>) {
     tracker.wait().await;
 }
 
+/// Serves until shutdown, then commits what the store writer holds and closes the store.
+async fn serve_and_close(listener: TcpListener, broker: Arc<Broker>) {
+    serve(listener, broker.clone()).await;
+    broker.persist.close().await;
+}
+
 /// A broker running in-process (for tests and embedding): its address and a handle to stop it.
 pub struct Running {
     pub addr: std::net::SocketAddr,
@@ -75,7 +81,9 @@ impl Running {
 pub async fn start(config: Config) -> std::io::Result<Running> {
     let listener = TcpListener::bind(config.amqp_listen).await?;
     let addr = listener.local_addr()?;
-    let broker = Broker::new(config);
-    let task = tokio::spawn(serve(listener, broker.clone()));
+    let broker = Broker::open(config)
+        .await
+        .map_err(|e| std::io::Error::other(format!("cannot open the store: {e}")))?;
+    let task = tokio::spawn(serve_and_close(listener, broker.clone()));
     Ok(Running { addr, broker, task })
 }

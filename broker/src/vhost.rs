@@ -2,14 +2,14 @@
 //! (declare, delete, bind, unbind, purge) with RabbitMQ's checks and texts. The exchange and queue
 //! maps are `std::sync::RwLock`s read by every publish; topology changes are serialised by the
 //! `admin` mutex so that, for example, a bind cannot race the deletion of its queue. No lock here
-//! is held across `.await`. Durable entities are written through to the `MetaStore`.
+//! is held across `.await`. Durable entities are written through to the store (`Persistence`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
 use warren_protocol::{types::generation::gen_field_table, FieldTable};
-use warren_storage::{BindingRecord, DestinationKind, ExchangeRecord, MetaStore, QueueRecord};
+use warren_storage::{BindingRecord, DestinationKind, ExchangeRecord, MessageStore, QueueRecord};
 
 use crate::args;
 use crate::delivery::Consumer;
@@ -17,6 +17,7 @@ use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::{Destination, Exchange, ExchangeKind};
 use crate::headers;
 use crate::message::Message;
+use crate::persist::Persistence;
 use crate::queue::{Queue, QueueSpec};
 
 /// An exchange.declare, decoded.
@@ -47,7 +48,7 @@ pub struct VHost {
     exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
     admin: Mutex<()>,
-    store: Arc<dyn MetaStore>,
+    pub persist: Arc<Persistence>,
 }
 
 const BUILTIN: &[(&str, ExchangeKind)] = &[
@@ -66,12 +67,25 @@ fn encode_table(t: &FieldTable) -> Bytes {
     }
 }
 
+fn decode_table(b: &[u8]) -> FieldTable {
+    if b.is_empty() {
+        return FieldTable::default();
+    }
+    match warren_protocol::types::parsing::parse_field_table(b) {
+        Ok((_, t)) => t,
+        Err(_) => {
+            tracing::error!("stored argument table unreadable; using an empty one");
+            FieldTable::default()
+        }
+    }
+}
+
 fn reserved(name: &str) -> bool {
     name.starts_with("amq.")
 }
 
 impl VHost {
-    pub fn new(name: &str, store: Arc<dyn MetaStore>) -> Arc<Self> {
+    pub fn new(name: &str, persist: Arc<Persistence>) -> Arc<Self> {
         let mut exchanges = HashMap::new();
         for (n, k) in BUILTIN {
             exchanges.insert(
@@ -84,7 +98,7 @@ impl VHost {
             exchanges: RwLock::new(exchanges),
             queues: RwLock::new(HashMap::new()),
             admin: Mutex::new(()),
-            store,
+            persist,
         })
     }
 
@@ -228,14 +242,14 @@ impl VHost {
             d.arguments.clone(),
         );
         if d.durable {
-            self.store.put_exchange(&ExchangeRecord {
+            self.persist.put_exchange(ExchangeRecord {
                 vhost: self.name.clone(),
                 name: d.name.clone(),
                 kind: kind.as_str().to_string(),
                 auto_delete: d.auto_delete,
                 internal: d.internal,
                 arguments: encode_table(&d.arguments),
-            })?;
+            });
         }
         self.exchanges
             .write()
@@ -295,7 +309,7 @@ impl VHost {
             x.unbind(&b.destination, &b.routing_key, &b.arguments);
         }
         if x.durable {
-            self.store.delete_exchange(&self.name, &x.name)?;
+            self.persist.delete_exchange(&self.name, &x.name);
         }
         Ok(())
     }
@@ -363,6 +377,7 @@ impl VHost {
         }
         args::validate_queue_args(&name, &self.name, &d.arguments)?;
         let durable = d.durable && !d.exclusive;
+        let id = self.persist.next_queue_id();
         let q = Queue::new(
             &self.name,
             QueueSpec {
@@ -372,14 +387,18 @@ impl VHost {
                 auto_delete: d.auto_delete,
                 arguments: d.arguments.clone(),
             },
+            id,
+            self.persist.clone(),
         );
         if durable {
-            self.store.put_queue(&QueueRecord {
+            self.persist.put_queue(QueueRecord {
+                id,
                 vhost: self.name.clone(),
                 name: name.clone(),
                 auto_delete: d.auto_delete,
                 arguments: encode_table(&d.arguments),
-            })?;
+                delivered_seq: 0,
+            });
         }
         self.queues
             .write()
@@ -449,8 +468,8 @@ impl VHost {
                 self.maybe_auto_delete_locked(&x)?;
             }
         }
-        if q.spec.durable {
-            self.store.delete_queue(&self.name, q.name())?;
+        if q.spec.durable || q.stored_any() {
+            self.persist.delete_queue(q.id, &self.name, q.name());
         }
         Ok((n, consumers))
     }
@@ -507,13 +526,13 @@ impl VHost {
         let x = self.exchange_or_404(exchange)?;
         self.check_binding_args(&x, a)?;
         if x.bind(Destination::Queue(q.clone()), key, a.clone()) && x.durable && q.spec.durable {
-            self.store.put_binding(&self.binding_record(
+            self.persist.put_binding(self.binding_record(
                 exchange,
                 queue,
                 DestinationKind::Queue,
                 key,
                 a,
-            ))?;
+            ));
         }
         Ok(())
     }
@@ -532,13 +551,13 @@ impl VHost {
         let x = self.exchange_or_404(exchange)?;
         if x.unbind(&Destination::Queue(q.clone()), key, a) {
             if x.durable && q.spec.durable {
-                self.store.delete_binding(&self.binding_record(
+                self.persist.delete_binding(self.binding_record(
                     exchange,
                     queue,
                     DestinationKind::Queue,
                     key,
                     a,
-                ))?;
+                ));
             }
             self.maybe_auto_delete_locked(&x)?;
         }
@@ -559,13 +578,13 @@ impl VHost {
         let s = self.exchange_or_404(source)?;
         self.check_binding_args(&s, a)?;
         if s.bind(Destination::Exchange(d.clone()), key, a.clone()) && s.durable && d.durable {
-            self.store.put_binding(&self.binding_record(
+            self.persist.put_binding(self.binding_record(
                 source,
                 destination,
                 DestinationKind::Exchange,
                 key,
                 a,
-            ))?;
+            ));
         }
         Ok(())
     }
@@ -584,13 +603,13 @@ impl VHost {
         let s = self.exchange_or_404(source)?;
         if s.unbind(&Destination::Exchange(d.clone()), key, a) {
             if s.durable && d.durable {
-                self.store.delete_binding(&self.binding_record(
+                self.persist.delete_binding(self.binding_record(
                     source,
                     destination,
                     DestinationKind::Exchange,
                     key,
                     a,
-                ))?;
+                ));
             }
             self.maybe_auto_delete_locked(&s)?;
         }
@@ -647,6 +666,56 @@ impl VHost {
         routed
     }
 
+    /// Rebuilds this vhost's durable exchanges, queues (their messages paged, read lazily) and
+    /// bindings from what the store recovered.
+    pub async fn restore(&self, snap: &warren_storage::Snapshot) -> Result<(), warren_storage::StoreError> {
+        for r in snap.exchanges.iter().filter(|r| r.vhost == self.name) {
+            let Some(kind) = ExchangeKind::parse(&r.kind) else {
+                tracing::error!(exchange = %r.name, kind = %r.kind, "stored exchange of unknown type skipped");
+                continue;
+            };
+            let x = Exchange::new(&r.name, kind, true, r.auto_delete, r.internal, decode_table(&r.arguments));
+            self.exchanges
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(r.name.clone(), x);
+        }
+        for r in snap.queues.iter().filter(|r| r.vhost == self.name) {
+            let summary = self.persist.store.queue_summary(r.id).await?;
+            let q = Queue::recovered(
+                &self.name,
+                QueueSpec {
+                    name: r.name.clone(),
+                    durable: true,
+                    exclusive_owner: None,
+                    auto_delete: r.auto_delete,
+                    arguments: decode_table(&r.arguments),
+                },
+                r.id,
+                self.persist.clone(),
+                summary,
+                r.delivered_seq,
+            );
+            self.queues
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(r.name.clone(), q);
+        }
+        for b in snap.bindings.iter().filter(|b| b.vhost == self.name) {
+            let Some(x) = self.exchange(&b.source) else {
+                continue;
+            };
+            let dest = match b.destination_kind {
+                DestinationKind::Queue => self.queue(&b.destination).map(Destination::Queue),
+                DestinationKind::Exchange => self.exchange(&b.destination).map(Destination::Exchange),
+            };
+            if let Some(dest) = dest {
+                x.bind(dest, &b.routing_key, decode_table(&b.arguments));
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes the exclusive queues `conn_id` owns (its connection closed).
     pub fn drop_exclusive(&self, conn_id: u64) {
         let owned: Vec<_> = self
@@ -681,10 +750,12 @@ pub fn server_name(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use warren_storage::MemoryStore;
+    use crate::config::Config;
+    use crate::persist::Persistence;
 
-    fn vh() -> Arc<VHost> {
-        VHost::new("/", Arc::new(MemoryStore::new()))
+    async fn vh() -> Arc<VHost> {
+        let (p, _) = Persistence::open(&Config::for_tests()).await.unwrap();
+        VHost::new("/", p)
     }
     fn qd(name: &str) -> QueueDeclare {
         QueueDeclare {
@@ -708,13 +779,15 @@ mod tests {
         }
     }
     fn msg(rk: &str) -> Message {
-        Message {
-            exchange: "".into(),
-            routing_key: rk.into(),
-            properties: Default::default(),
-            header: Bytes::new(),
-            body: Bytes::new(),
-        }
+        Message::new(
+            1,
+            "".into(),
+            rk.into(),
+            Default::default(),
+            Bytes::new(),
+            Bytes::new(),
+            None,
+        )
     }
     fn routed(v: &VHost, x: &str, rk: &str) -> Vec<String> {
         let mut out = vec![];
@@ -724,9 +797,9 @@ mod tests {
         names
     }
 
-    #[test]
-    fn declare_rules() {
-        let v = vh();
+    #[tokio::test]
+    async fn declare_rules() {
+        let v = vh().await;
         assert_eq!(
             v.declare_exchange(&xd("amq.foo", "direct"))
                 .unwrap_err()
@@ -761,9 +834,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn routing_through_types_e2e_and_ae() {
-        let v = vh();
+    #[tokio::test]
+    async fn routing_through_types_e2e_and_ae() {
+        let v = vh().await;
         for q in ["q1", "q2", "q3", "unrouted"] {
             v.declare_queue(1, &qd(q)).unwrap();
         }
@@ -793,9 +866,9 @@ mod tests {
         assert_eq!(routed(&v, "withae", "other"), vec!["unrouted"]);
     }
 
-    #[test]
-    fn auto_delete_exchange_and_queue_cleanup() {
-        let v = vh();
+    #[tokio::test]
+    async fn auto_delete_exchange_and_queue_cleanup() {
+        let v = vh().await;
         v.declare_queue(1, &qd("q")).unwrap();
         let mut d = xd("ad", "direct");
         d.auto_delete = true;

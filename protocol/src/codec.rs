@@ -460,3 +460,9 @@ mod tests {
         }
     }
 }
+
+/// The properties of an encoded content header payload (as `Frame::Header::raw` holds it), for
+/// messages read back from the store. None if it does not parse.
+pub fn header_properties(raw: &[u8]) -> Option<AMQPProperties> {
+    parse_content_header(raw).ok().map(|(_, h)| h.properties)
+}

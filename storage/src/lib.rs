@@ -1,13 +1,23 @@
-//! Warren's storage seam: the records the broker persists and the `MetaStore` trait it writes
-//! durable exchanges, queues and bindings through. `MemoryStore` is the in-memory implementation
-//! (nothing survives a restart); the SQL backends arrive with the storage issue behind the same
-//! trait. The broker encodes argument tables itself, so this crate stays protocol-free.
+//! Warren's durable store: the records the broker persists, the `MetaStore` and `MessageStore`
+//! traits, the SQL backend (`SqlStore`, SQLite by default or MySQL/MariaDB, through sqlx), the
+//! write plan a batch of operations turns into (`plan`), and the group-commit `Writer` task.
+//! The broker encodes AMQP tables and content headers itself, so this crate stays protocol-free.
 
-mod memory;
+pub mod plan;
+mod sql;
+pub mod writer;
 
-pub use memory::MemoryStore;
+#[cfg(any(test, feature = "suite"))]
+pub mod suite;
+
+use std::future::Future;
+use std::sync::Arc;
 
 use bytes::Bytes;
+
+pub use plan::Plan;
+pub use sql::{Backend, SqlStore};
+pub use writer::{Writer, WriterSettings};
 
 /// A durable exchange.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,13 +31,16 @@ pub struct ExchangeRecord {
     pub arguments: Bytes,
 }
 
-/// A durable queue.
+/// A durable queue. `id` is the broker's number for it, which message rows refer to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueRecord {
+    pub id: i64,
     pub vhost: String,
     pub name: String,
     pub auto_delete: bool,
     pub arguments: Bytes,
+    /// Loaded only: the highest sequence number known to have been delivered.
+    pub delivered_seq: i64,
 }
 
 /// What a binding's destination is.
@@ -56,91 +69,176 @@ pub struct Snapshot {
     pub bindings: Vec<BindingRecord>,
 }
 
+/// A message as stored: once, however many queues hold it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRow {
+    pub id: i64,
+    pub persistent: bool,
+    pub exchange: String,
+    pub routing_key: String,
+    /// The encoded content header payload.
+    pub header: Bytes,
+    pub body: Bytes,
+}
+
+/// One queue's position holding a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEntry {
+    pub seq: i64,
+    pub message: MessageRow,
+}
+
+/// A queue's stored backlog, without reading it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueSummary {
+    pub count: u64,
+    pub min_seq: i64,
+    pub max_seq: i64,
+}
+
+/// What start-up recovery found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    pub snapshot: Snapshot,
+    /// The next free message id and queue id.
+    pub next_message_id: i64,
+    pub next_queue_id: i64,
+}
+
+/// One change to the store. The `Writer` batches these into a `Plan` and commits it at once.
+#[derive(Debug, Clone)]
+pub enum Op {
+    PutExchange(ExchangeRecord),
+    DeleteExchange {
+        vhost: String,
+        name: String,
+    },
+    PutQueue(QueueRecord),
+    /// Deletes the queue, its messages and the bindings that name it.
+    DeleteQueue {
+        id: i64,
+        vhost: String,
+        name: String,
+    },
+    PutBinding(BindingRecord),
+    DeleteBinding(BindingRecord),
+    /// A message and the (queue id, seq) positions that hold it.
+    Insert {
+        message: Arc<MessageRow>,
+        entries: Vec<(i64, i64)>,
+    },
+    /// A position is gone (acked, dropped); the message goes with its last position.
+    Remove {
+        queue_id: i64,
+        seq: i64,
+        message_id: i64,
+    },
+    /// Every position of a queue after `after_seq` is gone.
+    Purge {
+        queue_id: i64,
+        after_seq: i64,
+    },
+    /// A queue delivered up to `seq`.
+    Delivered {
+        queue_id: i64,
+        seq: i64,
+    },
+}
+
+impl Op {
+    /// Bytes this op holds in memory until committed.
+    pub fn weight(&self) -> usize {
+        match self {
+            Op::Insert { message, entries } => {
+                message.body.len() + message.header.len() + 64 + entries.len() * 16
+            }
+            _ => 64,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("store corrupt: {0}")]
     Corrupt(String),
+    #[error("bad storage setting: {0}")]
+    Config(String),
 }
 
-/// Durable metadata. Calls are write-through: when one returns Ok the change is as durable as the
-/// backend makes it. Deleting an entity deletes the bindings that name it.
+/// Durable metadata: loaded at start; written through `Op`s.
 pub trait MetaStore: Send + Sync + 'static {
-    fn put_exchange(&self, record: &ExchangeRecord) -> Result<(), StoreError>;
-    fn delete_exchange(&self, vhost: &str, name: &str) -> Result<(), StoreError>;
-    fn put_queue(&self, record: &QueueRecord) -> Result<(), StoreError>;
-    fn delete_queue(&self, vhost: &str, name: &str) -> Result<(), StoreError>;
-    fn put_binding(&self, record: &BindingRecord) -> Result<(), StoreError>;
-    fn delete_binding(&self, record: &BindingRecord) -> Result<(), StoreError>;
-    fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Loads every durable exchange, queue and binding.
+    fn load_meta(&self) -> impl Future<Output = Result<Snapshot, StoreError>> + Send;
+}
+
+/// Messages and the batches that change them.
+pub trait MessageStore: Send + Sync + 'static {
+    /// Commits a plan in one transaction: all of it or none.
+    fn apply(&self, plan: &Plan) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Start-up: drops what must not survive a restart (transient messages, rows of queues that
+    /// are gone) and returns the durable metadata with the next free ids.
+    fn recover(&self) -> impl Future<Output = Result<Recovered, StoreError>> + Send;
+
+    /// How many messages a queue holds in the store, and their sequence range.
+    fn queue_summary(
+        &self,
+        queue_id: i64,
+    ) -> impl Future<Output = Result<QueueSummary, StoreError>> + Send;
+
+    /// Up to `limit` entries of a queue after `after_seq`, in order, stopping early once
+    /// `max_bytes` of bodies have been read.
+    fn read_queue(
+        &self,
+        queue_id: i64,
+        after_seq: i64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<StoredEntry>, StoreError>> + Send;
+
+    /// One message by id.
+    fn read_message(
+        &self,
+        id: i64,
+    ) -> impl Future<Output = Result<Option<MessageRow>, StoreError>> + Send;
 }
 
 #[cfg(test)]
-pub(crate) mod suite {
-    //! The shared behaviour every `MetaStore` must show.
-    use super::*;
+mod backend_tests {
+    use std::sync::Arc;
 
-    pub fn exchange(name: &str) -> ExchangeRecord {
-        ExchangeRecord {
-            vhost: "/".into(),
-            name: name.into(),
-            kind: "topic".into(),
-            auto_delete: false,
-            internal: false,
-            arguments: Bytes::new(),
-        }
+    use crate::{suite, SqlStore};
+
+    fn scratch_dir(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "warren-storage-{tag}-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
-    pub fn queue(name: &str) -> QueueRecord {
-        QueueRecord {
-            vhost: "/".into(),
-            name: name.into(),
-            auto_delete: false,
-            arguments: Bytes::new(),
-        }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn suite_on_sqlite() {
+        let dir = scratch_dir("sqlite");
+        let store = SqlStore::open(&SqlStore::sqlite_url(&dir), true).await.unwrap();
+        suite::run(Arc::new(store)).await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 
-    pub fn binding(source: &str, dest: &str, key: &str) -> BindingRecord {
-        BindingRecord {
-            vhost: "/".into(),
-            source: source.into(),
-            destination: dest.into(),
-            destination_kind: DestinationKind::Queue,
-            routing_key: key.into(),
-            arguments: Bytes::new(),
-        }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn suite_on_mysql() {
+        let url = suite::mysql_scratch_url().await;
+        let store = SqlStore::open(&url, true).await.unwrap();
+        suite::run(Arc::new(store)).await;
     }
 
-    pub fn run(store: &dyn MetaStore) {
-        assert_eq!(store.load().unwrap(), Snapshot::default());
-        store.put_exchange(&exchange("x")).unwrap();
-        store.put_exchange(&exchange("x")).unwrap();
-        store.put_queue(&queue("q1")).unwrap();
-        store.put_queue(&queue("q2")).unwrap();
-        store.put_binding(&binding("x", "q1", "a.#")).unwrap();
-        store.put_binding(&binding("x", "q1", "a.#")).unwrap();
-        store.put_binding(&binding("x", "q2", "b")).unwrap();
-        let s = store.load().unwrap();
-        assert_eq!(s.exchanges, vec![exchange("x")]);
-        assert_eq!(s.queues.len(), 2);
-        assert_eq!(s.bindings.len(), 2);
-
-        store.delete_binding(&binding("x", "q2", "b")).unwrap();
-        assert_eq!(
-            store.load().unwrap().bindings,
-            vec![binding("x", "q1", "a.#")]
-        );
-        store.put_binding(&binding("x", "q2", "b")).unwrap();
-        store.delete_queue("/", "q1").unwrap();
-        let s = store.load().unwrap();
-        assert_eq!(s.queues, vec![queue("q2")]);
-        assert_eq!(s.bindings, vec![binding("x", "q2", "b")]);
-        store.delete_exchange("/", "x").unwrap();
-        let s = store.load().unwrap();
-        assert!(s.exchanges.is_empty() && s.bindings.is_empty());
-        // deleting what is not there is not an error
-        store.delete_queue("/", "nope").unwrap();
-        store.delete_exchange("/", "nope").unwrap();
+    #[tokio::test]
+    async fn a_bad_url_is_a_config_error() {
+        let e = SqlStore::open("postgres://x", true).await.unwrap_err();
+        assert!(e.to_string().contains("sqlite:// or mysql://"), "{e}");
     }
 }

@@ -1,0 +1,178 @@
+//! `Persistence`: the broker's side of the store. It owns the `SqlStore`, the group-commit
+//! `Writer`, the `--sync` mode, the memory `Gauge` with its budget, the moka cache of stored
+//! bodies, and the id counters for messages and queues. Topology changes and message positions
+//! reach the store only through `submit`; tickets say when they are committed.
+//!
+//! Memory: every live `Message` is counted in the gauge. A quarter of the budget is the moka
+//! cache, which only ever holds messages already in the store (so an eviction loses nothing).
+//! Once the gauge passes three quarters, queues page new messages out to the store instead of
+//! holding them (see `Queue::publish`).
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use warren_storage::{
+    BindingRecord, ExchangeRecord, MessageStore, Op, QueueRecord, Recovered, SqlStore, StoreError,
+    Writer, WriterSettings,
+};
+
+use crate::config::{Config, SyncMode};
+use crate::message::{Gauge, Message};
+
+pub struct Persistence {
+    pub store: Arc<SqlStore>,
+    pub writer: Arc<Writer>,
+    writer_task: Mutex<Option<JoinHandle<()>>>,
+    pub sync: SyncMode,
+    /// Stored bodies by message id, weighed by size.
+    pub cache: moka::sync::Cache<u64, Arc<Message>>,
+    pub gauge: Arc<Gauge>,
+    budget: usize,
+    next_message_id: AtomicU64,
+    next_queue_id: AtomicI64,
+}
+
+impl std::fmt::Debug for Persistence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Persistence({:?}, {:?})", self.store, self.writer)
+    }
+}
+
+impl Persistence {
+    /// Opens the store named by the config, cleans it up after the last run and starts the
+    /// writer. Returns what was recovered for the vhosts to rebuild from.
+    pub async fn open(config: &Config) -> Result<(Arc<Persistence>, Recovered), StoreError> {
+        if config.storage.is_none() {
+            std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+                StoreError::Config(format!(
+                    "cannot create data directory {}: {e}",
+                    config.data_dir.display()
+                ))
+            })?;
+        }
+        let url = config.storage_url();
+        let store = Arc::new(SqlStore::open(&url, config.sync == SyncMode::Confirm).await?);
+        let recovered = store.recover().await?;
+        let interval = match config.sync {
+            SyncMode::Confirm => Duration::from_micros(config.commit_interval_us),
+            SyncMode::Periodic(ms) => Duration::from_millis(ms),
+        };
+        let (writer, task) = Writer::start(
+            store.clone(),
+            WriterSettings {
+                interval,
+                max_ops: config.commit_max_ops.max(1),
+                max_bytes: config.commit_max_bytes as usize,
+                hold_limit: config.store_hold_bytes as usize,
+            },
+        );
+        let budget = config.cache_memory as usize;
+        let cache = moka::sync::Cache::builder()
+            .max_capacity((budget / 4) as u64)
+            .weigher(|_k: &u64, m: &Arc<Message>| m.weight().min(u32::MAX as usize) as u32)
+            .build();
+        tracing::info!(
+            backend = ?store.backend(),
+            queues = recovered.snapshot.queues.len(),
+            exchanges = recovered.snapshot.exchanges.len(),
+            "store opened"
+        );
+        Ok((
+            Arc::new(Persistence {
+                store,
+                writer,
+                writer_task: Mutex::new(Some(task)),
+                sync: config.sync,
+                cache,
+                gauge: Arc::new(Gauge::default()),
+                budget,
+                next_message_id: AtomicU64::new(recovered.next_message_id.max(1) as u64),
+                next_queue_id: AtomicI64::new(recovered.next_queue_id.max(1)),
+            }),
+            recovered,
+        ))
+    }
+
+    pub fn next_message_id(&self) -> u64 {
+        self.next_message_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn next_queue_id(&self) -> i64 {
+        self.next_queue_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Past three quarters of the budget: new messages page out.
+    pub fn over_budget(&self) -> bool {
+        self.gauge.get() > self.budget / 4 * 3
+    }
+
+    /// The ticket a publisher confirm must wait for: the store's ticket under `confirm`, none
+    /// under `periodic` (write-behind).
+    pub fn confirm_ticket(&self, ticket: u64) -> u64 {
+        match self.sync {
+            SyncMode::Confirm => ticket,
+            SyncMode::Periodic(_) => 0,
+        }
+    }
+
+    pub fn submit(&self, op: Op) -> u64 {
+        self.writer.submit(op)
+    }
+
+    /// Keeps a stored message's body in the cache (it may be evicted at any time).
+    pub fn cache_body(&self, msg: &Arc<Message>) {
+        self.cache.insert(msg.id, msg.clone());
+    }
+
+    pub fn put_exchange(&self, r: ExchangeRecord) {
+        self.submit(Op::PutExchange(r));
+    }
+
+    pub fn delete_exchange(&self, vhost: &str, name: &str) {
+        self.submit(Op::DeleteExchange {
+            vhost: vhost.to_string(),
+            name: name.to_string(),
+        });
+    }
+
+    pub fn put_queue(&self, r: QueueRecord) {
+        self.submit(Op::PutQueue(r));
+    }
+
+    pub fn delete_queue(&self, id: i64, vhost: &str, name: &str) {
+        self.submit(Op::DeleteQueue {
+            id,
+            vhost: vhost.to_string(),
+            name: name.to_string(),
+        });
+    }
+
+    pub fn put_binding(&self, r: BindingRecord) {
+        self.submit(Op::PutBinding(r));
+    }
+
+    pub fn delete_binding(&self, r: BindingRecord) {
+        self.submit(Op::DeleteBinding(r));
+    }
+
+    /// Commits what was submitted and closes the store (at shutdown).
+    pub async fn close(&self) {
+        self.writer.close();
+        let task = self
+            .writer_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = task {
+            if tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+            {
+                tracing::error!("store writer did not finish within 10 s");
+            }
+        }
+        self.store.close().await;
+    }
+}

@@ -1,0 +1,262 @@
+//! `Plan`: a batch of `Op`s reduced to what must reach the database. A message inserted and
+//! removed within one batch is never written; positions dropped by a purge in the same batch are
+//! never written; delivered marks keep only each queue's highest. A backend applies a plan in
+//! this order, in one transaction: metadata in op order, purges, inserts, removes, delivered marks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use crate::{MessageRow, Op};
+
+/// An insert that survived the batch: the message and the positions still to write.
+#[derive(Debug, Clone)]
+pub struct PlannedInsert {
+    pub message: Arc<MessageRow>,
+    pub entries: Vec<(i64, i64)>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Plan {
+    /// Exchange, queue and binding changes, in the order they were made.
+    pub meta: Vec<Op>,
+    /// (queue id, after seq): positions that go before this batch's inserts.
+    pub purges: Vec<(i64, i64)>,
+    pub inserts: Vec<PlannedInsert>,
+    /// (queue id, seq, message id) positions removed.
+    pub removes: Vec<(i64, i64, i64)>,
+    /// queue id -> highest delivered seq.
+    pub delivered: BTreeMap<i64, i64>,
+}
+
+impl Plan {
+    pub fn from_ops(ops: impl IntoIterator<Item = Op>) -> Plan {
+        let mut plan = Plan::default();
+        let mut inserts: Vec<Option<PlannedInsert>> = Vec::new();
+        // (queue, seq) -> index in `inserts`, for positions written by this batch.
+        let mut pending: HashMap<(i64, i64), usize> = HashMap::new();
+        // message id -> index in `inserts`
+        let mut by_id: HashMap<i64, usize> = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Insert { message, entries } => {
+                    // A message routed to several queues arrives once per queue: one row.
+                    let at = match by_id.get(&message.id) {
+                        Some(&i) if inserts[i].is_some() => i,
+                        _ => {
+                            by_id.insert(message.id, inserts.len());
+                            inserts.push(Some(PlannedInsert {
+                                message,
+                                entries: Vec::new(),
+                            }));
+                            inserts.len() - 1
+                        }
+                    };
+                    for e in entries {
+                        pending.insert(e, at);
+                        if let Some(ins) = inserts[at].as_mut() {
+                            ins.entries.push(e);
+                        }
+                    }
+                }
+                Op::Remove {
+                    queue_id,
+                    seq,
+                    message_id,
+                } => match pending.remove(&(queue_id, seq)) {
+                    Some(i) => drop_entry(&mut inserts[i], queue_id, seq),
+                    None => plan.removes.push((queue_id, seq, message_id)),
+                },
+                Op::Purge {
+                    queue_id,
+                    after_seq,
+                } => {
+                    drop_queue(&mut inserts, &mut pending, queue_id, after_seq);
+                    plan.purges.push((queue_id, after_seq));
+                }
+                Op::DeleteQueue { id, .. } => {
+                    drop_queue(&mut inserts, &mut pending, id, i64::MIN);
+                    plan.meta.push(op);
+                }
+                Op::Delivered { queue_id, seq } => {
+                    let mark = plan.delivered.entry(queue_id).or_insert(seq);
+                    *mark = (*mark).max(seq);
+                }
+                meta => plan.meta.push(meta),
+            }
+        }
+        plan.inserts = inserts.into_iter().flatten().collect();
+        plan
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+            && self.purges.is_empty()
+            && self.inserts.is_empty()
+            && self.removes.is_empty()
+            && self.delivered.is_empty()
+    }
+
+    /// Removes grouped by queue as (queue id, first seq, last seq) runs of consecutive seqs,
+    /// for range deletes.
+    pub fn remove_runs(&self) -> Vec<(i64, i64, i64)> {
+        let mut positions: Vec<(i64, i64)> = self.removes.iter().map(|r| (r.0, r.1)).collect();
+        positions.sort_unstable();
+        positions.dedup();
+        let mut runs: Vec<(i64, i64, i64)> = Vec::new();
+        for (q, s) in positions {
+            match runs.last_mut() {
+                Some(run) if run.0 == q && run.2 + 1 == s => run.2 = s,
+                _ => runs.push((q, s, s)),
+            }
+        }
+        runs
+    }
+
+    /// Message ids whose rows may have lost their last position, as (first, last) runs.
+    pub fn removed_message_runs(&self) -> Vec<(i64, i64)> {
+        let mut ids: Vec<i64> = self.removes.iter().map(|r| r.2).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut runs: Vec<(i64, i64)> = Vec::new();
+        for id in ids {
+            match runs.last_mut() {
+                Some(run) if run.1 + 1 == id => run.1 = id,
+                _ => runs.push((id, id)),
+            }
+        }
+        runs
+    }
+}
+
+fn drop_entry(slot: &mut Option<PlannedInsert>, queue_id: i64, seq: i64) {
+    if let Some(ins) = slot {
+        ins.entries.retain(|e| *e != (queue_id, seq));
+        if ins.entries.is_empty() {
+            *slot = None;
+        }
+    }
+}
+
+fn drop_queue(
+    inserts: &mut [Option<PlannedInsert>],
+    pending: &mut HashMap<(i64, i64), usize>,
+    queue_id: i64,
+    after_seq: i64,
+) {
+    let gone = |q: i64, s: i64| q == queue_id && s > after_seq;
+    pending.retain(|(q, s), _| !gone(*q, *s));
+    for slot in inserts.iter_mut() {
+        if let Some(ins) = slot {
+            ins.entries.retain(|e| !gone(e.0, e.1));
+            if ins.entries.is_empty() {
+                *slot = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn insert(id: i64, entries: &[(i64, i64)]) -> Op {
+        Op::Insert {
+            message: Arc::new(MessageRow {
+                id,
+                persistent: true,
+                exchange: String::new(),
+                routing_key: "k".into(),
+                header: Bytes::new(),
+                body: Bytes::from_static(b"x"),
+            }),
+            entries: entries.to_vec(),
+        }
+    }
+
+    fn remove(q: i64, s: i64, m: i64) -> Op {
+        Op::Remove {
+            queue_id: q,
+            seq: s,
+            message_id: m,
+        }
+    }
+
+    #[test]
+    fn insert_then_remove_in_one_batch_writes_nothing() {
+        let p = Plan::from_ops([insert(1, &[(1, 1)]), remove(1, 1, 1)]);
+        assert!(p.inserts.is_empty() && p.removes.is_empty());
+    }
+
+    #[test]
+    fn a_message_in_two_queues_keeps_the_position_not_removed() {
+        let p = Plan::from_ops([insert(1, &[(1, 1), (2, 7)]), remove(1, 1, 1)]);
+        assert_eq!(p.inserts.len(), 1);
+        assert_eq!(p.inserts[0].entries, vec![(2, 7)]);
+        assert!(p.removes.is_empty());
+    }
+
+    #[test]
+    fn removes_of_earlier_batches_become_range_runs() {
+        let p = Plan::from_ops([
+            remove(1, 3, 10),
+            remove(1, 1, 8),
+            remove(1, 2, 9),
+            remove(2, 5, 11),
+            remove(1, 9, 20),
+        ]);
+        assert_eq!(p.remove_runs(), vec![(1, 1, 3), (1, 9, 9), (2, 5, 5)]);
+        assert_eq!(p.removed_message_runs(), vec![(8, 11), (20, 20)]);
+    }
+
+    #[test]
+    fn purge_drops_earlier_inserts_of_that_queue_only() {
+        let p = Plan::from_ops([
+            insert(1, &[(1, 1), (2, 1)]),
+            Op::Purge {
+                queue_id: 1,
+                after_seq: 0,
+            },
+            insert(2, &[(1, 2)]),
+        ]);
+        assert_eq!(p.purges, vec![(1, 0)]);
+        let kept: Vec<_> = p.inserts.iter().map(|i| i.entries.clone()).collect();
+        assert_eq!(kept, vec![vec![(2, 1)], vec![(1, 2)]]);
+    }
+
+    #[test]
+    fn one_message_in_several_queues_is_one_row() {
+        let p = Plan::from_ops([insert(1, &[(1, 1)]), insert(1, &[(2, 4)]), remove(1, 1, 1)]);
+        assert_eq!(p.inserts.len(), 1);
+        assert_eq!(p.inserts[0].entries, vec![(2, 4)]);
+    }
+
+    #[test]
+    fn purge_keeps_positions_at_or_before_its_seq() {
+        let p = Plan::from_ops([
+            insert(1, &[(1, 5)]),
+            insert(2, &[(1, 6)]),
+            Op::Purge {
+                queue_id: 1,
+                after_seq: 5,
+            },
+        ]);
+        assert_eq!(p.inserts.len(), 1);
+        assert_eq!(p.inserts[0].entries, vec![(1, 5)]);
+    }
+
+    #[test]
+    fn delivered_keeps_the_highest() {
+        let p = Plan::from_ops([
+            Op::Delivered {
+                queue_id: 1,
+                seq: 5,
+            },
+            Op::Delivered {
+                queue_id: 1,
+                seq: 3,
+            },
+        ]);
+        assert_eq!(p.delivered.get(&1), Some(&5));
+    }
+}

@@ -1,0 +1,643 @@
+//! `SqlStore`: the store on SQL through sqlx's `Any` driver, so one set of runtime queries serves
+//! both backends: SQLite (the embedded default: a WAL-mode file in the data directory) and
+//! MySQL/MariaDB. Migrations are per backend (`migrations/<backend>`). Bodies over `CHUNK` bytes
+//! are split into `message_chunks` rows and multi-row statements stay under `MAX_STATEMENT`
+//! bytes, so nothing comes near MySQL's `max_allowed_packet`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Executor, QueryBuilder, Row};
+
+use crate::plan::{Plan, PlannedInsert};
+use crate::{
+    BindingRecord, DestinationKind, ExchangeRecord, MessageRow, MessageStore, MetaStore, Op,
+    QueueRecord, QueueSummary, Recovered, Snapshot, StoreError, StoredEntry,
+};
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+static MYSQL_MIGRATIONS: Migrator = sqlx::migrate!("migrations/mysql");
+
+/// Bodies larger than this are stored in chunks of this size.
+pub const CHUNK: usize = 1 << 20;
+/// A multi-row statement is cut once its bound bytes pass this.
+const MAX_STATEMENT: usize = 2 << 20;
+/// Rows per multi-row statement (SQLite allows 32766 bound values).
+const MAX_ROWS: usize = 500;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Mysql,
+}
+
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl std::fmt::Debug for SqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SqlStore({:?})", self.backend)
+    }
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            StoreError::Corrupt(e.to_string())
+        }
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+impl SqlStore {
+    /// The SQLite URL for a data directory.
+    pub fn sqlite_url(data_dir: &Path) -> String {
+        format!("sqlite://{}?mode=rwc", data_dir.join("warren.db").display())
+    }
+
+    /// Opens (creating if needed) and migrates the store at `url` (`sqlite://PATH` or
+    /// `mysql://user:pass@host:port/db`). `fsync` asks SQLite to sync every commit (the `confirm`
+    /// guarantee survives power loss, not only a crash of the broker).
+    pub async fn open(url: &str, fsync: bool) -> Result<SqlStore, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+            Backend::Mysql
+        } else {
+            return Err(StoreError::Config(format!(
+                "storage URL must start with sqlite:// or mysql://, got '{}'",
+                redact(url)
+            )));
+        };
+        let url = url.replacen("mariadb:", "mysql:", 1);
+        let options = AnyPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(10))
+            .min_connections(1);
+        let pool = match backend {
+            Backend::Sqlite => {
+                let sync = if fsync { "FULL" } else { "NORMAL" };
+                options
+                    .max_connections(4)
+                    .after_connect(move |conn, _| {
+                        Box::pin(async move {
+                            conn.execute("PRAGMA journal_mode = WAL").await?;
+                            conn.execute(sqlx::AssertSqlSafe(format!(
+                                "PRAGMA synchronous = {sync}"
+                            )))
+                            .await?;
+                            conn.execute("PRAGMA foreign_keys = ON").await?;
+                            conn.execute("PRAGMA busy_timeout = 10000").await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await
+            }
+            Backend::Mysql => options.max_connections(8).connect(&url).await,
+        }
+        .map_err(unavailable)?;
+        let migrator = match backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Mysql => &MYSQL_MIGRATIONS,
+        };
+        migrator
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migrations failed: {e}")))?;
+        Ok(SqlStore { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Is the database answering?
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}
+
+/// A URL with its password hidden, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn binding_id(b: &BindingRecord) -> String {
+    let mut h = Sha256::new();
+    for part in [&b.vhost, &b.source, &b.destination, &b.routing_key] {
+        h.update((part.len() as u32).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    h.update([kind_code(b.destination_kind) as u8]);
+    h.update(&b.arguments);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn kind_code(k: DestinationKind) -> i64 {
+    match k {
+        DestinationKind::Queue => 0,
+        DestinationKind::Exchange => 1,
+    }
+}
+
+type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+async fn meta_op(tx: &mut Tx, op: &Op) -> Result<(), sqlx::Error> {
+    match op {
+        Op::PutExchange(x) => {
+            sqlx::query(
+                "REPLACE INTO exchanges (vhost, name, kind, auto_delete, internal, arguments) \
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(x.vhost.clone())
+            .bind(x.name.clone())
+            .bind(x.kind.clone())
+            .bind(x.auto_delete as i64)
+            .bind(x.internal as i64)
+            .bind(x.arguments.to_vec())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Op::DeleteExchange { vhost, name } => {
+            sqlx::query("DELETE FROM exchanges WHERE vhost = ? AND name = ?")
+                .bind(vhost.clone())
+                .bind(name.clone())
+                .execute(&mut **tx)
+                .await?;
+            sqlx::query(
+                "DELETE FROM bindings WHERE vhost = ? AND (source = ? OR \
+                 (destination = ? AND destination_kind = 1))",
+            )
+            .bind(vhost.clone())
+            .bind(name.clone())
+            .bind(name.clone())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Op::PutQueue(q) => {
+            sqlx::query(
+                "REPLACE INTO queues (id, vhost, name, auto_delete, arguments, delivered_seq) \
+                 VALUES (?, ?, ?, ?, ?, 0)",
+            )
+            .bind(q.id)
+            .bind(q.vhost.clone())
+            .bind(q.name.clone())
+            .bind(q.auto_delete as i64)
+            .bind(q.arguments.to_vec())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Op::DeleteQueue { id, vhost, name } => {
+            purge(tx, *id, i64::MIN).await?;
+            sqlx::query("DELETE FROM queues WHERE id = ?")
+                .bind(*id)
+                .execute(&mut **tx)
+                .await?;
+            sqlx::query(
+                "DELETE FROM bindings WHERE vhost = ? AND destination = ? AND destination_kind = 0",
+            )
+            .bind(vhost.clone())
+            .bind(name.clone())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Op::PutBinding(b) => {
+            sqlx::query(
+                "REPLACE INTO bindings (id, vhost, source, destination, destination_kind, \
+                 routing_key, arguments) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(binding_id(b))
+            .bind(b.vhost.clone())
+            .bind(b.source.clone())
+            .bind(b.destination.clone())
+            .bind(kind_code(b.destination_kind))
+            .bind(b.routing_key.clone())
+            .bind(b.arguments.to_vec())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Op::DeleteBinding(b) => {
+            sqlx::query("DELETE FROM bindings WHERE id = ?")
+                .bind(binding_id(b))
+                .execute(&mut **tx)
+                .await?;
+        }
+        // Message ops never reach the metadata list of a plan.
+        Op::Insert { .. } | Op::Remove { .. } | Op::Purge { .. } | Op::Delivered { .. } => {}
+    }
+    Ok(())
+}
+
+/// Deletes a queue's positions after `after_seq` and the messages no other position holds.
+async fn purge(tx: &mut Tx, queue_id: i64, after_seq: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM messages WHERE id IN \
+         (SELECT qm.message_id FROM queue_messages qm WHERE qm.queue_id = ? AND qm.seq > ?) \
+         AND NOT EXISTS (SELECT 1 FROM queue_messages o WHERE o.message_id = messages.id \
+                         AND (o.queue_id <> ? OR o.seq <= ?))",
+    )
+    .bind(queue_id)
+    .bind(after_seq)
+    .bind(queue_id)
+    .bind(after_seq)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("DELETE FROM queue_messages WHERE queue_id = ? AND seq > ?")
+        .bind(queue_id)
+        .bind(after_seq)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Message rows are written with "insert or ignore": a message routed to several queues may
+/// arrive in two batches, one per queue.
+async fn insert_messages(
+    tx: &mut Tx,
+    backend: Backend,
+    inserts: &[PlannedInsert],
+) -> Result<(), sqlx::Error> {
+    let insert = match backend {
+        Backend::Sqlite => "INSERT OR IGNORE",
+        Backend::Mysql => "INSERT IGNORE",
+    };
+    let mut start = 0;
+    while start < inserts.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < inserts.len() && end - start < MAX_ROWS && bytes < MAX_STATEMENT {
+            let m = &inserts[end].message;
+            bytes += m.header.len() + inline_body(m).len() + 64;
+            end += 1;
+        }
+        let mut qb = QueryBuilder::<sqlx::Any>::new(format!(
+            "{insert} INTO messages (id, persistent, exchange, routing_key, header, body, chunks) "
+        ));
+        qb.push_values(&inserts[start..end], |mut b, ins| {
+            let m = &ins.message;
+            b.push_bind(m.id)
+                .push_bind(m.persistent as i64)
+                .push_bind(m.exchange.clone())
+                .push_bind(m.routing_key.clone())
+                .push_bind(m.header.to_vec())
+                .push_bind(inline_body(m).to_vec())
+                .push_bind(chunk_count(m));
+        });
+        qb.build().execute(&mut **tx).await?;
+        start = end;
+    }
+    for ins in inserts.iter().filter(|i| chunk_count(&i.message) > 0) {
+        for (idx, chunk) in ins.message.body.chunks(CHUNK).enumerate() {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "{insert} INTO message_chunks (message_id, idx, data) VALUES (?, ?, ?)"
+            )))
+                .bind(ins.message.id)
+                .bind(idx as i64)
+                .bind(chunk.to_vec())
+                .execute(&mut **tx)
+                .await?;
+        }
+    }
+    let positions: Vec<(i64, i64, i64)> = inserts
+        .iter()
+        .flat_map(|i| i.entries.iter().map(|(q, s)| (*q, *s, i.message.id)))
+        .collect();
+    for rows in positions.chunks(MAX_ROWS) {
+        let mut qb =
+            QueryBuilder::<sqlx::Any>::new("INSERT INTO queue_messages (queue_id, seq, message_id) ");
+        qb.push_values(rows, |mut b, (q, s, m)| {
+            b.push_bind(*q).push_bind(*s).push_bind(*m);
+        });
+        qb.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+fn inline_body(m: &MessageRow) -> &[u8] {
+    if m.body.len() > CHUNK {
+        &[]
+    } else {
+        &m.body
+    }
+}
+
+fn chunk_count(m: &MessageRow) -> i64 {
+    if m.body.len() > CHUNK {
+        m.body.len().div_ceil(CHUNK) as i64
+    } else {
+        0
+    }
+}
+
+async fn apply_plan(tx: &mut Tx, backend: Backend, plan: &Plan) -> Result<(), sqlx::Error> {
+    for op in &plan.meta {
+        meta_op(tx, op).await?;
+    }
+    for (q, after) in &plan.purges {
+        purge(tx, *q, *after).await?;
+    }
+    insert_messages(tx, backend, &plan.inserts).await?;
+    for (q, first, last) in plan.remove_runs() {
+        sqlx::query("DELETE FROM queue_messages WHERE queue_id = ? AND seq >= ? AND seq <= ?")
+            .bind(q)
+            .bind(first)
+            .bind(last)
+            .execute(&mut **tx)
+            .await?;
+    }
+    for (first, last) in plan.removed_message_runs() {
+        sqlx::query(
+            "DELETE FROM messages WHERE id >= ? AND id <= ? AND NOT EXISTS \
+             (SELECT 1 FROM queue_messages qm WHERE qm.message_id = messages.id)",
+        )
+        .bind(first)
+        .bind(last)
+        .execute(&mut **tx)
+        .await?;
+    }
+    for (q, seq) in &plan.delivered {
+        sqlx::query("UPDATE queues SET delivered_seq = ? WHERE id = ? AND delivered_seq < ?")
+            .bind(*seq)
+            .bind(*q)
+            .bind(*seq)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+fn flag(row: &AnyRow, col: &str) -> Result<bool, sqlx::Error> {
+    Ok(row.try_get::<i64, _>(col)? != 0)
+}
+
+fn blob(row: &AnyRow, col: &str) -> Result<Bytes, sqlx::Error> {
+    Ok(Bytes::from(row.try_get::<Vec<u8>, _>(col)?))
+}
+
+impl SqlStore {
+    async fn chunked_body(&self, id: i64, chunks: i64) -> Result<Bytes, StoreError> {
+        let rows = sqlx::query("SELECT data FROM message_chunks WHERE message_id = ? ORDER BY idx")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        if rows.len() as i64 != chunks {
+            return Err(StoreError::Corrupt(format!(
+                "message {id} has {} of its {chunks} chunks",
+                rows.len()
+            )));
+        }
+        let mut body = BytesMut::new();
+        for r in rows {
+            body.extend_from_slice(&r.try_get::<Vec<u8>, _>("data").map_err(unavailable)?);
+        }
+        Ok(body.freeze())
+    }
+
+    async fn message_from(&self, row: &AnyRow) -> Result<MessageRow, StoreError> {
+        let id: i64 = row.try_get("id").map_err(unavailable)?;
+        let chunks: i64 = row.try_get("chunks").map_err(unavailable)?;
+        let body = if chunks > 0 {
+            self.chunked_body(id, chunks).await?
+        } else {
+            blob(row, "body").map_err(unavailable)?
+        };
+        Ok(MessageRow {
+            id,
+            persistent: flag(row, "persistent").map_err(unavailable)?,
+            exchange: row.try_get("exchange").map_err(unavailable)?,
+            routing_key: row.try_get("routing_key").map_err(unavailable)?,
+            header: blob(row, "header").map_err(unavailable)?,
+            body,
+        })
+    }
+}
+
+impl MetaStore for SqlStore {
+    async fn load_meta(&self) -> Result<Snapshot, StoreError> {
+        let p = &self.pool;
+        let mut snap = Snapshot::default();
+        let rows = sqlx::query(
+            "SELECT vhost, name, kind, auto_delete, internal, arguments FROM exchanges \
+             ORDER BY vhost, name",
+        )
+        .fetch_all(p)
+        .await
+        .map_err(unavailable)?;
+        for r in rows {
+            snap.exchanges.push(ExchangeRecord {
+                vhost: r.try_get("vhost").map_err(unavailable)?,
+                name: r.try_get("name").map_err(unavailable)?,
+                kind: r.try_get("kind").map_err(unavailable)?,
+                auto_delete: flag(&r, "auto_delete").map_err(unavailable)?,
+                internal: flag(&r, "internal").map_err(unavailable)?,
+                arguments: blob(&r, "arguments").map_err(unavailable)?,
+            });
+        }
+        let rows = sqlx::query(
+            "SELECT id, vhost, name, auto_delete, arguments, delivered_seq FROM queues ORDER BY id",
+        )
+        .fetch_all(p)
+        .await
+        .map_err(unavailable)?;
+        for r in rows {
+            snap.queues.push(QueueRecord {
+                id: r.try_get("id").map_err(unavailable)?,
+                vhost: r.try_get("vhost").map_err(unavailable)?,
+                name: r.try_get("name").map_err(unavailable)?,
+                auto_delete: flag(&r, "auto_delete").map_err(unavailable)?,
+                arguments: blob(&r, "arguments").map_err(unavailable)?,
+                delivered_seq: r.try_get("delivered_seq").map_err(unavailable)?,
+            });
+        }
+        let rows = sqlx::query(
+            "SELECT vhost, source, destination, destination_kind, routing_key, arguments \
+             FROM bindings ORDER BY vhost, source, destination, routing_key",
+        )
+        .fetch_all(p)
+        .await
+        .map_err(unavailable)?;
+        for r in rows {
+            let kind: i64 = r.try_get("destination_kind").map_err(unavailable)?;
+            snap.bindings.push(BindingRecord {
+                vhost: r.try_get("vhost").map_err(unavailable)?,
+                source: r.try_get("source").map_err(unavailable)?,
+                destination: r.try_get("destination").map_err(unavailable)?,
+                destination_kind: if kind == 1 {
+                    DestinationKind::Exchange
+                } else {
+                    DestinationKind::Queue
+                },
+                routing_key: r.try_get("routing_key").map_err(unavailable)?,
+                arguments: blob(&r, "arguments").map_err(unavailable)?,
+            });
+        }
+        Ok(snap)
+    }
+}
+
+impl MessageStore for SqlStore {
+    async fn apply(&self, plan: &Plan) -> Result<(), StoreError> {
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        apply_plan(&mut tx, self.backend, plan).await.map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn recover(&self) -> Result<Recovered, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for sql in [
+            "DELETE FROM queue_messages WHERE queue_id NOT IN (SELECT id FROM queues)",
+            "DELETE FROM queue_messages WHERE message_id IN \
+             (SELECT id FROM messages WHERE persistent = 0)",
+            "DELETE FROM messages WHERE persistent = 0",
+            "DELETE FROM messages WHERE NOT EXISTS \
+             (SELECT 1 FROM queue_messages qm WHERE qm.message_id = messages.id)",
+        ] {
+            sqlx::query(sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        let snapshot = self.load_meta().await?;
+        let max_id = |sql: &'static str| async move {
+            sqlx::query(sql)
+                .fetch_one(&self.pool)
+                .await
+                .and_then(|r| r.try_get::<i64, _>(0))
+                .map_err(unavailable)
+        };
+        Ok(Recovered {
+            snapshot,
+            next_message_id: max_id("SELECT COALESCE(MAX(id), 0) FROM messages").await? + 1,
+            next_queue_id: max_id("SELECT COALESCE(MAX(id), 0) FROM queues").await? + 1,
+        })
+    }
+
+    async fn queue_summary(&self, queue_id: i64) -> Result<QueueSummary, StoreError> {
+        let r = sqlx::query(
+            "SELECT COUNT(*) AS n, COALESCE(MIN(seq), 0) AS lo, COALESCE(MAX(seq), 0) AS hi \
+             FROM queue_messages WHERE queue_id = ?",
+        )
+        .bind(queue_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let n: i64 = r.try_get("n").map_err(unavailable)?;
+        Ok(QueueSummary {
+            count: n.max(0) as u64,
+            min_seq: r.try_get("lo").map_err(unavailable)?,
+            max_seq: r.try_get("hi").map_err(unavailable)?,
+        })
+    }
+
+    async fn read_queue(
+        &self,
+        queue_id: i64,
+        after_seq: i64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT qm.seq, m.id, m.persistent, m.exchange, m.routing_key, m.header, m.body, \
+             m.chunks FROM queue_messages qm JOIN messages m ON m.id = qm.message_id \
+             WHERE qm.queue_id = ? AND qm.seq > ? ORDER BY qm.seq LIMIT ?",
+        )
+        .bind(queue_id)
+        .bind(after_seq)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut bytes = 0;
+        for r in rows {
+            if bytes >= max_bytes && !out.is_empty() {
+                break;
+            }
+            let message = self.message_from(&r).await?;
+            bytes += message.body.len();
+            out.push(StoredEntry {
+                seq: r.try_get("seq").map_err(unavailable)?,
+                message,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn read_message(&self, id: i64) -> Result<Option<MessageRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, persistent, exchange, routing_key, header, body, chunks \
+             FROM messages WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        match row {
+            Some(r) => Ok(Some(self.message_from(&r).await?)),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("mysql://warren:secret@db:3306/warren"),
+            "mysql://warren:***@db:3306/warren"
+        );
+        assert_eq!(redact("sqlite:///x/y.db"), "sqlite:///x/y.db");
+    }
+
+    #[test]
+    fn binding_ids_differ_by_every_field() {
+        let b = BindingRecord {
+            vhost: "/".into(),
+            source: "x".into(),
+            destination: "q".into(),
+            destination_kind: DestinationKind::Queue,
+            routing_key: "k".into(),
+            arguments: Bytes::new(),
+        };
+        let mut other = b.clone();
+        other.destination_kind = DestinationKind::Exchange;
+        assert_ne!(binding_id(&b), binding_id(&other));
+        let mut other = b.clone();
+        other.source = "xq".into();
+        other.destination = String::new();
+        assert_ne!(binding_id(&b), binding_id(&other));
+        assert_eq!(binding_id(&b).len(), 64);
+    }
+}

@@ -1,0 +1,339 @@
+//! The behaviour every store backend must show, run against SQLite and MariaDB/MySQL by the
+//! tests, plus the scratch-database helper those tests use. `WARREN_TEST_MYSQL_URL` names a
+//! server (`mysql://user:pass@host:port`) on which the user may create databases; the test
+//! command starts one when none is reachable.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::*;
+
+pub fn exchange(name: &str) -> ExchangeRecord {
+    ExchangeRecord {
+        vhost: "/".into(),
+        name: name.into(),
+        kind: "topic".into(),
+        auto_delete: false,
+        internal: false,
+        arguments: Bytes::from_static(b"\0\0\0\0"),
+    }
+}
+
+pub fn queue(id: i64, name: &str) -> QueueRecord {
+    QueueRecord {
+        id,
+        vhost: "/".into(),
+        name: name.into(),
+        auto_delete: false,
+        arguments: Bytes::new(),
+        delivered_seq: 0,
+    }
+}
+
+pub fn binding(source: &str, dest: &str, key: &str) -> BindingRecord {
+    BindingRecord {
+        vhost: "/".into(),
+        source: source.into(),
+        destination: dest.into(),
+        destination_kind: DestinationKind::Queue,
+        routing_key: key.into(),
+        arguments: Bytes::new(),
+    }
+}
+
+pub fn message(id: i64, persistent: bool, body: Bytes) -> Arc<MessageRow> {
+    Arc::new(MessageRow {
+        id,
+        persistent,
+        exchange: "amq.direct".into(),
+        routing_key: format!("key-{id}"),
+        header: Bytes::from(vec![0, 60, 0, 0, id as u8]),
+        body,
+    })
+}
+
+/// A fresh database on the MySQL server named by `WARREN_TEST_MYSQL_URL`. Panics (fails the
+/// test) when the variable is unset: the test command always sets it.
+pub async fn mysql_scratch_url() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let Ok(server) = std::env::var("WARREN_TEST_MYSQL_URL") else {
+        panic!(
+            "WARREN_TEST_MYSQL_URL is not set: run scripts/test.sh, which starts MariaDB, or point \
+             it at a MySQL server (mysql://user:pass@host:port) where the user may create databases"
+        );
+    };
+    let server = server.trim_end_matches('/').to_string();
+    let db = format!(
+        "warren_test_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    );
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&server).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    format!("{server}/{db}")
+}
+
+async fn apply<S: MessageStore>(store: &S, ops: Vec<Op>) {
+    store.apply(&Plan::from_ops(ops)).await.unwrap();
+}
+
+pub async fn run<S: MetaStore + MessageStore>(store: Arc<S>) {
+    let s = &*store;
+    let r = s.recover().await.unwrap();
+    assert_eq!(r.snapshot, Snapshot::default());
+    assert_eq!((r.next_message_id, r.next_queue_id), (1, 1));
+
+    // Metadata, written through ops; names are case-sensitive.
+    apply(
+        s,
+        vec![
+            Op::PutExchange(exchange("x")),
+            Op::PutExchange(exchange("x")),
+            Op::PutExchange(exchange("X")),
+            Op::PutQueue(queue(1, "q1")),
+            Op::PutQueue(queue(2, "q2")),
+            Op::PutQueue(queue(3, "Q2")),
+            Op::PutBinding(binding("x", "q1", "a.#")),
+            Op::PutBinding(binding("x", "q1", "a.#")),
+            Op::PutBinding(binding("x", "q2", "b")),
+        ],
+    )
+    .await;
+    let m = s.load_meta().await.unwrap();
+    assert_eq!(m.exchanges, vec![exchange("X"), exchange("x")]);
+    assert_eq!(m.queues, vec![queue(1, "q1"), queue(2, "q2"), queue(3, "Q2")]);
+    assert_eq!(m.bindings.len(), 2);
+    apply(
+        s,
+        vec![
+            Op::DeleteBinding(binding("x", "q2", "b")),
+            Op::DeleteQueue {
+                id: 3,
+                vhost: "/".into(),
+                name: "Q2".into(),
+            },
+        ],
+    )
+    .await;
+    let m = s.load_meta().await.unwrap();
+    assert_eq!(m.bindings, vec![binding("x", "q1", "a.#")]);
+    assert_eq!(m.queues.len(), 2);
+
+    // A message in two queues is stored once and goes with its last position.
+    let big = Bytes::from(
+        (0..(3 * sql::CHUNK + 5))
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<_>>(),
+    );
+    apply(
+        s,
+        vec![
+            Op::Insert {
+                message: message(10, true, Bytes::from_static(b"hello")),
+                entries: vec![(1, 1), (2, 1)],
+            },
+            Op::Insert {
+                message: message(11, true, big.clone()),
+                entries: vec![(1, 2)],
+            },
+            Op::Insert {
+                message: message(12, false, Bytes::new()),
+                entries: vec![(1, 3)],
+            },
+        ],
+    )
+    .await;
+    let sum = s.queue_summary(1).await.unwrap();
+    assert_eq!((sum.count, sum.min_seq, sum.max_seq), (3, 1, 3));
+    let page = s.read_queue(1, 0, 10, usize::MAX).await.unwrap();
+    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(page[0].message, *message(10, true, Bytes::from_static(b"hello")));
+    assert_eq!(page[1].message.body, big);
+    assert_eq!(page[2].message.body, Bytes::new());
+    // after_seq and the byte cap (at least one entry always comes back)
+    let page = s.read_queue(1, 1, 10, 1).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].seq, 2);
+
+    apply(
+        s,
+        vec![Op::Remove {
+            queue_id: 1,
+            seq: 1,
+            message_id: 10,
+        }],
+    )
+    .await;
+    assert!(s.read_message(10).await.unwrap().is_some());
+    apply(
+        s,
+        vec![
+            Op::Remove {
+                queue_id: 2,
+                seq: 1,
+                message_id: 10,
+            },
+            Op::Remove {
+                queue_id: 1,
+                seq: 2,
+                message_id: 11,
+            },
+        ],
+    )
+    .await;
+    assert!(s.read_message(10).await.unwrap().is_none());
+    assert!(s.read_message(11).await.unwrap().is_none());
+    assert_eq!(s.queue_summary(2).await.unwrap().count, 0);
+
+    // Delivered marks only grow.
+    apply(
+        s,
+        vec![
+            Op::Delivered {
+                queue_id: 1,
+                seq: 7,
+            },
+            Op::Delivered {
+                queue_id: 2,
+                seq: 4,
+            },
+        ],
+    )
+    .await;
+    apply(
+        s,
+        vec![Op::Delivered {
+            queue_id: 1,
+            seq: 5,
+        }],
+    )
+    .await;
+    let m = s.load_meta().await.unwrap();
+    let marks: Vec<i64> = m.queues.iter().map(|q| q.delivered_seq).collect();
+    assert_eq!(marks, vec![7, 4]);
+
+    // Recovery drops transient messages and positions of queues that are gone.
+    apply(
+        s,
+        vec![
+            Op::Insert {
+                message: message(20, true, Bytes::from_static(b"kept")),
+                entries: vec![(2, 5), (99, 1)],
+            },
+            Op::Insert {
+                message: message(21, true, Bytes::from_static(b"orphan")),
+                entries: vec![(99, 2)],
+            },
+        ],
+    )
+    .await;
+    let r = s.recover().await.unwrap();
+    assert_eq!(r.next_message_id, 21);
+    assert_eq!(r.next_queue_id, 3);
+    assert!(s.read_message(12).await.unwrap().is_none(), "transient kept");
+    assert!(s.read_message(21).await.unwrap().is_none(), "orphan kept");
+    assert_eq!(s.queue_summary(1).await.unwrap().count, 0);
+    let page = s.read_queue(2, 0, 10, usize::MAX).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].message.body, Bytes::from_static(b"kept"));
+
+    // Purge, and a queue delete takes its messages and bindings.
+    apply(
+        s,
+        vec![
+            Op::Insert {
+                message: message(30, true, Bytes::from_static(b"a")),
+                entries: vec![(1, 10), (2, 6)],
+            },
+            Op::Purge {
+                queue_id: 2,
+                after_seq: 0,
+            },
+        ],
+    )
+    .await;
+    assert_eq!(s.queue_summary(2).await.unwrap().count, 0);
+    assert_eq!(s.queue_summary(1).await.unwrap().count, 1);
+    assert!(s.read_message(30).await.unwrap().is_some());
+    apply(
+        s,
+        vec![Op::Insert {
+            message: message(31, true, Bytes::from_static(b"b")),
+            entries: vec![(1, 11)],
+        }],
+    )
+    .await;
+    apply(
+        s,
+        vec![
+            Op::DeleteQueue {
+                id: 1,
+                vhost: "/".into(),
+                name: "q1".into(),
+            },
+            Op::DeleteExchange {
+                vhost: "/".into(),
+                name: "x".into(),
+            },
+        ],
+    )
+    .await;
+    assert!(s.read_message(30).await.unwrap().is_none());
+    assert!(s.read_message(31).await.unwrap().is_none());
+    let m = s.load_meta().await.unwrap();
+    assert_eq!(m.queues, vec![QueueRecord {
+        delivered_seq: 4,
+        ..queue(2, "q2")
+    }]);
+    assert!(m.bindings.is_empty());
+    assert_eq!(m.exchanges, vec![exchange("X")]);
+
+    writer_batches(store.clone()).await;
+}
+
+/// The writer: tickets commit in order; an insert removed in the same batch is never written.
+async fn writer_batches<S: MessageStore>(store: Arc<S>) {
+    let (w, task) = Writer::start(store.clone(), WriterSettings::default());
+    let mut last = 0;
+    for i in 0..200i64 {
+        last = w.submit(Op::Insert {
+            message: message(1000 + i, true, Bytes::from(vec![1u8; 100])),
+            entries: vec![(2, 100 + i)],
+        });
+    }
+    let cancelled = w.submit(Op::Insert {
+        message: message(5000, true, Bytes::from_static(b"never")),
+        entries: vec![(2, 9999)],
+    });
+    w.submit(Op::Remove {
+        queue_id: 2,
+        seq: 9999,
+        message_id: 5000,
+    });
+    assert!(cancelled > last);
+    w.wait(cancelled + 1).await;
+    assert!(w.committed() > last);
+    assert_eq!(w.held_bytes(), 0);
+    assert!(store.read_message(5000).await.unwrap().is_none());
+    assert_eq!(store.queue_summary(2).await.unwrap().count, 200);
+    w.close();
+    task.await.unwrap();
+    assert_eq!(
+        w.submit(Op::Purge {
+            queue_id: 2,
+            after_seq: 0
+        }),
+        0
+    );
+}
