@@ -1,9 +1,22 @@
 #!/usr/bin/env bash
-# Runs every Warren test on a fresh Debian machine: Rust unit and lapin integration tests, then
-# the pika suite against the built `warren` binary. Installs what it needs (a Python venv with
-# the pinned pika and pytest) and starts the broker itself on free ports.
+# Runs every Warren test on a fresh Debian machine: Rust unit and lapin integration tests
+# (the storage suite and crash tests on SQLite and on MariaDB included), then the pika suite
+# against the built `warren` binary. Installs and starts what it needs: a throwaway MariaDB
+# (scripts/mariadb.sh; Debian's mariadb-server is installed when missing) unless
+# WARREN_TEST_MYSQL_URL names a reachable server, and a Python venv with the pinned pika and
+# pytest. Brokers under test run on free ports with temporary data directories.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+echo "== mariadb"
+WARREN_TEST_MYSQL_URL=$(scripts/mariadb.sh)
+export WARREN_TEST_MYSQL_URL
+stop_mariadb() {
+    if [ -f target/mariadb/pid ]; then
+        kill "$(cat target/mariadb/pid)" 2>/dev/null || true
+    fi
+}
+trap stop_mariadb EXIT
 
 echo "== cargo build"
 cargo build --workspace --all-targets

@@ -43,11 +43,11 @@ pub struct Config {
     pub commit_max_ops: usize,
 
     /// Group commit: most bytes in one transaction.
-    #[arg(long, env = "WARREN_COMMIT_MAX_BYTES", default_value = "16MiB", value_parser = parse_size)]
+    #[arg(long, env = "WARREN_COMMIT_MAX_BYTES", default_value = "4MiB", value_parser = parse_size)]
     pub commit_max_bytes: u64,
 
     /// Bytes waiting for the store above which publishers are held (and sent connection.blocked).
-    #[arg(long, env = "WARREN_STORE_HOLD_BYTES", default_value = "64MiB", value_parser = parse_size)]
+    #[arg(long, env = "WARREN_STORE_HOLD_BYTES", default_value = "32MiB", value_parser = parse_size)]
     pub store_hold_bytes: u64,
 
     #[arg(long, env = "WARREN_DEFAULT_USER", default_value = "guest")]

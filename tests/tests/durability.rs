@@ -1,0 +1,390 @@
+//! Durability against the built `warren` binary and in-process: confirmed persistent messages
+//! survive SIGKILL (SQLite and MariaDB), restarts recover topology and messages (redelivered
+//! when they were delivered before), transient messages do not survive, and a backlog far over
+//! the memory budget pages out with order kept and RSS bounded.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_lite::StreamExt;
+use lapin::{
+    options::*,
+    types::FieldTable,
+    BasicProperties, Channel, Connection, ConnectionProperties,
+};
+
+/// The binary the test command built (`WARREN_BIN` overrides).
+fn warren_bin() -> PathBuf {
+    std::env::var_os("WARREN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/warren")
+        })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn scratch_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "warren-durability-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    async fn start(port: u16, dir: &Path, extra: &[&str]) -> Server {
+        let bin = warren_bin();
+        assert!(bin.exists(), "{} missing: build the workspace first", bin.display());
+        let child = Command::new(bin)
+            .arg("--amqp-listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn warren");
+        let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "warren did not start listening");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Server { child, url }
+    }
+
+    fn kill(mut self) {
+        // SIGKILL: no shutdown path runs.
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn open(url: &str) -> (Connection, Channel) {
+    let c = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = c.create_channel().await.expect("channel");
+    (c, ch)
+}
+
+async fn durable_queue(ch: &Channel, name: &str) -> u32 {
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare")
+    .message_count()
+}
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+/// Publishes numbered persistent messages with confirms until the connection dies; records
+/// every number whose confirm arrived.
+async fn publish_until_killed(url: String, start: u64, confirmed: std::sync::Arc<std::sync::Mutex<Vec<u64>>>) {
+    let (_c, ch) = open(&url).await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let mut n = start;
+    loop {
+        let mut pending = Vec::new();
+        for _ in 0..50 {
+            let body = n.to_string();
+            match ch
+                .basic_publish(
+                    "".into(),
+                    "crash".into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    persistent(),
+                )
+                .await
+            {
+                Ok(p) => pending.push((n, p)),
+                Err(_) => return,
+            }
+            n += 1;
+        }
+        for (i, p) in pending {
+            match p.await {
+                Ok(c) if c.is_ack() => confirmed.lock().unwrap().push(i),
+                _ => return,
+            }
+        }
+    }
+}
+
+/// Everything in the queue, by number (acked).
+async fn drain_numbers(ch: &Channel, queue: &str) -> Vec<u64> {
+    let mut got = Vec::new();
+    loop {
+        let Some(d) = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("get")
+        else {
+            return got;
+        };
+        got.push(std::str::from_utf8(&d.data).unwrap().parse().unwrap());
+    }
+}
+
+async fn crash_rounds(extra: &[&str], tag: &str) {
+    let dir = scratch_dir(tag);
+    let port = free_port();
+    let mut expected: BTreeSet<u64> = BTreeSet::new();
+    let mut next = 0u64;
+    for round in 0..3 {
+        let server = Server::start(port, &dir, extra).await;
+        {
+            let (_c, ch) = open(&server.url).await;
+            durable_queue(&ch, "crash").await;
+        }
+        let confirmed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let publisher = tokio::spawn(publish_until_killed(
+            server.url.clone(),
+            next,
+            confirmed.clone(),
+        ));
+        // Let it run, then kill mid-stream.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while confirmed.lock().unwrap().len() < 500 + round * 300 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server.kill();
+        let _ = tokio::time::timeout(Duration::from_secs(10), publisher).await;
+        let got = confirmed.lock().unwrap().clone();
+        assert!(!got.is_empty(), "round {round}: nothing was confirmed");
+        next = got.iter().max().unwrap() + 1_000_000;
+        expected.extend(got);
+    }
+    // Restart and check every confirmed message is there.
+    let server = Server::start(port, &dir, extra).await;
+    let (_c, ch) = open(&server.url).await;
+    let count = durable_queue(&ch, "crash").await;
+    let present: BTreeSet<u64> = drain_numbers(&ch, "crash").await.into_iter().collect();
+    assert!(count as usize >= expected.len(), "declare-ok count {count} < {}", expected.len());
+    let lost: Vec<&u64> = expected.difference(&present).collect();
+    assert!(lost.is_empty(), "{} confirmed messages lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(10)]);
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_no_confirmed_message_on_sqlite() {
+    crash_rounds(&[], "sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_no_confirmed_message_on_mariadb() {
+    let url = warren_storage::suite::mysql_scratch_url().await;
+    crash_rounds(&["--storage", &url], "mariadb").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_recovers_topology_and_persistent_messages_only() {
+    let config = warren_broker::Config::for_tests();
+    let dir = config.data_dir.clone();
+    let b = warren_broker::start(config).await.unwrap();
+    {
+        let (_c, ch) = channel(&b).await;
+        ch.exchange_declare(
+            "durable-x".into(),
+            lapin::ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        durable_queue(&ch, "kept").await;
+        ch.queue_bind(
+            "kept".into(),
+            "durable-x".into(),
+            "a.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        declare(&ch, "transient-q").await;
+        for (body, props) in [
+            (&b"p1"[..], persistent()),
+            (b"t1", BasicProperties::default()),
+            (b"p2", persistent()),
+            (b"p3", persistent()),
+        ] {
+            ch.basic_publish("durable-x".into(), "a.b".into(), BasicPublishOptions::default(), body, props)
+                .await
+                .unwrap();
+        }
+        // p1 is delivered and left unacked when the broker stops.
+        let d = ch
+            .basic_get("kept".into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+            .expect("p1");
+        assert_eq!(&d.data[..], b"p1");
+        assert!(!d.redelivered);
+    }
+    b.stop().await;
+
+    let mut config = warren_broker::Config::for_tests();
+    config.data_dir = dir.clone();
+    let b = warren_broker::start(config).await.unwrap();
+    let (_c, ch) = channel(&b).await;
+    assert_eq!(durable_queue(&ch, "kept").await, 3, "p1, p2, p3 (t1 was transient)");
+    let err = ch
+        .queue_declare(
+            "transient-q".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), 404);
+    let (_c, ch) = channel(&b).await;
+    let mut cons = consume(&ch, "kept", false).await;
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let d = next(&mut cons).await;
+        seen.push((String::from_utf8(d.data.clone()).unwrap(), d.redelivered));
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    assert_eq!(
+        seen,
+        vec![
+            ("p1".to_string(), true),
+            ("p2".to_string(), false),
+            ("p3".to_string(), false)
+        ]
+    );
+    // the durable binding came back too
+    ch.basic_publish("durable-x".into(), "a.c".into(), BasicPublishOptions::default(), b"p4", persistent())
+        .await
+        .unwrap();
+    assert_eq!(&next(&mut cons).await.data[..], b"p4");
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_over_budget_pages_out_in_order_with_rss_bounded() {
+    const N: usize = 30_000;
+    const SIZE: usize = 4096; // 120 MB of bodies against an 8 MiB budget
+    let dir = scratch_dir("backlog");
+    let port = free_port();
+    let server = Server::start(port, &dir, &["--cache-memory", "8MiB", "--store-hold-bytes", "8MiB", "--commit-max-bytes", "1MiB"]).await;
+    let base = server.rss_kib();
+    let (_c, ch) = open(&server.url).await;
+    declare(&ch, "backlog").await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let mut peak = 0;
+    let mut body = vec![0u8; SIZE];
+    for chunk in 0..N / 500 {
+        let mut pending = Vec::new();
+        for i in chunk * 500..(chunk + 1) * 500 {
+            body[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            pending.push(
+                ch.basic_publish("".into(), "backlog".into(), BasicPublishOptions::default(), &body, BasicProperties::default())
+                    .await
+                    .unwrap(),
+            );
+        }
+        for p in pending {
+            assert!(p.await.unwrap().is_ack());
+        }
+        peak = peak.max(server.rss_kib());
+    }
+    let declared = ch
+        .queue_declare("backlog".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    assert_eq!(declared.message_count() as usize, N);
+    let data_mb = (N * SIZE) >> 20;
+    let grown_mb = peak.saturating_sub(base) / 1024;
+    eprintln!("backlog: {data_mb} MB of bodies; RSS {base} KiB at start, peak {peak} KiB (+{grown_mb} MB)");
+    assert!(
+        grown_mb < (data_mb as u64) / 2,
+        "RSS grew {grown_mb} MB for {data_mb} MB of backlog: not paged out"
+    );
+    // Drain with a consumer: every message, in order.
+    ch.basic_qos(200, BasicQosOptions::default()).await.unwrap();
+    let mut cons = consume(&ch, "backlog", false).await;
+    for i in 0..N {
+        let d = tokio::time::timeout(Duration::from_secs(30), cons.next())
+            .await
+            .expect("drain stalled")
+            .unwrap()
+            .unwrap();
+        let n = u64::from_be_bytes(d.data[..8].try_into().unwrap());
+        assert_eq!(n, i as u64, "out of order");
+        assert_eq!(d.data.len(), SIZE);
+        if i % 100 == 99 {
+            d.ack(BasicAckOptions { multiple: true }).await.unwrap();
+        }
+        peak = peak.max(server.rss_kib());
+    }
+    let grown_mb = peak.saturating_sub(base) / 1024;
+    assert!(grown_mb < (data_mb as u64) / 2, "RSS grew {grown_mb} MB while draining");
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}
