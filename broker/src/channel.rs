@@ -180,7 +180,9 @@ impl Channel {
 
     /// Are confirms waiting for the store?
     pub fn confirms_waiting(&self) -> bool {
-        self.confirms.as_ref().is_some_and(|c| !c.waiting.is_empty())
+        self.confirms
+            .as_ref()
+            .is_some_and(|c| !c.waiting.is_empty())
     }
 
     /// Sends the confirms that are ready (their messages committed), one method per run.

@@ -626,7 +626,10 @@ impl Conn {
                 })),
             );
         }
-        warn!(held = store.held_bytes(), "publisher held: the store is behind");
+        warn!(
+            held = store.held_bytes(),
+            "publisher held: the store is behind"
+        );
         let mut committed = store.subscribe();
         loop {
             tokio::select! {

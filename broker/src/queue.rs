@@ -383,12 +383,7 @@ impl Queue {
     }
 
     /// Re-submits a stored position that was forgotten too early.
-    fn restore_position(
-        &self,
-        e: &Entry,
-        msg: &Arc<Message>,
-        row: &mut Option<Arc<MessageRow>>,
-    ) {
+    fn restore_position(&self, e: &Entry, msg: &Arc<Message>, row: &mut Option<Arc<MessageRow>>) {
         let row = row.get_or_insert_with(|| Arc::new(msg.to_row())).clone();
         self.persist.submit(Op::Insert {
             message: row,
@@ -418,7 +413,7 @@ impl Queue {
                     let remaining = (g.ready.len() as u64 + g.paged.count) as u32;
                     let redelivered = entry.redelivered;
                     let kept = entry.clone();
-                    let to_record = self.delivered(&mut *g, entry, &msg, !no_ack);
+                    let to_record = self.delivered(&mut g, entry, &msg, !no_ack);
                     let Ok(tag) = channel.record(self, to_record, None, !no_ack) else {
                         if no_ack && kept.stored {
                             self.restore_position(&kept, &msg, &mut None);
@@ -447,7 +442,10 @@ impl Queue {
             let job = self.load_job(&mut g, true);
             drop(g);
             if block_on(self.clone().load(job)).is_none() {
-                tracing::warn!(queue = self.name(), "basic.get on a paged queue needs the multi-threaded runtime");
+                tracing::warn!(
+                    queue = self.name(),
+                    "basic.get on a paged queue needs the multi-threaded runtime"
+                );
                 return None;
             }
         }
@@ -614,7 +612,11 @@ impl Queue {
             }
         }
         let rows = if job.page {
-            match p.store.read_queue(self.id, job.cursor as i64, WINDOW, WINDOW_BYTES).await {
+            match p
+                .store
+                .read_queue(self.id, job.cursor as i64, WINDOW, WINDOW_BYTES)
+                .await
+            {
                 Ok(rows) => rows,
                 Err(e) => {
                     tracing::warn!(queue = self.name(), error = %e, "store read failed");
@@ -629,7 +631,11 @@ impl Queue {
             return Ok(());
         }
         for m in bodies {
-            for e in g.ready.iter_mut().filter(|e| e.id == m.id && e.msg.is_none()) {
+            for e in g
+                .ready
+                .iter_mut()
+                .filter(|e| e.id == m.id && e.msg.is_none())
+            {
                 e.msg = Some(m.clone());
             }
         }
@@ -642,7 +648,8 @@ impl Queue {
             .filter(|id| !p.cache.contains_key(id))
             .collect();
         if !unreadable.is_empty() {
-            g.ready.retain(|e| !(e.msg.is_none() && unreadable.contains(&e.id)));
+            g.ready
+                .retain(|e| !(e.msg.is_none() && unreadable.contains(&e.id)));
         }
         if job.page && rows.is_empty() && g.paged.count > 0 && g.paged.cursor == job.cursor {
             tracing::error!(
@@ -661,7 +668,11 @@ impl Queue {
                 break; // not committed yet: the next trip takes it
             }
             let Some(m) = Message::from_row(row.message, Some(p.gauge.clone())) else {
-                tracing::error!(queue = self.name(), seq, "stored header unreadable; skipped");
+                tracing::error!(
+                    queue = self.name(),
+                    seq,
+                    "stored header unreadable; skipped"
+                );
                 g.paged.cursor = seq;
                 g.paged.count -= 1;
                 continue;

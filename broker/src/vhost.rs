@@ -668,13 +668,23 @@ impl VHost {
 
     /// Rebuilds this vhost's durable exchanges, queues (their messages paged, read lazily) and
     /// bindings from what the store recovered.
-    pub async fn restore(&self, snap: &warren_storage::Snapshot) -> Result<(), warren_storage::StoreError> {
+    pub async fn restore(
+        &self,
+        snap: &warren_storage::Snapshot,
+    ) -> Result<(), warren_storage::StoreError> {
         for r in snap.exchanges.iter().filter(|r| r.vhost == self.name) {
             let Some(kind) = ExchangeKind::parse(&r.kind) else {
                 tracing::error!(exchange = %r.name, kind = %r.kind, "stored exchange of unknown type skipped");
                 continue;
             };
-            let x = Exchange::new(&r.name, kind, true, r.auto_delete, r.internal, decode_table(&r.arguments));
+            let x = Exchange::new(
+                &r.name,
+                kind,
+                true,
+                r.auto_delete,
+                r.internal,
+                decode_table(&r.arguments),
+            );
             self.exchanges
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
@@ -707,7 +717,9 @@ impl VHost {
             };
             let dest = match b.destination_kind {
                 DestinationKind::Queue => self.queue(&b.destination).map(Destination::Queue),
-                DestinationKind::Exchange => self.exchange(&b.destination).map(Destination::Exchange),
+                DestinationKind::Exchange => {
+                    self.exchange(&b.destination).map(Destination::Exchange)
+                }
             };
             if let Some(dest) = dest {
                 x.bind(dest, &b.routing_key, decode_table(&b.arguments));

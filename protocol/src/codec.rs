@@ -307,6 +307,12 @@ pub fn qos_prefetch_size(raw: &[u8]) -> u32 {
     }
 }
 
+/// The properties of an encoded content header payload (as `Frame::Header::raw` holds it), for
+/// messages read back from the store. None if it does not parse.
+pub fn header_properties(raw: &[u8]) -> Option<AMQPProperties> {
+    parse_content_header(raw).ok().map(|(_, h)| h.properties)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,10 +465,4 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
     }
-}
-
-/// The properties of an encoded content header payload (as `Frame::Header::raw` holds it), for
-/// messages read back from the store. None if it does not parse.
-pub fn header_properties(raw: &[u8]) -> Option<AMQPProperties> {
-    parse_content_header(raw).ok().map(|(_, h)| h.properties)
 }

@@ -224,7 +224,9 @@ mod backend_tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn suite_on_sqlite() {
         let dir = scratch_dir("sqlite");
-        let store = SqlStore::open(&SqlStore::sqlite_url(&dir), true).await.unwrap();
+        let store = SqlStore::open(&SqlStore::sqlite_url(&dir), true)
+            .await
+            .unwrap();
         suite::run(Arc::new(store)).await;
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -315,11 +315,11 @@ async fn insert_messages(
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "{insert} INTO message_chunks (message_id, idx, data) VALUES (?, ?, ?)"
             )))
-                .bind(ins.message.id)
-                .bind(idx as i64)
-                .bind(chunk.to_vec())
-                .execute(&mut **tx)
-                .await?;
+            .bind(ins.message.id)
+            .bind(idx as i64)
+            .bind(chunk.to_vec())
+            .execute(&mut **tx)
+            .await?;
         }
     }
     let positions: Vec<(i64, i64, i64)> = inserts
@@ -327,8 +327,9 @@ async fn insert_messages(
         .flat_map(|i| i.entries.iter().map(|(q, s)| (*q, *s, i.message.id)))
         .collect();
     for rows in positions.chunks(MAX_ROWS) {
-        let mut qb =
-            QueryBuilder::<sqlx::Any>::new("INSERT INTO queue_messages (queue_id, seq, message_id) ");
+        let mut qb = QueryBuilder::<sqlx::Any>::new(
+            "INSERT INTO queue_messages (queue_id, seq, message_id) ",
+        );
         qb.push_values(rows, |mut b, (q, s, m)| {
             b.push_bind(*q).push_bind(*s).push_bind(*m);
         });
@@ -506,7 +507,9 @@ impl MessageStore for SqlStore {
             return Ok(());
         }
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        apply_plan(&mut tx, self.backend, plan).await.map_err(unavailable)?;
+        apply_plan(&mut tx, self.backend, plan)
+            .await
+            .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)
     }
 

@@ -1,7 +1,9 @@
 //! The behaviour every store backend must show, run against SQLite and MariaDB/MySQL by the
 //! tests, plus the scratch-database helper those tests use. `WARREN_TEST_MYSQL_URL` names a
 //! server (`mysql://user:pass@host:port`) on which the user may create databases; the test
-//! command starts one when none is reachable.
+//! command starts one when none is reachable. Test code: a panic is a failure.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -112,7 +114,10 @@ pub async fn run<S: MetaStore + MessageStore>(store: Arc<S>) {
     .await;
     let m = s.load_meta().await.unwrap();
     assert_eq!(m.exchanges, vec![exchange("X"), exchange("x")]);
-    assert_eq!(m.queues, vec![queue(1, "q1"), queue(2, "q2"), queue(3, "Q2")]);
+    assert_eq!(
+        m.queues,
+        vec![queue(1, "q1"), queue(2, "q2"), queue(3, "Q2")]
+    );
     assert_eq!(m.bindings.len(), 2);
     apply(
         s,
@@ -157,8 +162,14 @@ pub async fn run<S: MetaStore + MessageStore>(store: Arc<S>) {
     let sum = s.queue_summary(1).await.unwrap();
     assert_eq!((sum.count, sum.min_seq, sum.max_seq), (3, 1, 3));
     let page = s.read_queue(1, 0, 10, usize::MAX).await.unwrap();
-    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
-    assert_eq!(page[0].message, *message(10, true, Bytes::from_static(b"hello")));
+    assert_eq!(
+        page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(
+        page[0].message,
+        *message(10, true, Bytes::from_static(b"hello"))
+    );
     assert_eq!(page[1].message.body, big);
     assert_eq!(page[2].message.body, Bytes::new());
     // after_seq and the byte cap (at least one entry always comes back)
@@ -241,7 +252,10 @@ pub async fn run<S: MetaStore + MessageStore>(store: Arc<S>) {
     let r = s.recover().await.unwrap();
     assert_eq!(r.next_message_id, 21);
     assert_eq!(r.next_queue_id, 3);
-    assert!(s.read_message(12).await.unwrap().is_none(), "transient kept");
+    assert!(
+        s.read_message(12).await.unwrap().is_none(),
+        "transient kept"
+    );
     assert!(s.read_message(21).await.unwrap().is_none(), "orphan kept");
     assert_eq!(s.queue_summary(1).await.unwrap().count, 0);
     let page = s.read_queue(2, 0, 10, usize::MAX).await.unwrap();
@@ -292,10 +306,13 @@ pub async fn run<S: MetaStore + MessageStore>(store: Arc<S>) {
     assert!(s.read_message(30).await.unwrap().is_none());
     assert!(s.read_message(31).await.unwrap().is_none());
     let m = s.load_meta().await.unwrap();
-    assert_eq!(m.queues, vec![QueueRecord {
-        delivered_seq: 4,
-        ..queue(2, "q2")
-    }]);
+    assert_eq!(
+        m.queues,
+        vec![QueueRecord {
+            delivered_seq: 4,
+            ..queue(2, "q2")
+        }]
+    );
     assert!(m.bindings.is_empty());
     assert_eq!(m.exchanges, vec![exchange("X")]);
 

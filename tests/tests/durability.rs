@@ -15,18 +15,14 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures_lite::StreamExt;
 use lapin::{
-    options::*,
-    types::FieldTable,
-    BasicProperties, Channel, Connection, ConnectionProperties,
+    options::*, types::FieldTable, BasicProperties, Channel, Connection, ConnectionProperties,
 };
 
 /// The binary the test command built (`WARREN_BIN` overrides).
 fn warren_bin() -> PathBuf {
     std::env::var_os("WARREN_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/warren")
-        })
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/warren"))
 }
 
 fn free_port() -> u16 {
@@ -58,7 +54,11 @@ struct Server {
 impl Server {
     async fn start(port: u16, dir: &Path, extra: &[&str]) -> Server {
         let bin = warren_bin();
-        assert!(bin.exists(), "{} missing: build the workspace first", bin.display());
+        assert!(
+            bin.exists(),
+            "{} missing: build the workspace first",
+            bin.display()
+        );
         let child = Command::new(bin)
             .arg("--amqp-listen")
             .arg(format!("127.0.0.1:{port}"))
@@ -73,7 +73,10 @@ impl Server {
         let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
                 break;
             }
             assert!(Instant::now() < deadline, "warren did not start listening");
@@ -135,9 +138,15 @@ fn persistent() -> BasicProperties {
 
 /// Publishes numbered persistent messages with confirms until the connection dies; records
 /// every number whose confirm arrived.
-async fn publish_until_killed(url: String, start: u64, confirmed: std::sync::Arc<std::sync::Mutex<Vec<u64>>>) {
+async fn publish_until_killed(
+    url: String,
+    start: u64,
+    confirmed: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+) {
     let (_c, ch) = open(&url).await;
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     let mut n = start;
     loop {
         let mut pending = Vec::new();
@@ -216,9 +225,18 @@ async fn crash_rounds(extra: &[&str], tag: &str) {
     let (_c, ch) = open(&server.url).await;
     let count = durable_queue(&ch, "crash").await;
     let present: BTreeSet<u64> = drain_numbers(&ch, "crash").await.into_iter().collect();
-    assert!(count as usize >= expected.len(), "declare-ok count {count} < {}", expected.len());
+    assert!(
+        count as usize >= expected.len(),
+        "declare-ok count {count} < {}",
+        expected.len()
+    );
     let lost: Vec<&u64> = expected.difference(&present).collect();
-    assert!(lost.is_empty(), "{} confirmed messages lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(10)]);
+    assert!(
+        lost.is_empty(),
+        "{} confirmed messages lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
     drop(server);
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -269,9 +287,15 @@ async fn restart_recovers_topology_and_persistent_messages_only() {
             (b"p2", persistent()),
             (b"p3", persistent()),
         ] {
-            ch.basic_publish("durable-x".into(), "a.b".into(), BasicPublishOptions::default(), body, props)
-                .await
-                .unwrap();
+            ch.basic_publish(
+                "durable-x".into(),
+                "a.b".into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap();
         }
         // p1 is delivered and left unacked when the broker stops.
         let d = ch
@@ -288,7 +312,11 @@ async fn restart_recovers_topology_and_persistent_messages_only() {
     config.data_dir = dir.clone();
     let b = warren_broker::start(config).await.unwrap();
     let (_c, ch) = channel(&b).await;
-    assert_eq!(durable_queue(&ch, "kept").await, 3, "p1, p2, p3 (t1 was transient)");
+    assert_eq!(
+        durable_queue(&ch, "kept").await,
+        3,
+        "p1, p2, p3 (t1 was transient)"
+    );
     let err = ch
         .queue_declare(
             "transient-q".into(),
@@ -318,9 +346,15 @@ async fn restart_recovers_topology_and_persistent_messages_only() {
         ]
     );
     // the durable binding came back too
-    ch.basic_publish("durable-x".into(), "a.c".into(), BasicPublishOptions::default(), b"p4", persistent())
-        .await
-        .unwrap();
+    ch.basic_publish(
+        "durable-x".into(),
+        "a.c".into(),
+        BasicPublishOptions::default(),
+        b"p4",
+        persistent(),
+    )
+    .await
+    .unwrap();
     assert_eq!(&next(&mut cons).await.data[..], b"p4");
     b.stop().await;
     let _ = std::fs::remove_dir_all(dir);
@@ -332,11 +366,25 @@ async fn backlog_over_budget_pages_out_in_order_with_rss_bounded() {
     const SIZE: usize = 4096; // 120 MB of bodies against an 8 MiB budget
     let dir = scratch_dir("backlog");
     let port = free_port();
-    let server = Server::start(port, &dir, &["--cache-memory", "8MiB", "--store-hold-bytes", "8MiB", "--commit-max-bytes", "1MiB"]).await;
+    let server = Server::start(
+        port,
+        &dir,
+        &[
+            "--cache-memory",
+            "8MiB",
+            "--store-hold-bytes",
+            "8MiB",
+            "--commit-max-bytes",
+            "1MiB",
+        ],
+    )
+    .await;
     let base = server.rss_kib();
     let (_c, ch) = open(&server.url).await;
     declare(&ch, "backlog").await;
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     let mut peak = 0;
     let mut body = vec![0u8; SIZE];
     for chunk in 0..N / 500 {
@@ -344,9 +392,15 @@ async fn backlog_over_budget_pages_out_in_order_with_rss_bounded() {
         for i in chunk * 500..(chunk + 1) * 500 {
             body[..8].copy_from_slice(&(i as u64).to_be_bytes());
             pending.push(
-                ch.basic_publish("".into(), "backlog".into(), BasicPublishOptions::default(), &body, BasicProperties::default())
-                    .await
-                    .unwrap(),
+                ch.basic_publish(
+                    "".into(),
+                    "backlog".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default(),
+                )
+                .await
+                .unwrap(),
             );
         }
         for p in pending {
@@ -355,7 +409,14 @@ async fn backlog_over_budget_pages_out_in_order_with_rss_bounded() {
         peak = peak.max(server.rss_kib());
     }
     let declared = ch
-        .queue_declare("backlog".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "backlog".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     assert_eq!(declared.message_count() as usize, N);
@@ -384,7 +445,10 @@ async fn backlog_over_budget_pages_out_in_order_with_rss_bounded() {
         peak = peak.max(server.rss_kib());
     }
     let grown_mb = peak.saturating_sub(base) / 1024;
-    assert!(grown_mb < (data_mb as u64) / 2, "RSS grew {grown_mb} MB while draining");
+    assert!(
+        grown_mb < (data_mb as u64) / 2,
+        "RSS grew {grown_mb} MB while draining"
+    );
     drop(server);
     let _ = std::fs::remove_dir_all(dir);
 }
