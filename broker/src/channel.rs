@@ -104,8 +104,8 @@ pub struct Channel {
     last_queue: Option<String>,
     route_buf: Vec<Arc<Queue>>,
     persist: Arc<Persistence>,
-    /// Some publish on this channel waited for the store (so the connection may be held
-    /// when the store falls behind).
+    /// Some publish on this channel was written to the store (persistent or paged), so the
+    /// connection is held when the store falls behind.
     pub stored_publishes: bool,
     /// While handling a topology method: the store ticket before it, so its reply waits for
     /// any write it made.
@@ -661,6 +661,8 @@ impl Channel {
                 Enqueued::Held => delivered = true,
                 Enqueued::Stored { ticket: t, durable } => {
                     delivered = true;
+                    // paged or persistent: this connection now feeds the store writer
+                    self.stored_publishes = true;
                     if durable {
                         ticket = ticket.max(t);
                     }
@@ -668,9 +670,6 @@ impl Channel {
             }
         }
         self.route_buf = queues;
-        if ticket > 0 {
-            self.stored_publishes = true;
-        }
         let ticket = self.persist.confirm_ticket(ticket);
         if !delivered && mandatory {
             self.handle.outbox.push(Outgoing::Content(
