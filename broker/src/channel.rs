@@ -64,8 +64,9 @@ struct Confirms {
 }
 
 impl Confirms {
-    fn settle(&mut self, tag: u64, ack: bool, ticket: u64, committed: u64) {
-        if ticket > committed || !self.waiting.is_empty() {
+    /// `committed` is read only for a message that waits on the store.
+    fn settle(&mut self, tag: u64, ack: bool, ticket: u64, committed: impl FnOnce() -> u64) {
+        if !self.waiting.is_empty() || (ticket > 0 && ticket > committed()) {
             self.waiting.push_back((tag, ticket, ack));
             return;
         }
@@ -686,7 +687,8 @@ impl Channel {
         if let Some(c) = self.confirms.as_mut() {
             let tag = c.next;
             c.next += 1;
-            c.settle(tag, true, ticket, self.persist.writer.committed());
+            let writer = &self.persist.writer;
+            c.settle(tag, true, ticket, || writer.committed());
         }
         ticket
     }

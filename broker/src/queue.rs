@@ -356,17 +356,10 @@ impl Queue {
     ) -> Result<(), Entry> {
         let ch = &consumer.channel;
         let redelivered = entry.redelivered;
-        let kept = entry.clone();
         let to_record = self.delivered(g, entry, &msg, !consumer.no_ack);
         let tag = match ch.record(self, to_record, Some(consumer), !consumer.no_ack) {
             Ok(tag) => tag,
-            Err(_) => {
-                if consumer.no_ack && kept.stored {
-                    // forgotten above: write the position back
-                    self.restore_position(&kept, &msg, &mut None);
-                }
-                return Err(kept);
-            }
+            Err(back) => return Err(self.undeliver(back, msg, consumer.no_ack)),
         };
         ch.outbox.push(Outgoing::Content(
             ch.id,
@@ -382,13 +375,17 @@ impl Queue {
         Ok(())
     }
 
-    /// Re-submits a stored position that was forgotten too early.
-    fn restore_position(&self, e: &Entry, msg: &Arc<Message>, row: &mut Option<Arc<MessageRow>>) {
-        let row = row.get_or_insert_with(|| Arc::new(msg.to_row())).clone();
-        self.persist.submit(Op::Insert {
-            message: row,
-            entries: vec![(self.id, e.seq as i64)],
-        });
+    /// A delivery its channel refused (closed meanwhile): the entry as it goes back to the head,
+    /// with its body, and its stored position written again if `delivered` forgot it (no-ack).
+    fn undeliver(&self, mut e: Entry, msg: Arc<Message>, no_ack: bool) -> Entry {
+        if no_ack && e.stored {
+            self.persist.submit(Op::Insert {
+                message: Arc::new(msg.to_row()),
+                entries: vec![(self.id, e.seq as i64)],
+            });
+        }
+        e.msg = Some(msg);
+        e
     }
 
     /// The entry is gone for good (acked, dropped): its stored position goes too.
@@ -412,14 +409,14 @@ impl Queue {
                     let entry = g.ready.pop_front()?;
                     let remaining = (g.ready.len() as u64 + g.paged.count) as u32;
                     let redelivered = entry.redelivered;
-                    let kept = entry.clone();
                     let to_record = self.delivered(&mut g, entry, &msg, !no_ack);
-                    let Ok(tag) = channel.record(self, to_record, None, !no_ack) else {
-                        if no_ack && kept.stored {
-                            self.restore_position(&kept, &msg, &mut None);
+                    let tag = match channel.record(self, to_record, None, !no_ack) {
+                        Ok(tag) => tag,
+                        Err(back) => {
+                            let back = self.undeliver(back, msg, no_ack);
+                            g.ready.push_front(back);
+                            return Some(false);
                         }
-                        g.ready.push_front(kept);
-                        return Some(false);
                     };
                     channel.outbox.push(Outgoing::Content(
                         channel.id,
@@ -552,11 +549,12 @@ impl Queue {
             return;
         }
         let want_page = g.paged.count > 0 && g.ready.len() < LOW_WATER;
+        // Only the head is checked (this runs on every dispatch); the trip itself re-reads
+        // every evicted body among the first REFILL entries.
         let want_bodies = g
             .ready
-            .iter()
-            .take(REFILL)
-            .any(|e| e.msg.is_none() && !self.persist.cache.contains_key(&e.id));
+            .front()
+            .is_some_and(|e| e.msg.is_none() && !self.persist.cache.contains_key(&e.id));
         if !want_page && !want_bodies {
             return;
         }

@@ -121,15 +121,6 @@ impl SqlStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
-
-    /// Is the database answering?
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
-    }
 }
 
 /// A URL with its password hidden, for messages.

@@ -146,11 +146,6 @@ impl Writer {
         }
     }
 
-    /// False while commits are failing.
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
     /// Stops taking ops; the task commits what it has and ends.
     pub fn close(&self) {
         self.lock().tx = None;
