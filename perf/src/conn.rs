@@ -30,7 +30,7 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Zero padding at least this long goes out as a shared slice (vectored write), not a copy.
 const SHARE_ZEROS_AT: usize = 4096;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An AMQP short string, refusing (instead of panicking on) more than 255 bytes.
 pub fn short(s: &str) -> Result<ShortString> {

@@ -274,7 +274,7 @@ impl Watched {
         };
         WatchedSummary {
             pid: self.pid,
-            cpu_s: cpu,
+            cpu_s: cpu.map(round2),
             cpu_us_per_msg: cpu.and_then(|c| per_msg_us(c, msgs)),
             rss_start_bytes: self.rss_start,
             rss_end_bytes: self.rss_last,
@@ -438,6 +438,11 @@ impl Reporter {
             let _ = iv.add(&h);
             let _ = total.add(&h);
         }
+    }
+
+    /// Time since the last progress line (or the start).
+    pub fn since_tick(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.last_t)
     }
 
     /// Prints one progress line to stderr and records it.
