@@ -287,6 +287,11 @@ impl Args {
         if self.multi_ack_every == 0 {
             bail!("-A/--multi-ack-every must be at least 1");
         }
+        if let Some(q) = self.qos {
+            if q > 0 && !self.autoack && self.multi_ack_every > u32::from(q) {
+                bail!("-A/--multi-ack-every above -q/--qos stalls the consumers (the broker stops at the prefetch)");
+            }
+        }
         for (name, r) in [
             ("-r/--rate", self.rate),
             ("-R/--consumer-rate", self.consumer_rate),
@@ -628,6 +633,8 @@ mod tests {
         assert!(config(&["-s", "11"]).is_err());
         assert!(config(&["-c", "0"]).is_err());
         assert!(config(&["-A", "0"]).is_err());
+        assert!(config(&["-A", "100", "-q", "50"]).is_err());
+        assert!(config(&["-A", "100", "-q", "50", "-a"]).is_ok());
         assert!(config(&["-r", "0"]).is_err());
         assert!(config(&["-r", "-5"]).is_err());
         assert!(config(&["-f", "immediate"]).is_err());

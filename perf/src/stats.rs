@@ -528,7 +528,8 @@ impl Reporter {
             t.map(|t| t.saturating_duration_since(self.start).as_secs_f64())
                 .filter(|s| *s > 0.0)
         };
-        let rate = |n: u64, secs: Option<f64>| secs.map_or(0.0, |s| (n as f64 / s).round());
+        let rate =
+            |n: u64, secs: Option<f64>| secs.map_or(0.0, |s| (n as f64 / s * 10.0).round() / 10.0);
         let msgs = c.sent.max(c.consumed);
         let watched = self.watched.iter_mut().map(|w| w.summary(msgs)).collect();
         let expected_consumed = head.fanout_factor.map(|f| {
