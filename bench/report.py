@@ -263,9 +263,9 @@ def gnuplot(script):
     if not shutil.which("gnuplot"):
         print("gnuplot not found: no chart", file=sys.stderr)
         return False
-    r = subprocess.run(["gnuplot"], input=script, text=True, capture_output=True)
+    r = subprocess.run(["gnuplot"], input=script.encode(), capture_output=True)
     if r.returncode != 0:
-        print(f"gnuplot failed: {r.stderr}", file=sys.stderr)
+        print(f"gnuplot failed: {r.stderr.decode(errors='replace')}", file=sys.stderr)
         return False
     return True
 
@@ -274,11 +274,11 @@ def draw_ratio_chart(chart, png):
     if not chart:
         return False
     data = "\n".join(f'"{cid}" {ratio:.4f}' for cid, ratio in chart)
-    width = max(640, 60 * len(chart) + 200)
+    width = max(800, 60 * len(chart) + 200)
     script = f"""
 set terminal pngcairo size {width},480 noenhanced
 set output "{png}"
-set title "Warren / RabbitMQ per case (throughput: higher is better; latency, RSS: lower is better)"
+set title "Warren / RabbitMQ per case\\n(rates: higher is better; latency and RSS: lower is better)"
 set style fill solid 0.8
 set boxwidth 0.6
 set yrange [0:*]
@@ -330,6 +330,8 @@ set ylabel "msg/s"
 set y2label "RSS MiB"
 set ytics nomirror
 set y2tics
+set yrange [0:*]
+set y2range [0:*]
 set grid
 set key outside bottom center horizontal
 plot {", ".join(plots)}

@@ -147,9 +147,9 @@ uri() {
     esac
 }
 
-# perf BROKER OUT.json ARGS...: one warren-perf run against the running broker; a mismatch
+# perf_run BROKER OUT.json ARGS...: one warren-perf run against the running broker; a mismatch
 # between consumed and confirmed is reported loudly (and recorded in the JSON).
-perf() {
+perf_run() {
     local broker=$1 out=$2
     shift 2
     timeout $((DURATION + 900)) "$PERF" --uri "$(uri "$broker")" --json \
@@ -187,11 +187,11 @@ run_case() {
             args=("$@")
             if [ -n "$fill" ]; then
                 # shellcheck disable=SC2086 # the fill arguments are meant to be split
-                perf "$broker" "$dir/fill-${name#run-}.json" $fill || true
+                perf_run "$broker" "$dir/fill-${name#run-}.json" $fill || true
                 count=$(python3 "$REPORT" filled "$dir/fill-${name#run-}.json" 2>/dev/null || echo 0)
                 args=("${args[@]//@FILLED@/$count}")
             fi
-            perf "$broker" "$dir/$name.json" "${args[@]}" || true
+            perf_run "$broker" "$dir/$name.json" "${args[@]}" || true
             if [ -n "$fill" ]; then
                 python3 "$REPORT" check "$dir/$name.json" "$count" >&2 || log "MISMATCH against $broker"
             fi
