@@ -23,6 +23,8 @@ use crate::args::Target;
 
 /// The one channel every load connection uses.
 pub const CHANNEL: u16 = 1;
+/// The smallest frame_max AMQP 0-9-1 allows.
+const MIN_FRAME_MAX: u32 = 4096;
 /// frame_max used when the server offers 0 (no limit).
 const DEFAULT_FRAME_MAX: u32 = 131_072;
 /// Read at least this much per read call.
@@ -314,6 +316,9 @@ async fn handshake(target: &Target, name: &str) -> Result<Conn> {
     } else {
         tune.frame_max
     };
+    if frame_max < MIN_FRAME_MAX {
+        bail!("the server offers frame_max {frame_max}, below the protocol's minimum of {MIN_FRAME_MAX}");
+    }
     // Heartbeats only when the URI asks for them; then the smaller of the two non-zero values.
     let heartbeat = match (target.heartbeat, tune.heartbeat) {
         (0, _) => 0,
