@@ -84,7 +84,7 @@ pub struct Args {
     /// Messages each consumer consumes.
     #[arg(short = 'D', long)]
     pub cmessages: Option<u64>,
-    /// Queue arguments: key=value,... (integers as long-long ints, anything else as strings).
+    /// Queue arguments: key=value,... (integers as long ints, anything else as strings).
     #[arg(long)]
     pub queue_args: Option<String>,
     /// Declare queues auto-delete (PerfTest's default is true).
@@ -287,6 +287,11 @@ impl Args {
         if self.multi_ack_every == 0 {
             bail!("-A/--multi-ack-every must be at least 1");
         }
+        if let Some(q) = self.qos {
+            if q > 0 && !self.autoack && self.multi_ack_every > u32::from(q) {
+                bail!("-A/--multi-ack-every above -q/--qos stalls the consumers (the broker stops at the prefetch)");
+            }
+        }
         for (name, r) in [
             ("-r/--rate", self.rate),
             ("-R/--consumer-rate", self.consumer_rate),
@@ -442,9 +447,8 @@ fn percent_decode(s: &str) -> Result<String> {
     String::from_utf8(out).context("%-escapes are not UTF-8")
 }
 
-/// Parses `x-max-length=10,x-queue-type=quorum`: values that parse as integers become
-/// long-long ints (as PerfTest sends Java longs), `true`/`false` stay strings, as does
-/// anything else.
+/// Parses `x-max-length=10,x-queue-type=quorum`: integers become long ints (AMQP's signed
+/// 32-bit `I`; long-long `l` beyond that range), anything else (`true` included) a long string.
 pub fn parse_queue_args(s: &str) -> Result<FieldTable> {
     let mut t = FieldTable::default();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
@@ -456,7 +460,10 @@ pub fn parse_queue_args(s: &str) -> Result<FieldTable> {
             bail!("empty key in {item:?}");
         }
         let value = match v.parse::<i64>() {
-            Ok(n) => AMQPValue::LongLongInt(n),
+            Ok(n) => match i32::try_from(n) {
+                Ok(n) => AMQPValue::LongInt(n),
+                Err(_) => AMQPValue::LongLongInt(n),
+            },
             Err(_) => AMQPValue::LongString(LongString::from(v)),
         };
         let key = ShortString::try_new(k).map_err(|e| anyhow!("key {k:?}: {e}"))?;
@@ -628,6 +635,8 @@ mod tests {
         assert!(config(&["-s", "11"]).is_err());
         assert!(config(&["-c", "0"]).is_err());
         assert!(config(&["-A", "0"]).is_err());
+        assert!(config(&["-A", "100", "-q", "50"]).is_err());
+        assert!(config(&["-A", "100", "-q", "50", "-a"]).is_ok());
         assert!(config(&["-r", "0"]).is_err());
         assert!(config(&["-r", "-5"]).is_err());
         assert!(config(&["-f", "immediate"]).is_err());
@@ -693,10 +702,17 @@ mod tests {
 
     #[test]
     fn queue_args() {
-        let t = parse_queue_args("x-max-length=10, x-queue-type=quorum,x-message-ttl=-1").unwrap();
+        let t = parse_queue_args(
+            "x-max-length=10, x-queue-type=quorum,x-message-ttl=-1,x-max-length-bytes=5000000000",
+        )
+        .unwrap();
         let m = t.inner();
-        assert_eq!(m.get("x-max-length"), Some(&AMQPValue::LongLongInt(10)));
-        assert_eq!(m.get("x-message-ttl"), Some(&AMQPValue::LongLongInt(-1)));
+        assert_eq!(m.get("x-max-length"), Some(&AMQPValue::LongInt(10)));
+        assert_eq!(m.get("x-message-ttl"), Some(&AMQPValue::LongInt(-1)));
+        assert_eq!(
+            m.get("x-max-length-bytes"),
+            Some(&AMQPValue::LongLongInt(5_000_000_000))
+        );
         assert_eq!(
             m.get("x-queue-type"),
             Some(&AMQPValue::LongString("quorum".into()))

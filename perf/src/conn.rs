@@ -23,6 +23,8 @@ use crate::args::Target;
 
 /// The one channel every load connection uses.
 pub const CHANNEL: u16 = 1;
+/// The smallest frame_max AMQP 0-9-1 allows.
+const MIN_FRAME_MAX: u32 = 4096;
 /// frame_max used when the server offers 0 (no limit).
 const DEFAULT_FRAME_MAX: u32 = 131_072;
 /// Read at least this much per read call.
@@ -30,7 +32,7 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Zero padding at least this long goes out as a shared slice (vectored write), not a copy.
 const SHARE_ZEROS_AT: usize = 4096;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An AMQP short string, refusing (instead of panicking on) more than 255 bytes.
 pub fn short(s: &str) -> Result<ShortString> {
@@ -314,6 +316,9 @@ async fn handshake(target: &Target, name: &str) -> Result<Conn> {
     } else {
         tune.frame_max
     };
+    if frame_max < MIN_FRAME_MAX {
+        bail!("the server offers frame_max {frame_max}, below the protocol's minimum of {MIN_FRAME_MAX}");
+    }
     // Heartbeats only when the URI asks for them; then the smaller of the two non-zero values.
     let heartbeat = match (target.heartbeat, tune.heartbeat) {
         (0, _) => 0,

@@ -275,10 +275,6 @@ pub async fn run(cfg: Arc<Config>, ctx: Arc<Ctx>, i: usize, conn: Conn) -> Resul
     .await;
     hist.flush();
     outcome.with_context(|| format!("consumer {i}"))?;
-    if consume_oks < queues.len() {
-        // Stopped before the consumes were confirmed: let the waiter go on.
-        ctx.consumers_ready.add_permits(1);
-    }
     if let Err(e) = conn::close(&mut reader, &mut writer, true).await {
         eprintln!("consumer {i}: {e:#}");
     }

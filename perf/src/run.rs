@@ -25,7 +25,7 @@ use crate::stats::{ConnectionsSummary, Ctx, Reporter, Summary, SummaryHead, Watc
 /// Connections being opened at once.
 const CONNECT_CONCURRENCY: usize = 64;
 /// How long stopping tasks get before they are abandoned.
-const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long consumers get to confirm their basic.consume calls.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -308,6 +308,9 @@ pub async fn run(cfg: Config) -> Result<Summary> {
         let (c, x) = (cfg.clone(), ctx.clone());
         tasks.spawn(async move { consumer::run(c, x, i, conn).await.map(Done::Consumer) });
     }
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + cfg.interval, cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut run = Run {
         cfg: cfg.clone(),
         ctx: ctx.clone(),
@@ -320,21 +323,31 @@ pub async fn run(cfg: Config) -> Result<Summary> {
         consume_end: None,
         fatal: None,
         interrupted: false,
-        tick: tokio::time::interval(cfg.interval),
+        tick,
         ctrl_c: Box::pin(tokio::signal::ctrl_c()),
     };
     // Every consumer is consuming before the first message is published.
     if cfg.consumers > 0 {
-        let ready = run
-            .wait_for(READY_TIMEOUT, |r| {
-                r.ctx.consumers_ready.available_permits() >= r.cfg.consumers || r.interrupted
-            })
-            .await;
-        if let Some(e) = run.fatal.take() {
-            return Err(e);
-        }
-        if !ready {
-            bail!("consumers were not all consuming after {READY_TIMEOUT:?}");
+        let wanted = u32::try_from(cfg.consumers).context("too many consumers")?;
+        let ready = ctx.consumers_ready.acquire_many(wanted);
+        tokio::pin!(ready);
+        let timeout = tokio::time::sleep(READY_TIMEOUT);
+        tokio::pin!(timeout);
+        loop {
+            tokio::select! {
+                r = &mut ready => {
+                    r.context("waiting for consumers")?.forget();
+                    break;
+                }
+                Some(joined) = run.tasks.join_next() => {
+                    run.task_ended(joined);
+                    if let Some(e) = run.fatal.take() {
+                        return Err(e);
+                    }
+                }
+                _ = &mut timeout => bail!("consumers were not all consuming after {READY_TIMEOUT:?}"),
+                _ = &mut run.ctrl_c => bail!("interrupted"),
+            }
         }
     }
 
@@ -345,6 +358,8 @@ pub async fn run(cfg: Config) -> Result<Summary> {
         tokio::time::Instant::from_std(start + cfg.interval),
         cfg.interval,
     );
+    run.tick
+        .set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     for (i, conn) in producer_conns.into_iter().enumerate() {
         let (c, x) = (cfg.clone(), ctx.clone());
         run.tasks
@@ -416,8 +431,8 @@ pub async fn run(cfg: Config) -> Result<Summary> {
     if let Some(e) = run.fatal.take() {
         return Err(e);
     }
-    // A last progress line for the tail of the run.
-    if end.duration_since(start) > Duration::from_millis(100) {
+    // A last progress line for the tail of the run, unless the tail is too short for a rate.
+    if run.reporter.since_tick(end) >= cfg.interval / 2 {
         run.reporter.tick(end, ctx.counters.snapshot());
     }
 

@@ -18,6 +18,10 @@ use crate::procstat::Proc;
 const HIST_MAX_US: u64 = 60_000_000;
 /// How often a task hands its latency samples to the reporter, at most.
 const HIST_FLUSH: Duration = Duration::from_millis(200);
+/// Samples a task buffers before folding them into its own histogram. Slow tasks (thousands of
+/// connections at a few msg/s) only ever send these small vectors; a histogram (some 140 KB to
+/// allocate, zero and merge) is only built by tasks that record more than this per hand-over.
+const SAMPLE_BUFFER: usize = 1024;
 
 /// A histogram for latencies in microseconds.
 pub fn new_hist() -> Histogram<u64> {
@@ -102,11 +106,11 @@ pub struct Ctx {
     pub clock: Clock,
     /// A permit per consumer whose basic.consume calls are all confirmed.
     pub consumers_ready: Semaphore,
-    hist_tx: UnboundedSender<(Kind, Histogram<u64>)>,
+    hist_tx: UnboundedSender<(Kind, Samples)>,
 }
 
 impl Ctx {
-    pub fn new(clock: Clock) -> (Self, UnboundedReceiver<(Kind, Histogram<u64>)>) {
+    pub fn new(clock: Clock) -> (Self, UnboundedReceiver<(Kind, Samples)>) {
         let (hist_tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let ctx = Ctx {
             counters: Counters::default(),
@@ -122,40 +126,67 @@ impl Ctx {
     pub fn local_hist(&self, kind: Kind) -> LocalHist {
         LocalHist {
             kind,
-            h: new_hist(),
+            buf: Vec::with_capacity(16),
+            h: None,
             last: Instant::now(),
             tx: self.hist_tx.clone(),
         }
     }
 }
 
-/// A task's own latency histogram, handed to the reporter every [`HIST_FLUSH`] at most.
+/// Latency samples handed from a task to the reporter.
+pub enum Samples {
+    Few(Vec<u64>),
+    Many(Box<Histogram<u64>>),
+}
+
+/// A task's own latency samples, handed to the reporter every [`HIST_FLUSH`] at most.
 pub struct LocalHist {
     kind: Kind,
-    h: Histogram<u64>,
+    buf: Vec<u64>,
+    h: Option<Box<Histogram<u64>>>,
     last: Instant,
-    tx: UnboundedSender<(Kind, Histogram<u64>)>,
+    tx: UnboundedSender<(Kind, Samples)>,
 }
 
 impl LocalHist {
     pub fn record(&mut self, us: u64) {
-        self.h.saturating_record(us);
+        if self.buf.len() == SAMPLE_BUFFER {
+            let h = self.h.get_or_insert_with(|| Box::new(new_hist()));
+            for v in self.buf.drain(..) {
+                h.saturating_record(v);
+            }
+        }
+        self.buf.push(us);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty() && self.h.is_none()
     }
 
     /// Hands the samples over if the last hand-over is old enough; call once per batch.
     pub fn maybe_flush(&mut self, now: Instant) {
-        if !self.h.is_empty() && now.duration_since(self.last) >= HIST_FLUSH {
+        if !self.is_empty() && now.duration_since(self.last) >= HIST_FLUSH {
             self.flush();
             self.last = now;
         }
     }
 
     pub fn flush(&mut self) {
-        if !self.h.is_empty() {
-            let h = std::mem::replace(&mut self.h, new_hist());
-            // The reporter only goes away at the very end; samples after that do not matter.
-            let _ = self.tx.send((self.kind, h));
-        }
+        let samples = match self.h.take() {
+            Some(mut h) => {
+                for v in self.buf.drain(..) {
+                    h.saturating_record(v);
+                }
+                Samples::Many(h)
+            }
+            None if !self.buf.is_empty() => {
+                Samples::Few(std::mem::replace(&mut self.buf, Vec::with_capacity(16)))
+            }
+            None => return,
+        };
+        // The reporter only goes away at the very end; samples after that do not matter.
+        let _ = self.tx.send((self.kind, samples));
     }
 }
 
@@ -274,7 +305,7 @@ impl Watched {
         };
         WatchedSummary {
             pid: self.pid,
-            cpu_s: cpu,
+            cpu_s: cpu.map(round2),
             cpu_us_per_msg: cpu.and_then(|c| per_msg_us(c, msgs)),
             rss_start_bytes: self.rss_start,
             rss_end_bytes: self.rss_last,
@@ -378,7 +409,7 @@ pub struct Reporter {
     confirms: bool,
     producers: bool,
     consumers: bool,
-    rx: UnboundedReceiver<(Kind, Histogram<u64>)>,
+    rx: UnboundedReceiver<(Kind, Samples)>,
     iv_confirm: Histogram<u64>,
     iv_consumer: Histogram<u64>,
     total_confirm: Histogram<u64>,
@@ -396,7 +427,7 @@ impl Reporter {
         confirms: bool,
         producers: bool,
         consumers: bool,
-        rx: UnboundedReceiver<(Kind, Histogram<u64>)>,
+        rx: UnboundedReceiver<(Kind, Samples)>,
         watched: Vec<Watched>,
     ) -> Self {
         let now = Instant::now();
@@ -429,15 +460,30 @@ impl Reporter {
     }
 
     fn drain(&mut self) {
-        while let Ok((kind, h)) = self.rx.try_recv() {
+        while let Ok((kind, samples)) = self.rx.try_recv() {
             let (iv, total) = match kind {
                 Kind::Confirm => (&mut self.iv_confirm, &mut self.total_confirm),
                 Kind::Consumer => (&mut self.iv_consumer, &mut self.total_consumer),
             };
-            // Same bounds everywhere, so adding cannot fail.
-            let _ = iv.add(&h);
-            let _ = total.add(&h);
+            match samples {
+                Samples::Few(v) => {
+                    for us in v {
+                        iv.saturating_record(us);
+                        total.saturating_record(us);
+                    }
+                }
+                Samples::Many(h) => {
+                    // Same bounds everywhere, so adding cannot fail.
+                    let _ = iv.add(&*h);
+                    let _ = total.add(&*h);
+                }
+            }
         }
+    }
+
+    /// Time since the last progress line (or the start).
+    pub fn since_tick(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.last_t)
     }
 
     /// Prints one progress line to stderr and records it.
@@ -523,7 +569,8 @@ impl Reporter {
             t.map(|t| t.saturating_duration_since(self.start).as_secs_f64())
                 .filter(|s| *s > 0.0)
         };
-        let rate = |n: u64, secs: Option<f64>| secs.map_or(0.0, |s| (n as f64 / s).round());
+        let rate =
+            |n: u64, secs: Option<f64>| secs.map_or(0.0, |s| (n as f64 / s * 10.0).round() / 10.0);
         let msgs = c.sent.max(c.consumed);
         let watched = self.watched.iter_mut().map(|w| w.summary(msgs)).collect();
         let expected_consumed = head.fanout_factor.map(|f| {
@@ -729,6 +776,25 @@ mod tests {
         );
         assert_eq!(c.connect_rate, 2000.0);
         assert_eq!(c.rss_per_connection_bytes, vec![Some(2048.0)]);
+    }
+
+    #[test]
+    fn local_samples_reach_the_reporter() {
+        let (ctx, rx) = Ctx::new(Clock::new());
+        let mut r = Reporter::new("t".into(), true, true, true, rx, Vec::new());
+        let mut few = ctx.local_hist(Kind::Consumer);
+        few.record(10);
+        few.record(20);
+        let mut many = ctx.local_hist(Kind::Confirm);
+        for v in 0..(SAMPLE_BUFFER as u64 * 3 + 5) {
+            many.record(v);
+        }
+        drop(few);
+        many.flush();
+        r.drain();
+        assert_eq!(r.total_consumer.len(), 2);
+        assert_eq!(r.total_confirm.len(), SAMPLE_BUFFER as u64 * 3 + 5);
+        assert_eq!(r.iv_consumer.max(), 20);
     }
 
     #[tokio::test]
