@@ -27,7 +27,6 @@ pub struct Config {
     #[arg(long, env = "WARREN_CACHE_MEMORY", default_value = "512MiB", value_parser = parse_size)]
     pub cache_memory: u64,
 
-    /// The user created at start (RabbitMQ's default_user).
     /// When a publisher confirm is sent for a persistent message: `confirm` (after the commit
     /// that stores it) or `periodic:<ms>` (write-behind: at once, with the store flushed every
     /// <ms>; a crash can lose up to that window of confirmed messages).
@@ -50,6 +49,7 @@ pub struct Config {
     #[arg(long, env = "WARREN_STORE_HOLD_BYTES", default_value = "32MiB", value_parser = parse_size)]
     pub store_hold_bytes: u64,
 
+    /// The user created at start (RabbitMQ's default_user).
     #[arg(long, env = "WARREN_DEFAULT_USER", default_value = "guest")]
     pub default_user: String,
 

@@ -72,6 +72,8 @@ struct Conn {
     ctx: Option<ConnCtx>,
     channels: HashMap<u16, Channel>,
     close_deadline: Option<Instant>,
+    /// Times this publisher was held for the store (the first is logged as a warning).
+    holds: u64,
 }
 
 /// Serves one client socket until it closes.
@@ -134,6 +136,7 @@ async fn serve(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>, id: u64
         ctx: None,
         channels: HashMap::new(),
         close_deadline: None,
+        holds: 0,
         broker,
     };
     conn.send_start();
@@ -626,10 +629,15 @@ impl Conn {
                 })),
             );
         }
-        warn!(
-            held = store.held_bytes(),
-            "publisher held: the store is behind"
-        );
+        if self.holds == 0 {
+            warn!(
+                held = store.held_bytes(),
+                "publisher held: the store is behind (further holds of this connection are logged at debug)"
+            );
+        } else {
+            debug!(held = store.held_bytes(), holds = self.holds, "publisher held");
+        }
+        self.holds += 1;
         let mut committed = store.subscribe();
         loop {
             tokio::select! {

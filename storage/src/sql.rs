@@ -318,9 +318,11 @@ async fn insert_messages(
         .flat_map(|i| i.entries.iter().map(|(q, s)| (*q, *s, i.message.id)))
         .collect();
     for rows in positions.chunks(MAX_ROWS) {
-        let mut qb = QueryBuilder::<sqlx::Any>::new(
-            "INSERT INTO queue_messages (queue_id, seq, message_id) ",
-        );
+        // Also "insert or ignore": a commit whose reply was lost (the connection dropped after
+        // COMMIT) is retried, and the retry must not fail on rows it already wrote.
+        let mut qb = QueryBuilder::<sqlx::Any>::new(format!(
+            "{insert} INTO queue_messages (queue_id, seq, message_id) "
+        ));
         qb.push_values(rows, |mut b, (q, s, m)| {
             b.push_bind(*q).push_bind(*s).push_bind(*m);
         });

@@ -452,3 +452,233 @@ async fn backlog_over_budget_pages_out_in_order_with_rss_bounded() {
     drop(server);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A TCP proxy in front of the database that the test can cut: `cut` drops every open connection
+/// and closes new ones at once (the database is "unreachable"); `restore` lets them through again.
+struct CuttableProxy {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl CuttableProxy {
+    async fn start(upstream: String) -> CuttableProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, l) = (cut.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                l.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        CuttableProxy { port, cut, links }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The database goes away mid-stream: confirms of persistent messages wait, the publisher is
+/// blocked once the held bytes pass --store-hold-bytes, transient traffic keeps flowing, and when
+/// the database is back everything held is committed and confirmed, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_holds_confirms_blocks_publishers_and_resumes_without_loss() {
+    let scratch = warren_storage::suite::mysql_scratch_url().await;
+    // mysql://user:pass@host:port/db -> host:port and the rest.
+    let (prefix, rest) = scratch.split_once('@').unwrap();
+    let (upstream, db) = rest.split_once('/').unwrap();
+    let proxy = CuttableProxy::start(upstream.to_string()).await;
+    let storage = format!("{prefix}@127.0.0.1:{}/{db}", proxy.port);
+    let dir = scratch_dir("outage");
+    let port = free_port();
+    let args = [
+        "--storage",
+        storage.as_str(),
+        "--store-hold-bytes",
+        "256KiB",
+    ];
+    let server = Server::start(port, &dir, &args).await;
+
+    let (conn, ch) = open(&server.url).await;
+    durable_queue(&ch, "outage").await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let publish = {
+        let ch = ch.clone();
+        move |n: u64| {
+            let ch = ch.clone();
+            async move {
+                let body = format!("{n:<1024}").into_bytes();
+                ch.basic_publish(
+                    "".into(),
+                    "outage".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    persistent(),
+                )
+                .await
+                .unwrap()
+            }
+        }
+    };
+    // Before the outage: confirmed as usual.
+    let mut before = Vec::new();
+    for n in 0..200 {
+        before.push(publish(n).await);
+    }
+    for p in before {
+        assert!(p.await.unwrap().is_ack());
+    }
+
+    proxy.cut();
+    // 1,000 x 1 KiB is well past the 256 KiB hold bound. The publishes go out from a task: once
+    // the broker stops reading this connection, the socket fills and lapin's writes wait.
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let nacked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let during = tokio::spawn({
+        let publish = publish.clone();
+        let (acked, nacked) = (acked.clone(), nacked.clone());
+        async move {
+            for n in 200..1200 {
+                let confirm = publish(n).await;
+                let (acked, nacked) = (acked.clone(), nacked.clone());
+                tokio::spawn(async move {
+                    let counter = match confirm.await {
+                        Ok(c) if c.is_ack() => acked,
+                        _ => nacked,
+                    };
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        }
+    });
+    // Meanwhile transient messages on another connection flow through a transient queue.
+    let (_c2, ch2) = open(&server.url).await;
+    ch2.queue_declare(
+        "outage-transient".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for i in 0..100u32 {
+        ch2.basic_publish(
+            "".into(),
+            "outage-transient".into(),
+            BasicPublishOptions::default(),
+            i.to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let mut flowed = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while flowed < 100 && Instant::now() < deadline {
+        match ch2
+            .basic_get("outage-transient".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            Some(_) => flowed += 1,
+            None => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    assert_eq!(flowed, 100, "transient traffic stopped during the outage");
+
+    // The publisher is blocked, and nothing published after the cut has been confirmed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !conn.status().blocked() {
+        assert!(
+            Instant::now() < deadline,
+            "no connection.blocked while the database was unreachable"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The outage lasts a while: no confirm for anything published after the cut.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        acked.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a message was confirmed while the database was unreachable"
+    );
+    assert!(
+        !during.is_finished(),
+        "every publish went through although the broker should have stopped reading"
+    );
+
+    proxy.restore();
+    tokio::time::timeout(Duration::from_secs(60), during)
+        .await
+        .expect("publishes did not resume after the database came back")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.load(std::sync::atomic::Ordering::SeqCst) < 1000 {
+        assert_eq!(
+            nacked.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "a held message was nacked"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 1000 held messages confirmed after the database came back",
+            acked.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while conn.status().blocked() {
+        assert!(Instant::now() < deadline, "no connection.unblocked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(ch2);
+    drop(_c2);
+    drop(conn);
+
+    // Everything confirmed is committed: it survives SIGKILL, once each, in order.
+    server.kill();
+    let server = Server::start(port, &dir, &args).await;
+    let (_c, ch) = open(&server.url).await;
+    assert_eq!(durable_queue(&ch, "outage").await, 1200);
+    let mut got = Vec::new();
+    loop {
+        let Some(d) = ch
+            .basic_get("outage".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        else {
+            break;
+        };
+        got.push(
+            std::str::from_utf8(&d.data)
+                .unwrap()
+                .trim()
+                .parse::<u64>()
+                .unwrap(),
+        );
+    }
+    assert_eq!(got, (0..1200).collect::<Vec<u64>>());
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}
