@@ -35,9 +35,16 @@ impl Broker {
     /// Opens the store, recovers the durable topology (messages are read lazily) and builds
     /// the broker.
     pub async fn open(config: Config) -> Result<Arc<Self>, StoreError> {
+        let started = std::time::Instant::now();
         let (persist, recovered) = Persistence::open(&config).await?;
         let vhost = VHost::new("/", persist.clone());
-        vhost.restore(&recovered.snapshot).await?;
+        let (queues, messages) = vhost.restore(&recovered.snapshot).await?;
+        tracing::info!(
+            queues,
+            messages,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "store opened and recovered"
+        );
         let mut vhosts = HashMap::new();
         vhosts.insert("/".to_string(), vhost);
         let mut users = HashMap::new();

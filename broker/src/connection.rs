@@ -635,7 +635,11 @@ impl Conn {
                 "publisher held: the store is behind (further holds of this connection are logged at debug)"
             );
         } else {
-            debug!(held = store.held_bytes(), holds = self.holds, "publisher held");
+            debug!(
+                held = store.held_bytes(),
+                holds = self.holds,
+                "publisher held"
+            );
         }
         self.holds += 1;
         let mut committed = store.subscribe();

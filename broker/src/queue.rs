@@ -41,6 +41,8 @@ const WINDOW_BYTES: usize = 4 << 20;
 const LOW_WATER: usize = 256;
 /// Head entries whose evicted bodies one trip re-reads.
 const REFILL: usize = 64;
+/// How far ahead of the newest delivery the stored "delivered" watermark is written.
+const DELIVERED_AHEAD: u64 = 256;
 
 /// A message in a queue.
 #[derive(Debug, Clone)]
@@ -326,21 +328,28 @@ impl Queue {
         self.maybe_load(g);
     }
 
-    /// What a delivered entry keeps: a stored one gives its body to the cache.
+    /// What a delivered entry keeps while it waits for its ack: its body, unless memory is over
+    /// budget and the message is stored, in which case the body goes to the cache (which may drop
+    /// it; a requeue re-reads it).
     fn delivered(&self, g: &mut State, mut entry: Entry, msg: &Arc<Message>, ack: bool) -> Entry {
         if entry.stored {
             if self.spec.durable && entry.seq > g.delivered_reported {
-                g.delivered_reported = entry.seq;
+                // The watermark runs ahead (up to DELIVERED_AHEAD positions, never past the
+                // tail), so one write covers many deliveries. After a crash the positions in
+                // between come back redelivered=true: a hint that errs on the safe side.
+                g.delivered_reported = (entry.seq + DELIVERED_AHEAD).min(g.next_seq).max(entry.seq);
                 self.persist.submit(Op::Delivered {
                     queue_id: self.id,
-                    seq: entry.seq as i64,
+                    seq: g.delivered_reported as i64,
                 });
             }
-            if ack {
+            if !ack {
+                self.forget(&entry);
+            } else if self.persist.over_budget() {
                 self.persist.cache_body(msg);
                 entry.msg = None;
             } else {
-                self.forget(&entry);
+                entry.msg = Some(msg.clone());
             }
         }
         entry
@@ -391,6 +400,10 @@ impl Queue {
     /// The entry is gone for good (acked, dropped): its stored position goes too.
     pub fn forget(&self, e: &Entry) {
         if e.stored {
+            if e.msg.is_none() {
+                // Its body may be in the cache, where it would only take room.
+                self.persist.cache.invalidate(&e.id);
+            }
             self.persist.submit(Op::Remove {
                 queue_id: self.id,
                 seq: e.seq as i64,

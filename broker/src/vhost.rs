@@ -668,10 +668,12 @@ impl VHost {
 
     /// Rebuilds this vhost's durable exchanges, queues (their messages paged, read lazily) and
     /// bindings from what the store recovered.
+    /// Returns how many queues and stored messages it recovered.
     pub async fn restore(
         &self,
         snap: &warren_storage::Snapshot,
-    ) -> Result<(), warren_storage::StoreError> {
+    ) -> Result<(usize, u64), warren_storage::StoreError> {
+        let (mut queues, mut messages) = (0usize, 0u64);
         for r in snap.exchanges.iter().filter(|r| r.vhost == self.name) {
             let Some(kind) = ExchangeKind::parse(&r.kind) else {
                 tracing::error!(exchange = %r.name, kind = %r.kind, "stored exchange of unknown type skipped");
@@ -692,6 +694,8 @@ impl VHost {
         }
         for r in snap.queues.iter().filter(|r| r.vhost == self.name) {
             let summary = self.persist.store.queue_summary(r.id).await?;
+            queues += 1;
+            messages += summary.count;
             let q = Queue::recovered(
                 &self.name,
                 QueueSpec {
@@ -725,7 +729,7 @@ impl VHost {
                 x.bind(dest, &b.routing_key, decode_table(&b.arguments));
             }
         }
-        Ok(())
+        Ok((queues, messages))
     }
 
     /// Deletes the exclusive queues `conn_id` owns (its connection closed).

@@ -87,7 +87,13 @@ impl SqlStore {
                     .max_connections(4)
                     .after_connect(move |conn, _| {
                         Box::pin(async move {
+                            // 16 KiB pages (set before the file's first table; an existing
+                            // file keeps its size): a 1 KiB message row and its index entries
+                            // take far fewer page writes and syscalls per commit.
+                            conn.execute("PRAGMA page_size = 16384").await?;
                             conn.execute("PRAGMA journal_mode = WAL").await?;
+                            // 8 MiB page cache per connection (SQLite's default is 2 MB).
+                            conn.execute("PRAGMA cache_size = -8192").await?;
                             conn.execute(sqlx::AssertSqlSafe(format!(
                                 "PRAGMA synchronous = {sync}"
                             )))
@@ -499,11 +505,21 @@ impl MessageStore for SqlStore {
         if plan.is_empty() {
             return Ok(());
         }
+        let t0 = std::time::Instant::now();
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let t1 = t0.elapsed();
         apply_plan(&mut tx, self.backend, plan)
             .await
             .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)
+        let t2 = t0.elapsed();
+        tx.commit().await.map_err(unavailable)?;
+        tracing::trace!(
+            begin_us = t1.as_micros() as u64,
+            statements_us = (t2 - t1).as_micros() as u64,
+            commit_us = (t0.elapsed() - t2).as_micros() as u64,
+            "apply"
+        );
+        Ok(())
     }
 
     async fn recover(&self) -> Result<Recovered, StoreError> {

@@ -180,8 +180,17 @@ async fn run<S: MessageStore>(
             bytes += op.weight();
             batch.push(op);
         }
+        let ops = batch.len();
         let plan = Plan::from_ops(batch.drain(..));
+        let started = Instant::now();
         commit(&*store, &plan, &writer).await;
+        tracing::trace!(
+            ops,
+            bytes,
+            inserts = plan.inserts.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "batch committed"
+        );
         writer.pending.fetch_sub(bytes, Ordering::Relaxed);
         let _ = committed.send(last);
         writer.room.notify_waiters();
