@@ -502,6 +502,7 @@ impl CuttableProxy {
 /// blocked once the held bytes pass --store-hold-bytes, transient traffic keeps flowing, and when
 /// the database is back everything held is committed and confirmed, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::async_yields_async)] // a publish yields its confirm, awaited later on purpose
 async fn database_outage_holds_confirms_blocks_publishers_and_resumes_without_loss() {
     let scratch = warren_storage::suite::mysql_scratch_url().await;
     // mysql://user:pass@host:port/db -> host:port and the rest.
