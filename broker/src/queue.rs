@@ -41,8 +41,6 @@ const WINDOW_BYTES: usize = 4 << 20;
 const LOW_WATER: usize = 256;
 /// Head entries whose evicted bodies one trip re-reads.
 const REFILL: usize = 64;
-/// How far ahead of the newest delivery the stored "delivered" watermark is written.
-const DELIVERED_AHEAD: u64 = 256;
 
 /// A message in a queue.
 #[derive(Debug, Clone)]
@@ -334,10 +332,7 @@ impl Queue {
     fn delivered(&self, g: &mut State, mut entry: Entry, msg: &Arc<Message>, ack: bool) -> Entry {
         if entry.stored {
             if self.spec.durable && entry.seq > g.delivered_reported {
-                // The watermark runs ahead (up to DELIVERED_AHEAD positions, never past the
-                // tail), so one write covers many deliveries. After a crash the positions in
-                // between come back redelivered=true: a hint that errs on the safe side.
-                g.delivered_reported = (entry.seq + DELIVERED_AHEAD).min(g.next_seq).max(entry.seq);
+                g.delivered_reported = entry.seq;
                 self.persist.submit(Op::Delivered {
                     queue_id: self.id,
                     seq: g.delivered_reported as i64,
