@@ -72,6 +72,9 @@ BROKER_PID=""   # the process to watch (beam.smp for RabbitMQ)
 STARTED_PID=""  # the process we started
 BROKER_DIR=""
 BROKER_N=0
+WARREN_MYSQL=""  # set for the cases that run Warren on MariaDB: mysql://warren:warren@host:port
+WARREN_DB=""
+MYSQL_PORT=""
 
 wait_port() {
     local port=$1 i
@@ -90,7 +93,16 @@ start_warren() {
     BROKER_N=$((BROKER_N + 1))
     BROKER_DIR=$WORK/warren-$BROKER_N
     mkdir -p "$BROKER_DIR"
-    "$WARREN" --amqp-listen "127.0.0.1:$WARREN_PORT" --data-dir "$BROKER_DIR/data" \
+    local -a storage=()
+    if [ -n "$WARREN_MYSQL" ]; then
+        # A fresh database per run on the bench's MariaDB server.
+        local db="warren_bench_$$_$BROKER_N"
+        mariadb --no-defaults -h127.0.0.1 -P"$MYSQL_PORT" -uwarren -pwarren \
+            -e "DROP DATABASE IF EXISTS $db; CREATE DATABASE $db"
+        storage=(--storage "$WARREN_MYSQL/$db")
+        WARREN_DB=$db
+    fi
+    "$WARREN" --amqp-listen "127.0.0.1:$WARREN_PORT" --data-dir "$BROKER_DIR/data" "${storage[@]}" \
         >"$BROKER_DIR/warren.log" 2>&1 &
     STARTED_PID=$!
     BROKER_PID=$STARTED_PID
@@ -128,12 +140,20 @@ stop_broker() {
     kill -KILL "$BROKER_PID" "$STARTED_PID" 2>/dev/null || true
     wait "$STARTED_PID" 2>/dev/null || true
     rm -rf "$BROKER_DIR"
+    if [ -n "$WARREN_DB" ]; then
+        mariadb --no-defaults -h127.0.0.1 -P"$MYSQL_PORT" -uwarren -pwarren \
+            -e "DROP DATABASE IF EXISTS $WARREN_DB" || true
+        WARREN_DB=""
+    fi
     STARTED_PID=""
     BROKER_PID=""
 }
 
 cleanup() {
     stop_broker
+    if [ -n "$MYSQL_PORT" ] && [ -f "$ROOT/target/mariadb/pid" ]; then
+        kill "$(cat "$ROOT/target/mariadb/pid")" 2>/dev/null || true
+    fi
     if [ "$EPMD_BEFORE" = 0 ] && pgrep -x epmd >/dev/null; then epmd -kill >/dev/null 2>&1 || true; fi
     if [ "$KEEP" = 1 ]; then log "raw results kept in $WORK"; else rm -rf "$WORK"; fi
 }
@@ -213,6 +233,13 @@ fi
 if wanted S2; then
     run_case s2-persistent S2 receive_rate "persistent 1 KiB, confirms, durable queue" -- \
         -x1 -y1 -s1024 -f persistent -c1000 -q1000 -A100 -u s2 -z "$D"
+    # The same with Warren's store on MariaDB (scripts/mariadb.sh starts a throwaway server).
+    WARREN_MYSQL=$(cd "$ROOT" && env -u WARREN_TEST_MYSQL_URL scripts/mariadb.sh)
+    MYSQL_PORT=${WARREN_MYSQL##*:}
+    run_case s2-persistent-mariadb S2 receive_rate \
+        "persistent 1 KiB, confirms, durable queue; Warren's store on MariaDB" -- \
+        -x1 -y1 -s1024 -f persistent -c1000 -q1000 -A100 -u s2 -z "$D"
+    WARREN_MYSQL=""
 fi
 if wanted S3; then
     for r in 1000 10000 50000; do
