@@ -1,5 +1,5 @@
-//! `Broker`: what every connection shares: settings, virtual hosts, users, the store and the
-//! shutdown signal. Built once at start; its maps are read-mostly.
+//! `Broker`: what every connection shares: settings, virtual hosts, users (through the data
+//! cache), the store and the shutdown signal. Built once at start; its maps are read-mostly.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -9,6 +9,8 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use warren_storage::StoreError;
 
+pub use crate::auth::LoginError;
+use crate::auth::Users;
 use crate::config::Config;
 use crate::persist::Persistence;
 use crate::vhost::VHost;
@@ -17,18 +19,11 @@ pub struct Broker {
     pub config: Config,
     pub persist: Arc<Persistence>,
     vhosts: HashMap<String, Arc<VHost>>,
-    users: HashMap<String, String>,
+    /// Users and permissions: the data cache in front of the store.
+    pub users: Users,
     next_conn_id: AtomicU64,
     /// Cancelled on SIGTERM / Ctrl-C: connections close with 320 CONNECTION_FORCED.
     pub shutdown: CancellationToken,
-}
-
-/// Why a login failed (logged; the client sees one generic text, as RabbitMQ does).
-#[derive(Debug, PartialEq, Eq)]
-pub enum LoginError {
-    UnknownUser,
-    BadPassword,
-    LoopbackOnly,
 }
 
 impl Broker {
@@ -47,8 +42,18 @@ impl Broker {
         );
         let mut vhosts = HashMap::new();
         vhosts.insert("/".to_string(), vhost);
-        let mut users = HashMap::new();
-        users.insert(config.default_user.clone(), config.default_pass.clone());
+        let users = Users::new(persist.store.clone());
+        let seed = users
+            .default_user_ops(&config.default_user, &config.default_pass)
+            .await?;
+        if !seed.is_empty() {
+            let mut ticket = 0;
+            for op in seed {
+                ticket = persist.submit(op);
+            }
+            persist.writer.wait(ticket).await;
+            tracing::info!(user = %config.default_user, "empty store: created the default user");
+        }
         Ok(Arc::new(Broker {
             config,
             persist,
@@ -67,12 +72,20 @@ impl Broker {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Checks a login. Passwords are compared in constant time.
-    pub fn authenticate(&self, user: &str, pass: &str, peer: IpAddr) -> Result<(), LoginError> {
-        let Some(expected) = self.users.get(user) else {
-            return Err(LoginError::UnknownUser);
-        };
-        if !constant_time_eq(expected.as_bytes(), pass.as_bytes()) {
+    /// Checks a login against the stored user (through the data cache).
+    pub async fn authenticate(
+        &self,
+        user: &str,
+        pass: &str,
+        peer: IpAddr,
+    ) -> Result<(), LoginError> {
+        let record = self
+            .users
+            .user(user)
+            .await
+            .map_err(|e| LoginError::StoreUnavailable(e.to_string()))?
+            .ok_or(LoginError::UnknownUser)?;
+        if !crate::auth::password_matches(&record.password_hash, pass) {
             return Err(LoginError::BadPassword);
         }
         if !peer.is_loopback() && self.config.loopback_users.iter().any(|u| u == user) {
@@ -80,16 +93,15 @@ impl Broker {
         }
         Ok(())
     }
-}
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= (x ^ y) as usize;
+    /// connection.open: the user needs permissions in the vhost (any, as RabbitMQ checks).
+    pub async fn vhost_access(&self, user: &str, vhost: &str) -> Result<(), LoginError> {
+        match self.users.permission(vhost, user).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(LoginError::NoVhostAccess),
+            Err(e) => Err(LoginError::StoreUnavailable(e.to_string())),
+        }
     }
-    diff == 0
 }
 
 #[cfg(test)]
@@ -101,23 +113,53 @@ mod tests {
         let b = Broker::open(Config::for_tests()).await.unwrap();
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         let remote: IpAddr = "10.1.2.3".parse().unwrap();
-        assert_eq!(b.authenticate("guest", "guest", lo), Ok(()));
+        assert_eq!(b.authenticate("guest", "guest", lo).await, Ok(()));
         assert_eq!(
-            b.authenticate("guest", "guest", remote),
+            b.authenticate("guest", "guest", remote).await,
             Err(LoginError::LoopbackOnly)
         );
         assert_eq!(
-            b.authenticate("guest", "nope", lo),
+            b.authenticate("guest", "nope", lo).await,
             Err(LoginError::BadPassword)
         );
         assert_eq!(
-            b.authenticate("bob", "guest", lo),
+            b.authenticate("bob", "guest", lo).await,
             Err(LoginError::UnknownUser)
         );
+        assert_eq!(b.vhost_access("guest", "/").await, Ok(()));
+        assert_eq!(
+            b.vhost_access("guest", "other").await,
+            Err(LoginError::NoVhostAccess)
+        );
+        // Hits and misses alike are cached: guest and bob, guest's "/" and "other".
+        assert_eq!(b.users.cached(), (2, 2));
         let mut c = Config::for_tests();
         c.loopback_users.clear();
         let b = Broker::open(c).await.unwrap();
-        assert_eq!(b.authenticate("guest", "guest", remote), Ok(()));
-        assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abcd"));
+        assert_eq!(b.authenticate("guest", "guest", remote).await, Ok(()));
+    }
+
+    /// RabbitMQ creates the default user on the first boot only: a restart with another
+    /// --default-pass keeps the stored password.
+    #[tokio::test]
+    async fn default_user_is_created_once() {
+        let config = Config::for_tests();
+        let dir = config.data_dir.clone();
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let b = Broker::open(config).await.unwrap();
+        assert_eq!(b.authenticate("guest", "guest", lo).await, Ok(()));
+        b.persist.close().await;
+        drop(b);
+        let mut config = Config::for_tests();
+        config.data_dir = dir.clone();
+        config.default_pass = "changed".to_string();
+        let b = Broker::open(config).await.unwrap();
+        assert_eq!(b.authenticate("guest", "guest", lo).await, Ok(()));
+        assert_eq!(
+            b.authenticate("guest", "changed", lo).await,
+            Err(LoginError::BadPassword)
+        );
+        b.persist.close().await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

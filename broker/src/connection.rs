@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 use warren_protocol::{
     codec::{check_protocol_header, Decoder, Frame, HeaderCheck},
     encode::WriteBatch,
@@ -21,7 +21,7 @@ use warren_protocol::{
     reply, sasl, AMQPValue, FieldTable, LongString, PROTOCOL_HEADER,
 };
 
-use crate::broker::Broker;
+use crate::broker::{Broker, LoginError};
 use crate::channel::{Channel, ConnCtx};
 use crate::error::{AmqpError, AmqpResult};
 use crate::outbox::{Outbox, Outgoing};
@@ -54,6 +54,10 @@ pub struct ClientCaps {
 enum Flow {
     Continue,
     Stop,
+    /// connection.start-ok parsed: check these credentials (a store lookup on a cache miss).
+    Login(sasl::Credentials),
+    /// connection.open for an existing vhost: check the user's access to it.
+    Open(String),
 }
 
 struct Conn {
@@ -161,6 +165,22 @@ impl Conn {
             loop {
                 match self.decoder.decode(&mut buf) {
                     Ok(Some(frame)) => match self.handle(frame) {
+                        Ok(Flow::Login(creds)) => match self.login(creds).await {
+                            Ok(Flow::Stop) => return,
+                            Ok(_) => {}
+                            Err(e) => {
+                                if self.connection_error(e) {
+                                    return;
+                                }
+                            }
+                        },
+                        Ok(Flow::Open(vhost)) => {
+                            if let Err(e) = self.open_vhost(vhost).await {
+                                if self.connection_error(e) {
+                                    return;
+                                }
+                            }
+                        }
                         Ok(Flow::Continue) => {}
                         Ok(Flow::Stop) => return,
                         Err(e) => {
@@ -448,41 +468,45 @@ impl Conn {
             };
         }
         self.mechanism = s.mechanism.as_str().to_string();
-        let refused = |this: &mut Self, why: String| -> AmqpResult<Flow> {
-            warn!(mechanism = %this.mechanism, "login refused: {why}");
-            if this.caps.authentication_failure_close {
-                Err(AmqpError::access_refused(format!(
-                    "Login was refused using authentication mechanism {}. For details see the broker logfile.",
-                    this.mechanism
-                )))
-            } else {
-                Ok(Flow::Stop)
-            }
-        };
-        let creds = match sasl::parse_response(&self.mechanism, s.response.as_bytes()) {
-            Ok(c) => c,
+        match sasl::parse_response(&self.mechanism, s.response.as_bytes()) {
+            Ok(creds) => Ok(Flow::Login(creds)),
             // RabbitMQ logs these and drops the socket without a close frame.
             Err(e) => {
                 warn!("login refused: {e}");
-                return Ok(Flow::Stop);
+                Ok(Flow::Stop)
             }
-        };
+        }
+    }
+
+    /// The second half of connection.start-ok: the credentials against the stored user.
+    async fn login(&mut self, creds: sasl::Credentials) -> AmqpResult<Flow> {
         if let Err(e) = self
             .broker
             .authenticate(&creds.username, &creds.password, self.peer.ip())
+            .await
         {
             let why = match e {
-                crate::broker::LoginError::UnknownUser => {
-                    format!("user '{}' does not exist", creds.username)
-                }
-                crate::broker::LoginError::BadPassword => {
+                LoginError::UnknownUser => format!("user '{}' does not exist", creds.username),
+                LoginError::BadPassword => {
                     format!("invalid credentials for user '{}'", creds.username)
                 }
-                crate::broker::LoginError::LoopbackOnly => {
+                LoginError::LoopbackOnly => {
                     format!("user '{}' can only connect via localhost", creds.username)
                 }
+                LoginError::NoVhostAccess => format!("user '{}' has no access", creds.username),
+                LoginError::StoreUnavailable(e) => {
+                    error!("cannot look up user '{}': {e}", creds.username);
+                    format!("user '{}' could not be looked up", creds.username)
+                }
             };
-            return refused(self, why);
+            warn!(mechanism = %self.mechanism, "login refused: {why}");
+            if self.caps.authentication_failure_close {
+                return Err(AmqpError::access_refused(format!(
+                    "Login was refused using authentication mechanism {}. For details see the broker logfile.",
+                    self.mechanism
+                )));
+            }
+            return Ok(Flow::Stop);
         }
         self.user = creds.username;
         let cfg = &self.broker.config;
@@ -534,9 +558,36 @@ impl Conn {
 
     fn on_open(&mut self, o: connection::Open) -> AmqpResult<Flow> {
         let name = o.virtual_host.as_str();
-        let Some(vhost) = self.broker.vhost(name) else {
+        if self.broker.vhost(name).is_none() {
+            return Err(AmqpError::not_allowed(format!("vhost {name} not found")).at(10, 40));
+        }
+        Ok(Flow::Open(name.to_string()))
+    }
+
+    /// The second half of connection.open: the user needs permissions in the vhost.
+    async fn open_vhost(&mut self, name: String) -> AmqpResult<()> {
+        let refused = || {
+            AmqpError::not_allowed(format!(
+                "access to vhost '{name}' refused for user '{}'",
+                self.user
+            ))
+            .at(10, 40)
+        };
+        match self.broker.vhost_access(&self.user, &name).await {
+            Ok(()) => {}
+            Err(LoginError::StoreUnavailable(e)) => {
+                error!(user = %self.user, vhost = %name, "cannot look up permissions: {e}");
+                return Err(refused());
+            }
+            Err(_) => {
+                warn!(user = %self.user, vhost = %name, "vhost access refused: no permissions");
+                return Err(refused());
+            }
+        }
+        let Some(vhost) = self.broker.vhost(&name) else {
             return Err(AmqpError::not_allowed(format!("vhost {name} not found")).at(10, 40));
         };
+        let name = name.as_str();
         info!(user = %self.user, vhost = name, "connection open");
         self.ctx = Some(ConnCtx {
             conn_id: self.id,
@@ -550,7 +601,7 @@ impl Conn {
             AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
         );
         self.phase = Phase::Running;
-        Ok(Flow::Continue)
+        Ok(())
     }
 
     fn handle_channel_frame(&mut self, frame: Frame) -> AmqpResult<Flow> {

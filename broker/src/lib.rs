@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for how a message travels.
 
 pub mod args;
+pub mod auth;
 pub mod broker;
 pub mod channel;
 pub mod config;

@@ -61,6 +61,26 @@ pub struct BindingRecord {
     pub arguments: Bytes,
 }
 
+/// A user: RabbitMQ's internal user record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub name: String,
+    /// `rabbit_password_hashing_sha256`: a 4-byte salt then sha256(salt ++ password).
+    pub password_hash: Vec<u8>,
+    /// Comma-separated tags (administrator, monitoring, ...).
+    pub tags: String,
+}
+
+/// A user's permissions in one vhost: configure, write and read regular expressions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PermissionRecord {
+    pub vhost: String,
+    pub user: String,
+    pub configure: String,
+    pub write: String,
+    pub read: String,
+}
+
 /// Everything durable, as loaded at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -122,6 +142,8 @@ pub enum Op {
     },
     PutBinding(BindingRecord),
     DeleteBinding(BindingRecord),
+    PutUser(UserRecord),
+    PutPermission(PermissionRecord),
     /// A message and the (queue id, seq) positions that hold it.
     Insert {
         message: Arc<MessageRow>,
@@ -171,6 +193,22 @@ pub enum StoreError {
 pub trait MetaStore: Send + Sync + 'static {
     /// Loads every durable exchange, queue and binding.
     fn load_meta(&self) -> impl Future<Output = Result<Snapshot, StoreError>> + Send;
+
+    /// Whether any user exists (an empty store gets the default user).
+    fn has_users(&self) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// One user, looked up by name (the broker caches the answer).
+    fn user(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<UserRecord>, StoreError>> + Send;
+
+    /// A user's permissions in a vhost, if any.
+    fn permission(
+        &self,
+        vhost: &str,
+        user: &str,
+    ) -> impl Future<Output = Result<Option<PermissionRecord>, StoreError>> + Send;
 }
 
 /// Messages and the batches that change them.

@@ -16,7 +16,8 @@ use sqlx::{AnyPool, Executor, QueryBuilder, Row};
 use crate::plan::{Plan, PlannedInsert};
 use crate::{
     BindingRecord, DestinationKind, ExchangeRecord, MessageRow, MessageStore, MetaStore, Op,
-    QueueRecord, QueueSummary, Recovered, Snapshot, StoreError, StoredEntry,
+    PermissionRecord, QueueRecord, QueueSummary, Recovered, Snapshot, StoreError, StoredEntry,
+    UserRecord,
 };
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -243,6 +244,27 @@ async fn meta_op(tx: &mut Tx, op: &Op) -> Result<(), sqlx::Error> {
                 .execute(&mut **tx)
                 .await?;
         }
+        Op::PutUser(u) => {
+            sqlx::query("REPLACE INTO users (name, password_hash, tags) VALUES (?, ?, ?)")
+                .bind(u.name.clone())
+                .bind(u.password_hash.clone())
+                .bind(u.tags.clone())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Op::PutPermission(p) => {
+            sqlx::query(
+                "REPLACE INTO permissions (vhost, user_name, configure_re, write_re, read_re) \
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(p.vhost.clone())
+            .bind(p.user.clone())
+            .bind(p.configure.clone())
+            .bind(p.write.clone())
+            .bind(p.read.clone())
+            .execute(&mut **tx)
+            .await?;
+        }
         // Message ops never reach the metadata list of a plan.
         Op::Insert { .. } | Op::Remove { .. } | Op::Purge { .. } | Op::Delivered { .. } => {}
     }
@@ -438,6 +460,58 @@ impl SqlStore {
 }
 
 impl MetaStore for SqlStore {
+    async fn has_users(&self) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM users")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(row.try_get::<i64, _>(0).map_err(unavailable)? > 0)
+    }
+
+    async fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        let row = sqlx::query("SELECT name, password_hash, tags FROM users WHERE name = ?")
+            .bind(name.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.map(|r| {
+            Ok(UserRecord {
+                name: r.try_get("name")?,
+                password_hash: r.try_get("password_hash")?,
+                tags: r.try_get("tags")?,
+            })
+        })
+        .transpose()
+        .map_err(unavailable)
+    }
+
+    async fn permission(
+        &self,
+        vhost: &str,
+        user: &str,
+    ) -> Result<Option<PermissionRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT vhost, user_name, configure_re, write_re, read_re FROM permissions \
+             WHERE vhost = ? AND user_name = ?",
+        )
+        .bind(vhost.to_string())
+        .bind(user.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.map(|r| {
+            Ok(PermissionRecord {
+                vhost: r.try_get("vhost")?,
+                user: r.try_get("user_name")?,
+                configure: r.try_get("configure_re")?,
+                write: r.try_get("write_re")?,
+                read: r.try_get("read_re")?,
+            })
+        })
+        .transpose()
+        .map_err(unavailable)
+    }
+
     async fn load_meta(&self) -> Result<Snapshot, StoreError> {
         let p = &self.pool;
         let mut snap = Snapshot::default();

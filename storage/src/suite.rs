@@ -86,6 +86,48 @@ pub async fn mysql_scratch_url() -> String {
     format!("{server}/{db}")
 }
 
+/// Users and permissions: replaced by name, names case-sensitive, looked up one at a time.
+async fn users_and_permissions<S: MetaStore + MessageStore>(s: &S) {
+    assert!(!s.has_users().await.unwrap());
+    assert_eq!(s.user("guest").await.unwrap(), None);
+    let user = |name: &str, hash: &[u8]| UserRecord {
+        name: name.to_string(),
+        password_hash: hash.to_vec(),
+        tags: "administrator".to_string(),
+    };
+    let perm = |vhost: &str, user: &str, read: &str| PermissionRecord {
+        vhost: vhost.to_string(),
+        user: user.to_string(),
+        configure: ".*".to_string(),
+        write: ".*".to_string(),
+        read: read.to_string(),
+    };
+    apply(
+        s,
+        vec![
+            Op::PutUser(user("guest", &[1, 2, 3, 0, 255])),
+            Op::PutUser(user("Guest", &[9])),
+            Op::PutUser(user("guest", &[4, 5, 6, 0, 255])),
+            Op::PutPermission(perm("/", "guest", ".*")),
+            Op::PutPermission(perm("/", "guest", "^amq\\.")),
+        ],
+    )
+    .await;
+    assert!(s.has_users().await.unwrap());
+    assert_eq!(
+        s.user("guest").await.unwrap(),
+        Some(user("guest", &[4, 5, 6, 0, 255]))
+    );
+    assert_eq!(s.user("Guest").await.unwrap(), Some(user("Guest", &[9])));
+    assert_eq!(s.user("GUEST").await.unwrap(), None);
+    assert_eq!(
+        s.permission("/", "guest").await.unwrap(),
+        Some(perm("/", "guest", "^amq\\."))
+    );
+    assert_eq!(s.permission("/", "Guest").await.unwrap(), None);
+    assert_eq!(s.permission("other", "guest").await.unwrap(), None);
+}
+
 async fn apply<S: MessageStore>(store: &S, ops: Vec<Op>) {
     store.apply(&Plan::from_ops(ops)).await.unwrap();
 }
@@ -95,6 +137,8 @@ pub async fn run<S: MetaStore + MessageStore>(store: Arc<S>) {
     let r = s.recover().await.unwrap();
     assert_eq!(r.snapshot, Snapshot::default());
     assert_eq!((r.next_message_id, r.next_queue_id), (1, 1));
+
+    users_and_permissions(s).await;
 
     // Metadata, written through ops; names are case-sensitive.
     apply(

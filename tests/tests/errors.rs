@@ -337,6 +337,73 @@ async fn bad_login_and_unknown_vhost() {
     b.stop().await;
 }
 
+/// Users live in the store (read through the data cache): a store written before the start
+/// holds alice (permissions on "/") and bob (none); no default user is added to it.
+#[tokio::test]
+async fn stored_users_and_vhost_access() {
+    use warren_storage::{
+        MessageStore, MetaStore, Op, PermissionRecord, Plan, SqlStore, UserRecord,
+    };
+    let config = warren_broker::Config::for_tests();
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    {
+        let store = SqlStore::open(&SqlStore::sqlite_url(&config.data_dir), true)
+            .await
+            .unwrap();
+        let user = |name: &str, pass: &str| {
+            Op::PutUser(UserRecord {
+                name: name.to_string(),
+                password_hash: warren_broker::auth::hash_password(pass),
+                tags: String::new(),
+            })
+        };
+        let ops = vec![
+            user("alice", "a-secret"),
+            user("bob", "b-secret"),
+            Op::PutPermission(PermissionRecord {
+                vhost: "/".to_string(),
+                user: "alice".to_string(),
+                configure: ".*".to_string(),
+                write: ".*".to_string(),
+                read: ".*".to_string(),
+            }),
+        ];
+        store.apply(&Plan::from_ops(ops)).await.unwrap();
+        assert!(store.has_users().await.unwrap());
+    }
+    let b = warren_broker::start(config).await.unwrap();
+    let url = |creds: &str| format!("amqp://{creds}@{}/%2f", b.addr);
+    let alice = lapin::Connection::connect(
+        &url("alice:a-secret"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("alice may open /");
+    alice.create_channel().await.unwrap();
+    let e =
+        lapin::Connection::connect(&url("bob:b-secret"), lapin::ConnectionProperties::default())
+            .await
+            .unwrap_err();
+    assert_eq!(code(&e), 530);
+    assert_eq!(
+        text(&e),
+        "NOT_ALLOWED - access to vhost '/' refused for user 'bob'"
+    );
+    let e = lapin::Connection::connect(
+        &url("alice:b-secret"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code(&e), 403);
+    // The store was not empty: guest was not created.
+    let e = lapin::Connection::connect(&url("guest:guest"), lapin::ConnectionProperties::default())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), 403);
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn shutdown_closes_connections_with_320() {
     let b = broker().await;
