@@ -20,6 +20,10 @@ impl Gauge {
     }
 }
 
+/// Per-message memory besides its buffers: the struct and its `Arc` counts, a queue entry, and
+/// about 64 bytes of method and frame headers sharing the read buffer with the body.
+const OVERHEAD: usize = std::mem::size_of::<Message>() + 16 + 32 + 64;
+
 #[derive(Debug)]
 pub struct Message {
     /// Unique per broker (and across restarts): the store's key.
@@ -88,13 +92,15 @@ impl Message {
         self.properties.delivery_mode() == &Some(2)
     }
 
-    /// Bytes this message holds in memory, for budgets.
+    /// Bytes this message holds in memory, for budgets: its buffers, the struct itself (with
+    /// its `Arc`), the queue entry that points at it, and the frame bytes around the body and
+    /// header that stay in the shared read buffer they were sliced from.
     pub fn weight(&self) -> usize {
         self.body.len()
             + self.header.len()
             + self.exchange.as_str().len()
             + self.routing_key.as_str().len()
-            + 96
+            + OVERHEAD
     }
 }
 

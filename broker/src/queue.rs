@@ -32,8 +32,9 @@ use crate::message::Message;
 use crate::outbox::Outgoing;
 use crate::persist::Persistence;
 
-/// Most entries a queue's head holds before new messages page out.
-const MAX_HELD: usize = 32_768;
+/// Most entries a queue's head holds before new messages page out. Normally the memory budget
+/// (which counts each held message's entry) pages long before this; it only caps the index.
+const MAX_HELD: usize = 1 << 22;
 /// The loader reads this many entries (or `WINDOW_BYTES`) per trip...
 const WINDOW: usize = 1024;
 const WINDOW_BYTES: usize = 4 << 20;

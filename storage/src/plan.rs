@@ -88,6 +88,15 @@ impl Plan {
         plan
     }
 
+    /// Whether the commit must be on disk before its tickets are released: it writes
+    /// metadata, purges, or stores a persistent message. Acks (removes), delivered marks and
+    /// paged transient messages may wait for the next synced commit.
+    pub fn needs_sync(&self) -> bool {
+        !self.meta.is_empty()
+            || !self.purges.is_empty()
+            || self.inserts.iter().any(|i| i.message.persistent)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.meta.is_empty()
             && self.purges.is_empty()

@@ -39,6 +39,8 @@ pub enum Backend {
 pub struct SqlStore {
     pool: AnyPool,
     backend: Backend,
+    /// SQLite syncs the commits that need it (see `Plan::needs_sync`).
+    fsync: bool,
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -118,7 +120,11 @@ impl SqlStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migrations failed: {e}")))?;
-        Ok(SqlStore { pool, backend })
+        Ok(SqlStore {
+            pool,
+            backend,
+            fsync,
+        })
     }
 
     pub fn backend(&self) -> Backend {
@@ -162,9 +168,9 @@ fn kind_code(k: DestinationKind) -> i64 {
     }
 }
 
-type Tx = sqlx::Transaction<'static, sqlx::Any>;
+type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
 
-async fn meta_op(tx: &mut Tx, op: &Op) -> Result<(), sqlx::Error> {
+async fn meta_op(tx: &mut Tx<'_>, op: &Op) -> Result<(), sqlx::Error> {
     match op {
         Op::PutExchange(x) => {
             sqlx::query(
@@ -272,7 +278,7 @@ async fn meta_op(tx: &mut Tx, op: &Op) -> Result<(), sqlx::Error> {
 }
 
 /// Deletes a queue's positions after `after_seq` and the messages no other position holds.
-async fn purge(tx: &mut Tx, queue_id: i64, after_seq: i64) -> Result<(), sqlx::Error> {
+async fn purge(tx: &mut Tx<'_>, queue_id: i64, after_seq: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
         "DELETE FROM messages WHERE id IN \
          (SELECT qm.message_id FROM queue_messages qm WHERE qm.queue_id = ? AND qm.seq > ?) \
@@ -296,7 +302,7 @@ async fn purge(tx: &mut Tx, queue_id: i64, after_seq: i64) -> Result<(), sqlx::E
 /// Message rows are written with "insert or ignore": a message routed to several queues may
 /// arrive in two batches, one per queue.
 async fn insert_messages(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     backend: Backend,
     inserts: &[PlannedInsert],
 ) -> Result<(), sqlx::Error> {
@@ -375,7 +381,7 @@ fn chunk_count(m: &MessageRow) -> i64 {
     }
 }
 
-async fn apply_plan(tx: &mut Tx, backend: Backend, plan: &Plan) -> Result<(), sqlx::Error> {
+async fn apply_plan(tx: &mut Tx<'_>, backend: Backend, plan: &Plan) -> Result<(), sqlx::Error> {
     for op in &plan.meta {
         meta_op(tx, op).await?;
     }
@@ -580,7 +586,20 @@ impl MessageStore for SqlStore {
             return Ok(());
         }
         let t0 = std::time::Instant::now();
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        if self.backend == Backend::Sqlite && self.fsync {
+            // A batch of only acks, delivered marks and paged transient messages need not
+            // reach the disk before its tickets are released; the next synced commit carries
+            // it (WAL order). Set on every batch (pooled connections keep their setting),
+            // outside the transaction as SQLite requires.
+            let sync = if plan.needs_sync() {
+                "PRAGMA synchronous = FULL"
+            } else {
+                "PRAGMA synchronous = NORMAL"
+            };
+            conn.execute(sync).await.map_err(unavailable)?;
+        }
+        let mut tx = sqlx::Acquire::begin(&mut conn).await.map_err(unavailable)?;
         let t1 = t0.elapsed();
         apply_plan(&mut tx, self.backend, plan)
             .await
