@@ -8,8 +8,9 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use warren_storage::{MetaStore, Op, PermissionRecord, SqlStore, StoreError, UserRecord};
 
-/// How long a cached lookup (a hit or a "no such user") is trusted. Writes made through this
-/// broker invalidate at once; the bound covers rows changed in the database by another process.
+/// How long a cached lookup (a hit or a "no such user") is trusted: the bound on how stale a
+/// login can be after the rows change in the database. (Nothing writes users through the broker
+/// yet; the management API will invalidate the entries it changes.)
 const TTL: Duration = Duration::from_secs(60);
 /// Most users and most (vhost, user) permissions the data cache holds.
 const CAPACITY: u64 = 10_000;
@@ -133,16 +134,6 @@ impl Users {
         let found = self.store.permission(vhost, user).await?.map(Arc::new);
         self.permissions.insert(key, found.clone());
         Ok(found)
-    }
-
-    /// Forgets what the cache knows of a user (after a write through this broker).
-    pub fn invalidate(&self, user: &str) {
-        self.users.invalidate(user);
-        let user = user.to_string();
-        // The permissions cache is small and writes are rare: a predicate sweep is fine.
-        let _ = self
-            .permissions
-            .invalidate_entries_if(move |(_, u), _| *u == user);
     }
 
     /// Entries the cache holds (users, permissions): for tests and metrics.

@@ -164,25 +164,9 @@ impl Conn {
         loop {
             loop {
                 match self.decoder.decode(&mut buf) {
-                    Ok(Some(frame)) => match self.handle(frame) {
-                        Ok(Flow::Login(creds)) => match self.login(creds).await {
-                            Ok(Flow::Stop) => return,
-                            Ok(_) => {}
-                            Err(e) => {
-                                if self.connection_error(e) {
-                                    return;
-                                }
-                            }
-                        },
-                        Ok(Flow::Open(vhost)) => {
-                            if let Err(e) = self.open_vhost(vhost).await {
-                                if self.connection_error(e) {
-                                    return;
-                                }
-                            }
-                        }
-                        Ok(Flow::Continue) => {}
+                    Ok(Some(frame)) => match self.handle_and_await(frame).await {
                         Ok(Flow::Stop) => return,
+                        Ok(_) => {}
                         Err(e) => {
                             if self.connection_error(e) {
                                 return;
@@ -419,6 +403,15 @@ impl Conn {
                 Err(AmqpError::unexpected_frame("type 3 on channel 0"))
             }
             frame => self.handle_channel_frame(frame),
+        }
+    }
+
+    /// Runs a frame's handler, then the store lookup a login or vhost open asked for.
+    async fn handle_and_await(&mut self, frame: Frame) -> AmqpResult<Flow> {
+        match self.handle(frame)? {
+            Flow::Login(creds) => self.login(creds).await,
+            Flow::Open(vhost) => self.open_vhost(vhost).await.map(|()| Flow::Continue),
+            flow => Ok(flow),
         }
     }
 

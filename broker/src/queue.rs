@@ -236,9 +236,11 @@ impl Queue {
         let page = g.paged.count > 0
             || g.ready.len() >= MAX_HELD
             || (!g.ready.is_empty() && self.persist.over_budget());
-        if page || durable {
+        let stored = page || durable;
+        let mut ticket = 0;
+        if stored {
             let row = row.get_or_insert_with(|| Arc::new(msg.to_row())).clone();
-            let ticket = self.persist.submit(Op::Insert {
+            ticket = self.persist.submit(Op::Insert {
                 message: row,
                 entries: vec![(self.id, seq as i64)],
             });
@@ -251,25 +253,20 @@ impl Queue {
                 self.maybe_load(&mut g);
                 return Enqueued::Stored { ticket, durable };
             }
-            g.ready.push_back(Entry {
-                seq,
-                id: msg.id,
-                msg: Some(msg.clone()),
-                redelivered: false,
-                stored: true,
-            });
-            self.dispatch_locked(&mut g);
-            return Enqueued::Stored { ticket, durable };
         }
         g.ready.push_back(Entry {
             seq,
             id: msg.id,
             msg: Some(msg.clone()),
             redelivered: false,
-            stored: false,
+            stored,
         });
         self.dispatch_locked(&mut g);
-        Enqueued::Held
+        if stored {
+            Enqueued::Stored { ticket, durable }
+        } else {
+            Enqueued::Held
+        }
     }
 
     /// Delivers to consumers with credit until the queue is empty or nobody can take more.
