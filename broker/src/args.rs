@@ -249,6 +249,68 @@ pub fn check_equivalent(
     Ok(())
 }
 
+/// What a queue does when it is full (`x-overflow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    #[default]
+    DropHead,
+    RejectPublish,
+    RejectPublishDlx,
+}
+
+/// A queue's `x-` arguments, decoded once at declare (they were validated there, so anything
+/// unreadable here is treated as absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueArgs {
+    pub message_ttl: Option<u64>,
+    pub expires: Option<u64>,
+    pub max_length: Option<u64>,
+    pub max_length_bytes: Option<u64>,
+    pub overflow: Overflow,
+    pub dead_letter_exchange: Option<String>,
+    pub dead_letter_routing_key: Option<String>,
+    /// 0: not a priority queue.
+    pub max_priority: u8,
+    pub single_active_consumer: bool,
+    pub delivery_limit: Option<u64>,
+    pub consumer_timeout: Option<u64>,
+    pub quorum: bool,
+}
+
+impl QueueArgs {
+    pub fn parse(args: &FieldTable) -> QueueArgs {
+        let t = args.inner();
+        let int = |k: &str| t.get(k).and_then(as_int).and_then(|n| u64::try_from(n).ok());
+        let string = |k: &str| t.get(k).and_then(as_str);
+        QueueArgs {
+            message_ttl: int("x-message-ttl"),
+            expires: int("x-expires"),
+            max_length: int("x-max-length"),
+            max_length_bytes: int("x-max-length-bytes"),
+            overflow: match string("x-overflow").as_deref() {
+                Some("reject-publish") => Overflow::RejectPublish,
+                Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
+                _ => Overflow::DropHead,
+            },
+            dead_letter_exchange: string("x-dead-letter-exchange"),
+            dead_letter_routing_key: string("x-dead-letter-routing-key"),
+            max_priority: int("x-max-priority").unwrap_or(0).min(255) as u8,
+            single_active_consumer: matches!(
+                t.get("x-single-active-consumer"),
+                Some(AMQPValue::Boolean(true))
+            ),
+            delivery_limit: int("x-delivery-limit"),
+            consumer_timeout: int("x-consumer-timeout"),
+            quorum: string("x-queue-type").as_deref() == Some("quorum"),
+        }
+    }
+
+    /// A length limit is set.
+    pub fn bounded(&self) -> bool {
+        self.max_length.is_some() || self.max_length_bytes.is_some()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

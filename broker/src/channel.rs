@@ -502,12 +502,24 @@ impl Channel {
                         "attempt to reuse consumer tag '{tag}'"
                     )));
                 }
+                let priority = match c.arguments.inner().get("x-priority") {
+                    None => 0,
+                    Some(v) => crate::args::as_int(v).ok_or_else(|| {
+                        AmqpError::precondition(format!(
+                            "invalid arg 'x-priority' for queue '{}' in vhost '{}': \"expected integer, got {}\"",
+                            name,
+                            vh.name,
+                            crate::args::type_name(v)
+                        ))
+                    })?,
+                };
                 let consumer = Arc::new(Consumer {
                     tag: tag.clone(),
                     channel: self.handle.clone(),
                     queue: Arc::downgrade(&q),
                     no_ack: c.no_ack,
                     exclusive: c.exclusive,
+                    priority,
                     prefetch: self.prefetch,
                     unacked: Default::default(),
                     active: Default::default(),
@@ -607,10 +619,10 @@ impl Channel {
             if !touched.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
                 touched.push(u.queue.clone());
             }
-            if how == Settle::Requeue {
-                requeue.push(u);
-            } else {
-                u.queue.forget(&u.entry);
+            match how {
+                Settle::Requeue => requeue.push(u),
+                Settle::Discard => u.queue.discard(u.entry),
+                Settle::Ack => u.queue.forget(&u.entry),
             }
         }
         requeue_all(requeue);
@@ -625,6 +637,14 @@ impl Channel {
     fn published(&mut self, ctx: &ConnCtx, c: Content) -> AmqpResult<()> {
         let exchange = ctx.vhost.publish_exchange(c.publish.exchange.as_str())?;
         let mandatory = c.publish.mandatory;
+        if let Some(e) = c.properties.expiration() {
+            let s = e.as_str();
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || s.parse::<u64>().is_err() {
+                return Err(AmqpError::precondition(format!(
+                    "invalid expiration '{s}': {{invalid_format}}"
+                )));
+            }
+        }
         let msg = Arc::new(Message::new(
             self.persist.next_message_id(),
             c.publish.exchange,
@@ -654,11 +674,17 @@ impl Channel {
         let mut queues = std::mem::take(&mut self.route_buf);
         ctx.vhost.route(exchange, &msg, &mut queues);
         let mut delivered = false;
+        let mut rejected = false;
         let mut ticket = 0;
         let mut row = None;
         for q in queues.drain(..) {
             match q.publish(&msg, &mut row) {
                 Enqueued::Deleted => {}
+                // A full queue with reject-publish: the publisher's confirm is a nack.
+                Enqueued::Rejected => {
+                    delivered = true;
+                    rejected = true;
+                }
                 Enqueued::Held => delivered = true,
                 Enqueued::Stored { ticket: t, durable } => {
                     delivered = true;
@@ -688,7 +714,7 @@ impl Channel {
             let tag = c.next;
             c.next += 1;
             let writer = &self.persist.writer;
-            c.settle(tag, true, ticket, || writer.committed());
+            c.settle(tag, !rejected, ticket, || writer.committed());
         }
         ticket
     }

@@ -23,6 +23,8 @@ pub struct Unacked {
     pub entry: Entry,
     /// The consumer whose prefetch credit it holds (None for basic.get).
     pub consumer: Option<Arc<Consumer>>,
+    /// When it was delivered (ms since the epoch), for `x-consumer-timeout`; 0 otherwise.
+    pub at: u64,
 }
 
 #[derive(Default)]
@@ -31,6 +33,8 @@ struct State {
     unacked: BTreeMap<u64, Unacked>,
     consumers: HashMap<String, Arc<Consumer>>,
     closed: bool,
+    /// Tags taken back by a consumer timeout: a late ack of one is ignored, not a 406.
+    timed_out: std::collections::BTreeSet<u64>,
 }
 
 /// The shared half of a channel.
@@ -118,12 +122,18 @@ impl ChannelHandle {
         g.next_tag += 1;
         let tag = g.next_tag;
         if ack {
+            let at = if queue.args.consumer_timeout.is_some() {
+                crate::message::now_ms()
+            } else {
+                0
+            };
             g.unacked.insert(
                 tag,
                 Unacked {
                     queue: queue.clone(),
                     entry,
                     consumer: consumer.cloned(),
+                    at,
                 },
             );
         }
@@ -137,6 +147,9 @@ impl ChannelHandle {
             return Ok(std::mem::take(&mut g.unacked).into_iter().collect());
         }
         if !g.unacked.contains_key(&tag) {
+            if g.timed_out.remove(&tag) {
+                return Ok(Vec::new());
+            }
             return Err(AmqpError::precondition(format!(
                 "unknown delivery tag {tag}"
             )));
@@ -227,6 +240,44 @@ impl ChannelHandle {
         }
     }
 
+    /// When the oldest delivery `consumer` holds was made (ms), if it holds any.
+    pub fn oldest_unacked(&self, consumer: &Arc<Consumer>) -> Option<u64> {
+        let g = self.lock();
+        g.unacked
+            .values()
+            .filter(|u| u.consumer.as_ref().is_some_and(|c| Arc::ptr_eq(c, consumer)))
+            .map(|u| u.at)
+            .next()
+    }
+
+    /// A consumer timed out: it is cancelled (basic.cancel to a client that asked for
+    /// notifications) and the deliveries it holds are returned, to be requeued. Late acks of
+    /// their tags are ignored.
+    pub fn time_out_consumer(&self, consumer: &Arc<Consumer>) -> Vec<Entry> {
+        let held = {
+            let mut g = self.lock();
+            let tags: Vec<u64> = g
+                .unacked
+                .iter()
+                .filter(|(_, u)| u.consumer.as_ref().is_some_and(|c| Arc::ptr_eq(c, consumer)))
+                .map(|(t, _)| *t)
+                .collect();
+            let mut held = Vec::with_capacity(tags.len());
+            for t in tags {
+                if let Some(u) = g.unacked.remove(&t) {
+                    g.timed_out.insert(t);
+                    held.push(u);
+                }
+            }
+            held
+        };
+        for u in &held {
+            self.release(u);
+        }
+        self.server_cancel(&consumer.tag);
+        held.into_iter().map(|u| u.entry).collect()
+    }
+
     /// Closes the channel: no more deliveries; returns its consumers and unacked deliveries.
     pub fn close(&self) -> (Vec<Arc<Consumer>>, Vec<Unacked>) {
         let mut g = self.lock();
@@ -251,6 +302,8 @@ pub struct Consumer {
     pub queue: Weak<Queue>,
     pub no_ack: bool,
     pub exclusive: bool,
+    /// `x-priority`: consumers of a higher priority are served first while they have credit.
+    pub priority: i64,
     /// Per-consumer prefetch (basic.qos global=false before the consume); 0 is unlimited.
     pub prefetch: u32,
     pub unacked: AtomicU32,

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod broker;
 pub mod channel;
 pub mod config;
+pub mod deadletter;
 pub mod connection;
 pub mod delivery;
 pub mod error;

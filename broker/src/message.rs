@@ -34,8 +34,67 @@ pub struct Message {
     /// The encoded content header payload (class, weight, body size, properties).
     pub header: Bytes,
     pub body: Bytes,
+    /// When it was published (ms since the Unix epoch): TTLs count from it.
+    pub published_ms: u64,
     gauge: Option<Arc<Gauge>>,
 }
+
+/// Now, in ms since the Unix epoch (the clock TTLs, delays and x-death times use).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `p` without its `expiration` (amq-protocol's properties can be set but not cleared).
+pub fn without_expiration(p: &AMQPProperties) -> AMQPProperties {
+    let mut out = AMQPProperties::default();
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.headers() {
+        out = out.with_headers(v.clone());
+    }
+    if let Some(v) = p.delivery_mode() {
+        out = out.with_delivery_mode(*v);
+    }
+    if let Some(v) = p.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = p.user_id() {
+        out = out.with_user_id(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    out
+}
+
+/// A per-message `expiration` property RabbitMQ refuses (406 at publish).
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadExpiration(pub String);
 
 impl Message {
     pub fn new(
@@ -54,6 +113,7 @@ impl Message {
             properties,
             header,
             body,
+            published_ms: now_ms(),
             gauge,
         };
         if let Some(g) = &m.gauge {
@@ -65,7 +125,7 @@ impl Message {
     /// A message read back from the store; None if its header does not parse.
     pub fn from_row(row: MessageRow, gauge: Option<Arc<Gauge>>) -> Option<Message> {
         let properties = warren_protocol::codec::header_properties(&row.header)?;
-        Some(Message::new(
+        let mut m = Message::new(
             row.id as u64,
             ShortString::from(row.exchange),
             ShortString::from(row.routing_key),
@@ -73,7 +133,60 @@ impl Message {
             row.header,
             row.body,
             gauge,
-        ))
+        );
+        // Rows written before the column existed read 0: they count from now.
+        if row.published_ms > 0 {
+            m.published_ms = row.published_ms as u64;
+        }
+        Some(m)
+    }
+
+    /// A copy under a new id with other properties, exchange and routing key (dead-lettering,
+    /// reply-to rewriting, redelivery headers). The header is re-encoded; the body is shared.
+    pub fn derive(
+        &self,
+        id: u64,
+        exchange: ShortString,
+        routing_key: ShortString,
+        properties: AMQPProperties,
+    ) -> Message {
+        let header = warren_protocol::encode::content_header_payload(
+            warren_protocol::CLASS_BASIC,
+            self.body.len() as u64,
+            &properties,
+        )
+        .unwrap_or_else(|e| {
+            // Properties that decoded from a peer's frame always encode again.
+            tracing::error!(error = %e, "re-encoding a content header failed; keeping the original");
+            self.header.clone()
+        });
+        Message::new(
+            id,
+            exchange,
+            routing_key,
+            properties,
+            header,
+            self.body.clone(),
+            self.gauge.clone(),
+        )
+    }
+
+    /// The per-message TTL from the `expiration` property, as RabbitMQ reads it: a string of
+    /// decimal digits (ms).
+    pub fn expiration(&self) -> Result<Option<u64>, BadExpiration> {
+        let Some(e) = self.properties.expiration() else {
+            return Ok(None);
+        };
+        let s = e.as_str();
+        match s.parse::<u64>() {
+            Ok(n) if !s.starts_with('+') => Ok(Some(n)),
+            _ => Err(BadExpiration(s.to_string())),
+        }
+    }
+
+    /// The `priority` property (absent: 0).
+    pub fn priority(&self) -> u8 {
+        self.properties.priority().unwrap_or(0)
     }
 
     pub fn to_row(&self) -> MessageRow {
@@ -84,6 +197,7 @@ impl Message {
             routing_key: self.routing_key.to_string(),
             header: self.header.clone(),
             body: self.body.clone(),
+            published_ms: self.published_ms as i64,
         }
     }
 

@@ -14,11 +14,19 @@
 //! A position is written to the store (`Op::Insert`, under this queue's lock, so positions reach
 //! the writer in seq order) when the message is persistent and the queue durable, or when it
 //! is paged. Acks and drops of stored positions submit `Op::Remove`.
+//!
+//! RabbitMQ's extensions live here too: TTL (each entry carries its deadline; only the head is
+//! checked, and one timer per queue is armed for the head's deadline, so an idle queue costs
+//! nothing), length limits, dead-lettering (collected under the lock in `State::dead` and
+//! routed after it is released, so no queue lock is ever held while another is taken, except
+//! `publish_atomic`, which takes its targets' locks in address order), priorities (the head is
+//! ordered by priority, then seq), single active consumer, consumer priorities, the delivery
+//! limit and the consumer timeout.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use warren_protocol::{
     protocol::{basic, AMQPClass},
@@ -26,11 +34,17 @@ use warren_protocol::{
 };
 use warren_storage::{MessageRow, MessageStore, Op, QueueSummary};
 
+use crate::args::{Overflow, QueueArgs};
+use crate::deadletter::Reason;
 use crate::delivery::{ChannelHandle, Consumer, NoCredit};
 use crate::error::{AmqpError, AmqpResult};
-use crate::message::Message;
+use crate::message::{now_ms, Message};
 use crate::outbox::Outgoing;
 use crate::persist::Persistence;
+use crate::vhost::VHost;
+
+/// An entry's `expires` when it never expires.
+pub const NEVER: u64 = u64::MAX;
 
 /// Most entries a queue's head holds before new messages page out. Normally the memory budget
 /// (which counts each held message's entry) pages long before this; it only caps the index.
@@ -53,6 +67,27 @@ pub struct Entry {
     pub redelivered: bool,
     /// A position row exists (or is on its way) in the store.
     pub stored: bool,
+    /// When it expires (ms since the epoch), or `NEVER`.
+    pub expires: u64,
+    /// Its priority, capped at the queue's `x-max-priority` (0 in other queues).
+    pub prio: u8,
+    /// How many times it came back unacknowledged (`x-delivery-count`).
+    pub deliveries: u32,
+}
+
+impl Entry {
+    /// Head order: higher priority first, then publish order.
+    fn key(&self) -> (u8, u64) {
+        (255 - self.prio, self.seq)
+    }
+}
+
+/// A message leaving its queue for the dead-letter exchange (or for nowhere).
+#[derive(Debug)]
+pub struct Dead {
+    pub entry: Entry,
+    pub msg: Option<Arc<Message>>,
+    pub reason: Reason,
 }
 
 #[derive(Default)]
@@ -83,6 +118,19 @@ struct State {
     delivered_reported: u64,
     /// Some position of this queue was written to the store.
     stored_any: bool,
+    /// Body bytes of the ready and paged messages (`x-max-length-bytes`).
+    bytes: u64,
+    /// Drop-head drops owed by the paged part (its head is not in memory yet): the loader
+    /// drops that many from what it reads.
+    owed_drops: u64,
+    /// Messages to dead-letter once the lock is released (see `Queue::unlock`).
+    dead: Vec<Dead>,
+    /// The deadline the expiry timer is armed for (0: none).
+    timer_at: u64,
+    /// The deadline the consumer-timeout check is armed for (0: none).
+    timeout_at: u64,
+    /// Last basic.get, consume or declare (`x-expires`).
+    last_used: Option<Instant>,
 }
 
 /// The properties a queue was declared with.
@@ -97,10 +145,14 @@ pub struct QueueSpec {
 
 pub struct Queue {
     pub spec: QueueSpec,
+    /// The `x-` arguments, decoded.
+    pub args: QueueArgs,
     pub vhost: String,
     /// The store's number for this queue.
     pub id: i64,
     persist: Arc<Persistence>,
+    /// The vhost dead letters are routed through (unset in unit tests: they are dropped).
+    router: OnceLock<Weak<VHost>>,
     state: Mutex<State>,
 }
 
@@ -129,6 +181,14 @@ pub enum Enqueued {
     /// Written to the store under `ticket`; `durable` when the message must survive a restart
     /// (a publisher confirm waits for the ticket).
     Stored { ticket: u64, durable: bool },
+    /// Refused: the queue is full and overflows with `reject-publish(-dlx)`.
+    Rejected,
+}
+
+/// Where `enqueue` sends its store op: to the writer now, or into a group committed together.
+enum Sink<'a> {
+    Now,
+    Collect(&'a mut Vec<Op>),
 }
 
 /// Runs a store read to completion from synchronous code (basic.get on a paged queue). Needs the
@@ -143,13 +203,24 @@ fn block_on<F: std::future::Future>(f: F) -> Option<F::Output> {
 
 impl Queue {
     pub fn new(vhost: &str, spec: QueueSpec, id: i64, persist: Arc<Persistence>) -> Arc<Self> {
+        let args = QueueArgs::parse(&spec.arguments);
         Arc::new(Queue {
             spec,
+            args,
             vhost: vhost.to_string(),
             id,
             persist,
-            state: Mutex::new(State::default()),
+            router: OnceLock::new(),
+            state: Mutex::new(State {
+                last_used: Some(Instant::now()),
+                ..State::default()
+            }),
         })
+    }
+
+    /// Dead letters of this queue are routed through `vhost`.
+    pub fn set_router(&self, vhost: Weak<VHost>) {
+        let _ = self.router.set(vhost);
     }
 
     /// A durable queue rebuilt at start: its stored messages are paged, read lazily.
@@ -206,8 +277,10 @@ impl Queue {
     /// (ready messages, consumers)
     pub fn counts(&self) -> (u32, u32) {
         let g = self.lock();
-        let n = g.ready.len() as u64 + g.paged.count;
-        (n.min(u32::MAX as u64) as u32, g.consumers.len() as u32)
+        (
+            g.ready_count().min(u32::MAX as u64) as u32,
+            g.consumers.len() as u32,
+        )
     }
 
     pub fn is_deleted(&self) -> bool {
@@ -219,6 +292,31 @@ impl Queue {
         self.lock().stored_any
     }
 
+    /// A basic.get, basic.consume or declare used the queue (`x-expires` counts from here).
+    pub fn touch(&self) {
+        self.lock().last_used = Some(Instant::now());
+    }
+
+    /// For `x-expires`: (deleted, unused since): None while it has consumers.
+    pub fn idle_since(&self) -> (bool, Option<Instant>) {
+        let g = self.lock();
+        let idle = if g.consumers.is_empty() {
+            g.last_used
+        } else {
+            None
+        };
+        (g.deleted, idle)
+    }
+
+    /// Releases the lock, then routes what it collected for dead-lettering.
+    fn unlock(self: &Arc<Self>, mut g: MutexGuard<'_, State>) {
+        let dead = std::mem::take(&mut g.dead);
+        drop(g);
+        if !dead.is_empty() {
+            self.dead_letter(dead);
+        }
+    }
+
     /// Enqueues a message and delivers what consumers can take. `row` is the message's store
     /// row, made once for all the queues it is routed to.
     pub fn publish(
@@ -227,8 +325,111 @@ impl Queue {
         row: &mut Option<Arc<MessageRow>>,
     ) -> Enqueued {
         let mut g = self.lock();
+        let r = self.enqueue(&mut g, msg, row, Sink::Now);
+        if !matches!(r, Enqueued::Deleted | Enqueued::Rejected) {
+            self.dispatch_fresh(&mut g, msg.id);
+        }
+        self.unlock(g);
+        r
+    }
+
+    /// Publishes `msg` to every queue in `targets` with one store commit that also carries
+    /// `also` (a dead-lettered message's removal from its old queue): the move is atomic.
+    /// The targets' locks are taken together, in address order.
+    pub fn publish_atomic(targets: &[Arc<Queue>], msg: &Arc<Message>, also: Option<Op>) {
+        let mut sorted: Vec<&Arc<Queue>> = targets.iter().collect();
+        sorted.sort_by_key(|q| Arc::as_ptr(q) as usize);
+        sorted.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        let mut guards: Vec<MutexGuard<'_, State>> = sorted.iter().map(|q| q.lock()).collect();
+        let mut ops = Vec::new();
+        let mut row = None;
+        let mut took = Vec::with_capacity(sorted.len());
+        for (q, g) in sorted.iter().zip(guards.iter_mut()) {
+            let r = q.enqueue(g, msg, &mut row, Sink::Collect(&mut ops));
+            took.push(!matches!(r, Enqueued::Deleted | Enqueued::Rejected));
+        }
+        ops.extend(also);
+        match ops.len() {
+            0 => {}
+            1 => {
+                if let Some(op) = ops.pop() {
+                    sorted[0].persist.submit(op);
+                }
+            }
+            _ => {
+                sorted[0].persist.submit(Op::Atomic(ops));
+            }
+        }
+        for ((q, g), took) in sorted.iter().zip(guards.iter_mut()).zip(took) {
+            if took {
+                q.dispatch_fresh(g, msg.id);
+            }
+        }
+        for (q, g) in sorted.iter().zip(guards) {
+            q.unlock(g);
+        }
+    }
+
+    fn full_for(&self, g: &State, len: u64) -> bool {
+        self.args.max_length.is_some_and(|m| g.ready_count() + 1 > m)
+            || self
+                .args
+                .max_length_bytes
+                .is_some_and(|m| g.bytes + len > m)
+    }
+
+    /// The deadline a message gets in this queue: the lower of the queue's and its own TTL.
+    fn deadline(&self, msg: &Message) -> u64 {
+        let own = msg.expiration().ok().flatten();
+        match (self.args.message_ttl, own) {
+            (None, None) => NEVER,
+            (a, b) => {
+                let ttl = a.unwrap_or(u64::MAX).min(b.unwrap_or(u64::MAX));
+                msg.published_ms.saturating_add(ttl)
+            }
+        }
+    }
+
+    fn insert_ready(&self, g: &mut State, e: Entry) {
+        if self.args.max_priority == 0 && g.ready.back().is_none_or(|b| b.seq < e.seq) {
+            g.ready.push_back(e);
+        } else {
+            let k = e.key();
+            let pos = g.ready.partition_point(|x| x.key() < k);
+            g.ready.insert(pos, e);
+        }
+    }
+
+    /// Adds a message to the queue (no dispatch).
+    fn enqueue(
+        &self,
+        g: &mut State,
+        msg: &Arc<Message>,
+        row: &mut Option<Arc<MessageRow>>,
+        sink: Sink<'_>,
+    ) -> Enqueued {
         if g.deleted {
             return Enqueued::Deleted;
+        }
+        let len = msg.body.len() as u64;
+        if self.args.overflow != Overflow::DropHead && self.full_for(g, len) {
+            if self.args.overflow == Overflow::RejectPublishDlx {
+                g.dead.push(Dead {
+                    entry: Entry {
+                        seq: 0,
+                        id: msg.id,
+                        msg: None,
+                        redelivered: false,
+                        stored: false,
+                        expires: NEVER,
+                        prio: 0,
+                        deliveries: 0,
+                    },
+                    msg: Some(msg.clone()),
+                    reason: Reason::MaxLen,
+                });
+            }
+            return Enqueued::Rejected;
         }
         g.next_seq += 1;
         let seq = g.next_seq;
@@ -237,31 +438,42 @@ impl Queue {
             || g.ready.len() >= MAX_HELD
             || (!g.ready.is_empty() && self.persist.over_budget());
         let stored = page || durable;
+        g.bytes += len;
         let mut ticket = 0;
         if stored {
             let row = row.get_or_insert_with(|| Arc::new(msg.to_row())).clone();
-            ticket = self.persist.submit(Op::Insert {
+            let op = Op::Insert {
                 message: row,
                 entries: vec![(self.id, seq as i64)],
-            });
+            };
+            match sink {
+                Sink::Now => ticket = self.persist.submit(op),
+                Sink::Collect(ops) => ops.push(op),
+            }
             g.stored_any = true;
             if page {
                 if g.paged.count == 0 {
                     g.paged.cursor = seq - 1;
                 }
                 g.paged.count += 1;
-                self.maybe_load(&mut g);
                 return Enqueued::Stored { ticket, durable };
             }
         }
-        g.ready.push_back(Entry {
-            seq,
-            id: msg.id,
-            msg: Some(msg.clone()),
-            redelivered: false,
-            stored,
-        });
-        self.dispatch_locked(&mut g);
+        let prio = msg.priority().min(self.args.max_priority);
+        let expires = self.deadline(msg);
+        self.insert_ready(
+            g,
+            Entry {
+                seq,
+                id: msg.id,
+                msg: Some(msg.clone()),
+                redelivered: false,
+                stored,
+                expires,
+                prio,
+                deliveries: 0,
+            },
+        );
         if stored {
             Enqueued::Stored { ticket, durable }
         } else {
@@ -273,6 +485,7 @@ impl Queue {
     pub fn dispatch(self: &Arc<Self>) {
         let mut g = self.lock();
         self.dispatch_locked(&mut g);
+        self.unlock(g);
     }
 
     /// The head entry's body, from the entry or the cache.
@@ -281,53 +494,230 @@ impl Queue {
     }
 
     fn dispatch_locked(self: &Arc<Self>, g: &mut State) {
+        self.dispatch_fresh(g, 0);
+    }
+
+    /// Takes an entry out of the ready part for good (expired, dropped): it is dead-lettered
+    /// if the queue has a dead-letter exchange, else its stored position goes.
+    fn drop_entry(&self, g: &mut State, e: Entry, reason: Reason) {
+        g.bytes = g.bytes.saturating_sub(e.msg.as_ref().map_or(0, |m| m.body.len() as u64));
+        if self.args.dead_letter_exchange.is_some() {
+            let msg = self.body(&e);
+            g.dead.push(Dead {
+                entry: e,
+                msg,
+                reason,
+            });
+        } else {
+            self.forget(&e);
+        }
+    }
+
+    /// Drops expired entries from the head (RabbitMQ expires only at the head). `fresh` is a
+    /// message just published, which gets one delivery attempt first (TTL 0).
+    fn expire_head(&self, g: &mut State, now: u64, fresh: u64) {
+        while let Some(e) = g.ready.front() {
+            if e.expires > now || (e.expires == now && e.id == fresh) {
+                break;
+            }
+            if let Some(e) = g.ready.pop_front() {
+                self.drop_entry(g, e, Reason::Expired);
+            }
+        }
+    }
+
+    /// Drop-head: drops the oldest while the queue is over its limits.
+    fn enforce_limits(&self, g: &mut State) {
+        if self.args.overflow != Overflow::DropHead || !self.args.bounded() {
+            return;
+        }
+        loop {
+            let over_len = self.args.max_length.is_some_and(|m| g.ready_count() > m);
+            let over_bytes = self.args.max_length_bytes.is_some_and(|m| g.bytes > m);
+            if !over_len && !over_bytes {
+                return;
+            }
+            match g.ready.pop_front() {
+                Some(e) => self.drop_entry(g, e, Reason::MaxLen),
+                None if over_len && g.paged.count > g.owed_drops => g.owed_drops += 1,
+                // Bytes of paged messages are known when they are read: the loader's
+                // dispatch enforces the rest.
+                None => return,
+            }
+        }
+    }
+
+    /// Picks the consumer for the next message: the single active one, or round-robin among
+    /// the highest-priority consumers with credit. The credit is reserved.
+    fn pick(self: &Arc<Self>, g: &mut State) -> Option<Arc<Consumer>> {
         let n = g.consumers.len();
-        let mut refused = 0;
-        while refused < n && !g.ready.is_empty() {
+        if n == 0 {
+            return None;
+        }
+        if self.args.single_active_consumer {
+            let c = g.consumers[0].clone();
+            return match c.reserve() {
+                Ok(()) => Some(c),
+                Err(NoCredit::Outbox) => {
+                    c.channel.outbox.park(self);
+                    None
+                }
+                Err(_) => None,
+            };
+        }
+        let mut start = 0;
+        while start < n {
+            let prio = g.consumers[start].priority;
+            let end = start
+                + g.consumers[start..]
+                    .iter()
+                    .take_while(|c| c.priority == prio)
+                    .count();
+            let len = end - start;
+            for k in 0..len {
+                let idx = start + (g.rr + k) % len;
+                let c = &g.consumers[idx];
+                match c.reserve() {
+                    Ok(()) => {
+                        let c = c.clone();
+                        g.rr = (idx - start) + 1;
+                        return Some(c);
+                    }
+                    Err(NoCredit::Outbox) => c.channel.outbox.park(self),
+                    Err(_) => {}
+                }
+            }
+            start = end;
+        }
+        None
+    }
+
+    fn dispatch_fresh(self: &Arc<Self>, g: &mut State, fresh: u64) {
+        let now = if g.ready.is_empty() { 0 } else { now_ms() };
+        loop {
+            self.expire_head(g, now, fresh);
+            if g.ready.is_empty() || g.consumers.is_empty() {
+                break;
+            }
             let Some(msg) = g.ready.front().and_then(|e| self.body(e)) else {
                 break; // the loader brings the body back
             };
-            let idx = g.rr % n;
-            let consumer = g.consumers[idx].clone();
-            match consumer.reserve() {
-                Ok(()) => {
-                    let Some(entry) = g.ready.pop_front() else {
-                        break;
-                    };
-                    match self.deliver(g, &consumer, entry, msg) {
-                        Ok(()) => {
-                            g.rr = idx + 1;
-                            refused = 0;
-                        }
-                        Err(entry) => {
-                            consumer.unreserve();
-                            g.ready.push_front(entry);
-                            g.rr = idx + 1;
-                            refused += 1;
+            let Some(consumer) = self.pick(g) else {
+                break;
+            };
+            let Some(entry) = g.ready.pop_front() else {
+                consumer.unreserve();
+                break;
+            };
+            if let Err(entry) = self.deliver(g, &consumer, entry, msg) {
+                consumer.unreserve();
+                g.ready.push_front(entry);
+                break;
+            }
+        }
+        self.enforce_limits(g);
+        if now > 0 {
+            self.expire_head(g, now, 0);
+        }
+        self.arm_expiry(g);
+        self.maybe_load(g);
+    }
+
+    /// Arms the expiry timer for the head's deadline (one timer per queue at a time).
+    fn arm_expiry(self: &Arc<Self>, g: &mut State) {
+        let Some(at) = g.ready.front().map(|e| e.expires) else {
+            return;
+        };
+        if at == NEVER || (g.timer_at != 0 && g.timer_at <= at) || g.deleted {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        g.timer_at = at;
+        let weak = Arc::downgrade(self);
+        rt.spawn(async move {
+            let wait = at.saturating_sub(now_ms()) + 1;
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let Some(q) = weak.upgrade() else { return };
+            let mut g = q.lock();
+            if g.timer_at != at {
+                return; // an earlier timer took over
+            }
+            g.timer_at = 0;
+            q.dispatch_locked(&mut g);
+            q.unlock(g);
+        });
+    }
+
+    /// Arms the consumer-timeout check (`x-consumer-timeout`) after a delivery that waits
+    /// for an ack.
+    fn arm_consumer_timeout(self: &Arc<Self>, g: &mut State) {
+        let Some(timeout) = self.args.consumer_timeout else {
+            return;
+        };
+        if g.timeout_at != 0 {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let at = now_ms() + timeout;
+        g.timeout_at = at;
+        let weak = Arc::downgrade(self);
+        rt.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(timeout + 1)).await;
+            if let Some(q) = weak.upgrade() {
+                q.check_consumer_timeouts(timeout);
+            }
+        });
+    }
+
+    /// Cancels consumers holding a delivery older than the timeout (basic.cancel to the
+    /// client) and requeues what they held; re-arms for the rest.
+    fn check_consumer_timeouts(self: &Arc<Self>, timeout: u64) {
+        let consumers = {
+            let mut g = self.lock();
+            g.timeout_at = 0;
+            g.consumers.clone()
+        };
+        let now = now_ms();
+        let mut oldest_left: Option<u64> = None;
+        for c in consumers {
+            match c.channel.oldest_unacked(&c) {
+                Some(at) if at + timeout <= now => {
+                    tracing::warn!(
+                        queue = self.name(),
+                        consumer = %c.tag,
+                        timeout_ms = timeout,
+                        "consumer delivery acknowledgement timed out; cancelling the consumer"
+                    );
+                    let held = c.channel.time_out_consumer(&c);
+                    let removed = self.remove_consumer(&c);
+                    self.requeue(held);
+                    if removed == Removed::AutoDelete {
+                        if let Some(vh) = self.router.get().and_then(Weak::upgrade) {
+                            if let Err(e) = vh.remove_queue(self) {
+                                tracing::warn!(queue = self.name(), error = %e, "auto-delete failed");
+                            }
                         }
                     }
                 }
-                Err(NoCredit::Outbox) => {
-                    consumer.channel.outbox.park(self);
-                    g.rr = idx + 1;
-                    refused += 1;
-                }
-                Err(NoCredit::Prefetch | NoCredit::Closed) => {
-                    g.rr = idx + 1;
-                    refused += 1;
-                }
+                Some(at) => oldest_left = Some(oldest_left.map_or(at, |o| o.min(at))),
+                None => {}
             }
         }
-        if n > 0 {
-            g.rr %= n;
+        if oldest_left.is_some() {
+            let mut g = self.lock();
+            self.arm_consumer_timeout(&mut g);
         }
-        self.maybe_load(g);
     }
 
     /// What a delivered entry keeps while it waits for its ack: its body, unless memory is over
     /// budget and the message is stored, in which case the body goes to the cache (which may drop
     /// it; a requeue re-reads it).
     fn delivered(&self, g: &mut State, mut entry: Entry, msg: &Arc<Message>, ack: bool) -> Entry {
+        g.bytes = g.bytes.saturating_sub(msg.body.len() as u64);
         if entry.stored {
             if self.spec.durable && entry.seq > g.delivered_reported {
                 g.delivered_reported = entry.seq;
@@ -358,11 +748,16 @@ impl Queue {
     ) -> Result<(), Entry> {
         let ch = &consumer.channel;
         let redelivered = entry.redelivered;
+        let deliveries = entry.deliveries;
         let to_record = self.delivered(g, entry, &msg, !consumer.no_ack);
         let tag = match ch.record(self, to_record, Some(consumer), !consumer.no_ack) {
             Ok(tag) => tag,
-            Err(back) => return Err(self.undeliver(back, msg, consumer.no_ack)),
+            Err(back) => return Err(self.undeliver(g, back, msg, consumer.no_ack)),
         };
+        if !consumer.no_ack {
+            self.arm_consumer_timeout(g);
+        }
+        let msg = self.with_delivery_count(msg, deliveries);
         ch.outbox.push(Outgoing::Content(
             ch.id,
             AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
@@ -379,7 +774,8 @@ impl Queue {
 
     /// A delivery its channel refused (closed meanwhile): the entry as it goes back to the head,
     /// with its body, and its stored position written again if `delivered` forgot it (no-ack).
-    fn undeliver(&self, mut e: Entry, msg: Arc<Message>, no_ack: bool) -> Entry {
+    fn undeliver(&self, g: &mut State, mut e: Entry, msg: Arc<Message>, no_ack: bool) -> Entry {
+        g.bytes += msg.body.len() as u64;
         if no_ack && e.stored {
             self.persist.submit(Op::Insert {
                 message: Arc::new(msg.to_row()),
@@ -390,40 +786,132 @@ impl Queue {
         e
     }
 
+    /// Redeliveries from a queue with a delivery limit (or a quorum queue) carry
+    /// `x-delivery-count`, as RabbitMQ's quorum queues do.
+    fn with_delivery_count(&self, msg: Arc<Message>, deliveries: u32) -> Arc<Message> {
+        if deliveries == 0 || (self.args.delivery_limit.is_none() && !self.args.quorum) {
+            return msg;
+        }
+        let mut props = msg.properties.clone();
+        let mut headers = props.headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-delivery-count".into(),
+            warren_protocol::AMQPValue::LongLongInt(deliveries as i64),
+        );
+        props = props.with_headers(headers);
+        Arc::new(msg.derive(msg.id, msg.exchange.clone(), msg.routing_key.clone(), props))
+    }
+
+    /// A delivery rejected or nacked without requeue: dead-lettered (reason `rejected`) when
+    /// the queue has a dead-letter exchange, else gone.
+    pub fn discard(self: &Arc<Self>, e: Entry) {
+        if self.args.dead_letter_exchange.is_none() {
+            self.forget(&e);
+            return;
+        }
+        let msg = self.body(&e);
+        self.dead_letter(vec![Dead {
+            entry: e,
+            msg,
+            reason: Reason::Rejected,
+        }]);
+    }
+
+    /// Routes dead letters through the dead-letter exchange (the lock is not held). A body the
+    /// cache evicted is read back from the store first.
+    fn dead_letter(self: &Arc<Self>, dead: Vec<Dead>) {
+        let vh = self.router.get().and_then(Weak::upgrade);
+        for d in dead {
+            let Some(vh) = vh.as_ref() else {
+                self.forget(&d.entry);
+                continue;
+            };
+            match d.msg {
+                Some(msg) => vh.dead_letter(self, d.entry, msg, d.reason),
+                None => {
+                    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                        self.forget(&d.entry);
+                        continue;
+                    };
+                    let (q, vh, p) = (self.clone(), vh.clone(), self.persist.clone());
+                    rt.spawn(async move {
+                        p.writer.wait(p.writer.last_ticket()).await;
+                        match p.store.read_message(d.entry.id as i64).await {
+                            Ok(Some(row)) => match Message::from_row(row, Some(p.gauge.clone())) {
+                                Some(m) => vh.dead_letter(&q, d.entry, Arc::new(m), d.reason),
+                                None => q.forget(&d.entry),
+                            },
+                            Ok(None) => q.forget(&d.entry),
+                            Err(e) => {
+                                // Left in the store: it is redelivered after a restart.
+                                tracing::warn!(queue = q.name(), error = %e, "store read for a dead letter failed");
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// The Remove op for a stored entry leaving this queue (None if it has no stored position).
+    pub fn removal(&self, e: &Entry) -> Option<Op> {
+        if !e.stored {
+            return None;
+        }
+        if e.msg.is_none() {
+            self.persist.cache.invalidate(&e.id);
+        }
+        Some(Op::Remove {
+            queue_id: self.id,
+            seq: e.seq as i64,
+            message_id: e.id as i64,
+        })
+    }
+
     /// The entry is gone for good (acked, dropped): its stored position goes too.
     pub fn forget(&self, e: &Entry) {
-        if e.stored {
-            if e.msg.is_none() {
-                // Its body may be in the cache, where it would only take room.
-                self.persist.cache.invalidate(&e.id);
-            }
-            self.persist.submit(Op::Remove {
-                queue_id: self.id,
-                seq: e.seq as i64,
-                message_id: e.id as i64,
-            });
+        if let Some(op) = self.removal(e) {
+            self.persist.submit(op);
         }
     }
 
     /// basic.get: takes the head message for `channel`; None when empty.
     pub fn get(self: &Arc<Self>, channel: &Arc<ChannelHandle>, no_ack: bool) -> Option<bool> {
+        let r = self.get_inner(channel, no_ack);
+        let mut g = self.lock();
+        g.last_used = Some(Instant::now());
+        self.dispatch_locked(&mut g);
+        self.unlock(g);
+        r
+    }
+
+    fn get_inner(self: &Arc<Self>, channel: &Arc<ChannelHandle>, no_ack: bool) -> Option<bool> {
         for _ in 0..3 {
             let mut g = self.lock();
+            if !g.ready.is_empty() {
+                self.expire_head(&mut g, now_ms(), 0);
+            }
             let head = g.ready.front().map(|e| self.body(e));
             match head {
                 Some(Some(msg)) => {
-                    let entry = g.ready.pop_front()?;
-                    let remaining = (g.ready.len() as u64 + g.paged.count) as u32;
+                    let Some(entry) = g.ready.pop_front() else {
+                        self.unlock(g);
+                        return None;
+                    };
                     let redelivered = entry.redelivered;
+                    let deliveries = entry.deliveries;
                     let to_record = self.delivered(&mut g, entry, &msg, !no_ack);
+                    let remaining = g.ready_count().min(u32::MAX as u64) as u32;
                     let tag = match channel.record(self, to_record, None, !no_ack) {
                         Ok(tag) => tag,
                         Err(back) => {
-                            let back = self.undeliver(back, msg, no_ack);
+                            let back = self.undeliver(&mut g, back, msg, no_ack);
                             g.ready.push_front(back);
+                            self.unlock(g);
                             return Some(false);
                         }
                     };
+                    let msg = self.with_delivery_count(msg, deliveries);
                     channel.outbox.push(Outgoing::Content(
                         channel.id,
                         AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
@@ -435,15 +923,18 @@ impl Queue {
                         })),
                         msg,
                     ));
-                    self.maybe_load(&mut g);
+                    self.unlock(g);
                     return Some(true);
                 }
-                None if g.paged.count == 0 => return None,
+                None if g.paged.count == 0 => {
+                    self.unlock(g);
+                    return None;
+                }
                 _ => {}
             }
             // The head is in the store: read it now.
             let job = self.load_job(&mut g, true);
-            drop(g);
+            self.unlock(g);
             if block_on(self.clone().load(job)).is_none() {
                 tracing::warn!(
                     queue = self.name(),
@@ -456,17 +947,30 @@ impl Queue {
     }
 
     /// Puts messages back in their original places, marked redelivered, and re-dispatches.
+    /// A message over the queue's delivery limit is dead-lettered (`delivery_limit`) instead.
     pub fn requeue(self: &Arc<Self>, entries: impl IntoIterator<Item = Entry>) {
         let mut g = self.lock();
         if g.deleted {
+            drop(g);
+            // Deleted meanwhile: their stored positions went with the queue.
             return;
         }
         for mut e in entries {
             e.redelivered = true;
-            let pos = g.ready.partition_point(|x| x.seq < e.seq);
-            g.ready.insert(pos, e);
+            e.deliveries = e.deliveries.saturating_add(1);
+            if self
+                .args
+                .delivery_limit
+                .is_some_and(|limit| e.deliveries as u64 > limit)
+            {
+                self.drop_entry(&mut g, e, Reason::DeliveryLimit);
+                continue;
+            }
+            g.bytes += e.msg.as_ref().map_or(0, |m| m.body.len() as u64);
+            self.insert_ready(&mut g, e);
         }
         self.dispatch_locked(&mut g);
+        self.unlock(g);
     }
 
     /// Adds a consumer, refusing one that conflicts with exclusivity, and delivers to it.
@@ -483,14 +987,21 @@ impl Queue {
                 self.spec.name, self.vhost
             )));
         }
-        g.consumers.push(consumer);
+        // Highest priority first; arrival order within a priority (and for the single
+        // active consumer, the first is the active one).
+        let pos = g
+            .consumers
+            .partition_point(|c| c.priority >= consumer.priority);
+        g.consumers.insert(pos, consumer);
         g.had_consumer = true;
+        g.last_used = Some(Instant::now());
         self.dispatch_locked(&mut g);
+        self.unlock(g);
         Ok(())
     }
 
-    /// Removes a consumer (by identity).
-    pub fn remove_consumer(&self, consumer: &Arc<Consumer>) -> Removed {
+    /// Removes a consumer (by identity). A single-active-consumer queue hands over to the next.
+    pub fn remove_consumer(self: &Arc<Self>, consumer: &Arc<Consumer>) -> Removed {
         consumer.active.store(false, Ordering::Release);
         let mut g = self.lock();
         let Some(pos) = g.consumers.iter().position(|c| Arc::ptr_eq(c, consumer)) else {
@@ -500,17 +1011,31 @@ impl Queue {
         if g.rr > pos {
             g.rr -= 1;
         }
-        if g.consumers.is_empty() && self.spec.auto_delete && g.had_consumer && !g.deleted {
+        if g.consumers.is_empty() {
+            g.last_used = Some(Instant::now());
+        }
+        let r = if g.consumers.is_empty()
+            && self.spec.auto_delete
+            && g.had_consumer
+            && !g.deleted
+        {
             Removed::AutoDelete
         } else {
             Removed::Removed
+        };
+        if pos == 0 && self.args.single_active_consumer && !g.consumers.is_empty() {
+            self.dispatch_locked(&mut g);
         }
+        self.unlock(g);
+        r
     }
 
     /// Drops every ready message; returns how many. Deliveries not yet acked stay.
     pub fn purge(&self) -> u32 {
         let mut g = self.lock();
-        let n = g.ready.len() as u64 + g.paged.count;
+        let n = g.ready_count();
+        g.bytes = 0;
+        g.owed_drops = 0;
         let ready = std::mem::take(&mut g.ready);
         for e in &ready {
             self.forget(e);
@@ -531,7 +1056,7 @@ impl Queue {
     pub fn mark_deleted(&self) -> (u32, Vec<Arc<Consumer>>) {
         let mut g = self.lock();
         g.deleted = true;
-        let n = g.ready.len() as u64 + g.paged.count;
+        let n = g.ready_count();
         g.ready.clear();
         g.paged.count = 0;
         g.paged.epoch += 1;
@@ -578,6 +1103,7 @@ impl Queue {
             let mut g = q.lock();
             g.paged.loading = false;
             q.dispatch_locked(&mut g);
+            q.unlock(g);
         });
     }
 
@@ -682,16 +1208,31 @@ impl Queue {
                 continue;
             };
             let redelivered = seq <= g.delivered_before;
-            g.ready.push_back(Entry {
+            let (expires, prio) = (
+                self.deadline(&m),
+                m.priority().min(self.args.max_priority),
+            );
+            let e = Entry {
                 seq,
                 id: m.id,
                 msg: Some(Arc::new(m)),
                 redelivered,
                 stored: true,
-            });
+                expires,
+                prio,
+                deliveries: 0,
+            };
             g.paged.cursor = seq;
             g.paged.count -= 1;
+            if g.owed_drops > 0 {
+                // Drop-head dropped it while it was paged.
+                g.owed_drops -= 1;
+                self.drop_entry(&mut g, e, Reason::MaxLen);
+                continue;
+            }
+            self.insert_ready(&mut g, e);
         }
+        drop(g);
         Ok(())
     }
 }
@@ -699,6 +1240,11 @@ impl Queue {
 impl State {
     fn loading_blocked(&self) -> bool {
         self.paged.loading || self.deleted
+    }
+
+    /// Messages ready for delivery: the head, the paged part, less drops owed by the paged part.
+    fn ready_count(&self) -> u64 {
+        (self.ready.len() as u64 + self.paged.count).saturating_sub(self.owed_drops)
     }
 }
 

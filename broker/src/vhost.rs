@@ -5,20 +5,22 @@
 //! is held across `.await`. Durable entities are written through to the store (`Persistence`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use warren_protocol::{types::generation::gen_field_table, FieldTable};
 use warren_storage::{BindingRecord, DestinationKind, ExchangeRecord, MessageStore, QueueRecord};
 
 use crate::args;
+use crate::deadletter::{self, Reason};
 use crate::delivery::Consumer;
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::{Destination, Exchange, ExchangeKind};
 use crate::headers;
-use crate::message::Message;
+use crate::message::{now_ms, Message};
 use crate::persist::Persistence;
-use crate::queue::{Queue, QueueSpec};
+use crate::queue::{Entry, Queue, QueueSpec};
 
 /// An exchange.declare, decoded.
 #[derive(Debug, Clone)]
@@ -45,6 +47,8 @@ pub struct QueueDeclare {
 
 pub struct VHost {
     pub name: String,
+    /// This vhost, for the timers and dead-letter routes its queues hold.
+    me: Weak<VHost>,
     exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
     admin: Mutex<()>,
@@ -93,8 +97,9 @@ impl VHost {
                 Exchange::new(n, *k, true, false, false, FieldTable::default()),
             );
         }
-        Arc::new(VHost {
+        Arc::new_cyclic(|me| VHost {
             name: name.to_string(),
+            me: me.clone(),
             exchanges: RwLock::new(exchanges),
             queues: RwLock::new(HashMap::new()),
             admin: Mutex::new(()),
@@ -366,6 +371,7 @@ impl VHost {
                     &d.arguments,
                 )?;
             }
+            q.touch();
             let (m, c) = q.counts();
             return Ok((q, m, c));
         }
@@ -376,6 +382,26 @@ impl VHost {
             name = server_name("amq.gen-");
         }
         args::validate_queue_args(&name, &self.name, &d.arguments)?;
+        if d.arguments.inner().get("x-queue-type").and_then(args::as_str).as_deref()
+            == Some("quorum")
+        {
+            // RabbitMQ's quorum queues are durable and never exclusive or auto-delete.
+            let bad = if !d.durable {
+                Some("non-durable")
+            } else if d.exclusive {
+                Some("exclusive-owner")
+            } else if d.auto_delete {
+                Some("auto-delete")
+            } else {
+                None
+            };
+            if let Some(p) = bad {
+                return Err(AmqpError::precondition(format!(
+                    "invalid property '{p}' for queue '{name}' in vhost '{}'",
+                    self.name
+                )));
+            }
+        }
         let durable = d.durable && !d.exclusive;
         let id = self.persist.next_queue_id();
         let q = Queue::new(
@@ -400,6 +426,7 @@ impl VHost {
                 delivered_seq: 0,
             });
         }
+        self.adopt(&q);
         self.queues
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -710,6 +737,7 @@ impl VHost {
                 summary,
                 r.delivered_seq,
             );
+            self.adopt(&q);
             self.queues
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
@@ -730,6 +758,93 @@ impl VHost {
             }
         }
         Ok((queues, messages))
+    }
+
+    /// A new or recovered queue: dead letters route through this vhost, and an `x-expires`
+    /// queue gets its watcher.
+    fn adopt(&self, q: &Arc<Queue>) {
+        q.set_router(self.me.clone());
+        let Some(ms) = q.args.expires else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (vh, wq) = (self.me.clone(), Arc::downgrade(q));
+        let ttl = Duration::from_millis(ms);
+        // One sleeping task per expiring queue: it wakes once per period while the queue is
+        // in use, so idle queues cost no CPU.
+        rt.spawn(async move {
+            loop {
+                let wait = {
+                    let Some(q) = wq.upgrade() else { return };
+                    let (deleted, idle) = q.idle_since();
+                    if deleted {
+                        return;
+                    }
+                    match idle {
+                        None => ttl,
+                        Some(since) if since.elapsed() >= ttl => {
+                            if let Some(vh) = vh.upgrade() {
+                                tracing::info!(queue = q.name(), vhost = %vh.name, "queue expired (x-expires); deleting it");
+                                if let Err(e) = vh.remove_queue(&q) {
+                                    tracing::warn!(queue = q.name(), error = %e, "expiring queue failed");
+                                }
+                            }
+                            return;
+                        }
+                        Some(since) => ttl - since.elapsed(),
+                    }
+                };
+                tokio::time::sleep(wait).await;
+            }
+        });
+    }
+
+    /// Dead-letters `msg`, which leaves `src` (as `entry`): republished to the queue's
+    /// dead-letter exchange with its `x-death` history, minus the queues that would close a
+    /// cycle. The removal from `src` commits with the inserts into the targets.
+    pub fn dead_letter(&self, src: &Arc<Queue>, entry: Entry, msg: Arc<Message>, reason: Reason) {
+        let removal = src.removal(&entry);
+        let drop_it = |removal: Option<warren_storage::Op>| {
+            if let Some(op) = removal {
+                self.persist.submit(op);
+            }
+        };
+        let Some(dlx) = src.args.dead_letter_exchange.as_deref() else {
+            return drop_it(removal);
+        };
+        let Some(x) = self.exchange(dlx) else {
+            tracing::debug!(queue = src.name(), exchange = dlx, "dead-letter exchange missing; message dropped");
+            return drop_it(removal);
+        };
+        let rk = src
+            .args
+            .dead_letter_routing_key
+            .clone()
+            .unwrap_or_else(|| msg.routing_key.to_string());
+        let dl = Arc::new(deadletter::dead_lettered(
+            &msg,
+            self.persist.next_message_id(),
+            src.name(),
+            reason,
+            dlx,
+            &rk,
+            now_ms() / 1000,
+        ));
+        let mut targets = Vec::new();
+        self.route(&x, &dl, &mut targets);
+        targets.retain(|q| {
+            let cycle = deadletter::is_cycle(&dl, q.name());
+            if cycle {
+                tracing::warn!(queue = q.name(), from = src.name(), "dead-letter cycle without a rejection; message dropped for this queue");
+            }
+            !cycle
+        });
+        if targets.is_empty() {
+            return drop_it(removal);
+        }
+        Queue::publish_atomic(&targets, &dl, removal);
     }
 
     /// Deletes the exclusive queues `conn_id` owns (its connection closed).

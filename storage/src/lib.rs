@@ -99,6 +99,8 @@ pub struct MessageRow {
     /// The encoded content header payload.
     pub header: Bytes,
     pub body: Bytes,
+    /// When it was published, in ms since the Unix epoch (TTLs count from it).
+    pub published_ms: i64,
 }
 
 /// One queue's position holding a message.
@@ -165,6 +167,9 @@ pub enum Op {
         queue_id: i64,
         seq: i64,
     },
+    /// Ops that must commit together (a dead-lettered message's insert into its new queues and
+    /// its removal from the old one): the writer never splits them across transactions.
+    Atomic(Vec<Op>),
 }
 
 impl Op {
@@ -174,6 +179,7 @@ impl Op {
             Op::Insert { message, entries } => {
                 message.body.len() + message.header.len() + 64 + entries.len() * 16
             }
+            Op::Atomic(ops) => ops.iter().map(Op::weight).sum(),
             _ => 64,
         }
     }

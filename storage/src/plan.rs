@@ -36,7 +36,7 @@ impl Plan {
         let mut pending: HashMap<(i64, i64), usize> = HashMap::new();
         // message id -> index in `inserts`
         let mut by_id: HashMap<i64, usize> = HashMap::new();
-        for op in ops {
+        for op in ops.into_iter().flat_map(flatten) {
             match op {
                 Op::Insert { message, entries } => {
                     // A message routed to several queues arrives once per queue: one row.
@@ -164,6 +164,14 @@ fn drop_queue(
     }
 }
 
+/// An `Atomic` group's ops in order (the whole group is in this batch by construction).
+fn flatten(op: Op) -> Vec<Op> {
+    match op {
+        Op::Atomic(ops) => ops.into_iter().flat_map(flatten).collect(),
+        op => vec![op],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +186,7 @@ mod tests {
                 routing_key: "k".into(),
                 header: Bytes::new(),
                 body: Bytes::from_static(b"x"),
+                published_ms: 0,
             }),
             entries: entries.to_vec(),
         }
@@ -252,6 +261,21 @@ mod tests {
         ]);
         assert_eq!(p.inserts.len(), 1);
         assert_eq!(p.inserts[0].entries, vec![(1, 5)]);
+    }
+
+    #[test]
+    fn atomic_groups_are_planned_like_their_ops() {
+        // A dead-letter move: the new row into queue 2, the old position out of queue 1.
+        let p = Plan::from_ops([
+            insert(1, &[(1, 1)]),
+            Op::Atomic(vec![insert(2, &[(2, 1)]), remove(1, 1, 1)]),
+        ]);
+        assert_eq!(p.inserts.len(), 1);
+        assert_eq!(p.inserts[0].message.id, 2);
+        assert!(p.removes.is_empty(), "the insert of 1 and its removal cancel out");
+        let p = Plan::from_ops([Op::Atomic(vec![insert(3, &[(2, 2)]), remove(1, 5, 1)])]);
+        assert_eq!(p.inserts.len(), 1);
+        assert_eq!(p.removes, vec![(1, 5, 1)]);
     }
 
     #[test]

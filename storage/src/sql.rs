@@ -272,7 +272,11 @@ async fn meta_op(tx: &mut Tx<'_>, op: &Op) -> Result<(), sqlx::Error> {
             .await?;
         }
         // Message ops never reach the metadata list of a plan.
-        Op::Insert { .. } | Op::Remove { .. } | Op::Purge { .. } | Op::Delivered { .. } => {}
+        Op::Insert { .. }
+        | Op::Remove { .. }
+        | Op::Purge { .. }
+        | Op::Delivered { .. }
+        | Op::Atomic(_) => {}
     }
     Ok(())
 }
@@ -320,7 +324,7 @@ async fn insert_messages(
             end += 1;
         }
         let mut qb = QueryBuilder::<sqlx::Any>::new(format!(
-            "{insert} INTO messages (id, persistent, exchange, routing_key, header, body, chunks) "
+            "{insert} INTO messages (id, persistent, exchange, routing_key, header, body, chunks, published_ms) "
         ));
         qb.push_values(&inserts[start..end], |mut b, ins| {
             let m = &ins.message;
@@ -330,7 +334,8 @@ async fn insert_messages(
                 .push_bind(m.routing_key.clone())
                 .push_bind(m.header.to_vec())
                 .push_bind(inline_body(m).to_vec())
-                .push_bind(chunk_count(m));
+                .push_bind(chunk_count(m))
+                .push_bind(m.published_ms);
         });
         qb.build().execute(&mut **tx).await?;
         start = end;
@@ -461,6 +466,7 @@ impl SqlStore {
             routing_key: row.try_get("routing_key").map_err(unavailable)?,
             header: blob(row, "header").map_err(unavailable)?,
             body,
+            published_ms: row.try_get("published_ms").map_err(unavailable)?,
         })
     }
 }
@@ -672,7 +678,7 @@ impl MessageStore for SqlStore {
     ) -> Result<Vec<StoredEntry>, StoreError> {
         let rows = sqlx::query(
             "SELECT qm.seq, m.id, m.persistent, m.exchange, m.routing_key, m.header, m.body, \
-             m.chunks FROM queue_messages qm JOIN messages m ON m.id = qm.message_id \
+             m.chunks, m.published_ms FROM queue_messages qm JOIN messages m ON m.id = qm.message_id \
              WHERE qm.queue_id = ? AND qm.seq > ? ORDER BY qm.seq LIMIT ?",
         )
         .bind(queue_id)
@@ -699,7 +705,7 @@ impl MessageStore for SqlStore {
 
     async fn read_message(&self, id: i64) -> Result<Option<MessageRow>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, persistent, exchange, routing_key, header, body, chunks \
+            "SELECT id, persistent, exchange, routing_key, header, body, chunks, published_ms \
              FROM messages WHERE id = ?",
         )
         .bind(id)

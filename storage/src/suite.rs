@@ -53,6 +53,7 @@ pub fn message(id: i64, persistent: bool, body: Bytes) -> Arc<MessageRow> {
         routing_key: format!("key-{id}"),
         header: Bytes::from(vec![0, 60, 0, 0, id as u8]),
         body,
+        published_ms: 1_700_000_000_000 + id,
     })
 }
 
