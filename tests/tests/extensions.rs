@@ -1,0 +1,603 @@
+//! RabbitMQ's queue extensions through lapin against an in-process Warren: TTL and
+//! dead-lettering, length limits, the delivery limit, priorities with prefetch, single active
+//! consumer, consumer priorities, the consumer timeout, and a dead-letter move that survives a
+//! restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use lapin::{
+    options::*,
+    types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString},
+    BasicProperties, Channel,
+};
+
+fn args(kv: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in kv {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+fn s(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v))
+}
+
+fn int(v: i64) -> AMQPValue {
+    AMQPValue::LongLongInt(v)
+}
+
+async fn declare_with(ch: &Channel, name: &str, a: FieldTable) -> u32 {
+    ch.queue_declare(name.into(), QueueDeclareOptions::default(), a)
+        .await
+        .expect("declare")
+        .message_count()
+}
+
+async fn declare_durable(ch: &Channel, name: &str, a: FieldTable) {
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        a,
+    )
+    .await
+    .expect("declare");
+}
+
+async fn send(ch: &Channel, key: &str, body: &[u8], props: BasicProperties) {
+    ch.basic_publish(
+        "".into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        body,
+        props,
+    )
+    .await
+    .expect("publish");
+}
+
+async fn count(ch: &Channel, q: &str) -> u32 {
+    ch.queue_declare(
+        q.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("passive declare")
+    .message_count()
+}
+
+/// Polls the queue's count until it is `n` (5 s at most).
+async fn wait_count(ch: &Channel, q: &str, n: u32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let c = count(ch, q).await;
+        if c == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "queue {q} holds {c}, expected {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn header<'a>(d: &'a lapin::message::Delivery, key: &str) -> Option<&'a AMQPValue> {
+    d.properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(key))
+}
+
+fn deaths(d: &lapin::message::Delivery) -> Vec<FieldTable> {
+    match header(d, "x-death") {
+        Some(AMQPValue::FieldArray(a)) => a
+            .as_slice()
+            .iter()
+            .map(|v| match v {
+                AMQPValue::FieldTable(t) => t.clone(),
+                other => panic!("x-death entry {other:?}"),
+            })
+            .collect(),
+        other => panic!("x-death is {other:?}"),
+    }
+}
+
+fn field<'a>(t: &'a FieldTable, k: &str) -> &'a AMQPValue {
+    t.inner().get(k).unwrap_or_else(|| panic!("no {k} in {t:?}"))
+}
+
+#[tokio::test]
+async fn ttl_expiry_dead_letters_with_x_death() {
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    declare(&ch, "ttl-dlq").await;
+    declare_with(
+        &ch,
+        "ttl-src",
+        args(&[
+            ("x-message-ttl", int(150)),
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s("ttl-dlq")),
+        ]),
+    )
+    .await;
+    let t0 = Instant::now();
+    send(&ch, "ttl-src", b"a", BasicProperties::default()).await;
+    // a per-message TTL shorter than the queue's wins
+    send(
+        &ch,
+        "ttl-src",
+        b"b",
+        BasicProperties::default().with_expiration("50".into()),
+    )
+    .await;
+    let mut dlq = consume(&ch, "ttl-dlq", true).await;
+    let first = next(&mut dlq).await;
+    let second = next(&mut dlq).await;
+    assert!(t0.elapsed() >= Duration::from_millis(140));
+    // expired only at the head: b waits behind a
+    assert_eq!((&first.data[..], &second.data[..]), (&b"a"[..], &b"b"[..]));
+    let d = deaths(&second);
+    assert_eq!(d.len(), 1);
+    assert_eq!(field(&d[0], "reason"), &s("expired"));
+    assert_eq!(field(&d[0], "queue"), &s("ttl-src"));
+    assert_eq!(field(&d[0], "count"), &int(1));
+    assert_eq!(field(&d[0], "original-expiration"), &s("50"));
+    assert!(matches!(field(&d[0], "time"), AMQPValue::Timestamp(_)));
+    let mut keys = FieldArray::default();
+    keys.push(s("ttl-src"));
+    assert_eq!(field(&d[0], "routing-keys"), &AMQPValue::FieldArray(keys));
+    assert!(second.properties.expiration().is_none());
+    assert_eq!(header(&second, "x-first-death-reason"), Some(&s("expired")));
+    assert_eq!(second.routing_key.as_str(), "ttl-dlq");
+    assert_eq!(count(&ch, "ttl-src").await, 0);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn ttl_zero_delivers_to_a_waiting_consumer_or_drops() {
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    declare_with(&ch, "ttl0", args(&[("x-message-ttl", int(0))])).await;
+    send(&ch, "ttl0", b"dropped", BasicProperties::default()).await;
+    wait_count(&ch, "ttl0", 0).await;
+    let mut c = consume(&ch, "ttl0", true).await;
+    send(&ch, "ttl0", b"now", BasicProperties::default()).await;
+    assert_eq!(&next(&mut c).await.data[..], b"now");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn max_length_drop_head_dead_letters_and_reject_publish_nacks() {
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    declare(&ch, "ml-dlq").await;
+    declare_with(
+        &ch,
+        "ml",
+        args(&[
+            ("x-max-length", int(2)),
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s("ml-dlq")),
+        ]),
+    )
+    .await;
+    for i in 0..5u8 {
+        send(&ch, "ml", &[i], BasicProperties::default()).await;
+    }
+    wait_count(&ch, "ml", 2).await;
+    wait_count(&ch, "ml-dlq", 3).await;
+    let g = ch
+        .basic_get("ml".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(g.delivery.data, vec![3]);
+    let g = ch
+        .basic_get("ml-dlq".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(g.delivery.data, vec![0]);
+    assert_eq!(field(&deaths(&g.delivery)[0], "reason"), &s("maxlen"));
+
+    // reject-publish: the publisher's confirm for the overflowing message is a nack
+    declare_with(
+        &ch,
+        "rp",
+        args(&[
+            ("x-max-length-bytes", int(10)),
+            ("x-overflow", s("reject-publish")),
+        ]),
+    )
+    .await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut outcomes = Vec::new();
+    for body in [&b"12345"[..], b"67890", b"x"] {
+        let c = ch
+            .basic_publish(
+                "".into(),
+                "rp".into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        outcomes.push(c.is_ack());
+    }
+    assert_eq!(outcomes, vec![true, true, false]);
+    assert_eq!(count(&ch, "rp").await, 2);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn delivery_limit_dead_letters_after_requeue_loops() {
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    declare(&ch, "dl-dlq").await;
+    declare_with(
+        &ch,
+        "dl",
+        args(&[
+            ("x-delivery-limit", int(2)),
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s("dl-dlq")),
+        ]),
+    )
+    .await;
+    send(&ch, "dl", b"m", BasicProperties::default()).await;
+    let mut c = consume(&ch, "dl", false).await;
+    let mut counts = Vec::new();
+    for _ in 0..3 {
+        let d = next(&mut c).await;
+        counts.push(header(&d, "x-delivery-count").cloned());
+        d.nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(counts, vec![None, Some(int(1)), Some(int(2))]);
+    nothing(&mut c).await;
+    wait_count(&ch, "dl-dlq", 1).await;
+    let g = ch
+        .basic_get("dl-dlq".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        field(&deaths(&g.delivery)[0], "reason"),
+        &s("delivery_limit")
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn rejection_cycle_counts_up_and_automatic_cycle_drops() {
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    // work rejects into retry; retry expires back into work: a cycle with a rejection in it
+    declare_with(
+        &ch,
+        "work",
+        args(&[
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s("retry")),
+        ]),
+    )
+    .await;
+    declare_with(
+        &ch,
+        "retry",
+        args(&[
+            ("x-message-ttl", int(20)),
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s("work")),
+        ]),
+    )
+    .await;
+    send(&ch, "work", b"job", BasicProperties::default()).await;
+    let mut c = consume(&ch, "work", false).await;
+    for round in 1..=2i64 {
+        let d = next(&mut c).await;
+        if round == 2 {
+            let d = deaths(&d);
+            assert_eq!(d.len(), 2);
+            assert_eq!(field(&d[0], "queue"), &s("retry"));
+            assert_eq!(field(&d[1], "queue"), &s("work"));
+            assert_eq!(field(&d[1], "reason"), &s("rejected"));
+        }
+        d.reject(BasicRejectOptions { requeue: false })
+            .await
+            .unwrap();
+    }
+    let d = next(&mut c).await;
+    let x = deaths(&d);
+    assert_eq!(field(&x[0], "queue"), &s("retry"));
+    assert_eq!(field(&x[0], "count"), &int(2), "{x:?}");
+    assert_eq!(field(&x[1], "count"), &int(2));
+    d.ack(BasicAckOptions::default()).await.unwrap();
+
+    // a queue expiring into itself without a rejection: dropped
+    declare_with(
+        &ch,
+        "self-loop",
+        args(&[
+            ("x-message-ttl", int(10)),
+            ("x-dead-letter-exchange", s("")),
+        ]),
+    )
+    .await;
+    send(&ch, "self-loop", b"x", BasicProperties::default()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_count(&ch, "self-loop", 0).await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn priorities_with_prefetch() {
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    declare_with(&ch, "prio", args(&[("x-max-priority", int(5))])).await;
+    for (body, p) in [
+        (&b"p0-a"[..], None),
+        (b"p9-capped", Some(9u8)),
+        (b"p2", Some(2)),
+        (b"p0-b", Some(0)),
+        (b"p5", Some(5)),
+    ] {
+        let props = match p {
+            Some(p) => BasicProperties::default().with_priority(p),
+            None => BasicProperties::default(),
+        };
+        send(&ch, "prio", body, props).await;
+    }
+    ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut c = consume(&ch, "prio", false).await;
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let d = next(&mut c).await;
+        got.push(String::from_utf8(d.data.clone()).unwrap());
+        // a late high-priority message overtakes what is left
+        if got.len() == 1 {
+            send(
+                &ch,
+                "prio",
+                b"p4-late",
+                BasicProperties::default().with_priority(4),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let d = next(&mut c).await;
+    got.push(String::from_utf8(d.data.clone()).unwrap());
+    assert_eq!(
+        got,
+        vec!["p9-capped", "p5", "p4-late", "p2", "p0-a", "p0-b"],
+        "equal priorities (9 capped to 5) stay in publish order"
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn single_active_consumer_and_consumer_priorities() {
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    declare_with(
+        &ch,
+        "sac",
+        args(&[("x-single-active-consumer", AMQPValue::Boolean(true))]),
+    )
+    .await;
+    let mut first = consume(&ch, "sac", true).await;
+    let mut second = consume(&ch, "sac", true).await;
+    for i in 0..3u8 {
+        send(&ch, "sac", &[i], BasicProperties::default()).await;
+    }
+    for i in 0..3u8 {
+        assert_eq!(next(&mut first).await.data, vec![i]);
+    }
+    nothing(&mut second).await;
+    ch.basic_cancel(first.tag(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    send(&ch, "sac", b"after", BasicProperties::default()).await;
+    assert_eq!(&next(&mut second).await.data[..], b"after");
+
+    // consumer priorities: the high one takes everything while it has credit
+    declare(&ch, "cp").await;
+    let (_c2, ch2) = channel(&b).await;
+    ch2.basic_qos(2, BasicQosOptions::default()).await.unwrap();
+    let mut low = consume(&ch, "cp", true).await;
+    let mut high = ch2
+        .basic_consume(
+            "cp".into(),
+            "high".into(),
+            BasicConsumeOptions::default(),
+            args(&[("x-priority", int(10))]),
+        )
+        .await
+        .unwrap();
+    for i in 0..3u8 {
+        send(&ch, "cp", &[i], BasicProperties::default()).await;
+    }
+    let h1 = next(&mut high).await;
+    let h2 = next(&mut high).await;
+    assert_eq!((h1.data[0], h2.data[0]), (0, 1));
+    // high is out of credit (prefetch 2): the third goes to low
+    assert_eq!(next(&mut low).await.data, vec![2]);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn consumer_timeout_cancels_the_consumer_and_requeues() {
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    declare_with(&ch, "ct", args(&[("x-consumer-timeout", int(200))])).await;
+    send(&ch, "ct", b"slow", BasicProperties::default()).await;
+    let mut c = consume(&ch, "ct", false).await;
+    let d = next(&mut c).await;
+    assert!(!d.redelivered);
+    // no ack: after the timeout the consumer is cancelled and the message is back
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let got = loop {
+        if let Some(m) = ch
+            .basic_get("ct".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "the delivery did not come back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(got.delivery.redelivered);
+    assert_eq!(&got.delivery.data[..], b"slow");
+    // the late ack is ignored and the channel stays usable
+    d.ack(BasicAckOptions::default()).await.unwrap();
+    assert_eq!(count(&ch, "ct").await, 0);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn queue_expires_when_unused() {
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    declare_with(&ch, "exp", args(&[("x-expires", int(150))])).await;
+    declare_with(&ch, "exp-used", args(&[("x-expires", int(150))])).await;
+    let _keep = consume(&ch, "exp-used", true).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let err = ch
+        .queue_declare(
+            "exp".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), 404);
+    let (_c2, ch2) = channel(&b).await;
+    assert_eq!(count(&ch2, "exp-used").await, 0, "a queue in use stays");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn queue_types_and_argument_validation() {
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    declare_durable(&ch, "qq", args(&[("x-queue-type", s("quorum"))])).await;
+    declare_with(&ch, "lazy", args(&[("x-queue-mode", s("lazy"))])).await;
+    let err = ch
+        .queue_declare(
+            "qq-transient".into(),
+            QueueDeclareOptions::default(),
+            args(&[("x-queue-type", s("quorum"))]),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), 406);
+    assert_eq!(
+        text(&err),
+        "PRECONDITION_FAILED - invalid property 'non-durable' for queue 'qq-transient' in vhost '/'"
+    );
+    let (_c, ch) = channel(&b).await;
+    let err = ch
+        .queue_declare(
+            "bad".into(),
+            QueueDeclareOptions::default(),
+            args(&[("x-max-length", s("10"))]),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), 406);
+    assert_eq!(
+        text(&err),
+        "PRECONDITION_FAILED - invalid arg 'x-max-length' for queue 'bad' in vhost '/': \"expected integer, got longstr\""
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_dead_letter_move_survives_restart_once() {
+    let config = warren_broker::Config::for_tests();
+    let dir = config.data_dir.clone();
+    let b = warren_broker::start(config).await.unwrap();
+    {
+        let (_c, ch) = channel(&b).await;
+        declare_durable(&ch, "mv-dlq", FieldTable::default()).await;
+        declare_durable(
+            &ch,
+            "mv-src",
+            args(&[
+                ("x-dead-letter-exchange", s("")),
+                ("x-dead-letter-routing-key", s("mv-dlq")),
+            ]),
+        )
+        .await;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        for i in 0..20u8 {
+            ch.basic_publish(
+                "".into(),
+                "mv-src".into(),
+                BasicPublishOptions::default(),
+                &[i],
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+        let mut c = consume(&ch, "mv-src", false).await;
+        for _ in 0..10 {
+            let d = next(&mut c).await;
+            d.reject(BasicRejectOptions { requeue: false })
+                .await
+                .unwrap();
+        }
+        wait_count(&ch, "mv-dlq", 10).await;
+    }
+    b.stop().await;
+    let mut config = warren_broker::Config::for_tests();
+    config.data_dir = dir;
+    let b = warren_broker::start(config).await.unwrap();
+    let (_c, ch) = channel(&b).await;
+    assert_eq!(count(&ch, "mv-dlq").await, 10);
+    assert_eq!(count(&ch, "mv-src").await, 10);
+    let mut got = Vec::new();
+    for q in ["mv-src", "mv-dlq"] {
+        while let Some(m) = ch
+            .basic_get(q.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            got.push(m.delivery.data[0]);
+        }
+    }
+    got.sort();
+    assert_eq!(got, (0..20).collect::<Vec<u8>>(), "each message exactly once");
+    b.stop().await;
+}
