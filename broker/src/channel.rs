@@ -111,7 +111,14 @@ pub struct Channel {
     /// While handling a topology method: the store ticket before it, so its reply waits for
     /// any write it made.
     topology_mark: Option<u64>,
+    /// Direct reply-to: (consumer tag, token) of this channel's `amq.rabbitmq.reply-to`
+    /// consumer.
+    reply_consumer: Option<(ShortString, String)>,
 }
+
+/// The pseudo-queue of direct reply-to, and the prefix of the addresses it hands out.
+pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+const REPLY_PREFIX: &str = "amq.rabbitmq.reply-to.";
 
 impl Channel {
     pub fn new(id: u16, ctx: &ConnCtx) -> Self {
@@ -127,6 +134,7 @@ impl Channel {
             persist: ctx.vhost.persist.clone(),
             stored_publishes: false,
             topology_mark: None,
+            reply_consumer: None,
         }
     }
 
@@ -157,6 +165,9 @@ impl Channel {
     /// Releases everything: consumers cancelled (auto-delete queues go), unacked requeued.
     pub fn shutdown(&mut self, ctx: &ConnCtx) {
         self.assembler.reset();
+        if let Some((_, token)) = self.reply_consumer.take() {
+            ctx.vhost.replies.remove(&token);
+        }
         let (consumers, unacked) = self.handle.close();
         for c in consumers {
             self.detach_consumer(ctx, &c);
@@ -489,6 +500,38 @@ impl Channel {
                 }
                 self.reply(AMQPClass::Basic(B::QosOk(basic::QosOk {})));
             }
+            B::Consume(c) if c.queue.as_str() == REPLY_TO => {
+                if self.handle.has_consumer(c.consumer_tag.as_str())
+                    || self
+                        .reply_consumer
+                        .as_ref()
+                        .is_some_and(|(t, _)| *t == c.consumer_tag)
+                {
+                    return Err(AmqpError::not_allowed(format!(
+                        "attempt to reuse consumer tag '{}'",
+                        c.consumer_tag
+                    )));
+                }
+                if !c.no_ack {
+                    return Err(AmqpError::precondition("reply consumer cannot acknowledge"));
+                }
+                if self.reply_consumer.is_some() {
+                    return Err(AmqpError::precondition("reply consumer already set"));
+                }
+                let tag = if c.consumer_tag.as_str().is_empty() {
+                    ShortString::from(server_name("amq.ctag-"))
+                } else {
+                    c.consumer_tag.clone()
+                };
+                let token = server_name("");
+                vh.replies.add(&token, &self.handle, tag.clone());
+                self.reply_consumer = Some((tag.clone(), token));
+                if !c.nowait {
+                    self.reply(AMQPClass::Basic(B::ConsumeOk(basic::ConsumeOk {
+                        consumer_tag: tag,
+                    })));
+                }
+            }
             B::Consume(c) => {
                 let name = self.queue_name(&c.queue)?;
                 let q = vh.queue_for(ctx.conn_id, &name)?;
@@ -534,6 +577,21 @@ impl Channel {
                 }
                 consumer.active.store(true, Ordering::Release);
                 q.dispatch();
+            }
+            B::Cancel(c)
+                if self
+                    .reply_consumer
+                    .as_ref()
+                    .is_some_and(|(t, _)| *t == c.consumer_tag) =>
+            {
+                if let Some((_, token)) = self.reply_consumer.take() {
+                    vh.replies.remove(&token);
+                }
+                if !c.nowait {
+                    self.reply(AMQPClass::Basic(B::CancelOk(basic::CancelOk {
+                        consumer_tag: c.consumer_tag,
+                    })));
+                }
             }
             B::Cancel(c) => {
                 if let Some(consumer) = self.handle.remove_consumer(c.consumer_tag.as_str()) {
@@ -645,7 +703,7 @@ impl Channel {
                 )));
             }
         }
-        let msg = Arc::new(Message::new(
+        let mut msg = Arc::new(Message::new(
             self.persist.next_message_id(),
             c.publish.exchange,
             c.publish.routing_key,
@@ -654,6 +712,17 @@ impl Channel {
             c.body,
             Some(self.persist.gauge.clone()),
         ));
+        if msg.properties.reply_to().as_ref().map(|r| r.as_str()) == Some(REPLY_TO) {
+            // Direct reply-to: the reply address names this channel's reply consumer.
+            let Some((_, token)) = self.reply_consumer.as_ref() else {
+                return Err(AmqpError::precondition("fast reply consumer does not exist"));
+            };
+            let props = msg
+                .properties
+                .clone()
+                .with_reply_to(ShortString::from(format!("{REPLY_PREFIX}{token}")));
+            msg = Arc::new(msg.derive(msg.id, msg.exchange.clone(), msg.routing_key.clone(), props));
+        }
         if let Some(tx) = self.tx.as_mut() {
             tx.publishes.push((exchange, msg, mandatory));
             return Ok(());
@@ -672,8 +741,13 @@ impl Channel {
         mandatory: bool,
     ) -> u64 {
         let mut queues = std::mem::take(&mut self.route_buf);
-        ctx.vhost.route(exchange, &msg, &mut queues);
         let mut delivered = false;
+        match msg.routing_key.as_str().strip_prefix(REPLY_PREFIX) {
+            Some(token) if exchange.name.is_empty() => {
+                delivered = ctx.vhost.replies.deliver(token, &msg);
+            }
+            _ => ctx.vhost.route(exchange, &msg, &mut queues),
+        }
         let mut rejected = false;
         let mut ticket = 0;
         let mut row = None;

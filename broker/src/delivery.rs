@@ -140,6 +140,17 @@ impl ChannelHandle {
         Ok(tag)
     }
 
+    /// A delivery tag for a delivery that is not acknowledged (direct reply-to); None once
+    /// the channel has closed.
+    pub fn next_tag(&self) -> Option<u64> {
+        let mut g = self.lock();
+        if g.closed {
+            return None;
+        }
+        g.next_tag += 1;
+        Some(g.next_tag)
+    }
+
     /// Takes the deliveries an ack, nack or reject names. `tag == 0` with `multiple` means all.
     pub fn take_unacked(&self, tag: u64, multiple: bool) -> AmqpResult<Vec<(u64, Unacked)>> {
         let mut g = self.lock();

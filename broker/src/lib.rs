@@ -17,6 +17,7 @@ pub mod message;
 pub mod outbox;
 pub mod persist;
 pub mod queue;
+pub mod replyto;
 pub mod server;
 pub mod topic;
 pub mod vhost;

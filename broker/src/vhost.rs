@@ -53,6 +53,8 @@ pub struct VHost {
     queues: RwLock<HashMap<String, Arc<Queue>>>,
     admin: Mutex<()>,
     pub persist: Arc<Persistence>,
+    /// Direct reply-to addresses of this vhost's channels.
+    pub replies: crate::replyto::Replies,
 }
 
 const BUILTIN: &[(&str, ExchangeKind)] = &[
@@ -104,6 +106,7 @@ impl VHost {
             queues: RwLock::new(HashMap::new()),
             admin: Mutex::new(()),
             persist,
+            replies: Default::default(),
         })
     }
 

@@ -601,3 +601,79 @@ async fn persistent_dead_letter_move_survives_restart_once() {
     assert_eq!(got, (0..20).collect::<Vec<u8>>(), "each message exactly once");
     b.stop().await;
 }
+
+#[tokio::test]
+async fn direct_reply_to_round_trip_and_errors() {
+    let b = broker().await;
+    let (_c, client) = channel(&b).await;
+    let (_s, server) = channel(&b).await;
+    declare(&server, "rpc").await;
+    let mut replies = consume(&client, "amq.rabbitmq.reply-to", true).await;
+    client
+        .basic_publish(
+            "".into(),
+            "rpc".into(),
+            BasicPublishOptions::default(),
+            b"ping",
+            BasicProperties::default()
+                .with_reply_to("amq.rabbitmq.reply-to".into())
+                .with_correlation_id("c1".into()),
+        )
+        .await
+        .unwrap();
+    let mut requests = consume(&server, "rpc", true).await;
+    let req = next(&mut requests).await;
+    let addr = req.properties.reply_to().clone().unwrap();
+    assert!(addr.as_str().starts_with("amq.rabbitmq.reply-to."), "{addr}");
+    server
+        .basic_publish(
+            "".into(),
+            addr.as_str().into(),
+            BasicPublishOptions::default(),
+            b"pong",
+            BasicProperties::default().with_correlation_id("c1".into()),
+        )
+        .await
+        .unwrap();
+    let rep = next(&mut replies).await;
+    assert_eq!(&rep.data[..], b"pong");
+    assert_eq!(rep.properties.correlation_id().as_ref().unwrap().as_str(), "c1");
+
+    // consuming with acks is refused
+    let (_c2, ch) = channel(&b).await;
+    let err = ch
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), 406);
+    assert_eq!(
+        text(&err),
+        "PRECONDITION_FAILED - reply consumer cannot acknowledge"
+    );
+    // publishing with the pseudo-queue as reply_to without consuming from it is refused
+    let (_c3, ch) = channel(&b).await;
+    ch.basic_publish(
+        "".into(),
+        "rpc".into(),
+        BasicPublishOptions::default(),
+        b"x",
+        BasicProperties::default().with_reply_to("amq.rabbitmq.reply-to".into()),
+    )
+    .await
+    .unwrap();
+    let err = ch
+        .queue_declare("after".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), 406);
+    assert_eq!(
+        text(&err),
+        "PRECONDITION_FAILED - fast reply consumer does not exist"
+    );
+    b.stop().await;
+}
