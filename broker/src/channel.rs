@@ -742,14 +742,27 @@ impl Channel {
     ) -> u64 {
         let mut queues = std::mem::take(&mut self.route_buf);
         let mut delivered = false;
+        let mut held_ticket = 0;
+        let delay = exchange
+            .delay
+            .get()
+            .and_then(|d| crate::delay::delay_of(&msg).map(|ms| (d, ms)));
         match msg.routing_key.as_str().strip_prefix(REPLY_PREFIX) {
             Some(token) if exchange.name.is_empty() => {
                 delivered = ctx.vhost.replies.deliver(token, &msg);
             }
-            _ => ctx.vhost.route(exchange, &msg, &mut queues),
+            _ => match delay {
+                // Held by the delayed exchange: routed when due (never returned).
+                Some((d, ms)) => {
+                    held_ticket = d.hold(&msg, ms);
+                    delivered = true;
+                    self.stored_publishes = true;
+                }
+                None => ctx.vhost.route(exchange, &msg, &mut queues),
+            },
         }
         let mut rejected = false;
-        let mut ticket = 0;
+        let mut ticket = held_ticket;
         let mut row = None;
         for q in queues.drain(..) {
             match q.publish(&msg, &mut row) {

@@ -3,10 +3,11 @@
 //! `std::sync::RwLock`: many publishers route at once, binding changes are rare and short.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use warren_protocol::{FieldTable, ShortString};
 
+use crate::delay::Delayer;
 use crate::headers::{self, XMatch};
 use crate::message::Message;
 use crate::queue::Queue;
@@ -92,6 +93,8 @@ pub struct Exchange {
     /// The `alternate-exchange` argument: where unroutable messages go.
     pub alternate: Option<String>,
     pub short_name: ShortString,
+    /// Set for an `x-delayed-message` exchange (`kind` is then its `x-delayed-type`).
+    pub delay: OnceLock<Arc<Delayer>>,
     table: RwLock<Table>,
 }
 
@@ -120,8 +123,18 @@ impl Exchange {
             arguments,
             alternate,
             short_name: ShortString::from(name),
+            delay: OnceLock::new(),
             table: RwLock::new(Table::default()),
         })
+    }
+
+    /// The type as declared: `x-delayed-message` for a delayed exchange.
+    pub fn type_name(&self) -> &'static str {
+        if self.delay.get().is_some() {
+            crate::delay::KIND
+        } else {
+            self.kind.as_str()
+        }
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Table> {

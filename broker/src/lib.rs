@@ -8,6 +8,7 @@ pub mod broker;
 pub mod channel;
 pub mod config;
 pub mod deadletter;
+pub mod delay;
 pub mod connection;
 pub mod delivery;
 pub mod error;

@@ -14,6 +14,7 @@ use warren_storage::{BindingRecord, DestinationKind, ExchangeRecord, MessageStor
 
 use crate::args;
 use crate::deadletter::{self, Reason};
+use crate::delay::{self, Delayer};
 use crate::delivery::Consumer;
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::{Destination, Exchange, ExchangeKind};
@@ -178,8 +179,17 @@ impl VHost {
     pub fn declare_exchange(&self, d: &ExchangeDeclare) -> AmqpResult<()> {
         let _g = self.admin();
         // RabbitMQ's order: the type, the default exchange, existence, then the reserved prefix.
+        let delayed = d.kind == delay::KIND;
         let kind = if d.passive {
             None
+        } else if delayed {
+            // The delayed-message plugin's rule: `x-delayed-type` names the routing.
+            let t = d.arguments.inner().get("x-delayed-type").and_then(args::as_str);
+            Some(t.as_deref().and_then(ExchangeKind::parse).ok_or_else(|| {
+                AmqpError::precondition(
+                    "Invalid argument, 'x-delayed-type' must be an existing exchange type",
+                )
+            })?)
         } else {
             Some(ExchangeKind::parse(&d.kind).ok_or_else(|| {
                 AmqpError::precondition(format!("unknown exchange type '{}'", d.kind))
@@ -217,8 +227,8 @@ impl VHost {
                     d.name, self.name
                 )))
             };
-            if x.kind != kind {
-                return ineq("type", d.kind.clone(), x.kind.as_str().into());
+            if x.kind != kind || x.delay.get().is_some() != delayed {
+                return ineq("type", d.kind.clone(), x.type_name().into());
             }
             if x.durable != d.durable {
                 return ineq("durable", d.durable.to_string(), x.durable.to_string());
@@ -235,7 +245,7 @@ impl VHost {
             }
             args::check_equivalent(
                 &format!("exchange '{}' in vhost '{}'", d.name, self.name),
-                &["alternate-exchange"],
+                &["alternate-exchange", "x-delayed-type"],
                 &x.arguments,
                 &d.arguments,
             )?;
@@ -253,11 +263,16 @@ impl VHost {
             self.persist.put_exchange(ExchangeRecord {
                 vhost: self.name.clone(),
                 name: d.name.clone(),
-                kind: kind.as_str().to_string(),
+                kind: if delayed { delay::KIND } else { kind.as_str() }.to_string(),
                 auto_delete: d.auto_delete,
                 internal: d.internal,
                 arguments: encode_table(&d.arguments),
             });
+        }
+        if delayed {
+            if let Some(me) = self.me.upgrade() {
+                let _ = x.delay.set(Delayer::start(&me, &x, None));
+            }
         }
         self.exchanges
             .write()
@@ -318,6 +333,9 @@ impl VHost {
         }
         if x.durable {
             self.persist.delete_exchange(&self.name, &x.name);
+        }
+        if let Some(d) = x.delay.get() {
+            d.delete(&self.name);
         }
         Ok(())
     }
@@ -705,24 +723,53 @@ impl VHost {
     ) -> Result<(usize, u64), warren_storage::StoreError> {
         let (mut queues, mut messages) = (0usize, 0u64);
         for r in snap.exchanges.iter().filter(|r| r.vhost == self.name) {
-            let Some(kind) = ExchangeKind::parse(&r.kind) else {
+            let arguments = decode_table(&r.arguments);
+            let delayed = r.kind == delay::KIND;
+            let kind = if delayed {
+                arguments
+                    .inner()
+                    .get("x-delayed-type")
+                    .and_then(args::as_str)
+                    .and_then(|t| ExchangeKind::parse(&t))
+            } else {
+                ExchangeKind::parse(&r.kind)
+            };
+            let Some(kind) = kind else {
                 tracing::error!(exchange = %r.name, kind = %r.kind, "stored exchange of unknown type skipped");
                 continue;
             };
-            let x = Exchange::new(
-                &r.name,
-                kind,
-                true,
-                r.auto_delete,
-                r.internal,
-                decode_table(&r.arguments),
-            );
+            let x = Exchange::new(&r.name, kind, true, r.auto_delete, r.internal, arguments);
+            if delayed {
+                let hidden = format!("{}{}", delay::HIDDEN_PREFIX, r.name);
+                let held = match snap
+                    .queues
+                    .iter()
+                    .find(|q| q.vhost == self.name && q.name == hidden)
+                {
+                    Some(q) => {
+                        let summary = self.persist.store.queue_summary(q.id).await?;
+                        messages += summary.count;
+                        Some((q.id, summary.count))
+                    }
+                    None => None,
+                };
+                if let Some(me) = self.me.upgrade() {
+                    let _ = x.delay.set(Delayer::start(&me, &x, held));
+                }
+            }
             self.exchanges
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(r.name.clone(), x);
         }
         for r in snap.queues.iter().filter(|r| r.vhost == self.name) {
+            if let Some(x) = r.name.strip_prefix(delay::HIDDEN_PREFIX) {
+                // A delayed exchange's held messages: attached above, or orphaned.
+                if self.exchange(x).is_none_or(|x| x.delay.get().is_none()) {
+                    self.persist.delete_queue(r.id, &self.name, &r.name);
+                }
+                continue;
+            }
             let summary = self.persist.store.queue_summary(r.id).await?;
             queues += 1;
             messages += summary.count;
