@@ -148,7 +148,8 @@ impl Delayer {
         }
         let earliest = g.mem.first_key_value().is_none_or(|(k, _)| key < *k);
         if key <= g.horizon || g.loading {
-            g.mem.insert(key, msg.clone());
+            // Held for a while: its own copy, not a slice pinning the connection's read buffer.
+            g.mem.insert(key, Arc::new(msg.compacted()));
             if g.mem.len() > MEM_CAP {
                 // Keep the earliest three quarters; the rest wait in the store.
                 while g.mem.len() > MEM_CAP / 4 * 3 {

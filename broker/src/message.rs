@@ -171,6 +171,23 @@ impl Message {
         )
     }
 
+    /// A copy whose header and body own their memory. A published message's buffers are slices
+    /// of its connection's read buffer and keep the whole buffer alive; a message held for long
+    /// (delayed) is compacted so it pins only its own bytes.
+    pub fn compacted(&self) -> Message {
+        let mut m = Message::new(
+            self.id,
+            self.exchange.clone(),
+            self.routing_key.clone(),
+            self.properties.clone(),
+            Bytes::copy_from_slice(&self.header),
+            Bytes::copy_from_slice(&self.body),
+            self.gauge.clone(),
+        );
+        m.published_ms = self.published_ms;
+        m
+    }
+
     /// The per-message TTL from the `expiration` property, as RabbitMQ reads it: a string of
     /// decimal digits (ms).
     pub fn expiration(&self) -> Result<Option<u64>, BadExpiration> {
