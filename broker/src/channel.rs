@@ -696,10 +696,10 @@ impl Channel {
         let exchange = ctx.vhost.publish_exchange(c.publish.exchange.as_str())?;
         let mandatory = c.publish.mandatory;
         if let Some(e) = c.properties.expiration() {
-            let s = e.as_str();
-            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || s.parse::<u64>().is_err() {
+            if let Some(why) = crate::message::expiration_problem(e.as_str()) {
                 return Err(AmqpError::precondition(format!(
-                    "invalid expiration '{s}': {{invalid_format}}"
+                    "invalid expiration '{}': {why}",
+                    e.as_str()
                 )));
             }
         }

@@ -92,6 +92,28 @@ pub fn without_expiration(p: &AMQPProperties) -> AMQPProperties {
     out
 }
 
+/// Why RabbitMQ refuses an `expiration` property (Erlang's `string:to_integer` reading), in its
+/// words: `no_integer`, `{value_negative,-1}`, `{leftover_string,"x"}`; None if it is valid.
+pub fn expiration_problem(s: &str) -> Option<String> {
+    let digits_from = usize::from(s.starts_with(['+', '-']));
+    let digits = s[digits_from..]
+        .bytes()
+        .take_while(u8::is_ascii_digit)
+        .count();
+    if digits == 0 {
+        return Some("no_integer".into());
+    }
+    let end = digits_from + digits;
+    if end < s.len() {
+        return Some(format!("{{leftover_string,\"{}\"}}", &s[end..]));
+    }
+    match s.parse::<i64>() {
+        Ok(n) if n < 0 => Some(format!("{{value_negative,{n}}}")),
+        Ok(_) => None,
+        Err(_) => Some("no_integer".into()),
+    }
+}
+
 /// A per-message `expiration` property RabbitMQ refuses (406 at publish).
 #[derive(Debug, PartialEq, Eq)]
 pub struct BadExpiration(pub String);
@@ -195,8 +217,8 @@ impl Message {
             return Ok(None);
         };
         let s = e.as_str();
-        match s.parse::<u64>() {
-            Ok(n) if !s.starts_with('+') => Ok(Some(n)),
+        match s.trim_start_matches('+').parse::<u64>() {
+            Ok(n) if expiration_problem(s).is_none() => Ok(Some(n)),
             _ => Err(BadExpiration(s.to_string())),
         }
     }
@@ -240,5 +262,26 @@ impl Drop for Message {
         if let Some(g) = &self.gauge {
             g.0.fetch_sub(self.weight(), Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expiration_problem;
+
+    #[test]
+    fn expiration_is_read_as_rabbitmq_reads_it() {
+        assert_eq!(expiration_problem("1000"), None);
+        assert_eq!(expiration_problem("0"), None);
+        assert_eq!(expiration_problem("abc").as_deref(), Some("no_integer"));
+        assert_eq!(expiration_problem("").as_deref(), Some("no_integer"));
+        assert_eq!(
+            expiration_problem("-1").as_deref(),
+            Some("{value_negative,-1}")
+        );
+        assert_eq!(
+            expiration_problem("10x").as_deref(),
+            Some("{leftover_string,\"x\"}")
+        );
     }
 }

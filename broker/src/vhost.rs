@@ -416,6 +416,11 @@ impl VHost {
             } else {
                 None
             };
+            if d.name.is_empty() {
+                return Err(AmqpError::precondition(
+                    "Cannot declare a server-named queue for type rabbit_quorum_queue",
+                ));
+            }
             if let Some(p) = bad {
                 return Err(AmqpError::precondition(format!(
                     "invalid property '{p}' for queue '{name}' in vhost '{}'",
