@@ -365,8 +365,18 @@ impl Queue {
                 q.dispatch_fresh(g, msg.id);
             }
         }
-        for (q, g) in sorted.iter().zip(guards) {
-            q.unlock(g);
+        // Every guard goes before any dead letter is routed: a target's dead letters may be
+        // headed for another target whose lock this still holds.
+        let mut dead = Vec::new();
+        for (q, mut g) in sorted.iter().zip(guards) {
+            let d = std::mem::take(&mut g.dead);
+            drop(g);
+            if !d.is_empty() {
+                dead.push((q, d));
+            }
+        }
+        for (q, d) in dead {
+            q.dead_letter(d);
         }
     }
 

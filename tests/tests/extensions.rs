@@ -839,3 +839,72 @@ async fn delayed_persistent_messages_survive_restart_and_spill_to_the_store() {
     nothing(&mut c).await;
     b.stop().await;
 }
+
+/// A dead letter that reaches two queues, one of which overflows into the other: the second
+/// dead-lettering must not wait for a lock the first still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_of_dead_letter_targets_do_not_deadlock() {
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    for n in 0..4 {
+        let (s_, f, a, bq) = (
+            format!("s{n}"),
+            format!("f{n}"),
+            format!("a{n}"),
+            format!("b{n}"),
+        );
+        ch.exchange_declare(
+            f.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        // Declared in both orders: the targets' locks are taken in address order.
+        let overflowing = args(&[
+            ("x-max-length", int(1)),
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s(&bq)),
+        ]);
+        if n % 2 == 0 {
+            declare(&ch, &bq).await;
+            declare_with(&ch, &a, overflowing).await;
+        } else {
+            declare_with(&ch, &a, overflowing).await;
+            declare(&ch, &bq).await;
+        }
+        for q in [&a, &bq] {
+            ch.queue_bind(
+                q.as_str().into(),
+                f.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        }
+        declare_with(&ch, &s_, args(&[("x-dead-letter-exchange", s(&f))])).await;
+        send(&ch, &a, b"old", BasicProperties::default()).await;
+        send(&ch, &s_, b"new", BasicProperties::default()).await;
+        let g = ch
+            .basic_get(s_.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+            .unwrap();
+        g.delivery
+            .reject(BasicRejectOptions { requeue: false })
+            .await
+            .unwrap();
+        // a holds "new"; b got "new" from the fan-out and "old" dropped from a's head
+        let settled = async {
+            wait_count(&ch, &a, 1).await;
+            wait_count(&ch, &bq, 2).await;
+        };
+        tokio::time::timeout(Duration::from_secs(10), settled)
+            .await
+            .expect("the broker answered (no deadlock)");
+    }
+    b.stop().await;
+}
