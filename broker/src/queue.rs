@@ -231,6 +231,7 @@ impl Queue {
         persist: Arc<Persistence>,
         summary: QueueSummary,
         delivered_before: i64,
+        bytes: u64,
     ) -> Arc<Self> {
         let q = Queue::new(vhost, spec, id, persist);
         {
@@ -247,6 +248,7 @@ impl Queue {
             g.delivered_before = delivered_before.max(0) as u64;
             g.delivered_reported = g.delivered_before;
             g.stored_any = summary.count > 0;
+            g.bytes = bytes;
         }
         q
     }

@@ -776,6 +776,15 @@ impl VHost {
                 continue;
             }
             let summary = self.persist.store.queue_summary(r.id).await?;
+            let arguments = decode_table(&r.arguments);
+            // Only a byte-limited queue needs its stored bytes (a scan of its bodies' sizes).
+            let bytes = if summary.count > 0
+                && args::QueueArgs::parse(&arguments).max_length_bytes.is_some()
+            {
+                self.persist.store.queue_bytes(r.id).await?
+            } else {
+                0
+            };
             queues += 1;
             messages += summary.count;
             let q = Queue::recovered(
@@ -785,12 +794,13 @@ impl VHost {
                     durable: true,
                     exclusive_owner: None,
                     auto_delete: r.auto_delete,
-                    arguments: decode_table(&r.arguments),
+                    arguments,
                 },
                 r.id,
                 self.persist.clone(),
                 summary,
                 r.delivered_seq,
+                bytes,
             );
             self.adopt(&q);
             self.queues

@@ -247,6 +247,9 @@ pub trait MessageStore: Send + Sync + 'static {
         &self,
         id: i64,
     ) -> impl Future<Output = Result<Option<MessageRow>, StoreError>> + Send;
+
+    /// Body bytes of a queue's stored messages (for `x-max-length-bytes` after a restart).
+    fn queue_bytes(&self, queue_id: i64) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
 #[cfg(test)]

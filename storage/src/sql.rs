@@ -669,6 +669,27 @@ impl MessageStore for SqlStore {
         })
     }
 
+    async fn queue_bytes(&self, queue_id: i64) -> Result<u64, StoreError> {
+        // MySQL's SUM is a DECIMAL, which sqlx's Any driver cannot read: cast it per backend.
+        let int = match self.backend {
+            Backend::Sqlite => "INTEGER",
+            Backend::Mysql => "SIGNED",
+        };
+        let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT CAST(COALESCE(SUM(CASE WHEN m.chunks > 0 THEN \
+             (SELECT COALESCE(SUM(LENGTH(c.data)), 0) FROM message_chunks c \
+              WHERE c.message_id = m.id) ELSE LENGTH(m.body) END), 0) AS {int}) AS b \
+             FROM queue_messages qm JOIN messages m ON m.id = qm.message_id \
+             WHERE qm.queue_id = ?"
+        )))
+        .bind(queue_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let b: i64 = r.try_get("b").map_err(unavailable)?;
+        Ok(b.max(0) as u64)
+    }
+
     async fn read_queue(
         &self,
         queue_id: i64,

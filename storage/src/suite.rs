@@ -206,6 +206,11 @@ pub async fn run<S: MetaStore + MessageStore>(store: Arc<S>) {
     .await;
     let sum = s.queue_summary(1).await.unwrap();
     assert_eq!((sum.count, sum.min_seq, sum.max_seq), (3, 1, 3));
+    assert_eq!(
+        s.queue_bytes(1).await.unwrap(),
+        5 + big.len() as u64,
+        "inline and chunked bodies"
+    );
     let page = s.read_queue(1, 0, 10, usize::MAX).await.unwrap();
     assert_eq!(
         page.iter().map(|e| e.seq).collect::<Vec<_>>(),

@@ -908,3 +908,49 @@ async fn dead_letters_of_dead_letter_targets_do_not_deadlock() {
     }
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_limit_counts_recovered_messages() {
+    let config = warren_broker::Config::for_tests();
+    let dir = config.data_dir.clone();
+    let b = warren_broker::start(config).await.unwrap();
+    let limited = || args(&[("x-max-length-bytes", int(10))]);
+    {
+        let (_c, ch) = channel(&b).await;
+        declare_durable(&ch, "bytes-q", limited()).await;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        for body in [&b"aaaa"[..], b"bbbb"] {
+            ch.basic_publish(
+                "".into(),
+                "bytes-q".into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    }
+    b.stop().await;
+    let mut config = warren_broker::Config::for_tests();
+    config.data_dir = dir;
+    let b = warren_broker::start(config).await.unwrap();
+    let (_c, ch) = channel(&b).await;
+    declare_durable(&ch, "bytes-q", limited()).await;
+    send(&ch, "bytes-q", b"cccc", BasicProperties::default()).await;
+    wait_count(&ch, "bytes-q", 2).await;
+    let mut got = Vec::new();
+    while let Some(m) = ch
+        .basic_get("bytes-q".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        got.push(m.delivery.data.clone());
+    }
+    assert_eq!(got, vec![b"bbbb".to_vec(), b"cccc".to_vec()]);
+    b.stop().await;
+}
