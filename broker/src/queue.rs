@@ -512,9 +512,9 @@ impl Queue {
     /// Takes an entry out of the ready part for good (expired, dropped): it is dead-lettered
     /// if the queue has a dead-letter exchange, else its stored position goes.
     fn drop_entry(&self, g: &mut State, e: Entry, reason: Reason) {
-        g.bytes = g.bytes.saturating_sub(e.msg.as_ref().map_or(0, |m| m.body.len() as u64));
+        let msg = self.body(&e);
+        g.bytes = g.bytes.saturating_sub(msg.as_ref().map_or(0, |m| m.body.len() as u64));
         if self.args.dead_letter_exchange.is_some() {
-            let msg = self.body(&e);
             g.dead.push(Dead {
                 entry: e,
                 msg,
@@ -978,7 +978,9 @@ impl Queue {
                 self.drop_entry(&mut g, e, Reason::DeliveryLimit);
                 continue;
             }
-            g.bytes += e.msg.as_ref().map_or(0, |m| m.body.len() as u64);
+            // A body evicted to the cache is usually still there; if not, its bytes are
+            // uncounted until it is read back.
+            g.bytes += self.body(&e).map_or(0, |m| m.body.len() as u64);
             self.insert_ready(&mut g, e);
         }
         self.dispatch_locked(&mut g);
