@@ -95,8 +95,8 @@ struct Paged {
     /// Messages only in the store, all with seq > cursor.
     count: u64,
     cursor: u64,
-    /// Seqs at or below this were committed before start (gaps allowed); above it the loader
-    /// takes only consecutive seqs.
+    /// Seqs at or below this were assigned before start (committed, gaps allowed); above it the
+    /// loader takes only consecutive seqs, starting right after it.
     sealed: u64,
     loading: bool,
     /// Bumped by purge and delete: a load started before is discarded.
@@ -237,14 +237,18 @@ impl Queue {
         {
             let mut g = q.lock();
             let max = summary.max_seq.max(0) as u64;
+            // New publishes take seqs after the delivered watermark, which may be above every
+            // stored seq (it is written ahead, and acked rows are gone): everything up to there
+            // was committed before the start, gaps and all.
+            let next_seq = max.max(delivered_before.max(0) as u64);
             g.paged = Paged {
                 count: summary.count,
                 cursor: (summary.min_seq.max(1) - 1) as u64,
-                sealed: max,
+                sealed: next_seq,
                 loading: false,
                 epoch: 0,
             };
-            g.next_seq = max.max(delivered_before.max(0) as u64);
+            g.next_seq = next_seq;
             g.delivered_before = delivered_before.max(0) as u64;
             g.delivered_reported = g.delivered_before;
             g.stored_any = summary.count > 0;
@@ -1208,7 +1212,7 @@ impl Queue {
             if seq <= g.paged.cursor || g.paged.count == 0 {
                 continue;
             }
-            if seq > g.paged.sealed && seq != g.paged.cursor + 1 {
+            if seq > g.paged.sealed && seq != g.paged.cursor.max(g.paged.sealed) + 1 {
                 break; // not committed yet: the next trip takes it
             }
             let Some(m) = Message::from_row(row.message, Some(p.gauge.clone())) else {
