@@ -71,6 +71,8 @@ enum Rule {
     PosInt(i64),
     Priority,
     Str,
+    /// A string that must fit an AMQP short string (it becomes an exchange name or a key).
+    ShortStr,
     StrOneOf(&'static [&'static str], &'static str),
     Bool,
 }
@@ -82,8 +84,8 @@ const MAX_EXPIRY_MS: i64 = 315_360_000_000;
 const QUEUE_ARGS: &[(&str, Rule)] = &[
     ("x-expires", Rule::PosInt(MAX_EXPIRY_MS)),
     ("x-message-ttl", Rule::NonNegInt(Some(MAX_EXPIRY_MS))),
-    ("x-dead-letter-exchange", Rule::Str),
-    ("x-dead-letter-routing-key", Rule::Str),
+    ("x-dead-letter-exchange", Rule::ShortStr),
+    ("x-dead-letter-routing-key", Rule::ShortStr),
     ("x-max-length", Rule::NonNegInt(None)),
     ("x-max-length-bytes", Rule::NonNegInt(None)),
     ("x-max-priority", Rule::Priority),
@@ -148,6 +150,13 @@ pub fn validate_queue_args(queue: &str, vhost: &str, args: &FieldTable) -> AmqpR
                 _ => None,
             },
             Rule::Str => match v {
+                AMQPValue::LongString(_) => None,
+                _ => Some(format!("{{unacceptable_type,{}}}", type_name(v))),
+            },
+            Rule::ShortStr => match v {
+                AMQPValue::LongString(s) if s.as_bytes().len() > 255 => {
+                    Some(format!("{{value_too_long,{}}}", s.as_bytes().len()))
+                }
                 AMQPValue::LongString(_) => None,
                 _ => Some(format!("{{unacceptable_type,{}}}", type_name(v))),
             },

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use warren_protocol::short;
 use warren_protocol::{
     codec::{qos_prefetch_size, Frame},
     content::{Assembler, Content, Step},
@@ -427,7 +428,7 @@ impl Channel {
                 self.last_queue = Some(queue.name().to_string());
                 if !d.nowait {
                     self.reply(AMQPClass::Queue(Q::DeclareOk(queue::DeclareOk {
-                        queue: ShortString::from(queue.name()),
+                        queue: short::truncated(queue.name()),
                         message_count: messages,
                         consumer_count: consumers,
                     })));
@@ -519,7 +520,7 @@ impl Channel {
                     return Err(AmqpError::precondition("reply consumer already set"));
                 }
                 let tag = if c.consumer_tag.as_str().is_empty() {
-                    ShortString::from(server_name("amq.ctag-"))
+                    short::truncated(server_name("amq.ctag-"))
                 } else {
                     c.consumer_tag.clone()
                 };
@@ -536,7 +537,7 @@ impl Channel {
                 let name = self.queue_name(&c.queue)?;
                 let q = vh.queue_for(ctx.conn_id, &name)?;
                 let tag = if c.consumer_tag.as_str().is_empty() {
-                    ShortString::from(server_name("amq.ctag-"))
+                    short::truncated(server_name("amq.ctag-"))
                 } else {
                     c.consumer_tag.clone()
                 };
@@ -720,7 +721,7 @@ impl Channel {
             let props = msg
                 .properties
                 .clone()
-                .with_reply_to(ShortString::from(format!("{REPLY_PREFIX}{token}")));
+                .with_reply_to(short::truncated(format!("{REPLY_PREFIX}{token}")));
             msg = Arc::new(msg.derive(msg.id, msg.exchange.clone(), msg.routing_key.clone(), props));
         }
         if let Some(tx) = self.tx.as_mut() {
@@ -790,7 +791,7 @@ impl Channel {
                 self.id(),
                 AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
                     reply_code: warren_protocol::reply::NO_ROUTE,
-                    reply_text: ShortString::from("NO_ROUTE"),
+                    reply_text: short::truncated("NO_ROUTE"),
                     exchange: msg.exchange.clone(),
                     routing_key: msg.routing_key.clone(),
                 })),

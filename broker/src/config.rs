@@ -103,6 +103,11 @@ pub struct Config {
     /// Version reported in connection.start.
     #[arg(long, env = "WARREN_PRODUCT_VERSION", default_value = "3.13.7")]
     pub product_version: String,
+
+    /// Fault injection for tests (no flag): a connection task panics when one of its channels
+    /// declares a queue of this name, to prove a panicking connection releases what it held.
+    #[arg(skip)]
+    pub fault_panic_on_queue: Option<String>,
 }
 
 /// When publisher confirms for persistent messages are sent.

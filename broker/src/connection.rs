@@ -2,6 +2,9 @@
 //! channel's methods in arrival order; a writer task drains the connection's `Outbox` into the
 //! socket, coalescing what is pending into one vectored write and sending heartbeats. Connection
 //! errors close the connection with `connection.close`; channel errors are handled in `channel`.
+//! A panic in either task is a bug, but it ends only its connection: `Conn`'s drop closes it
+//! with 541 INTERNAL_ERROR and releases what it held (consumers, unacked deliveries requeued,
+//! exclusive queues), and a panicking writer stops its reader.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,6 +16,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 use warren_protocol::{
     codec::{check_protocol_header, Decoder, Frame, HeaderCheck},
@@ -78,6 +82,52 @@ struct Conn {
     close_deadline: Option<Instant>,
     /// Times this publisher was held for the store (the first is logged as a warning).
     holds: u64,
+    /// `cleanup` ran (the normal end); otherwise `Drop` runs it.
+    cleaned: bool,
+    /// Cancelled when the writer task ends abnormally (a panic): the reader stops too.
+    writer_gone: CancellationToken,
+}
+
+impl Drop for Conn {
+    /// The guard for a panicking reader: everything the connection held is released here, so a
+    /// bug in one connection never strands consumers, deliveries or exclusive queues.
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        if std::thread::panicking() {
+            error!("connection task panicked; closing it with 541 and releasing what it held");
+            self.outbox.push_method(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                    reply_code: reply::INTERNAL_ERROR,
+                    reply_text: warren_protocol::short::truncated("INTERNAL_ERROR"),
+                    class_id: 0,
+                    method_id: 0,
+                })),
+            );
+        }
+        // A second panic while unwinding would abort the process: contain it.
+        let released =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.cleanup()));
+        if released.is_err() {
+            error!("releasing a panicked connection panicked too");
+        }
+        self.outbox.push(Outgoing::Shutdown);
+    }
+}
+
+/// Stops the reader if the writer task ends by a panic.
+struct WriterGuard(CancellationToken, Arc<Outbox>);
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            error!("connection writer panicked; closing the connection");
+            self.1.close();
+            self.0.cancel();
+        }
+    }
 }
 
 /// Serves one client socket until it closes.
@@ -114,8 +164,11 @@ async fn serve(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>, id: u64
     let outbox = Outbox::new(broker.config.outbox_bytes as usize);
     let frame_max = Arc::new(AtomicU32::new(warren_protocol::FRAME_MIN_SIZE));
     let heartbeat = Arc::new(AtomicU16::new(0));
+    let writer_gone = CancellationToken::new();
+    let guard = WriterGuard(writer_gone.clone(), outbox.clone());
     let writer = tokio::spawn(
         write_loop(
+            guard,
             wr,
             outbox.clone(),
             frame_max.clone(),
@@ -141,11 +194,14 @@ async fn serve(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>, id: u64
         channels: HashMap::new(),
         close_deadline: None,
         holds: 0,
+        cleaned: false,
+        writer_gone,
         broker,
     };
     conn.send_start();
     conn.read_loop(&mut rd, buf, deadline).await;
     conn.cleanup();
+    conn.cleaned = true;
     outbox.push(Outgoing::Shutdown);
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
 }
@@ -161,6 +217,7 @@ impl Conn {
         let shutdown = self.broker.shutdown.clone();
         let store = self.broker.persist.writer.clone();
         let mut committed = store.subscribe();
+        let writer_gone = self.writer_gone.clone();
         loop {
             loop {
                 match self.decoder.decode(&mut buf) {
@@ -221,6 +278,7 @@ impl Conn {
                     }
                     return;
                 }
+                _ = writer_gone.cancelled() => return,
                 _ = committed.changed(), if self.confirms_waiting() => {
                     self.flush_confirms();
                 }
@@ -625,6 +683,18 @@ impl Conn {
             );
             return Ok(Flow::Continue);
         }
+        if let (
+            Some(name),
+            Frame::Method {
+                class: AMQPClass::Queue(warren_protocol::protocol::queue::AMQPMethod::Declare(d)),
+                ..
+            },
+        ) = (&self.broker.config.fault_panic_on_queue, &frame)
+        {
+            if d.queue.as_str() == name {
+                panic!("fault injection: declare of queue '{name}'");
+            }
+        }
         let Some(ch) = self.channels.get_mut(&id) else {
             if let Frame::Method {
                 class: AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)),
@@ -729,6 +799,7 @@ fn frame_ids(frame: &Frame) -> (u16, u16) {
 }
 
 async fn write_loop(
+    _guard: WriterGuard,
     mut wr: OwnedWriteHalf,
     outbox: Arc<Outbox>,
     frame_max: Arc<AtomicU32>,

@@ -2,7 +2,7 @@
 //! the `x-first-death-*` headers, `expiration` moved into the history), the routing keys it is
 //! republished with, and the cycle rule that drops a message going round without a rejection.
 
-use warren_protocol::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use warren_protocol::{AMQPValue, FieldArray, FieldTable, LongString};
 
 use crate::message::Message;
 
@@ -47,7 +47,7 @@ pub fn dead_lettered(
     dlx: &str,
     routing_key: &str,
     now_secs: u64,
-) -> Message {
+) -> Option<Message> {
     let mut props = msg.properties.clone();
     let mut headers: FieldTable = props.headers().clone().unwrap_or_default();
     let mut entry = FieldTable::default();
@@ -105,12 +105,9 @@ pub fn dead_lettered(
         }
     }
     props = props.with_headers(headers);
-    msg.derive(
-        id,
-        ShortString::from(dlx),
-        ShortString::from(routing_key),
-        props,
-    )
+    let dlx = warren_protocol::short::checked(dlx)?;
+    let routing_key = warren_protocol::short::checked(routing_key)?;
+    Some(msg.derive(id, dlx, routing_key, props))
 }
 
 /// RabbitMQ's cycle rule: delivering `msg` (already carrying its newest death) to `queue` is a
@@ -174,7 +171,7 @@ mod tests {
     #[test]
     fn x_death_entries_count_per_queue_and_reason_newest_first() {
         let m0 = msg(AMQPProperties::default().with_expiration("500".into()));
-        let m1 = dead_lettered(&m0, 2, "q1", Reason::Expired, "dlx", "rk", 100);
+        let m1 = dead_lettered(&m0, 2, "q1", Reason::Expired, "dlx", "rk", 100).unwrap();
         assert!(m1.properties.expiration().is_none());
         let d = deaths(&m1);
         assert_eq!(d.len(), 1);
@@ -185,8 +182,8 @@ mod tests {
         );
         assert_eq!(d[0].inner().get("time"), Some(&AMQPValue::Timestamp(100)));
         assert_eq!(m1.exchange.as_str(), "dlx");
-        let m2 = dead_lettered(&m1, 3, "q2", Reason::Rejected, "dlx2", "rk", 200);
-        let m3 = dead_lettered(&m2, 4, "q1", Reason::Expired, "dlx", "rk", 300);
+        let m2 = dead_lettered(&m1, 3, "q2", Reason::Rejected, "dlx2", "rk", 200).unwrap();
+        let m3 = dead_lettered(&m2, 4, "q1", Reason::Expired, "dlx", "rk", 300).unwrap();
         let d = deaths(&m3);
         assert_eq!(d.len(), 2);
         assert_eq!(d[0].inner().get("queue"), Some(&long_str("q1")));
@@ -212,13 +209,13 @@ mod tests {
     #[test]
     fn cycles_without_a_rejection_are_detected() {
         let m0 = msg(AMQPProperties::default());
-        let m1 = dead_lettered(&m0, 2, "a", Reason::Expired, "", "a", 1);
+        let m1 = dead_lettered(&m0, 2, "a", Reason::Expired, "", "a", 1).unwrap();
         assert!(is_cycle(&m1, "a"));
         assert!(!is_cycle(&m1, "b"));
-        let r = dead_lettered(&m0, 2, "a", Reason::Rejected, "", "a", 1);
+        let r = dead_lettered(&m0, 2, "a", Reason::Rejected, "", "a", 1).unwrap();
         assert!(!is_cycle(&r, "a"));
         // a rejected in b, then expired in a: going back to b passes a rejection
-        let m2 = dead_lettered(&r, 3, "b", Reason::Expired, "", "a", 1);
+        let m2 = dead_lettered(&r, 3, "b", Reason::Expired, "", "a", 1).unwrap();
         assert!(!is_cycle(&m2, "a"));
         assert!(is_cycle(&m2, "b"));
     }

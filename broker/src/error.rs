@@ -46,15 +46,7 @@ impl AmqpError {
 
     /// `NOT_FOUND - no queue 'q' in vhost '/'`, cut to fit a short string.
     pub fn reply_text(&self) -> ShortString {
-        let mut s = format!("{} - {}", reply::name(self.code), self.text);
-        if s.len() > 255 {
-            let mut cut = 255;
-            while !s.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            s.truncate(cut);
-        }
-        ShortString::from(s)
+        warren_protocol::short::truncated(format!("{} - {}", reply::name(self.code), self.text))
     }
 
     /// The close method this error sends.

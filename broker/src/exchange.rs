@@ -122,7 +122,7 @@ impl Exchange {
             internal,
             arguments,
             alternate,
-            short_name: ShortString::from(name),
+            short_name: warren_protocol::short::truncated(name),
             delay: OnceLock::new(),
             table: RwLock::new(Table::default()),
         })

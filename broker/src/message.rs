@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use warren_protocol::{AMQPProperties, ShortString};
+use warren_protocol::{short, AMQPProperties, ShortString};
 use warren_storage::MessageRow;
 
 /// Bytes of message data alive in memory.
@@ -149,8 +149,8 @@ impl Message {
         let properties = warren_protocol::codec::header_properties(&row.header)?;
         let mut m = Message::new(
             row.id as u64,
-            ShortString::from(row.exchange),
-            ShortString::from(row.routing_key),
+            short::checked(row.exchange)?,
+            short::checked(row.routing_key)?,
             properties,
             row.header,
             row.body,

@@ -743,6 +743,10 @@ impl VHost {
                 tracing::error!(exchange = %r.name, kind = %r.kind, "stored exchange of unknown type skipped");
                 continue;
             };
+            if r.name.len() > 255 {
+                tracing::error!(exchange = %r.name, "stored exchange name longer than 255 bytes skipped");
+                continue;
+            }
             let x = Exchange::new(&r.name, kind, true, r.auto_delete, r.internal, arguments);
             if delayed {
                 let hidden = format!("{}{}", delay::HIDDEN_PREFIX, r.name);
@@ -775,8 +779,17 @@ impl VHost {
                 }
                 continue;
             }
-            let summary = self.persist.store.queue_summary(r.id).await?;
             let arguments = decode_table(&r.arguments);
+            if r.name.len() > 255 {
+                tracing::error!(queue = %r.name, "stored queue name longer than 255 bytes skipped");
+                continue;
+            }
+            if let Err(e) = args::validate_queue_args(&r.name, &self.name, &arguments) {
+                // Stored by an older version that checked less: kept, but it will not
+                // dead-letter through an argument that cannot be sent.
+                tracing::warn!(queue = %r.name, error = %e.text, "stored queue arguments no longer valid");
+            }
+            let summary = self.persist.store.queue_summary(r.id).await?;
             // Only a byte-limited queue needs its stored bytes (a scan of its bodies' sizes).
             let bytes = if summary.count > 0
                 && args::QueueArgs::parse(&arguments).max_length_bytes.is_some()
@@ -888,7 +901,7 @@ impl VHost {
             .dead_letter_routing_key
             .clone()
             .unwrap_or_else(|| msg.routing_key.to_string());
-        let dl = Arc::new(deadletter::dead_lettered(
+        let Some(dl) = deadletter::dead_lettered(
             &msg,
             self.persist.next_message_id(),
             src.name(),
@@ -896,7 +909,11 @@ impl VHost {
             dlx,
             &rk,
             now_ms() / 1000,
-        ));
+        ) else {
+            tracing::error!(queue = src.name(), exchange = dlx, "dead-letter exchange or routing key longer than 255 bytes; message dropped");
+            return drop_it(removal);
+        };
+        let dl = Arc::new(dl);
         let mut targets = Vec::new();
         self.route(&x, &dl, &mut targets);
         targets.retain(|q| {

@@ -6,6 +6,7 @@ pub mod content;
 pub mod encode;
 pub mod reply;
 pub mod sasl;
+pub mod short;
 
 pub use amq_protocol::{
     frame::{AMQPContentHeader, AMQPFrame, WriteContext},

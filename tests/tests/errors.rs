@@ -458,3 +458,100 @@ async fn unknown_delivery_tag_is_406_on_the_channel() {
     assert_eq!((close.class_id, close.method_id), (60, 80));
     b.stop().await;
 }
+
+/// Issue 11: a panic in a connection task used to leave the connection half alive (heartbeats,
+/// nothing answered) with its consumers, unacked deliveries and exclusive queues registered
+/// until restart. Now the connection is closed with 541 and everything it held is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_connection_is_closed_and_releases_what_it_held() {
+    use futures_lite::StreamExt;
+    use lapin::{options::*, BasicProperties};
+    let b = broker_with(|c| c.fault_panic_on_queue = Some("boom".into())).await;
+    let (a, ch) = channel(&b).await;
+    declare(&ch, "held").await;
+    ch.queue_declare(
+        "excl-a".into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for body in [&b"1"[..], b"2"] {
+        ch.basic_publish(
+            "".into(),
+            "held".into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let mut cons = consume(&ch, "held", false).await;
+    next(&mut cons).await;
+    next(&mut cons).await;
+    let ch2 = a.create_channel().await.unwrap();
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        ch2.queue_declare(
+            "boom".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("an answer, not a half-alive connection")
+    .unwrap_err();
+    assert_eq!(code(&err), 541, "{err:?}");
+    // The consumer's stream ends instead of hanging.
+    let end = tokio::time::timeout(Duration::from_secs(5), cons.next()).await;
+    assert!(end.is_ok(), "consumer still open after the connection died");
+
+    let (_b2, chb) = channel(&b).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = chb
+            .queue_declare(
+                "held".into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        if n.message_count() == 2 && n.consumer_count() == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "deliveries not requeued: {} ready, {} consumers",
+            n.message_count(),
+            n.consumer_count()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = chb
+        .basic_get("held".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("requeued message");
+    assert!(m.delivery.redelivered);
+    let err = chb
+        .queue_declare(
+            "excl-a".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), 404, "the exclusive queue went with its connection");
+    b.stop().await;
+}

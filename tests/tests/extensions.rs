@@ -538,6 +538,68 @@ async fn queue_types_and_argument_validation() {
     b.stop().await;
 }
 
+/// Issue 11: a dead-letter routing key or exchange over 255 bytes was accepted and panicked the
+/// connection once a message dead-lettered; it is a 406 at declare.
+#[tokio::test]
+async fn over_long_dead_letter_names_are_refused_at_declare() {
+    let b = broker().await;
+    for key in ["x-dead-letter-routing-key", "x-dead-letter-exchange"] {
+        let (_c, ch) = channel(&b).await;
+        let long = "k".repeat(300);
+        let mut a = vec![("x-dead-letter-exchange", s(""))];
+        if key == "x-dead-letter-exchange" {
+            a = vec![(key, s(&long))];
+        } else {
+            a.push((key, s(&long)));
+        }
+        let err = ch
+            .queue_declare(
+                "dl-long".into(),
+                QueueDeclareOptions::default(),
+                args(&a),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(code(&err), 406);
+        assert_eq!(
+            text(&err),
+            format!(
+                "PRECONDITION_FAILED - invalid arg '{key}' for queue 'dl-long' in vhost '/': {{value_too_long,300}}"
+            )
+        );
+    }
+    // 255 bytes is fine, and dead-letters.
+    let (_c, ch) = channel(&b).await;
+    let key = "k".repeat(255);
+    declare_with(&ch, &key, FieldTable::default()).await;
+    declare_with(
+        &ch,
+        "dl-ok",
+        args(&[("x-dead-letter-exchange", s("")), ("x-dead-letter-routing-key", s(&key))]),
+    )
+    .await;
+    ch.basic_publish(
+        "".into(),
+        "dl-ok".into(),
+        BasicPublishOptions::default(),
+        b"x",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let m = ch
+        .basic_get("dl-ok".into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .unwrap();
+    m.delivery
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    wait_count(&ch, &key, 1).await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_dead_letter_move_survives_restart_once() {
     let config = warren_broker::Config::for_tests();
