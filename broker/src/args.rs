@@ -289,7 +289,11 @@ pub struct QueueArgs {
 impl QueueArgs {
     pub fn parse(args: &FieldTable) -> QueueArgs {
         let t = args.inner();
-        let int = |k: &str| t.get(k).and_then(as_int).and_then(|n| u64::try_from(n).ok());
+        let int = |k: &str| {
+            t.get(k)
+                .and_then(as_int)
+                .and_then(|n| u64::try_from(n).ok())
+        };
         let string = |k: &str| t.get(k).and_then(as_str);
         QueueArgs {
             message_ttl: int("x-message-ttl"),

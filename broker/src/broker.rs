@@ -88,7 +88,10 @@ impl Broker {
         if !crate::auth::password_matches(&record.password_hash, pass) {
             return Err(LoginError::BadPassword);
         }
-        if !peer.is_loopback() && self.config.loopback_users.iter().any(|u| u == user) {
+        // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d: compare the IPv4 address.
+        if !peer.to_canonical().is_loopback()
+            && self.config.loopback_users.iter().any(|u| u == user)
+        {
             return Err(LoginError::LoopbackOnly);
         }
         Ok(())

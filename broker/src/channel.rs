@@ -716,13 +716,16 @@ impl Channel {
         if msg.properties.reply_to().as_ref().map(|r| r.as_str()) == Some(REPLY_TO) {
             // Direct reply-to: the reply address names this channel's reply consumer.
             let Some((_, token)) = self.reply_consumer.as_ref() else {
-                return Err(AmqpError::precondition("fast reply consumer does not exist"));
+                return Err(AmqpError::precondition(
+                    "fast reply consumer does not exist",
+                ));
             };
             let props = msg
                 .properties
                 .clone()
                 .with_reply_to(short::truncated(format!("{REPLY_PREFIX}{token}")));
-            msg = Arc::new(msg.derive(msg.id, msg.exchange.clone(), msg.routing_key.clone(), props));
+            msg =
+                Arc::new(msg.derive(msg.id, msg.exchange.clone(), msg.routing_key.clone(), props));
         }
         if let Some(tx) = self.tx.as_mut() {
             tx.publishes.push((exchange, msg, mandatory));

@@ -9,9 +9,16 @@ use clap::Parser;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "warren", version, about)]
 pub struct Config {
-    /// Address the AMQP listener binds.
-    #[arg(long, env = "WARREN_AMQP_LISTEN", default_value = "0.0.0.0:5672")]
-    pub amqp_listen: SocketAddr,
+    /// Addresses the AMQP listener binds (the flag may be repeated; the variable takes a
+    /// comma-separated list). `[::]:PORT` is dual-stack (IPv4 too), falling back to
+    /// `0.0.0.0:PORT` where IPv6 is off.
+    #[arg(
+        long,
+        env = "WARREN_AMQP_LISTEN",
+        default_value = "[::]:5672",
+        value_delimiter = ','
+    )]
+    pub amqp_listen: Vec<SocketAddr>,
 
     /// Directory for the broker's data: the embedded SQLite store (`warren.db`) lives here.
     #[arg(long, env = "WARREN_DATA_DIR", default_value = "./warren-data")]

@@ -108,8 +108,7 @@ impl Drop for Conn {
             );
         }
         // A second panic while unwinding would abort the process: contain it.
-        let released =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.cleanup()));
+        let released = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.cleanup()));
         if released.is_err() {
             error!("releasing a panicked connection panicked too");
         }
@@ -181,7 +180,7 @@ async fn serve(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>, id: u64
     let mut conn = Conn {
         id,
         peer,
-        decoder: Decoder::new(warren_protocol::FRAME_MIN_SIZE),
+        decoder: Decoder::before_tune(),
         outbox: outbox.clone(),
         frame_max,
         heartbeat,

@@ -155,7 +155,14 @@ mod tests {
     }
 
     fn deaths(m: &Message) -> Vec<FieldTable> {
-        match m.properties.headers().as_ref().unwrap().inner().get("x-death") {
+        match m
+            .properties
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .get("x-death")
+        {
             Some(AMQPValue::FieldArray(a)) => a
                 .as_slice()
                 .iter()

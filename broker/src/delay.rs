@@ -34,6 +34,16 @@ const MEM_CAP: usize = 4096;
 const WINDOW: usize = 1024;
 const WINDOW_BYTES: usize = 4 << 20;
 const COUNTER_BITS: u32 = 20;
+/// The latest due time a position key can hold: keys are stored as positive `i64`s.
+const MAX_DUE_MS: u64 = (i64::MAX as u64) >> COUNTER_BITS;
+
+/// The position key of a message held for `delay` ms from `now` (`n` orders arrivals within a
+/// millisecond). A delay past `MAX_DUE_MS` (about 200 years from now) waits until then: the key
+/// never wraps, so due order and the stored order agree for every `x-delay`.
+fn position_key(now: u64, delay: u64, n: u64) -> u64 {
+    let due = now.saturating_add(delay).min(MAX_DUE_MS);
+    (due << COUNTER_BITS) | (n & ((1 << COUNTER_BITS) - 1))
+}
 
 /// The `x-delay` header: Some(ms) for a positive delay.
 pub fn delay_of(msg: &Message) -> Option<u64> {
@@ -135,9 +145,8 @@ impl Delayer {
     /// Holds `msg` for `delay` ms. Returns the store ticket a publisher confirm waits for (0
     /// when the message need not survive a restart).
     pub fn hold(&self, msg: &Arc<Message>, delay: u64) -> u64 {
-        let due = now_ms().saturating_add(delay);
-        let n = self.counter.fetch_add(1, Ordering::Relaxed) & ((1 << COUNTER_BITS) - 1);
-        let key = (due << COUNTER_BITS) | n;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let key = position_key(now_ms(), delay, n);
         let ticket = self.persist.submit(Op::Insert {
             message: Arc::new(msg.to_row()),
             entries: vec![(self.queue_id(), key as i64)],
@@ -278,7 +287,12 @@ impl Delayer {
         p.writer.wait(p.writer.last_ticket()).await;
         let rows = match p
             .store
-            .read_queue(self.queue_id(), after.min(i64::MAX as u64) as i64, WINDOW, WINDOW_BYTES)
+            .read_queue(
+                self.queue_id(),
+                after.min(i64::MAX as u64) as i64,
+                WINDOW,
+                WINDOW_BYTES,
+            )
             .await
         {
             Ok(rows) => rows,
@@ -321,5 +335,33 @@ impl Delayer {
             g.horizon = last;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_keys_keep_due_order_and_fit_a_stored_i64() {
+        let now = 1_790_000_000_000;
+        let mut last = 0;
+        // Before the bound, `due << 20` wrapped for delays past about 2^43 ms.
+        for delay in [
+            1,
+            1000,
+            1 << 32,
+            1 << 43,
+            1 << 44,
+            i64::MAX as u64,
+            u64::MAX,
+        ] {
+            let k = position_key(now, delay, 0);
+            assert!(k <= i64::MAX as u64, "delay {delay}: key {k} does not fit");
+            assert!(k >= last, "delay {delay} sorts before a shorter one");
+            last = k;
+        }
+        assert!(position_key(now, 5, 7) < position_key(now, 5, 8));
+        assert!(position_key(now, 5, (1 << 20) + 3) < position_key(now, 6, 0));
     }
 }

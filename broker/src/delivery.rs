@@ -256,7 +256,11 @@ impl ChannelHandle {
         let g = self.lock();
         g.unacked
             .values()
-            .filter(|u| u.consumer.as_ref().is_some_and(|c| Arc::ptr_eq(c, consumer)))
+            .filter(|u| {
+                u.consumer
+                    .as_ref()
+                    .is_some_and(|c| Arc::ptr_eq(c, consumer))
+            })
             .map(|u| u.at)
             .next()
     }
@@ -270,7 +274,11 @@ impl ChannelHandle {
             let tags: Vec<u64> = g
                 .unacked
                 .iter()
-                .filter(|(_, u)| u.consumer.as_ref().is_some_and(|c| Arc::ptr_eq(c, consumer)))
+                .filter(|(_, u)| {
+                    u.consumer
+                        .as_ref()
+                        .is_some_and(|c| Arc::ptr_eq(c, consumer))
+                })
                 .map(|(t, _)| *t)
                 .collect();
             let mut held = Vec::with_capacity(tags.len());

@@ -21,14 +21,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.amqp_listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.amqp_listen))?;
-    tracing::info!(addr = %listener.local_addr()?, "Warren {} listening for AMQP 0-9-1", env!("CARGO_PKG_VERSION"));
+    let listeners = warren_broker::server::bind(&config.amqp_listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen: {e}"))?;
+    for l in &listeners {
+        tracing::info!(addr = %l.local_addr()?, "Warren {} listening for AMQP 0-9-1", env!("CARGO_PKG_VERSION"));
+    }
     let broker = Broker::open(config)
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))?;
-    let server = tokio::spawn(warren_broker::serve(listener, broker.clone()));
+    let server = tokio::spawn(warren_broker::serve(listeners, broker.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down: closing connections with 320 CONNECTION_FORCED");
     broker.shutdown.cancel();

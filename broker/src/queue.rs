@@ -387,7 +387,9 @@ impl Queue {
     }
 
     fn full_for(&self, g: &State, len: u64) -> bool {
-        self.args.max_length.is_some_and(|m| g.ready_count() + 1 > m)
+        self.args
+            .max_length
+            .is_some_and(|m| g.ready_count() + 1 > m)
             || self
                 .args
                 .max_length_bytes
@@ -517,7 +519,9 @@ impl Queue {
     /// if the queue has a dead-letter exchange, else its stored position goes.
     fn drop_entry(&self, g: &mut State, e: Entry, reason: Reason) {
         let msg = self.body(&e);
-        g.bytes = g.bytes.saturating_sub(msg.as_ref().map_or(0, |m| m.body.len() as u64));
+        g.bytes = g
+            .bytes
+            .saturating_sub(msg.as_ref().map_or(0, |m| m.body.len() as u64));
         if self.args.dead_letter_exchange.is_some() {
             g.dead.push(Dead {
                 entry: e,
@@ -1032,11 +1036,7 @@ impl Queue {
         if g.consumers.is_empty() {
             g.last_used = Some(Instant::now());
         }
-        let r = if g.consumers.is_empty()
-            && self.spec.auto_delete
-            && g.had_consumer
-            && !g.deleted
-        {
+        let r = if g.consumers.is_empty() && self.spec.auto_delete && g.had_consumer && !g.deleted {
             Removed::AutoDelete
         } else {
             Removed::Removed
@@ -1226,10 +1226,7 @@ impl Queue {
                 continue;
             };
             let redelivered = seq <= g.delivered_before;
-            let (expires, prio) = (
-                self.deadline(&m),
-                m.priority().min(self.args.max_priority),
-            );
+            let (expires, prio) = (self.deadline(&m), m.priority().min(self.args.max_priority));
             let e = Entry {
                 seq,
                 id: m.id,

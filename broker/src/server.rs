@@ -1,7 +1,9 @@
-//! The accept loop: one task per connection, a semaphore capping connections, back-off on accept
-//! errors, and shutdown through the broker's `CancellationToken` with a `TaskTracker` to wait for
-//! every connection to close.
+//! The listeners and accept loops: one accept task per listener, one task per connection, a
+//! semaphore capping connections across listeners, back-off on accept errors, and shutdown
+//! through the broker's `CancellationToken` with a `TaskTracker` to wait for every connection
+//! to close.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,11 +15,70 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::connection;
 
-/// Serves AMQP on `listener` until `broker.shutdown` is cancelled, then waits for connections to
-/// close (they send 320 CONNECTION_FORCED).
-pub async fn serve(listener: TcpListener, broker: Arc<Broker>) {
+/// Binds every address. An unspecified IPv6 address (`[::]`) is bound dual-stack, so it takes
+/// IPv4 connections too; where IPv6 is off it falls back to `0.0.0.0` on the same port.
+pub fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+    let mut out = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let l = match bind_one(*addr) {
+            Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() && ipv6_unavailable(&e) => {
+                let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
+                tracing::info!(%addr, error = %e, "IPv6 unavailable; listening on {v4}");
+                bind_one(v4)?
+            }
+            r => r.map_err(|e| std::io::Error::new(e.kind(), format!("{addr}: {e}")))?,
+        };
+        out.push(l);
+    }
+    Ok(out)
+}
+
+fn ipv6_unavailable(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::Unsupported
+    ) || e.raw_os_error() == Some(97) // EAFNOSUPPORT
+}
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // Dual-stack whatever the system default (net.ipv6.bindv6only).
+        socket.set_only_v6(!addr.ip().is_unspecified())?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Serves AMQP on `listeners` until `broker.shutdown` is cancelled, then waits for connections
+/// to close (they send 320 CONNECTION_FORCED).
+pub async fn serve(listeners: Vec<TcpListener>, broker: Arc<Broker>) {
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(broker.config.max_connections));
+    let mut accepting = tokio::task::JoinSet::new();
+    for listener in listeners {
+        accepting.spawn(accept_loop(
+            listener,
+            broker.clone(),
+            limit.clone(),
+            tracker.clone(),
+        ));
+    }
+    while accepting.join_next().await.is_some() {}
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    limit: Arc<Semaphore>,
+    tracker: TaskTracker,
+) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
@@ -47,19 +108,20 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>) {
             }
         }
     }
-    tracker.close();
-    tracker.wait().await;
 }
 
 /// Serves until shutdown, then commits what the store writer holds and closes the store.
-async fn serve_and_close(listener: TcpListener, broker: Arc<Broker>) {
-    serve(listener, broker.clone()).await;
+async fn serve_and_close(listeners: Vec<TcpListener>, broker: Arc<Broker>) {
+    serve(listeners, broker.clone()).await;
     broker.persist.close().await;
 }
 
 /// A broker running in-process (for tests and embedding): its address and a handle to stop it.
 pub struct Running {
+    /// The first listener's address.
     pub addr: std::net::SocketAddr,
+    /// Every listener's address.
+    pub addrs: Vec<std::net::SocketAddr>,
     pub broker: Arc<Broker>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -79,11 +141,22 @@ impl Running {
 
 /// Binds `config.amqp_listen` (port 0 for an ephemeral one) and serves in the background.
 pub async fn start(config: Config) -> std::io::Result<Running> {
-    let listener = TcpListener::bind(config.amqp_listen).await?;
-    let addr = listener.local_addr()?;
+    let listeners = bind(&config.amqp_listen)?;
+    let addrs = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let addr = *addrs
+        .first()
+        .ok_or_else(|| std::io::Error::other("no --amqp-listen address"))?;
     let broker = Broker::open(config)
         .await
         .map_err(|e| std::io::Error::other(format!("cannot open the store: {e}")))?;
-    let task = tokio::spawn(serve_and_close(listener, broker.clone()));
-    Ok(Running { addr, broker, task })
+    let task = tokio::spawn(serve_and_close(listeners, broker.clone()));
+    Ok(Running {
+        addr,
+        addrs,
+        broker,
+        task,
+    })
 }

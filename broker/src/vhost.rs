@@ -184,7 +184,11 @@ impl VHost {
             None
         } else if delayed {
             // The delayed-message plugin's rule: `x-delayed-type` names the routing.
-            let t = d.arguments.inner().get("x-delayed-type").and_then(args::as_str);
+            let t = d
+                .arguments
+                .inner()
+                .get("x-delayed-type")
+                .and_then(args::as_str);
             Some(t.as_deref().and_then(ExchangeKind::parse).ok_or_else(|| {
                 AmqpError::precondition(
                     "Invalid argument, 'x-delayed-type' must be an existing exchange type",
@@ -403,7 +407,11 @@ impl VHost {
             name = server_name("amq.gen-");
         }
         args::validate_queue_args(&name, &self.name, &d.arguments)?;
-        if d.arguments.inner().get("x-queue-type").and_then(args::as_str).as_deref()
+        if d.arguments
+            .inner()
+            .get("x-queue-type")
+            .and_then(args::as_str)
+            .as_deref()
             == Some("quorum")
         {
             // RabbitMQ's quorum queues are durable and never exclusive or auto-delete.
@@ -600,8 +608,15 @@ impl VHost {
     ) -> AmqpResult<()> {
         let _g = self.admin();
         self.check_bindable(exchange)?;
-        let q = self.queue_for(conn_id, queue)?;
-        let x = self.exchange_or_404(exchange)?;
+        // RabbitMQ answers unbind-ok when the binding, the queue or the exchange is already
+        // gone; clients' clean-up code (aio-pika's RPC among them) depends on it.
+        let Some(q) = self.queue(queue) else {
+            return Ok(());
+        };
+        q.check_access(conn_id)?;
+        let Some(x) = self.exchange(exchange) else {
+            return Ok(());
+        };
         if x.unbind(&Destination::Queue(q.clone()), key, a) {
             if x.durable && q.spec.durable {
                 self.persist.delete_binding(self.binding_record(
@@ -652,8 +667,10 @@ impl VHost {
         let _g = self.admin();
         self.check_bindable(source)?;
         self.check_bindable(destination)?;
-        let d = self.exchange_or_404(destination)?;
-        let s = self.exchange_or_404(source)?;
+        // As queue.unbind: what is already gone is unbound.
+        let (Some(d), Some(s)) = (self.exchange(destination), self.exchange(source)) else {
+            return Ok(());
+        };
         if s.unbind(&Destination::Exchange(d.clone()), key, a) {
             if s.durable && d.durable {
                 self.persist.delete_binding(self.binding_record(
@@ -792,7 +809,9 @@ impl VHost {
             let summary = self.persist.store.queue_summary(r.id).await?;
             // Only a byte-limited queue needs its stored bytes (a scan of its bodies' sizes).
             let bytes = if summary.count > 0
-                && args::QueueArgs::parse(&arguments).max_length_bytes.is_some()
+                && args::QueueArgs::parse(&arguments)
+                    .max_length_bytes
+                    .is_some()
             {
                 self.persist.store.queue_bytes(r.id).await?
             } else {
@@ -893,7 +912,11 @@ impl VHost {
             return drop_it(removal);
         };
         let Some(x) = self.exchange(dlx) else {
-            tracing::debug!(queue = src.name(), exchange = dlx, "dead-letter exchange missing; message dropped");
+            tracing::debug!(
+                queue = src.name(),
+                exchange = dlx,
+                "dead-letter exchange missing; message dropped"
+            );
             return drop_it(removal);
         };
         let rk = src
@@ -910,7 +933,11 @@ impl VHost {
             &rk,
             now_ms() / 1000,
         ) else {
-            tracing::error!(queue = src.name(), exchange = dlx, "dead-letter exchange or routing key longer than 255 bytes; message dropped");
+            tracing::error!(
+                queue = src.name(),
+                exchange = dlx,
+                "dead-letter exchange or routing key longer than 255 bytes; message dropped"
+            );
             return drop_it(removal);
         };
         let dl = Arc::new(dl);
@@ -919,7 +946,11 @@ impl VHost {
         targets.retain(|q| {
             let cycle = deadletter::is_cycle(&dl, q.name());
             if cycle {
-                tracing::warn!(queue = q.name(), from = src.name(), "dead-letter cycle without a rejection; message dropped for this queue");
+                tracing::warn!(
+                    queue = q.name(),
+                    from = src.name(),
+                    "dead-letter cycle without a rejection; message dropped for this queue"
+                );
             }
             !cycle
         });

@@ -13,6 +13,10 @@ use crate::{reply, FRAME_END, FRAME_OVERHEAD, PROTOCOL_HEADER};
 /// Method and content-header frames are not bound by frame_max (RabbitMQ does not apply it to
 /// them), but they are bounded: a peer cannot make us buffer more than this for one of them.
 pub const MAX_NON_BODY_FRAME: usize = 4 * 1024 * 1024;
+/// Until connection.tune-ok sets frame_max, every frame (with its framing) is bounded by this,
+/// as in RabbitMQ (its pre-tune frame_max is 4096): an unauthenticated peer cannot make us
+/// buffer megabytes.
+pub const PRE_TUNE_FRAME_MAX: usize = 4096;
 
 /// One decoded inbound frame.
 #[derive(Debug, PartialEq)]
@@ -139,17 +143,31 @@ pub fn check_protocol_header(buf: &mut BytesMut) -> HeaderCheck {
 #[derive(Debug, Clone)]
 pub struct Decoder {
     frame_max: usize,
+    /// frame_max was negotiated; before that every frame is bounded by `PRE_TUNE_FRAME_MAX`.
+    tuned: bool,
 }
 
 impl Decoder {
+    /// A decoder for frames up to `frame_max` (0: no limit on body frames).
     pub fn new(frame_max: u32) -> Self {
         Decoder {
             frame_max: frame_max_or_unlimited(frame_max),
+            tuned: true,
         }
     }
 
+    /// A server's decoder before connection.tune-ok: every frame at most `PRE_TUNE_FRAME_MAX`.
+    pub fn before_tune() -> Self {
+        Decoder {
+            frame_max: PRE_TUNE_FRAME_MAX,
+            tuned: false,
+        }
+    }
+
+    /// The negotiated frame_max (connection.tune-ok).
     pub fn set_frame_max(&mut self, frame_max: u32) {
         self.frame_max = frame_max_or_unlimited(frame_max);
+        self.tuned = true;
     }
 
     /// Bytes the next frame needs in the buffer, if the buffer holds its header. Lets a reader
@@ -173,6 +191,7 @@ impl Decoder {
         let channel = u16::from_be_bytes([buf[1], buf[2]]);
         let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
         let limit = match kind {
+            1 | 2 | 3 | 8 if !self.tuned => PRE_TUNE_FRAME_MAX,
             3 => self.frame_max,
             1 | 2 | 8 => self.frame_max.max(MAX_NON_BODY_FRAME),
             other => return Err(DecodeError::UnknownFrameType(other)),
@@ -464,5 +483,27 @@ mod tests {
             Some(Frame::Method { raw, .. }) => assert_eq!(qos_prefetch_size(&raw), 10),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn frames_before_tune_are_bounded_by_4096() {
+        let d = Decoder::before_tune();
+        // A method frame declaring 4 MiB - 8: allowed once tuned, refused before.
+        let mut buf = BytesMut::from(&[1u8, 0, 0, 0, 0x3f, 0xff, 0xf8][..]);
+        assert!(matches!(
+            d.decode(&mut buf),
+            Err(DecodeError::FrameTooLarge { max: 4088, .. })
+        ));
+        let mut buf = BytesMut::from(&[1u8, 0, 0, 0, 0x3f, 0xff, 0xf8][..]);
+        assert!(matches!(Decoder::new(131072).decode(&mut buf), Ok(None)));
+        let mut tuned = Decoder::before_tune();
+        tuned.set_frame_max(131072);
+        let mut buf = BytesMut::from(&[1u8, 0, 0, 0, 0x3f, 0xff, 0xf8][..]);
+        assert!(matches!(tuned.decode(&mut buf), Ok(None)));
+        // 4088 bytes of payload is the largest accepted before tune.
+        let mut buf = BytesMut::from(&[1u8, 0, 0, 0, 0x0f, 0xf8][..]);
+        buf.extend_from_slice(&[0; 1][..]);
+        buf[3..7].copy_from_slice(&4088u32.to_be_bytes());
+        assert!(matches!(d.decode(&mut buf), Ok(None)));
     }
 }

@@ -272,7 +272,10 @@ mod tests {
         ]);
         assert_eq!(p.inserts.len(), 1);
         assert_eq!(p.inserts[0].message.id, 2);
-        assert!(p.removes.is_empty(), "the insert of 1 and its removal cancel out");
+        assert!(
+            p.removes.is_empty(),
+            "the insert of 1 and its removal cancel out"
+        );
         let p = Plan::from_ops([Op::Atomic(vec![insert(3, &[(2, 2)]), remove(1, 5, 1)])]);
         assert_eq!(p.inserts.len(), 1);
         assert_eq!(p.removes, vec![(1, 5, 1)]);

@@ -552,6 +552,100 @@ async fn a_panicking_connection_is_closed_and_releases_what_it_held() {
         )
         .await
         .unwrap_err();
-    assert_eq!(code(&err), 404, "the exclusive queue went with its connection");
+    assert_eq!(
+        code(&err),
+        404,
+        "the exclusive queue went with its connection"
+    );
+    b.stop().await;
+}
+
+/// Issue 11: RabbitMQ answers unbind-ok when the binding, the queue or the exchange is already
+/// gone (aio-pika's RPC clean-up unbinds after its auto-delete queue went); Warren said 404.
+#[tokio::test]
+async fn unbinding_what_is_gone_is_ok() {
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    declare(&ch, "ub-q").await;
+    ch.exchange_declare(
+        "ub-x".into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let unbind = |q: &'static str, x: &'static str| {
+        let ch = ch.clone();
+        async move {
+            ch.queue_unbind(q.into(), x.into(), "k".into(), FieldTable::default())
+                .await
+        }
+    };
+    unbind("ub-q", "ub-x").await.expect("binding never made");
+    unbind("no-such-queue", "ub-x").await.expect("queue gone");
+    unbind("ub-q", "no-such-exchange")
+        .await
+        .expect("exchange gone");
+    ch.exchange_unbind(
+        "ub-x".into(),
+        "no-such-exchange".into(),
+        "k".into(),
+        ExchangeUnbindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("source gone");
+    ch.exchange_unbind(
+        "no-such-exchange".into(),
+        "ub-x".into(),
+        "k".into(),
+        ExchangeUnbindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("destination gone");
+    // Binding to what is missing is still 404.
+    let err = ch
+        .queue_bind(
+            "no-such-queue".into(),
+            "ub-x".into(),
+            "k".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), 404);
+    b.stop().await;
+}
+
+/// Issue 11: the default listener was IPv4 only (`amqp://localhost` resolving to ::1 failed).
+/// `[::]` is dual-stack, and `--amqp-listen` may be given more than once.
+#[tokio::test]
+async fn listeners_are_dual_stack_and_repeatable() {
+    let ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    let b = broker_with(|c| {
+        c.amqp_listen = vec!["[::]:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()];
+    })
+    .await;
+    assert_eq!(b.addrs.len(), 2);
+    let wild = b.addrs[0].port();
+    let mut urls = vec![
+        format!("amqp://guest:guest@127.0.0.1:{wild}/%2f"),
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", b.addrs[1].port()),
+    ];
+    if ipv6 {
+        assert!(b.addrs[0].is_ipv6(), "IPv6 is on here: [::] must be bound");
+        urls.push(format!("amqp://guest:guest@[::1]:{wild}/%2f"));
+    }
+    for url in urls {
+        let c = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let ch = c.create_channel().await.unwrap();
+        declare(&ch, "").await;
+        c.close(200, "bye".into()).await.unwrap();
+    }
     b.stop().await;
 }

@@ -86,7 +86,10 @@ async fn wait_count(ch: &Channel, q: &str, n: u32) {
         if c == n {
             return;
         }
-        assert!(Instant::now() < deadline, "queue {q} holds {c}, expected {n}");
+        assert!(
+            Instant::now() < deadline,
+            "queue {q} holds {c}, expected {n}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -113,7 +116,9 @@ fn deaths(d: &lapin::message::Delivery) -> Vec<FieldTable> {
 }
 
 fn field<'a>(t: &'a FieldTable, k: &str) -> &'a AMQPValue {
-    t.inner().get(k).unwrap_or_else(|| panic!("no {k} in {t:?}"))
+    t.inner()
+        .get(k)
+        .unwrap_or_else(|| panic!("no {k} in {t:?}"))
 }
 
 #[tokio::test]
@@ -553,11 +558,7 @@ async fn over_long_dead_letter_names_are_refused_at_declare() {
             a.push((key, s(&long)));
         }
         let err = ch
-            .queue_declare(
-                "dl-long".into(),
-                QueueDeclareOptions::default(),
-                args(&a),
-            )
+            .queue_declare("dl-long".into(), QueueDeclareOptions::default(), args(&a))
             .await
             .unwrap_err();
         assert_eq!(code(&err), 406);
@@ -575,7 +576,10 @@ async fn over_long_dead_letter_names_are_refused_at_declare() {
     declare_with(
         &ch,
         "dl-ok",
-        args(&[("x-dead-letter-exchange", s("")), ("x-dead-letter-routing-key", s(&key))]),
+        args(&[
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s(&key)),
+        ]),
     )
     .await;
     ch.basic_publish(
@@ -660,7 +664,11 @@ async fn persistent_dead_letter_move_survives_restart_once() {
         }
     }
     got.sort();
-    assert_eq!(got, (0..20).collect::<Vec<u8>>(), "each message exactly once");
+    assert_eq!(
+        got,
+        (0..20).collect::<Vec<u8>>(),
+        "each message exactly once"
+    );
     b.stop().await;
 }
 
@@ -686,7 +694,10 @@ async fn direct_reply_to_round_trip_and_errors() {
     let mut requests = consume(&server, "rpc", true).await;
     let req = next(&mut requests).await;
     let addr = req.properties.reply_to().clone().unwrap();
-    assert!(addr.as_str().starts_with("amq.rabbitmq.reply-to."), "{addr}");
+    assert!(
+        addr.as_str().starts_with("amq.rabbitmq.reply-to."),
+        "{addr}"
+    );
     server
         .basic_publish(
             "".into(),
@@ -699,7 +710,10 @@ async fn direct_reply_to_round_trip_and_errors() {
         .unwrap();
     let rep = next(&mut replies).await;
     assert_eq!(&rep.data[..], b"pong");
-    assert_eq!(rep.properties.correlation_id().as_ref().unwrap().as_str(), "c1");
+    assert_eq!(
+        rep.properties.correlation_id().as_ref().unwrap().as_str(),
+        "c1"
+    );
 
     // consuming with acks is refused
     let (_c2, ch) = channel(&b).await;
@@ -729,7 +743,11 @@ async fn direct_reply_to_round_trip_and_errors() {
     .await
     .unwrap();
     let err = ch
-        .queue_declare("after".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .queue_declare(
+            "after".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap_err();
     assert_eq!(code(&err), 406);
@@ -777,9 +795,15 @@ async fn delayed_messages_fire_in_due_order() {
     .unwrap();
     let t0 = Instant::now();
     for (body, ms) in [(&b"slow"[..], 600), (b"fast", 200)] {
-        ch.basic_publish("later".into(), "k".into(), BasicPublishOptions::default(), body, delayed(ms))
-            .await
-            .unwrap();
+        ch.basic_publish(
+            "later".into(),
+            "k".into(),
+            BasicPublishOptions::default(),
+            body,
+            delayed(ms),
+        )
+        .await
+        .unwrap();
     }
     ch.basic_publish(
         "later".into(),
@@ -874,7 +898,10 @@ async fn delayed_persistent_messages_survive_restart_and_spill_to_the_store() {
     let (_c, ch) = channel(&b).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while count(&ch, "durable-later-q").await < n {
-        assert!(Instant::now() < deadline, "delayed messages did not all fire");
+        assert!(
+            Instant::now() < deadline,
+            "delayed messages did not all fire"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut c = consume(&ch, "durable-later-q", true).await;
