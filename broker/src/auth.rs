@@ -1,12 +1,18 @@
 //! Users and vhost access: RabbitMQ's password hashing, the default user written on the first
-//! start of an empty store, and the data cache (moka) in front of the store's users and
-//! permissions, so a login reads the database only on a miss.
+//! start of an empty store, the data cache (moka) in front of the store's users and
+//! permissions, so a login reads the database only on a miss, and `Access`: a user's compiled
+//! configure/write/read and topic patterns in one vhost, checked as RabbitMQ checks them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use warren_storage::{MetaStore, Op, PermissionRecord, SqlStore, StoreError, UserRecord};
+use warren_storage::{
+    MetaStore, Op, PermissionRecord, SqlStore, StoreError, TopicPermissionRecord, UserRecord,
+};
+
+use crate::error::{AmqpError, AmqpResult};
 
 /// How long a cached lookup (a hit or a "no such user") is trusted: the bound on how stale a
 /// login can be after the rows change in the database. (Nothing writes users through the broker
@@ -63,12 +69,172 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// A permission pattern as RabbitMQ matches it: a regular expression searched for anywhere in
+/// the name (unanchored, as `re:run`); `""` means `^$` (nothing real matches); a pattern that
+/// does not compile denies.
+#[derive(Debug, Clone)]
+enum Pattern {
+    /// `.*`: matches every name (the common case, checked without a regex).
+    Any,
+    Regex(regex::Regex),
+    Deny,
+}
+
+impl Pattern {
+    fn new(p: &str) -> Pattern {
+        let p = if p.is_empty() { "^$" } else { p };
+        if matches!(p, ".*" | "^.*" | "^.*$" | ".*$") {
+            return Pattern::Any;
+        }
+        match regex::Regex::new(p) {
+            Ok(r) => Pattern::Regex(r),
+            Err(e) => {
+                tracing::warn!(pattern = p, error = %e, "permission pattern does not compile; it denies");
+                Pattern::Deny
+            }
+        }
+    }
+
+    fn matches(&self, s: &str) -> bool {
+        match self {
+            Pattern::Any => true,
+            Pattern::Regex(r) => r.is_match(s),
+            Pattern::Deny => false,
+        }
+    }
+}
+
+/// The three permissions of RabbitMQ's access-control table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Perm {
+    Configure,
+    Write,
+    Read,
+}
+
+impl Perm {
+    fn as_str(self) -> &'static str {
+        match self {
+            Perm::Configure => "configure",
+            Perm::Write => "write",
+            Perm::Read => "read",
+        }
+    }
+}
+
+/// What a permission is checked on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    Queue,
+    Exchange,
+}
+
+/// A user's permissions in one vhost, compiled once and cached with the user's data.
+#[derive(Debug)]
+pub struct Access {
+    user: String,
+    vhost: String,
+    configure: Pattern,
+    write: Pattern,
+    read: Pattern,
+    /// Topic permissions by exchange: (write, read) on routing keys, `{username}` and
+    /// `{vhost}` already expanded. An exchange without an entry is not restricted.
+    topics: HashMap<String, (Pattern, Pattern)>,
+}
+
+impl Access {
+    pub fn new(p: &PermissionRecord, topics: &[TopicPermissionRecord]) -> Access {
+        // RabbitMQ substitutes the values regex-escaped.
+        let expand = |pat: &str| {
+            pat.replace("{username}", &regex::escape(&p.user))
+                .replace("{vhost}", &regex::escape(&p.vhost))
+        };
+        Access {
+            user: p.user.clone(),
+            vhost: p.vhost.clone(),
+            configure: Pattern::new(&p.configure),
+            write: Pattern::new(&p.write),
+            read: Pattern::new(&p.read),
+            topics: topics
+                .iter()
+                .map(|t| {
+                    (
+                        t.exchange.clone(),
+                        (
+                            Pattern::new(&expand(&t.write)),
+                            Pattern::new(&expand(&t.read)),
+                        ),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Everything allowed (tests and internal use).
+    pub fn full(user: &str, vhost: &str) -> Access {
+        Access {
+            user: user.to_string(),
+            vhost: vhost.to_string(),
+            configure: Pattern::Any,
+            write: Pattern::Any,
+            read: Pattern::Any,
+            topics: HashMap::new(),
+        }
+    }
+
+    /// 403 ACCESS_REFUSED with RabbitMQ's text unless `perm` on the named resource is granted.
+    /// The default exchange is checked as `amq.default`, as RabbitMQ does.
+    pub fn check(&self, perm: Perm, kind: Resource, name: &str) -> AmqpResult<()> {
+        let pattern = match perm {
+            Perm::Configure => &self.configure,
+            Perm::Write => &self.write,
+            Perm::Read => &self.read,
+        };
+        let name = match (kind, name) {
+            (Resource::Exchange, "") => "amq.default",
+            _ => name,
+        };
+        if pattern.matches(name) {
+            return Ok(());
+        }
+        let kind = match kind {
+            Resource::Queue => "queue",
+            Resource::Exchange => "exchange",
+        };
+        Err(AmqpError::access_refused(format!(
+            "{} access to {kind} '{name}' in vhost '{}' refused for user '{}'",
+            perm.as_str(),
+            self.vhost,
+            self.user
+        )))
+    }
+
+    /// Topic permissions: `perm` (write for publishing, read for binding) on `routing_key` of
+    /// the topic exchange `exchange`. Allowed when the user has none for that exchange.
+    pub fn check_topic(&self, perm: Perm, exchange: &str, routing_key: &str) -> AmqpResult<()> {
+        let Some((write, read)) = self.topics.get(exchange) else {
+            return Ok(());
+        };
+        let pattern = if perm == Perm::Write { write } else { read };
+        if pattern.matches(routing_key) {
+            return Ok(());
+        }
+        Err(AmqpError::access_refused(format!(
+            "{} access to topic '{routing_key}' in exchange '{exchange}' in vhost '{}' refused for user '{}'",
+            perm.as_str(),
+            self.vhost,
+            self.user
+        )))
+    }
+}
+
 /// The data cache: users and permissions as the store holds them, cached with negative
 /// answers too (a flood of logins with unknown names does not reach the database).
+/// Permissions are cached compiled (`Access`), topic permissions with them.
 pub struct Users {
     store: Arc<SqlStore>,
     users: moka::sync::Cache<String, Option<Arc<UserRecord>>>,
-    permissions: moka::sync::Cache<(String, String), Option<Arc<PermissionRecord>>>,
+    permissions: moka::sync::Cache<(String, String), Option<Arc<Access>>>,
 }
 
 impl Users {
@@ -126,12 +292,18 @@ impl Users {
         &self,
         vhost: &str,
         user: &str,
-    ) -> Result<Option<Arc<PermissionRecord>>, StoreError> {
+    ) -> Result<Option<Arc<Access>>, StoreError> {
         let key = (vhost.to_string(), user.to_string());
         if let Some(hit) = self.permissions.get(&key) {
             return Ok(hit);
         }
-        let found = self.store.permission(vhost, user).await?.map(Arc::new);
+        let found = match self.store.permission(vhost, user).await? {
+            Some(p) => {
+                let topics = self.store.topic_permissions(vhost, user).await?;
+                Some(Arc::new(Access::new(&p, &topics)))
+            }
+            None => None,
+        };
         self.permissions.insert(key, found.clone());
         Ok(found)
     }
@@ -169,5 +341,61 @@ mod tests {
         assert_eq!(salted_hash(&documented[..4], "test12"), documented);
         assert!(password_matches(&documented, "test12"));
         assert!(!password_matches(&documented, "test13"));
+    }
+
+    fn record(c: &str, w: &str, r: &str) -> PermissionRecord {
+        PermissionRecord {
+            vhost: "/".to_string(),
+            user: "bob".to_string(),
+            configure: c.to_string(),
+            write: w.to_string(),
+            read: r.to_string(),
+        }
+    }
+
+    #[test]
+    fn permissions_match_as_rabbitmq() {
+        let a = Access::new(&record("^bob-", "", "q"), &[]);
+        assert!(a.check(Perm::Configure, Resource::Queue, "bob-1").is_ok());
+        assert!(a
+            .check(Perm::Configure, Resource::Queue, "alice-bob-1")
+            .is_err());
+        // "" is ^$: nothing real matches.
+        let e = a.check(Perm::Write, Resource::Exchange, "").unwrap_err();
+        assert_eq!(e.code, 403);
+        assert_eq!(
+            e.text,
+            "write access to exchange 'amq.default' in vhost '/' refused for user 'bob'"
+        );
+        // Unanchored: "q" matches anywhere.
+        assert!(a.check(Perm::Read, Resource::Queue, "aqa").is_ok());
+        assert_eq!(
+            a.check(Perm::Read, Resource::Queue, "x").unwrap_err().text,
+            "read access to queue 'x' in vhost '/' refused for user 'bob'"
+        );
+        // A pattern that does not compile denies.
+        let a = Access::new(&record("(", ".*", ".*"), &[]);
+        assert!(a.check(Perm::Configure, Resource::Queue, "(").is_err());
+        assert!(a.check(Perm::Write, Resource::Exchange, "anything").is_ok());
+    }
+
+    #[test]
+    fn topic_permissions_expand_variables_and_default_to_allowed() {
+        let topic = TopicPermissionRecord {
+            vhost: "/".to_string(),
+            user: "bob".to_string(),
+            exchange: "amq.topic".to_string(),
+            write: "^{username}\\.".to_string(),
+            read: "^{vhost}$".to_string(),
+        };
+        let a = Access::new(&record(".*", ".*", ".*"), &[topic]);
+        assert!(a.check_topic(Perm::Write, "amq.topic", "bob.x").is_ok());
+        assert_eq!(
+            a.check_topic(Perm::Write, "amq.topic", "alice.x").unwrap_err().text,
+            "write access to topic 'alice.x' in exchange 'amq.topic' in vhost '/' refused for user 'bob'"
+        );
+        assert!(a.check_topic(Perm::Read, "amq.topic", "/").is_ok());
+        assert!(a.check_topic(Perm::Read, "amq.topic", "bob.x").is_err());
+        assert!(a.check_topic(Perm::Write, "other", "alice.x").is_ok());
     }
 }

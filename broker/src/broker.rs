@@ -97,10 +97,15 @@ impl Broker {
         Ok(())
     }
 
-    /// connection.open: the user needs permissions in the vhost (any, as RabbitMQ checks).
-    pub async fn vhost_access(&self, user: &str, vhost: &str) -> Result<(), LoginError> {
+    /// connection.open: the user needs permissions in the vhost (any, as RabbitMQ checks);
+    /// what they are is checked per method through the returned `Access`.
+    pub async fn vhost_access(
+        &self,
+        user: &str,
+        vhost: &str,
+    ) -> Result<Arc<crate::auth::Access>, LoginError> {
         match self.users.permission(vhost, user).await {
-            Ok(Some(_)) => Ok(()),
+            Ok(Some(a)) => Ok(a),
             Ok(None) => Err(LoginError::NoVhostAccess),
             Err(e) => Err(LoginError::StoreUnavailable(e.to_string())),
         }
@@ -129,10 +134,10 @@ mod tests {
             b.authenticate("bob", "guest", lo).await,
             Err(LoginError::UnknownUser)
         );
-        assert_eq!(b.vhost_access("guest", "/").await, Ok(()));
+        assert!(b.vhost_access("guest", "/").await.is_ok());
         assert_eq!(
-            b.vhost_access("guest", "other").await,
-            Err(LoginError::NoVhostAccess)
+            b.vhost_access("guest", "other").await.err(),
+            Some(LoginError::NoVhostAccess)
         );
         // Hits and misses alike are cached: guest and bob, guest's "/" and "other".
         assert_eq!(b.users.cached(), (2, 2));

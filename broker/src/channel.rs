@@ -15,6 +15,7 @@ use warren_protocol::{
     ShortString,
 };
 
+use crate::auth::{Access, Perm, Resource};
 use crate::delivery::{ChannelHandle, Consumer, Unacked};
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::Exchange;
@@ -27,6 +28,8 @@ use crate::vhost::{server_name, ExchangeDeclare, QueueDeclare, VHost};
 /// What a channel needs from its connection.
 pub struct ConnCtx {
     pub conn_id: u64,
+    /// The user's permissions in this vhost, as of connection.open.
+    pub access: Arc<crate::auth::Access>,
     pub vhost: Arc<VHost>,
     pub outbox: Arc<Outbox>,
     pub max_message_size: u64,
@@ -325,13 +328,13 @@ impl Channel {
             }
             AMQPClass::Exchange(e) => {
                 self.topology_mark = Some(self.persist.writer.last_ticket());
-                let r = self.exchange_method(vh, e);
+                let r = self.exchange_method(vh, &ctx.access, e);
                 self.topology_mark = None;
                 r?
             }
             AMQPClass::Queue(q) => {
                 self.topology_mark = Some(self.persist.writer.last_ticket());
-                let r = self.queue_method(vh, cid, q);
+                let r = self.queue_method(vh, &ctx.access, cid, q);
                 self.topology_mark = None;
                 r?
             }
@@ -360,10 +363,33 @@ impl Channel {
         Ok(After::Keep)
     }
 
-    fn exchange_method(&mut self, vh: &Arc<VHost>, e: exchange::AMQPMethod) -> AmqpResult<()> {
+    fn exchange_method(
+        &mut self,
+        vh: &Arc<VHost>,
+        access: &Access,
+        e: exchange::AMQPMethod,
+    ) -> AmqpResult<()> {
         use exchange::AMQPMethod as E;
         match e {
             E::Declare(d) => {
+                let name = d.exchange.as_str();
+                // RabbitMQ: the default exchange is refused first (by the vhost), a passive
+                // declare is not checked, a new exchange with an alternate exchange needs read
+                // on itself and write on the alternate.
+                if !d.passive && !name.is_empty() {
+                    access.check(Perm::Configure, Resource::Exchange, name)?;
+                    if vh.exchange(name).is_none() {
+                        if let Some(ae) = d
+                            .arguments
+                            .inner()
+                            .get("alternate-exchange")
+                            .and_then(crate::args::as_str)
+                        {
+                            access.check(Perm::Read, Resource::Exchange, name)?;
+                            access.check(Perm::Write, Resource::Exchange, &ae)?;
+                        }
+                    }
+                }
                 vh.declare_exchange(&ExchangeDeclare {
                     name: d.exchange.to_string(),
                     kind: d.kind.to_string(),
@@ -378,12 +404,25 @@ impl Channel {
                 }
             }
             E::Delete(d) => {
+                let name = d.exchange.as_str();
+                // The default and amq.* exchanges are refused by the vhost, with its text.
+                if !name.is_empty() && !name.starts_with("amq.") {
+                    access.check(Perm::Configure, Resource::Exchange, name)?;
+                }
                 vh.delete_exchange(d.exchange.as_str(), d.if_unused)?;
                 if !d.nowait {
                     self.reply(AMQPClass::Exchange(E::DeleteOk(exchange::DeleteOk {})));
                 }
             }
             E::Bind(b) => {
+                check_binding(
+                    vh,
+                    access,
+                    Resource::Exchange,
+                    b.destination.as_str(),
+                    b.source.as_str(),
+                    b.routing_key.as_str(),
+                )?;
                 vh.bind_exchange(
                     b.destination.as_str(),
                     b.source.as_str(),
@@ -395,6 +434,14 @@ impl Channel {
                 }
             }
             E::Unbind(b) => {
+                check_binding(
+                    vh,
+                    access,
+                    Resource::Exchange,
+                    b.destination.as_str(),
+                    b.source.as_str(),
+                    b.routing_key.as_str(),
+                )?;
                 vh.unbind_exchange(
                     b.destination.as_str(),
                     b.source.as_str(),
@@ -410,12 +457,19 @@ impl Channel {
         Ok(())
     }
 
-    fn queue_method(&mut self, vh: &Arc<VHost>, cid: u64, q: queue::AMQPMethod) -> AmqpResult<()> {
+    fn queue_method(
+        &mut self,
+        vh: &Arc<VHost>,
+        access: &Access,
+        cid: u64,
+        q: queue::AMQPMethod,
+    ) -> AmqpResult<()> {
         use queue::AMQPMethod as Q;
         match q {
             Q::Declare(d) => {
                 let (queue, messages, consumers) = vh.declare_queue(
                     cid,
+                    access,
                     &QueueDeclare {
                         name: d.queue.to_string(),
                         passive: d.passive,
@@ -436,6 +490,14 @@ impl Channel {
             }
             Q::Bind(b) => {
                 let name = self.queue_name(&b.queue)?;
+                check_binding(
+                    vh,
+                    access,
+                    Resource::Queue,
+                    &name,
+                    b.exchange.as_str(),
+                    b.routing_key.as_str(),
+                )?;
                 vh.bind_queue(
                     cid,
                     &name,
@@ -449,6 +511,14 @@ impl Channel {
             }
             Q::Unbind(b) => {
                 let name = self.queue_name(&b.queue)?;
+                check_binding(
+                    vh,
+                    access,
+                    Resource::Queue,
+                    &name,
+                    b.exchange.as_str(),
+                    b.routing_key.as_str(),
+                )?;
                 vh.unbind_queue(
                     cid,
                     &name,
@@ -460,6 +530,7 @@ impl Channel {
             }
             Q::Purge(p) => {
                 let name = self.queue_name(&p.queue)?;
+                access.check(Perm::Read, Resource::Queue, &name)?;
                 let n = vh.purge_queue(cid, &name)?;
                 if !p.nowait {
                     self.reply(AMQPClass::Queue(Q::PurgeOk(queue::PurgeOk {
@@ -469,6 +540,7 @@ impl Channel {
             }
             Q::Delete(d) => {
                 let name = self.queue_name(&d.queue)?;
+                access.check(Perm::Configure, Resource::Queue, &name)?;
                 let (n, consumers) = vh.delete_queue(cid, &name, d.if_unused, d.if_empty)?;
                 // delete-ok goes out before the basic.cancel the deletion causes, as RabbitMQ.
                 if !d.nowait {
@@ -535,6 +607,7 @@ impl Channel {
             }
             B::Consume(c) => {
                 let name = self.queue_name(&c.queue)?;
+                ctx.access.check(Perm::Read, Resource::Queue, &name)?;
                 let q = vh.queue_for(ctx.conn_id, &name)?;
                 let tag = if c.consumer_tag.as_str().is_empty() {
                     short::truncated(server_name("amq.ctag-"))
@@ -612,6 +685,7 @@ impl Channel {
             }
             B::Get(g) => {
                 let name = self.queue_name(&g.queue)?;
+                ctx.access.check(Perm::Read, Resource::Queue, &name)?;
                 let q = vh.queue_for(ctx.conn_id, &name)?;
                 if q.get(&self.handle, g.no_ack) != Some(true) {
                     self.reply(AMQPClass::Basic(B::GetEmpty(basic::GetEmpty {})));
@@ -694,7 +768,13 @@ impl Channel {
 
     /// A complete message arrived.
     fn published(&mut self, ctx: &ConnCtx, c: Content) -> AmqpResult<()> {
+        ctx.access
+            .check(Perm::Write, Resource::Exchange, c.publish.exchange.as_str())?;
         let exchange = ctx.vhost.publish_exchange(c.publish.exchange.as_str())?;
+        if exchange.kind == crate::exchange::ExchangeKind::Topic {
+            ctx.access
+                .check_topic(Perm::Write, &exchange.name, c.publish.routing_key.as_str())?;
+        }
         let mandatory = c.publish.mandatory;
         if let Some(e) = c.properties.expiration() {
             if let Some(why) = crate::message::expiration_problem(e.as_str()) {
@@ -867,4 +947,28 @@ fn requeue_all(items: impl IntoIterator<Item = Unacked>) {
     for (q, entries) in groups {
         q.requeue(entries);
     }
+}
+
+/// queue.bind/unbind and exchange.bind/unbind, as RabbitMQ checks them: write on the
+/// destination, then read on the source, then (for a topic source) read on the binding key.
+/// The default exchange is left to the vhost's own 403.
+fn check_binding(
+    vh: &VHost,
+    access: &Access,
+    destination_kind: Resource,
+    destination: &str,
+    source: &str,
+    key: &str,
+) -> AmqpResult<()> {
+    if source.is_empty() || (destination_kind == Resource::Exchange && destination.is_empty()) {
+        return Ok(());
+    }
+    access.check(Perm::Write, destination_kind, destination)?;
+    access.check(Perm::Read, Resource::Exchange, source)?;
+    if let Some(x) = vh.exchange(source) {
+        if x.kind == crate::exchange::ExchangeKind::Topic {
+            access.check_topic(Perm::Read, source, key)?;
+        }
+    }
+    Ok(())
 }

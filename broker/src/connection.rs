@@ -623,8 +623,8 @@ impl Conn {
             ))
             .at(10, 40)
         };
-        match self.broker.vhost_access(&self.user, &name).await {
-            Ok(()) => {}
+        let access = match self.broker.vhost_access(&self.user, &name).await {
+            Ok(a) => a,
             Err(LoginError::StoreUnavailable(e)) => {
                 error!(user = %self.user, vhost = %name, "cannot look up permissions: {e}");
                 return Err(refused());
@@ -633,7 +633,7 @@ impl Conn {
                 warn!(user = %self.user, vhost = %name, "vhost access refused: no permissions");
                 return Err(refused());
             }
-        }
+        };
         let Some(vhost) = self.broker.vhost(&name) else {
             return Err(AmqpError::not_allowed(format!("vhost {name} not found")).at(10, 40));
         };
@@ -641,6 +641,7 @@ impl Conn {
         info!(user = %self.user, vhost = name, "connection open");
         self.ctx = Some(ConnCtx {
             conn_id: self.id,
+            access,
             vhost,
             outbox: self.outbox.clone(),
             max_message_size: self.broker.config.max_message_size,

@@ -13,6 +13,7 @@ use warren_protocol::{types::generation::gen_field_table, FieldTable};
 use warren_storage::{BindingRecord, DestinationKind, ExchangeRecord, MessageStore, QueueRecord};
 
 use crate::args;
+use crate::auth::{Access, Perm, Resource};
 use crate::deadletter::{self, Reason};
 use crate::delay::{self, Delayer};
 use crate::delivery::Consumer;
@@ -357,17 +358,26 @@ impl VHost {
     }
 
     /// queue.declare: returns the queue and its (message, consumer) counts.
+    /// Permissions as RabbitMQ checks them: configure on the (generated) name unless passive;
+    /// for a new queue with a dead-letter exchange, read on the queue and write on the DLX.
     pub fn declare_queue(
         &self,
         conn_id: u64,
+        access: &Access,
         d: &QueueDeclare,
     ) -> AmqpResult<(Arc<Queue>, u32, u32)> {
         let _g = self.admin();
         let mut name = d.name.clone();
-        if !d.passive && reserved(&name) {
-            return Err(AmqpError::access_refused(format!(
-                "queue name '{name}' contains reserved prefix 'amq.*'"
-            )));
+        if !d.passive {
+            if reserved(&name) {
+                return Err(AmqpError::access_refused(format!(
+                    "queue name '{name}' contains reserved prefix 'amq.*'"
+                )));
+            }
+            if name.is_empty() {
+                name = server_name("amq.gen-");
+            }
+            access.check(Perm::Configure, Resource::Queue, &name)?;
         }
         if let Some(q) = self.queue(&name) {
             q.check_access(conn_id)?;
@@ -403,8 +413,14 @@ impl VHost {
         if d.passive {
             return Err(AmqpError::no_queue(&name, &self.name));
         }
-        if name.is_empty() {
-            name = server_name("amq.gen-");
+        if let Some(dlx) = d
+            .arguments
+            .inner()
+            .get("x-dead-letter-exchange")
+            .and_then(args::as_str)
+        {
+            access.check(Perm::Read, Resource::Queue, &name)?;
+            access.check(Perm::Write, Resource::Exchange, &dlx)?;
         }
         args::validate_queue_args(&name, &self.name, &d.arguments)?;
         if d.arguments
@@ -1057,23 +1073,41 @@ mod tests {
         v.declare_exchange(&xd("x", "direct")).unwrap();
         let e = v.declare_exchange(&xd("x", "fanout")).unwrap_err();
         assert_eq!(e.text, "inequivalent arg 'type' for exchange 'x' in vhost '/': received 'fanout' but current is 'direct'");
-        let (q, _, _) = v.declare_queue(1, &qd("")).unwrap();
+        let (q, _, _) = v
+            .declare_queue(1, &crate::auth::Access::full("guest", "/"), &qd(""))
+            .unwrap();
         assert!(q.name().starts_with("amq.gen-") && q.name().len() == 30);
-        assert_eq!(v.declare_queue(1, &qd("amq.q")).unwrap_err().code, 403);
+        assert_eq!(
+            v.declare_queue(1, &crate::auth::Access::full("guest", "/"), &qd("amq.q"))
+                .unwrap_err()
+                .code,
+            403
+        );
         let mut durable = qd("d");
-        v.declare_queue(1, &durable).unwrap();
+        v.declare_queue(1, &crate::auth::Access::full("guest", "/"), &durable)
+            .unwrap();
         durable.durable = true;
-        let e = v.declare_queue(1, &durable).unwrap_err();
+        let e = v
+            .declare_queue(1, &crate::auth::Access::full("guest", "/"), &durable)
+            .unwrap_err();
         assert_eq!(e.text, "inequivalent arg 'durable' for queue 'd' in vhost '/': received 'true' but current is 'false'");
         let mut ex = qd("ex");
         ex.exclusive = true;
-        v.declare_queue(1, &ex).unwrap();
-        assert_eq!(v.declare_queue(2, &ex).unwrap_err().code, 405);
+        v.declare_queue(1, &crate::auth::Access::full("guest", "/"), &ex)
+            .unwrap();
+        assert_eq!(
+            v.declare_queue(2, &crate::auth::Access::full("guest", "/"), &ex)
+                .unwrap_err()
+                .code,
+            405
+        );
         assert_eq!(v.queue_for(2, "ex").unwrap_err().code, 405);
         let mut passive = qd("missing");
         passive.passive = true;
         assert_eq!(
-            v.declare_queue(1, &passive).unwrap_err().text,
+            v.declare_queue(1, &crate::auth::Access::full("guest", "/"), &passive)
+                .unwrap_err()
+                .text,
             "no queue 'missing' in vhost '/'"
         );
     }
@@ -1082,7 +1116,8 @@ mod tests {
     async fn routing_through_types_e2e_and_ae() {
         let v = vh().await;
         for q in ["q1", "q2", "q3", "unrouted"] {
-            v.declare_queue(1, &qd(q)).unwrap();
+            v.declare_queue(1, &crate::auth::Access::full("guest", "/"), &qd(q))
+                .unwrap();
         }
         let t = FieldTable::default();
         v.bind_queue(1, "q1", "amq.topic", "a.*", &t).unwrap();
@@ -1113,7 +1148,8 @@ mod tests {
     #[tokio::test]
     async fn auto_delete_exchange_and_queue_cleanup() {
         let v = vh().await;
-        v.declare_queue(1, &qd("q")).unwrap();
+        v.declare_queue(1, &crate::auth::Access::full("guest", "/"), &qd("q"))
+            .unwrap();
         let mut d = xd("ad", "direct");
         d.auto_delete = true;
         v.declare_exchange(&d).unwrap();

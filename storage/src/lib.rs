@@ -81,6 +81,17 @@ pub struct PermissionRecord {
     pub read: String,
 }
 
+/// A user's topic permissions on one topic exchange of a vhost: write and read patterns on
+/// routing keys (RabbitMQ's topic permissions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPermissionRecord {
+    pub vhost: String,
+    pub user: String,
+    pub exchange: String,
+    pub write: String,
+    pub read: String,
+}
+
 /// Everything durable, as loaded at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -146,6 +157,7 @@ pub enum Op {
     DeleteBinding(BindingRecord),
     PutUser(UserRecord),
     PutPermission(PermissionRecord),
+    PutTopicPermission(TopicPermissionRecord),
     /// A message and the (queue id, seq) positions that hold it.
     Insert {
         message: Arc<MessageRow>,
@@ -215,6 +227,13 @@ pub trait MetaStore: Send + Sync + 'static {
         vhost: &str,
         user: &str,
     ) -> impl Future<Output = Result<Option<PermissionRecord>, StoreError>> + Send;
+
+    /// A user's topic permissions in a vhost, one per exchange.
+    fn topic_permissions(
+        &self,
+        vhost: &str,
+        user: &str,
+    ) -> impl Future<Output = Result<Vec<TopicPermissionRecord>, StoreError>> + Send;
 }
 
 /// Messages and the batches that change them.

@@ -17,7 +17,7 @@ use crate::plan::{Plan, PlannedInsert};
 use crate::{
     BindingRecord, DestinationKind, ExchangeRecord, MessageRow, MessageStore, MetaStore, Op,
     PermissionRecord, QueueRecord, QueueSummary, Recovered, Snapshot, StoreError, StoredEntry,
-    UserRecord,
+    TopicPermissionRecord, UserRecord,
 };
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -266,6 +266,19 @@ async fn meta_op(tx: &mut Tx<'_>, op: &Op) -> Result<(), sqlx::Error> {
             .bind(p.vhost.clone())
             .bind(p.user.clone())
             .bind(p.configure.clone())
+            .bind(p.write.clone())
+            .bind(p.read.clone())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Op::PutTopicPermission(p) => {
+            sqlx::query(
+                "REPLACE INTO topic_permissions (vhost, user_name, exchange, write_re, read_re) \
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(p.vhost.clone())
+            .bind(p.user.clone())
+            .bind(p.exchange.clone())
             .bind(p.write.clone())
             .bind(p.read.clone())
             .execute(&mut **tx)
@@ -522,6 +535,34 @@ impl MetaStore for SqlStore {
         })
         .transpose()
         .map_err(unavailable)
+    }
+
+    async fn topic_permissions(
+        &self,
+        vhost: &str,
+        user: &str,
+    ) -> Result<Vec<TopicPermissionRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT vhost, user_name, exchange, write_re, read_re FROM topic_permissions \
+             WHERE vhost = ? AND user_name = ? ORDER BY exchange",
+        )
+        .bind(vhost.to_string())
+        .bind(user.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(TopicPermissionRecord {
+                    vhost: r.try_get("vhost")?,
+                    user: r.try_get("user_name")?,
+                    exchange: r.try_get("exchange")?,
+                    write: r.try_get("write_re")?,
+                    read: r.try_get("read_re")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(unavailable)
     }
 
     async fn load_meta(&self) -> Result<Snapshot, StoreError> {

@@ -127,6 +127,28 @@ async fn users_and_permissions<S: MetaStore + MessageStore>(s: &S) {
     );
     assert_eq!(s.permission("/", "Guest").await.unwrap(), None);
     assert_eq!(s.permission("other", "guest").await.unwrap(), None);
+    let topic = |x: &str, w: &str| TopicPermissionRecord {
+        vhost: "/".to_string(),
+        user: "guest".to_string(),
+        exchange: x.to_string(),
+        write: w.to_string(),
+        read: "^r\\.".to_string(),
+    };
+    assert_eq!(s.topic_permissions("/", "guest").await.unwrap(), vec![]);
+    apply(
+        s,
+        vec![
+            Op::PutTopicPermission(topic("amq.topic", "^a")),
+            Op::PutTopicPermission(topic("logs", "^{username}\\.")),
+            Op::PutTopicPermission(topic("amq.topic", "^b")),
+        ],
+    )
+    .await;
+    assert_eq!(
+        s.topic_permissions("/", "guest").await.unwrap(),
+        vec![topic("amq.topic", "^b"), topic("logs", "^{username}\\.")]
+    );
+    assert_eq!(s.topic_permissions("/", "Guest").await.unwrap(), vec![]);
 }
 
 async fn apply<S: MessageStore>(store: &S, ops: Vec<Op>) {
