@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use warren_storage::{
-    MetaStore, Op, PermissionRecord, SqlStore, StoreError, TopicPermissionRecord, UserRecord,
+    MetaStore, Op, PermissionRecord, StoreError, TopicPermissionRecord, UserRecord,
 };
 
 use crate::error::{AmqpError, AmqpResult};
@@ -232,13 +232,13 @@ impl Access {
 /// answers too (a flood of logins with unknown names does not reach the database).
 /// Permissions are cached compiled (`Access`), topic permissions with them.
 pub struct Users {
-    store: Arc<SqlStore>,
+    store: Arc<crate::persist::Store>,
     users: moka::sync::Cache<String, Option<Arc<UserRecord>>>,
     permissions: moka::sync::Cache<(String, String), Option<Arc<Access>>>,
 }
 
 impl Users {
-    pub fn new(store: Arc<SqlStore>) -> Users {
+    pub fn new(store: Arc<crate::persist::Store>) -> Users {
         Users {
             store,
             users: moka::sync::Cache::builder()

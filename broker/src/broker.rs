@@ -51,7 +51,11 @@ impl Broker {
             for op in seed {
                 ticket = persist.submit(op);
             }
-            persist.writer.wait(ticket).await;
+            if !persist.writer.wait(ticket).await || persist.writer.failed(ticket) {
+                return Err(StoreError::Unavailable(
+                    "the default user could not be stored".to_string(),
+                ));
+            }
             tracing::info!(user = %config.default_user, "empty store: created the default user");
         }
         Ok(Arc::new(Broker {

@@ -87,14 +87,15 @@ impl Confirms {
         self.pending.push((tag, tag, ack));
     }
 
-    /// Moves what the store has committed to the ready runs.
-    fn release(&mut self, committed: u64) {
+    /// Moves what the store has committed to the ready runs; a message whose write the store
+    /// refused is nacked.
+    fn release(&mut self, committed: u64, failed: impl Fn(u64) -> bool) {
         while let Some(&(tag, ticket, ack)) = self.waiting.front() {
             if ticket > committed {
                 break;
             }
             self.waiting.pop_front();
-            self.ready(tag, ack);
+            self.ready(tag, ack && !failed(ticket));
         }
     }
 }
@@ -206,7 +207,8 @@ impl Channel {
         let Some(c) = self.confirms.as_mut() else {
             return;
         };
-        c.release(self.persist.writer.committed());
+        let writer = &self.persist.writer;
+        c.release(writer.committed(), |t| writer.failed(t));
         if c.pending.is_empty() {
             return;
         }

@@ -115,6 +115,11 @@ pub struct Config {
     /// declares a queue of this name, to prove a panicking connection releases what it held.
     #[arg(skip)]
     pub fault_panic_on_queue: Option<String>,
+
+    /// Fault injection for tests (no flag): the store's commits and reads go through this
+    /// control (outages, refusals, lost answers, delays).
+    #[arg(skip)]
+    pub faults: Option<std::sync::Arc<warren_storage::Faults>>,
 }
 
 /// When publisher confirms for persistent messages are sent.

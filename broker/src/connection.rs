@@ -847,7 +847,13 @@ async fn write_loop(
                             outbox.close();
                             return;
                         }
-                        store.wait(ticket).await;
+                        if !store.wait(ticket).await {
+                            // The store writer stopped: what follows must not be sent as if
+                            // it had been stored.
+                            debug!("store writer stopped; closing the connection");
+                            outbox.close();
+                            return;
+                        }
                     }
                     Ok(())
                 }

@@ -284,7 +284,9 @@ impl Delayer {
     async fn load(&self, after: u64) -> Result<(), ()> {
         self.lock().loading = true;
         let p = &self.persist;
-        p.writer.wait(p.writer.last_ticket()).await;
+        if !p.writer.wait(p.writer.last_ticket()).await {
+            return Err(());
+        }
         let rows = match p
             .store
             .read_queue(

@@ -1,4 +1,5 @@
-//! `Persistence`: the broker's side of the store. It owns the `SqlStore`, the group-commit
+//! `Persistence`: the broker's side of the store. It owns the store (`SqlStore` behind the
+//! fault-injection seam, which forwards unless a test sets faults), the group-commit
 //! `Writer`, the `--sync` mode, the memory `Gauge` with its budget, the moka cache of stored
 //! bodies, and the id counters for messages and queues. Topology changes and message positions
 //! reach the store only through `submit`; tickets say when they are committed.
@@ -14,15 +15,18 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use warren_storage::{
-    BindingRecord, ExchangeRecord, MessageStore, Op, QueueRecord, Recovered, SqlStore, StoreError,
-    Writer, WriterSettings,
+    BindingRecord, ExchangeRecord, Faults, Faulty, MessageStore, Op, QueueRecord, Recovered,
+    SqlStore, StoreError, Writer, WriterSettings,
 };
+
+/// The broker's store: SQL behind the fault-injection seam.
+pub type Store = Faulty<SqlStore>;
 
 use crate::config::{Config, SyncMode};
 use crate::message::{Gauge, Message};
 
 pub struct Persistence {
-    pub store: Arc<SqlStore>,
+    pub store: Arc<Store>,
     pub writer: Arc<Writer>,
     writer_task: Mutex<Option<JoinHandle<()>>>,
     pub sync: SyncMode,
@@ -53,7 +57,9 @@ impl Persistence {
             })?;
         }
         let url = config.storage_url();
-        let store = Arc::new(SqlStore::open(&url, config.sync == SyncMode::Confirm).await?);
+        let sql = SqlStore::open(&url, config.sync == SyncMode::Confirm).await?;
+        let faults = config.faults.clone().unwrap_or_else(Faults::new);
+        let store = Arc::new(Faulty::new(sql, faults));
         let recovered = store.recover().await?;
         let interval = match config.sync {
             SyncMode::Confirm => Duration::from_micros(config.commit_interval_us),
@@ -74,7 +80,7 @@ impl Persistence {
             .weigher(|_k: &u64, m: &Arc<Message>| m.weight().min(u32::MAX as usize) as u32)
             .build();
         tracing::info!(
-            backend = ?store.backend(),
+            backend = ?store.inner().backend(),
             queues = recovered.snapshot.queues.len(),
             exchanges = recovered.snapshot.exchanges.len(),
             "store opened"
@@ -173,6 +179,6 @@ impl Persistence {
                 tracing::error!("store writer did not finish within 10 s");
             }
         }
-        self.store.close().await;
+        self.store.inner().close().await;
     }
 }

@@ -855,7 +855,9 @@ impl Queue {
                     };
                     let (q, vh, p) = (self.clone(), vh.clone(), self.persist.clone());
                     rt.spawn(async move {
-                        p.writer.wait(p.writer.last_ticket()).await;
+                        if !p.writer.wait(p.writer.last_ticket()).await {
+                            return; // the store writer stopped: shutting down
+                        }
                         match p.store.read_message(d.entry.id as i64).await {
                             Ok(Some(row)) => match Message::from_row(row, Some(p.gauge.clone())) {
                                 Some(m) => vh.dead_letter(&q, d.entry, Arc::new(m), d.reason),
@@ -1144,7 +1146,9 @@ impl Queue {
     /// Reads what `job` names from the store into the head. Err if the store failed.
     async fn load(self: Arc<Self>, job: LoadJob) -> Result<(), ()> {
         let p = self.persist.clone();
-        p.writer.wait(job.ticket).await;
+        if !p.writer.wait(job.ticket).await {
+            return Err(());
+        }
         let mut bodies = Vec::new();
         for id in &job.missing {
             match p.store.read_message(*id as i64).await {

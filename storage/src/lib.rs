@@ -3,6 +3,7 @@
 //! write plan a batch of operations turns into (`plan`), and the group-commit `Writer` task.
 //! The broker encodes AMQP tables and content headers itself, so this crate stays protocol-free.
 
+pub mod faults;
 pub mod plan;
 mod sql;
 pub mod writer;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+pub use faults::{Faults, Faulty};
 pub use plan::Plan;
 pub use sql::{Backend, SqlStore};
 pub use writer::{Writer, WriterSettings};
@@ -184,6 +186,13 @@ pub enum Op {
     Atomic(Vec<Op>),
 }
 
+impl StoreError {
+    /// Whether retrying the same write may succeed (an outage, a deadlock, a busy database).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
 impl Op {
     /// Bytes this op holds in memory until committed.
     pub fn weight(&self) -> usize {
@@ -199,8 +208,12 @@ impl Op {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Transient: the store cannot be reached or is busy (retried).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Permanent: the store refuses this data (too long, a constraint): retrying cannot help.
+    #[error("store rejected the write: {0}")]
+    Rejected(String),
     #[error("store corrupt: {0}")]
     Corrupt(String),
     #[error("bad storage setting: {0}")]

@@ -49,12 +49,39 @@ impl std::fmt::Debug for SqlStore {
     }
 }
 
+/// Classifies a database error: transient ones (connection, I/O, pool, deadlock, lock wait,
+/// read-only, disk full) are retried; the data being refused is permanent.
 fn unavailable(e: sqlx::Error) -> StoreError {
-    match e {
+    match &e {
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
             StoreError::Corrupt(e.to_string())
         }
+        sqlx::Error::Database(db) if is_rejection(db.as_ref()) => {
+            StoreError::Rejected(e.to_string())
+        }
         _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+/// A database error that no retry can fix.
+fn is_rejection(db: &dyn sqlx::error::DatabaseError) -> bool {
+    use sqlx::error::ErrorKind;
+    if matches!(
+        db.kind(),
+        ErrorKind::UniqueViolation
+            | ErrorKind::ForeignKeyViolation
+            | ErrorKind::NotNullViolation
+            | ErrorKind::CheckViolation
+    ) {
+        return true;
+    }
+    match db.code().as_deref() {
+        // MySQL/MariaDB report SQLSTATE: class 22 is a data exception (data too long, out of
+        // range, incorrect string value).
+        Some(c) if c.len() == 5 && c.starts_with("22") => true,
+        // SQLite reports its result code: string or blob too big, datatype mismatch.
+        Some("18" | "20") => true,
+        _ => false,
     }
 }
 

@@ -1,11 +1,16 @@
 //! `Writer`: the group-commit task. Every change to the store is submitted here as an `Op` and
 //! gets a ticket (a sequence number, in submission order). One task gathers ops for up to
 //! `interval` (or `max_ops` / `max_bytes`), reduces them to a `Plan` and commits it in one
-//! transaction; `committed()` then covers every ticket of the batch. A failed commit is retried
-//! with back-off, forever: nothing submitted is dropped, and ticket holders simply wait. The
-//! bytes held by uncommitted ops are counted so publishers can be slowed (`over_limit`, `room`).
+//! transaction; `committed()` then covers every ticket of the batch. A commit that fails for a
+//! transient reason (an outage) is retried with back-off, forever: nothing submitted is dropped,
+//! and ticket holders simply wait. One the store refuses for good (`StoreError::Rejected`) is
+//! split: each op is committed on its own, and the tickets of the ops still refused are marked
+//! failed (`failed`), so their confirms become nacks; `committed()` moves past them. An op
+//! submitted after `close` gets `NEVER`, a ticket that is never committed. The bytes held by
+//! uncommitted ops are counted so publishers can be slowed (`over_limit`, `room`).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,7 +18,14 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::{MessageStore, Op, Plan};
+use crate::{MessageStore, Op, Plan, StoreError};
+
+/// The ticket of an op the writer did not take (it was closed): never committed, so nothing
+/// waiting on it is ever confirmed.
+pub const NEVER: u64 = u64::MAX;
+/// Failed tickets remembered (the oldest are forgotten past this; their confirms were due long
+/// before).
+const FAILED_KEPT: usize = 65_536;
 
 #[derive(Debug, Clone)]
 pub struct WriterSettings {
@@ -48,6 +60,10 @@ pub struct Writer {
     room: Notify,
     healthy: AtomicBool,
     hold_limit: usize,
+    /// Tickets of ops the store refused for good (their confirms are nacks).
+    failed: Mutex<BTreeSet<u64>>,
+    /// How many tickets ever failed: lets `failed` skip its lock in the common case.
+    failures: AtomicU64,
 }
 
 impl std::fmt::Debug for Writer {
@@ -79,6 +95,8 @@ impl Writer {
             room: Notify::new(),
             healthy: AtomicBool::new(true),
             hold_limit: settings.hold_limit,
+            failed: Mutex::new(BTreeSet::new()),
+            failures: AtomicU64::new(0),
         });
         let task = tokio::spawn(run(store, settings, rx, committed_tx, writer.clone()));
         (writer, task)
@@ -89,17 +107,20 @@ impl Writer {
         self.submit.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues an op; returns its ticket, or 0 once the writer has been closed (the op is
-    /// dropped: the broker is shutting down).
+    /// Queues an op; returns its ticket, or `NEVER` once the writer has been closed or has
+    /// stopped (the op is dropped, and whatever waits for it is never confirmed).
     pub fn submit(&self, op: Op) -> u64 {
         let weight = op.weight();
         let mut s = self.lock();
         let ticket = s.next;
         let Some(tx) = s.tx.as_ref() else {
-            return 0;
+            tracing::debug!("store writer closed; op dropped");
+            return NEVER;
         };
         if tx.send((ticket, op)).is_err() {
-            return 0;
+            tracing::error!("store writer gone; op dropped and never confirmed");
+            s.tx = None;
+            return NEVER;
         }
         s.next += 1;
         self.pending.fetch_add(weight, Ordering::Relaxed);
@@ -120,10 +141,38 @@ impl Writer {
         self.committed.clone()
     }
 
-    /// Waits until `ticket` is committed.
-    pub async fn wait(&self, ticket: u64) {
+    /// Waits until `ticket` is committed: true then, false if the writer stopped first (the
+    /// ticket will never be committed).
+    pub async fn wait(&self, ticket: u64) -> bool {
+        if ticket == NEVER {
+            return false;
+        }
         let mut rx = self.committed.clone();
-        let _ = rx.wait_for(|c| *c >= ticket).await;
+        let ok = rx.wait_for(|c| *c >= ticket).await.is_ok();
+        ok
+    }
+
+    /// Whether the store refused `ticket`'s op for good (only meaningful once committed).
+    pub fn failed(&self, ticket: u64) -> bool {
+        if ticket == NEVER {
+            return true;
+        }
+        self.failures.load(Ordering::Acquire) > 0
+            && self
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&ticket)
+    }
+
+    fn mark_failed(&self, ticket: u64) {
+        let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        f.insert(ticket);
+        while f.len() > FAILED_KEPT {
+            f.pop_first();
+        }
+        drop(f);
+        self.failures.fetch_add(1, Ordering::Release);
     }
 
     /// Bytes submitted and not yet committed.
@@ -159,11 +208,11 @@ async fn run<S: MessageStore>(
     committed: watch::Sender<u64>,
     writer: Arc<Writer>,
 ) {
-    let mut batch: Vec<Op> = Vec::new();
+    let mut batch: Vec<(u64, Op)> = Vec::new();
     while let Some((ticket, op)) = rx.recv().await {
         let mut last = ticket;
         let mut bytes = op.weight();
-        batch.push(op);
+        batch.push((ticket, op));
         let deadline = Instant::now() + settings.interval;
         let full = |n: usize, b: usize| n >= settings.max_ops || b >= settings.max_bytes;
         while !full(batch.len(), bytes) {
@@ -178,12 +227,22 @@ async fn run<S: MessageStore>(
             let Some((t, op)) = next else { break };
             last = t;
             bytes += op.weight();
-            batch.push(op);
+            batch.push((t, op));
         }
         let ops = batch.len();
-        let plan = Plan::from_ops(batch.drain(..));
+        let plan = Plan::from_ops(batch.iter().map(|(_, op)| op.clone()));
         let started = Instant::now();
-        commit(&*store, &plan, &writer).await;
+        if let Err(e) = commit(&*store, &plan, &writer).await {
+            // Refused for good: find the ops to blame, one transaction each.
+            tracing::error!(error = %e, ops, "store refused a batch; committing its ops one by one");
+            for (t, op) in batch.drain(..) {
+                if let Err(e) = commit(&*store, &Plan::from_ops([op]), &writer).await {
+                    tracing::error!(ticket = t, error = %e, "store refused an op; its publisher is nacked");
+                    writer.mark_failed(t);
+                }
+            }
+        }
+        batch.clear();
         tracing::trace!(
             ops,
             bytes,
@@ -198,8 +257,13 @@ async fn run<S: MessageStore>(
     tracing::debug!("store writer finished");
 }
 
-/// Commits `plan`, retrying with back-off until the store takes it.
-async fn commit<S: MessageStore>(store: &S, plan: &Plan, writer: &Writer) {
+/// Commits `plan`, retrying transient failures with back-off until the store takes it; a
+/// permanent refusal is returned.
+async fn commit<S: MessageStore>(
+    store: &S,
+    plan: &Plan,
+    writer: &Writer,
+) -> Result<(), StoreError> {
     let mut backoff = Duration::from_millis(50);
     loop {
         match store.apply(plan).await {
@@ -207,8 +271,9 @@ async fn commit<S: MessageStore>(store: &S, plan: &Plan, writer: &Writer) {
                 if !writer.healthy.swap(true, Ordering::Relaxed) {
                     tracing::warn!("store reachable again; held writes committed");
                 }
-                return;
+                return Ok(());
             }
+            Err(e) if !e.is_transient() => return Err(e),
             Err(e) => {
                 if writer.healthy.swap(false, Ordering::Relaxed) {
                     tracing::error!(error = %e, "store commit failed; holding writes and retrying");
@@ -219,5 +284,109 @@ async fn commit<S: MessageStore>(store: &S, plan: &Plan, writer: &Writer) {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::suite::{message, queue};
+    use crate::{Faults, Faulty, SqlStore};
+    use bytes::Bytes;
+
+    async fn writer(tag: &str) -> (Arc<Writer>, Arc<Faulty<SqlStore>>, Arc<Faults>) {
+        let dir = std::env::temp_dir().join(format!(
+            "warren-writer-{tag}-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sql = SqlStore::open(&SqlStore::sqlite_url(&dir), false)
+            .await
+            .unwrap();
+        let faults = Faults::new();
+        let store = Arc::new(Faulty::new(sql, faults.clone()));
+        let (w, _task) = Writer::start(store.clone(), WriterSettings::default());
+        let t = w.submit(Op::PutQueue(queue(1, "q")));
+        assert!(w.wait(t).await);
+        (w, store, faults)
+    }
+
+    fn insert(id: i64) -> Op {
+        Op::Insert {
+            message: message(id, true, Bytes::from_static(b"body")),
+            entries: vec![(1, id)],
+        }
+    }
+
+    /// Issue 11: `submit` answered 0 ("nothing to wait for") once the writer was gone, which
+    /// would confirm at once.
+    #[tokio::test]
+    async fn a_closed_writer_never_confirms() {
+        let (w, _, _) = writer("closed").await;
+        w.close();
+        let t = w.submit(insert(1));
+        assert_eq!(t, NEVER);
+        assert!(t > w.committed());
+        assert!(!w.wait(t).await);
+        assert!(w.failed(t));
+    }
+
+    #[tokio::test]
+    async fn an_outage_is_retried_until_the_store_is_back() {
+        let (w, store, faults) = writer("outage").await;
+        faults.set_outage(true);
+        let t = w.submit(insert(1));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(w.committed() < t, "committed during the outage");
+        assert!(faults.commits() >= 3, "retried");
+        faults.set_outage(false);
+        assert!(w.wait(t).await);
+        assert!(!w.failed(t));
+        assert_eq!(store.queue_summary(1).await.unwrap().count, 1);
+    }
+
+    /// A refused batch is split: the other publishers' ops commit, only the refused op fails.
+    #[tokio::test]
+    async fn a_permanent_refusal_fails_only_its_op() {
+        let (w, store, faults) = writer("reject").await;
+        faults.reject_routing_key(Some("key-2"));
+        let tickets: Vec<u64> = (1..=3).map(|id| w.submit(insert(id))).collect();
+        assert!(w.wait(tickets[2]).await);
+        let failed: Vec<bool> = tickets.iter().map(|t| w.failed(*t)).collect();
+        assert_eq!(failed, vec![false, true, false]);
+        let ids: Vec<i64> = store
+            .read_queue(1, 0, 10, 1 << 20)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.message.id)
+            .collect();
+        assert_eq!(ids, vec![1, 3]);
+        // The writer keeps going.
+        faults.reject_routing_key(None);
+        let t = w.submit(insert(4));
+        assert!(w.wait(t).await && !w.failed(t));
+    }
+
+    /// A commit that applied but whose answer was lost is retried: the retry must not double
+    /// the message or fail on the rows already there.
+    #[tokio::test]
+    async fn a_lost_commit_answer_is_retried_idempotently() {
+        let (w, store, faults) = writer("lost").await;
+        faults.lose_answers(1);
+        let t = w.submit(insert(1));
+        assert!(w.wait(t).await);
+        assert!(!w.failed(t));
+        assert_eq!(store.queue_summary(1).await.unwrap().count, 1);
+        faults.lose_answers(1);
+        let t = w.submit(Op::Remove {
+            queue_id: 1,
+            seq: 1,
+            message_id: 1,
+        });
+        assert!(w.wait(t).await);
+        assert_eq!(store.queue_summary(1).await.unwrap().count, 0);
+        assert_eq!(store.read_message(1).await.unwrap(), None);
     }
 }

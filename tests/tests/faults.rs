@@ -1,0 +1,147 @@
+//! Store faults injected through the storage seam (`warren_storage::Faults`) into an
+//! in-process broker: an outage holds confirms until the store is back, a write the store
+//! refuses for good nacks only its publisher, a lost commit answer neither loses nor doubles,
+//! and a stopped writer never confirms.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use lapin::{options::*, types::FieldTable, BasicProperties, Channel};
+use warren_storage::Faults;
+
+async fn setup(faults: &Arc<Faults>) -> (warren_broker::Running, lapin::Connection, Channel) {
+    let f = faults.clone();
+    let b = broker_with(move |c| c.faults = Some(f)).await;
+    let (c, ch) = channel(&b).await;
+    ch.queue_declare(
+        "fq".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for key in ["good", "bad"] {
+        ch.queue_bind(
+            "fq".into(),
+            "amq.direct".into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    (b, c, ch)
+}
+
+async fn publish(ch: &Channel, key: &str) -> lapin::PublisherConfirm {
+    ch.basic_publish(
+        "amq.direct".into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        key.as_bytes(),
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_holds_confirms_until_the_store_is_back() {
+    let faults = Faults::new();
+    let (b, _c, ch) = setup(&faults).await;
+    faults.set_outage(true);
+    let confirm = publish(&ch, "good").await;
+    let early = tokio::time::timeout(Duration::from_millis(400), confirm).await;
+    assert!(early.is_err(), "confirmed during the outage");
+    faults.set_outage(false);
+    let confirm = publish(&ch, "good").await;
+    let c = tokio::time::timeout(Duration::from_secs(10), confirm)
+        .await
+        .expect("confirmed once the store is back")
+        .unwrap();
+    assert!(c.is_ack());
+    b.stop().await;
+}
+
+/// Issue 11: commit failures were retried forever whatever the error; a refused write now
+/// nacks its publisher and the others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_nacks_only_its_publish() {
+    let faults = Faults::new();
+    let (b, _c, ch) = setup(&faults).await;
+    faults.reject_routing_key(Some("bad"));
+    let confirms = vec![
+        publish(&ch, "good").await,
+        publish(&ch, "bad").await,
+        publish(&ch, "good").await,
+    ];
+    let mut acks = Vec::new();
+    for c in confirms {
+        let c = tokio::time::timeout(Duration::from_secs(10), c)
+            .await
+            .expect("an answer, not an endless retry")
+            .unwrap();
+        acks.push(c.is_ack());
+    }
+    assert_eq!(acks, vec![true, false, true]);
+    faults.reject_routing_key(None);
+    let c = publish(&ch, "bad").await.await.unwrap();
+    assert!(c.is_ack(), "the writer keeps going");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_commit_answer_neither_loses_nor_doubles() {
+    let faults = Faults::new();
+    let (b, _c, ch) = setup(&faults).await;
+    faults.lose_answers(3);
+    for _ in 0..3 {
+        let c = publish(&ch, "good").await.await.unwrap();
+        assert!(c.is_ack());
+    }
+    let config_dir = b.broker.config.data_dir.clone();
+    b.stop().await;
+    let mut config = warren_broker::Config::for_tests();
+    config.data_dir = config_dir;
+    let b = warren_broker::start(config).await.unwrap();
+    let (_c, ch) = channel(&b).await;
+    let n = ch
+        .queue_declare(
+            "fq".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(n, 3);
+    b.stop().await;
+}
+
+/// Issue 11: `Writer::submit` answered 0 ("nothing to wait for") once the writer was gone,
+/// so a persistent publish would have been confirmed at once without being stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_writer_never_confirms() {
+    let faults = Faults::new();
+    let (b, _c, ch) = setup(&faults).await;
+    b.broker.persist.writer.close();
+    let confirm = publish(&ch, "good").await;
+    let r = tokio::time::timeout(Duration::from_millis(500), confirm).await;
+    assert!(r.is_err(), "confirmed without being stored: {r:?}");
+    b.stop().await;
+}
