@@ -1,9 +1,12 @@
 //! Warren's durable store: the records the broker persists, the `MetaStore` and `MessageStore`
 //! traits, the SQL backend (`SqlStore`, SQLite by default or MySQL/MariaDB, through sqlx), the
-//! write plan a batch of operations turns into (`plan`), and the group-commit `Writer` task.
+//! write plan a batch of operations turns into (`plan`), the group-commit `Writer` task, and
+//! `MemStore`, an in-memory store with the SQL semantics for tests, and `faults`, the
+//! fault-injection seam (`Faulty` wraps any store).
 //! The broker encodes AMQP tables and content headers itself, so this crate stays protocol-free.
 
 pub mod faults;
+pub mod memory;
 pub mod plan;
 mod sql;
 pub mod writer;
@@ -17,6 +20,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 pub use faults::{Faults, Faulty};
+pub use memory::MemStore;
 pub use plan::Plan;
 pub use sql::{Backend, SqlStore};
 pub use writer::{Writer, WriterSettings};
@@ -288,7 +292,7 @@ pub trait MessageStore: Send + Sync + 'static {
 mod backend_tests {
     use std::sync::Arc;
 
-    use crate::{suite, SqlStore};
+    use crate::{suite, MemStore, SqlStore};
 
     fn scratch_dir(tag: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!(
@@ -308,6 +312,11 @@ mod backend_tests {
             .unwrap();
         suite::run(Arc::new(store)).await;
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn suite_on_memory() {
+        suite::run(Arc::new(MemStore::new())).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
