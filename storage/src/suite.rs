@@ -423,6 +423,7 @@ async fn writer_batches<S: MessageStore>(store: Arc<S>) {
             queue_id: 2,
             after_seq: 0
         }),
-        0
+        crate::writer::NEVER,
+        "a closed writer's ticket is never committed"
     );
 }
