@@ -113,6 +113,9 @@ pub struct Channel {
     /// Some publish on this channel was written to the store (persistent or paged), so the
     /// connection is held when the store falls behind.
     pub stored_publishes: bool,
+    /// A direct reply-to requester's outbox this channel filled: the connection stops reading
+    /// until it has room (`take_full_outbox`).
+    full_outbox: Option<Arc<Outbox>>,
     /// While handling a topology method: the store ticket before it, so its reply waits for
     /// any write it made.
     topology_mark: Option<u64>,
@@ -138,6 +141,7 @@ impl Channel {
             route_buf: Vec::new(),
             persist: ctx.vhost.persist.clone(),
             stored_publishes: false,
+            full_outbox: None,
             topology_mark: None,
             reply_consumer: None,
         }
@@ -203,6 +207,11 @@ impl Channel {
     }
 
     /// Sends the confirms that are ready (their messages committed), one method per run.
+    /// The foreign outbox (a reply-to requester's) this channel found full, if any.
+    pub fn take_full_outbox(&mut self) -> Option<Arc<Outbox>> {
+        self.full_outbox.take()
+    }
+
     pub fn flush_confirms(&mut self) {
         let Some(c) = self.confirms.as_mut() else {
             return;
@@ -835,7 +844,12 @@ impl Channel {
             .and_then(|d| crate::delay::delay_of(&msg).map(|ms| (d, ms)));
         match msg.routing_key.as_str().strip_prefix(REPLY_PREFIX) {
             Some(token) if exchange.name.is_empty() => {
-                delivered = ctx.vhost.replies.deliver(token, &msg);
+                if let Some(outbox) = ctx.vhost.replies.deliver(token, &msg) {
+                    delivered = true;
+                    if !outbox.has_room() {
+                        self.full_outbox = Some(outbox);
+                    }
+                }
             }
             _ => match delay {
                 // Held by the delayed exchange: routed when due (never returned).
@@ -882,6 +896,10 @@ impl Channel {
                 })),
                 msg,
             ));
+            if !self.handle.outbox.has_room() {
+                // The publisher gets its returns before more of its publishes are read.
+                self.full_outbox = Some(self.handle.outbox.clone());
+            }
         }
         if let Some(c) = self.confirms.as_mut() {
             let tag = c.next;

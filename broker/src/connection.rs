@@ -243,6 +243,11 @@ impl Conn {
             if store.over_limit() && self.channels.values().any(|c| c.stored_publishes) {
                 self.hold_publisher(&store).await;
             }
+            if self.wait_for_room().await {
+                // Not reading was our choice: the peer's silence meanwhile is not missed
+                // heartbeats.
+                last_read = Instant::now();
+            }
             if let Some(need) = self.decoder.needed(&buf) {
                 if need > buf.len() {
                     buf.reserve(need - buf.len());
@@ -771,6 +776,30 @@ impl Conn {
             );
         }
         info!("publisher released");
+    }
+
+    /// Backpressure for frames this connection's publishes produce in bulk: while an outbox its
+    /// channels filled (its own with basic.return, a direct reply-to requester's with replies)
+    /// is full, the socket is not read. Deliveries to its consumers never count here (queues
+    /// check for room before delivering). True if it waited.
+    async fn wait_for_room(&mut self) -> bool {
+        let full: Vec<Arc<Outbox>> = self
+            .channels
+            .values_mut()
+            .filter_map(|c| c.take_full_outbox())
+            .collect();
+        if full.is_empty() {
+            return false;
+        }
+        debug!(outboxes = full.len(), "outbox full: not reading until it drains");
+        for o in full {
+            tokio::select! {
+                _ = o.wait_room() => {}
+                _ = self.broker.shutdown.cancelled() => break,
+                _ = self.writer_gone.cancelled() => break,
+            }
+        }
+        true
     }
 
     /// Closes every channel: consumers cancelled, unacked deliveries requeued.

@@ -3,7 +3,9 @@
 //! short and nobody holds it across `.await`. Control frames are always accepted; deliveries check
 //! `has_room` first, and a queue that finds no room parks itself here and is woken (its dispatch
 //! re-run) once the writer has written the backlog out: a slow consumer never grows memory without
-//! bound.
+//! bound. Frames a connection's own reader produces in bulk (basic.return, replies to a direct
+//! reply-to requester) cannot be refused: instead, a reader that finds an outbox full stops
+//! reading its socket until the outbox has room (`wait_room`), so TCP pushes back.
 
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -46,6 +48,8 @@ struct Inner {
 pub struct Outbox {
     inner: Mutex<Inner>,
     notify: Notify,
+    /// Woken when the writer takes the backlog (room again).
+    room: Notify,
     limit: usize,
 }
 
@@ -54,6 +58,7 @@ impl Outbox {
         Arc::new(Outbox {
             inner: Mutex::new(Inner::default()),
             notify: Notify::new(),
+            room: Notify::new(),
             limit,
         })
     }
@@ -116,6 +121,8 @@ impl Outbox {
         g.closed = true;
         g.items.clear();
         g.parked.clear();
+        drop(g);
+        self.room.notify_waiters();
     }
 
     /// Takes everything pending into `out` (for the writer).
@@ -123,6 +130,24 @@ impl Outbox {
         let mut g = self.lock();
         std::mem::swap(&mut g.items, out);
         g.bytes = 0;
+        drop(g);
+        self.room.notify_waiters();
+    }
+
+    /// Resolves once the outbox has room for more (or is closed).
+    pub async fn wait_room(&self) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let g = self.lock();
+                if g.closed || g.bytes < self.limit {
+                    return;
+                }
+            }
+            notified.await;
+        }
     }
 
     /// Queues parked for room, to wake after a write.

@@ -12,7 +12,7 @@ use warren_protocol::{
 
 use crate::delivery::ChannelHandle;
 use crate::message::Message;
-use crate::outbox::Outgoing;
+use crate::outbox::{Outbox, Outgoing};
 
 /// Token -> (channel, consumer tag). A `std::sync::RwLock`: read per reply, written when a
 /// reply consumer starts or ends; never held across `.await`.
@@ -36,9 +36,10 @@ impl Replies {
             .remove(token);
     }
 
-    /// Delivers a reply to the channel `token` names; false when there is none (any more):
-    /// the reply is then unroutable.
-    pub fn deliver(&self, token: &str, msg: &Arc<Message>) -> bool {
+    /// Delivers a reply to the channel `token` names and returns that channel's outbox (the
+    /// replier's reader waits for room in it when it is full); None when there is no such
+    /// channel (any more): the reply is then unroutable.
+    pub fn deliver(&self, token: &str, msg: &Arc<Message>) -> Option<Arc<Outbox>> {
         let found = self
             .map
             .read()
@@ -46,13 +47,13 @@ impl Replies {
             .get(token)
             .cloned();
         let Some((ch, tag)) = found else {
-            return false;
+            return None;
         };
         let Some(ch) = ch.upgrade() else {
-            return false;
+            return None;
         };
         let Some(delivery_tag) = ch.next_tag() else {
-            return false;
+            return None;
         };
         ch.outbox.push(Outgoing::Content(
             ch.id,
@@ -65,6 +66,6 @@ impl Replies {
             })),
             msg.clone(),
         ));
-        true
+        Some(ch.outbox.clone())
     }
 }

@@ -649,3 +649,69 @@ async fn listeners_are_dual_stack_and_repeatable() {
     }
     b.stop().await;
 }
+
+/// Issue 11: basic.return pushed bodies into the publisher's outbox without checking its room:
+/// a client publishing mandatory unroutable messages and never reading grew the broker's
+/// memory by everything it sent. Now the broker stops reading such a publisher once its
+/// outbox is full, so TCP pushes back: the client cannot hand over more than the socket
+/// buffers plus the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returns_to_a_client_that_does_not_read_push_back() {
+    use warren_protocol::{
+        encode::{content_header_payload, encode_frame},
+        protocol::{basic, channel, AMQPClass},
+        AMQPProperties,
+    };
+    let b = broker().await;
+    let mut s = handshake(&b).await;
+    let mut open = Vec::new();
+    encode_frame(
+        &mut open,
+        1,
+        &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .unwrap();
+    s.write_all(&open).await.unwrap();
+    // One mandatory publish of 64 KiB to a key nothing is bound to.
+    let body = vec![7u8; 64 * 1024];
+    let mut one = Vec::new();
+    encode_frame(
+        &mut one,
+        1,
+        &AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: "nowhere".into(),
+            mandatory: true,
+            immediate: false,
+        })),
+    )
+    .unwrap();
+    let header = content_header_payload(60, body.len() as u64, &AMQPProperties::default()).unwrap();
+    one.extend_from_slice(&[2, 0, 1]);
+    one.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    one.extend_from_slice(&header);
+    one.push(0xCE);
+    one.extend_from_slice(&[3, 0, 1]);
+    one.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    one.extend_from_slice(&body);
+    one.push(0xCE);
+    // 256 MiB offered; the broker must stop taking it long before.
+    let mut sent = 0usize;
+    let writing = async {
+        for _ in 0..4096 {
+            s.write_all(&one).await.unwrap();
+            sent += one.len();
+        }
+    };
+    let finished = tokio::time::timeout(Duration::from_secs(5), writing).await;
+    assert!(
+        finished.is_err(),
+        "the broker read all 256 MiB while its returns went unread"
+    );
+    assert!(sent < 64 << 20, "{sent} bytes taken before pushing back");
+    // The broker still serves others.
+    let (_c, ch) = channel(&b).await;
+    declare(&ch, "").await;
+    drop(s);
+    b.stop().await;
+}
