@@ -791,7 +791,10 @@ impl Conn {
         if full.is_empty() {
             return false;
         }
-        debug!(outboxes = full.len(), "outbox full: not reading until it drains");
+        debug!(
+            outboxes = full.len(),
+            "outbox full: not reading until it drains"
+        );
         for o in full {
             tokio::select! {
                 _ = o.wait_room() => {}

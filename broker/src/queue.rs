@@ -735,7 +735,9 @@ impl Queue {
 
     /// What a delivered entry keeps while it waits for its ack: its body, unless memory is over
     /// budget and the message is stored, in which case the body goes to the cache (which may drop
-    /// it; a requeue re-reads it).
+    /// it; a requeue re-reads it). A no-ack delivery's stored position is removed only once the
+    /// delivery is recorded (`settled_no_ack`): a channel closing in between gives the entry
+    /// back with its position untouched.
     fn delivered(&self, g: &mut State, mut entry: Entry, msg: &Arc<Message>, ack: bool) -> Entry {
         g.bytes = g.bytes.saturating_sub(msg.body.len() as u64);
         if entry.stored {
@@ -747,7 +749,7 @@ impl Queue {
                 });
             }
             if !ack {
-                self.forget(&entry);
+                entry.msg = Some(msg.clone());
             } else if self.persist.over_budget() {
                 self.persist.cache_body(msg);
                 entry.msg = None;
@@ -769,11 +771,15 @@ impl Queue {
         let ch = &consumer.channel;
         let redelivered = entry.redelivered;
         let deliveries = entry.deliveries;
+        let (seq, id, stored) = (entry.seq, entry.id, entry.stored);
         let to_record = self.delivered(g, entry, &msg, !consumer.no_ack);
         let tag = match ch.record(self, to_record, Some(consumer), !consumer.no_ack) {
             Ok(tag) => tag,
-            Err(back) => return Err(self.undeliver(g, back, msg, consumer.no_ack)),
+            Err(back) => return Err(self.undeliver(g, back, msg)),
         };
+        if consumer.no_ack && stored {
+            self.settled_no_ack(seq, id);
+        }
         if !consumer.no_ack {
             self.arm_consumer_timeout(g);
         }
@@ -793,17 +799,25 @@ impl Queue {
     }
 
     /// A delivery its channel refused (closed meanwhile): the entry as it goes back to the head,
-    /// with its body, and its stored position written again if `delivered` forgot it (no-ack).
-    fn undeliver(&self, g: &mut State, mut e: Entry, msg: Arc<Message>, no_ack: bool) -> Entry {
+    /// with its body; its stored position was never removed.
+    fn undeliver(&self, g: &mut State, mut e: Entry, msg: Arc<Message>) -> Entry {
         g.bytes += msg.body.len() as u64;
-        if no_ack && e.stored {
-            self.persist.submit(Op::Insert {
-                message: Arc::new(msg.to_row()),
-                entries: vec![(self.id, e.seq as i64)],
-            });
-        }
         e.msg = Some(msg);
         e
+    }
+
+    /// A no-ack delivery was recorded: its stored position goes (the message is gone).
+    fn settled_no_ack(&self, seq: u64, id: u64) {
+        self.forget(&Entry {
+            seq,
+            id,
+            msg: None,
+            redelivered: false,
+            stored: true,
+            expires: 0,
+            prio: 0,
+            deliveries: 0,
+        });
     }
 
     /// Redeliveries from a queue with a delivery limit (or a quorum queue) carry
@@ -922,17 +936,21 @@ impl Queue {
                     };
                     let redelivered = entry.redelivered;
                     let deliveries = entry.deliveries;
+                    let (seq, id, stored) = (entry.seq, entry.id, entry.stored);
                     let to_record = self.delivered(&mut g, entry, &msg, !no_ack);
                     let remaining = g.ready_count().min(u32::MAX as u64) as u32;
                     let tag = match channel.record(self, to_record, None, !no_ack) {
                         Ok(tag) => tag,
                         Err(back) => {
-                            let back = self.undeliver(&mut g, back, msg, no_ack);
+                            let back = self.undeliver(&mut g, back, msg);
                             g.ready.push_front(back);
                             self.unlock(g);
                             return Some(false);
                         }
                     };
+                    if no_ack && stored {
+                        self.settled_no_ack(seq, id);
+                    }
                     let msg = self.with_delivery_count(msg, deliveries);
                     channel.outbox.push(Outgoing::Content(
                         channel.id,

@@ -36,6 +36,11 @@ impl Plan {
         let mut pending: HashMap<(i64, i64), usize> = HashMap::new();
         // message id -> index in `inserts`
         let mut by_id: HashMap<i64, usize> = HashMap::new();
+        // (queue, seq) -> index in `plan.removes`, for positions removed by this batch: a
+        // later insert of the same position cancels the remove (removes are applied after
+        // inserts, so keeping both would delete the position the insert put back).
+        let mut removed: HashMap<(i64, i64), usize> = HashMap::new();
+        let mut cancelled: Vec<usize> = Vec::new();
         for op in ops.into_iter().flat_map(flatten) {
             match op {
                 Op::Insert { message, entries } => {
@@ -52,7 +57,14 @@ impl Plan {
                         }
                     };
                     for e in entries {
-                        pending.insert(e, at);
+                        match removed.remove(&e) {
+                            // The position was committed before this batch: a later remove
+                            // must reach the store, so it is not absorbed by this insert.
+                            Some(r) => cancelled.push(r),
+                            None => {
+                                pending.insert(e, at);
+                            }
+                        }
                         if let Some(ins) = inserts[at].as_mut() {
                             ins.entries.push(e);
                         }
@@ -64,7 +76,10 @@ impl Plan {
                     message_id,
                 } => match pending.remove(&(queue_id, seq)) {
                     Some(i) => drop_entry(&mut inserts[i], queue_id, seq),
-                    None => plan.removes.push((queue_id, seq, message_id)),
+                    None => {
+                        removed.insert((queue_id, seq), plan.removes.len());
+                        plan.removes.push((queue_id, seq, message_id));
+                    }
                 },
                 Op::Purge {
                     queue_id,
@@ -85,6 +100,15 @@ impl Plan {
             }
         }
         plan.inserts = inserts.into_iter().flatten().collect();
+        if !cancelled.is_empty() {
+            cancelled.sort_unstable();
+            let mut i = 0;
+            plan.removes.retain(|_| {
+                let keep = cancelled.binary_search(&i).is_err();
+                i += 1;
+                keep
+            });
+        }
         plan
     }
 
@@ -294,5 +318,58 @@ mod tests {
             },
         ]);
         assert_eq!(p.delivered.get(&1), Some(&5));
+    }
+
+    /// Issue 11: a no-ack delivery's Remove and its channel's re-Insert of the same position
+    /// landed in one batch; the plan kept the Remove (applied after inserts), so the row was
+    /// deleted while memory said "stored".
+    #[test]
+    fn a_remove_then_insert_of_one_position_keeps_it() {
+        let p = Plan::from_ops([
+            Op::Remove {
+                queue_id: 1,
+                seq: 5,
+                message_id: 7,
+            },
+            insert(7, &[(1, 5)]),
+        ]);
+        assert!(p.removes.is_empty(), "{:?}", p.removes);
+        assert_eq!(p.inserts.len(), 1);
+        assert_eq!(p.inserts[0].entries, vec![(1, 5)]);
+        // Removed again after that: the store ends without it.
+        let p = Plan::from_ops([
+            Op::Remove {
+                queue_id: 1,
+                seq: 5,
+                message_id: 7,
+            },
+            insert(7, &[(1, 5)]),
+            Op::Remove {
+                queue_id: 1,
+                seq: 5,
+                message_id: 7,
+            },
+        ]);
+        assert_eq!(p.removes, vec![(1, 5, 7)]);
+        // Other removes are untouched.
+        let p = Plan::from_ops([
+            Op::Remove {
+                queue_id: 1,
+                seq: 4,
+                message_id: 6,
+            },
+            Op::Remove {
+                queue_id: 1,
+                seq: 5,
+                message_id: 7,
+            },
+            insert(7, &[(1, 5)]),
+            Op::Remove {
+                queue_id: 2,
+                seq: 5,
+                message_id: 7,
+            },
+        ]);
+        assert_eq!(p.removes, vec![(1, 4, 6), (2, 5, 7)]);
     }
 }
