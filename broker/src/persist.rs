@@ -58,7 +58,7 @@ impl Persistence {
         }
         let url = config.storage_url();
         let sql = SqlStore::open(&url, config.sync == SyncMode::Confirm).await?;
-        let faults = config.faults.clone().unwrap_or_else(Faults::new);
+        let faults = config.faults.clone().unwrap_or_default();
         let store = Arc::new(Faulty::new(sql, faults));
         let recovered = store.recover().await?;
         let interval = match config.sync {

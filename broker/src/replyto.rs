@@ -46,12 +46,8 @@ impl Replies {
             .unwrap_or_else(|e| e.into_inner())
             .get(token)
             .cloned();
-        let Some((ch, tag)) = found else {
-            return None;
-        };
-        let Some(ch) = ch.upgrade() else {
-            return None;
-        };
+        let (ch, tag) = found?;
+        let ch = ch.upgrade()?;
         let Some(delivery_tag) = ch.next_tag() else {
             return None;
         };
