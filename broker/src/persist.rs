@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use warren_storage::{
-    BindingRecord, ExchangeRecord, Faults, Faulty, MessageStore, Op, QueueRecord, Recovered,
-    SqlStore, StoreError, Writer, WriterSettings,
+    BindingRecord, ExchangeRecord, Faulty, MessageStore, Op, QueueRecord, Recovered, SqlStore,
+    StoreError, Writer, WriterSettings,
 };
 
 /// The broker's store: SQL behind the fault-injection seam.

@@ -48,9 +48,7 @@ impl Replies {
             .cloned();
         let (ch, tag) = found?;
         let ch = ch.upgrade()?;
-        let Some(delivery_tag) = ch.next_tag() else {
-            return None;
-        };
+        let delivery_tag = ch.next_tag()?;
         ch.outbox.push(Outgoing::Content(
             ch.id,
             AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
