@@ -22,7 +22,10 @@ use crate::exchange::Exchange;
 use crate::message::Message;
 use crate::outbox::{Outbox, Outgoing};
 use crate::persist::Persistence;
-use crate::queue::{Enqueued, Entry, Queue, Removed};
+use crate::queue::{Enqueued, Entry, Got, LoadFuture, Queue, Removed};
+
+/// Store reads one basic.get may wait for before it is answered get-empty.
+const MAX_GET_LOADS: u8 = 3;
 use crate::vhost::{server_name, ExchangeDeclare, QueueDeclare, VHost};
 
 /// What a channel needs from its connection.
@@ -116,6 +119,11 @@ pub struct Channel {
     /// A direct reply-to requester's outbox this channel filled: the connection stops reading
     /// until it has room (`take_full_outbox`).
     full_outbox: Option<Arc<Outbox>>,
+    /// basic.get found the head only in the store: the connection awaits this read, then hands
+    /// the same basic.get back (`take_pending_load`).
+    pending_load: Option<LoadFuture>,
+    /// Store reads the current basic.get has waited for.
+    get_loads: u8,
     /// While handling a topology method: the store ticket before it, so its reply waits for
     /// any write it made.
     topology_mark: Option<u64>,
@@ -142,6 +150,8 @@ impl Channel {
             persist: ctx.vhost.persist.clone(),
             stored_publishes: false,
             full_outbox: None,
+            pending_load: None,
+            get_loads: 0,
             topology_mark: None,
             reply_consumer: None,
         }
@@ -207,6 +217,11 @@ impl Channel {
     }
 
     /// Sends the confirms that are ready (their messages committed), one method per run.
+    /// The store read a basic.get needs before it is handled again, if any.
+    pub fn take_pending_load(&mut self) -> Option<LoadFuture> {
+        self.pending_load.take()
+    }
+
     /// The foreign outbox (a reply-to requester's) this channel found full, if any.
     pub fn take_full_outbox(&mut self) -> Option<Arc<Outbox>> {
         self.full_outbox.take()
@@ -698,8 +713,22 @@ impl Channel {
                 let name = self.queue_name(&g.queue)?;
                 ctx.access.check(Perm::Read, Resource::Queue, &name)?;
                 let q = vh.queue_for(ctx.conn_id, &name)?;
-                if q.get(&self.handle, g.no_ack) != Some(true) {
-                    self.reply(AMQPClass::Basic(B::GetEmpty(basic::GetEmpty {})));
+                match q.get(&self.handle, g.no_ack) {
+                    Got::Delivered => self.get_loads = 0,
+                    // A head that is still not readable after a few store reads is answered
+                    // as empty rather than holding the channel.
+                    Got::Load(_) | Got::Empty if self.get_loads >= MAX_GET_LOADS => {
+                        self.get_loads = 0;
+                        self.reply(AMQPClass::Basic(B::GetEmpty(basic::GetEmpty {})));
+                    }
+                    Got::Empty => {
+                        self.get_loads = 0;
+                        self.reply(AMQPClass::Basic(B::GetEmpty(basic::GetEmpty {})));
+                    }
+                    Got::Load(f) => {
+                        self.get_loads += 1;
+                        self.pending_load = Some(f);
+                    }
                 }
             }
             B::Ack(a) => self.settle(a.delivery_tag, a.multiple, Settle::Ack)?,

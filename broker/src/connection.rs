@@ -62,6 +62,9 @@ enum Flow {
     Login(sasl::Credentials),
     /// connection.open for an existing vhost: check the user's access to it.
     Open(String),
+    /// A channel method needs a store read first (basic.get on a paged queue): await it, then
+    /// handle the frame again.
+    Load(crate::queue::LoadFuture, Frame),
 }
 
 struct Conn {
@@ -470,10 +473,18 @@ impl Conn {
 
     /// Runs a frame's handler, then the store lookup a login or vhost open asked for.
     async fn handle_and_await(&mut self, frame: Frame) -> AmqpResult<Flow> {
-        match self.handle(frame)? {
-            Flow::Login(creds) => self.login(creds).await,
-            Flow::Open(vhost) => self.open_vhost(vhost).await.map(|()| Flow::Continue),
-            flow => Ok(flow),
+        let mut flow = self.handle(frame)?;
+        loop {
+            return match flow {
+                Flow::Login(creds) => self.login(creds).await,
+                Flow::Open(vhost) => self.open_vhost(vhost).await.map(|()| Flow::Continue),
+                Flow::Load(read, frame) => {
+                    read.await;
+                    flow = self.handle(frame)?;
+                    continue;
+                }
+                flow => Ok(flow),
+            };
         }
     }
 
@@ -711,8 +722,19 @@ impl Conn {
             return Err(AmqpError::channel_error("expected 'channel.open'")
                 .at(frame_ids(&frame).0, frame_ids(&frame).1));
         };
+        let retry = matches!(
+            &frame,
+            Frame::Method {
+                class: AMQPClass::Basic(warren_protocol::protocol::basic::AMQPMethod::Get(_)),
+                ..
+            }
+        )
+        .then(|| frame.clone());
         match ch.handle(ctx, frame) {
-            Ok(crate::channel::After::Keep) => Ok(Flow::Continue),
+            Ok(crate::channel::After::Keep) => match (ch.take_pending_load(), retry) {
+                (Some(read), Some(frame)) => Ok(Flow::Load(read, frame)),
+                _ => Ok(Flow::Continue),
+            },
             Ok(crate::channel::After::Remove) => {
                 self.channels.remove(&id);
                 Ok(Flow::Continue)

@@ -191,14 +191,17 @@ enum Sink<'a> {
     Collect(&'a mut Vec<Op>),
 }
 
-/// Runs a store read to completion from synchronous code (basic.get on a paged queue). Needs the
-/// multi-threaded runtime; None elsewhere.
-fn block_on<F: std::future::Future>(f: F) -> Option<F::Output> {
-    let handle = tokio::runtime::Handle::try_current().ok()?;
-    if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
-        return None;
-    }
-    Some(tokio::task::block_in_place(|| handle.block_on(f)))
+/// A store read the caller awaits before asking again (basic.get on a paged queue: the
+/// connection's reader awaits it, so no runtime thread blocks).
+pub type LoadFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// What basic.get found.
+pub enum Got {
+    /// get-ok went to the channel.
+    Delivered,
+    Empty,
+    /// The head is only in the store: await this, then ask again.
+    Load(LoadFuture),
 }
 
 impl Queue {
@@ -911,8 +914,8 @@ impl Queue {
         }
     }
 
-    /// basic.get: takes the head message for `channel`; None when empty.
-    pub fn get(self: &Arc<Self>, channel: &Arc<ChannelHandle>, no_ack: bool) -> Option<bool> {
+    /// basic.get: takes the head message for `channel`, or says what to read first.
+    pub fn get(self: &Arc<Self>, channel: &Arc<ChannelHandle>, no_ack: bool) -> Got {
         let r = self.get_inner(channel, no_ack);
         let mut g = self.lock();
         g.last_used = Some(Instant::now());
@@ -921,8 +924,8 @@ impl Queue {
         r
     }
 
-    fn get_inner(self: &Arc<Self>, channel: &Arc<ChannelHandle>, no_ack: bool) -> Option<bool> {
-        for _ in 0..3 {
+    fn get_inner(self: &Arc<Self>, channel: &Arc<ChannelHandle>, no_ack: bool) -> Got {
+        {
             let mut g = self.lock();
             if !g.ready.is_empty() {
                 self.expire_head(&mut g, now_ms(), 0);
@@ -932,7 +935,7 @@ impl Queue {
                 Some(Some(msg)) => {
                     let Some(entry) = g.ready.pop_front() else {
                         self.unlock(g);
-                        return None;
+                        return Got::Empty;
                     };
                     let redelivered = entry.redelivered;
                     let deliveries = entry.deliveries;
@@ -945,7 +948,7 @@ impl Queue {
                             let back = self.undeliver(&mut g, back, msg);
                             g.ready.push_front(back);
                             self.unlock(g);
-                            return Some(false);
+                            return Got::Empty;
                         }
                     };
                     if no_ack && stored {
@@ -964,26 +967,25 @@ impl Queue {
                         msg,
                     ));
                     self.unlock(g);
-                    return Some(true);
+                    return Got::Delivered;
                 }
                 None if g.paged.count == 0 => {
                     self.unlock(g);
-                    return None;
+                    return Got::Empty;
                 }
                 _ => {}
             }
-            // The head is in the store: read it now.
+            // The head is in the store: the caller reads it, then asks again.
             let job = self.load_job(&mut g, true);
             self.unlock(g);
-            if block_on(self.clone().load(job)).is_none() {
-                tracing::warn!(
-                    queue = self.name(),
-                    "basic.get on a paged queue needs the multi-threaded runtime"
-                );
-                return None;
-            }
+            let q = self.clone();
+            Got::Load(Box::pin(async move {
+                if q.clone().load(job).await.is_err() {
+                    // The store failed: the retry finds the head still missing and says empty.
+                    tracing::warn!(queue = q.name(), "basic.get could not read the store");
+                }
+            }))
         }
-        None
     }
 
     /// Puts messages back in their original places, marked redelivered, and re-dispatches.

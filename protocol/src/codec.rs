@@ -19,7 +19,7 @@ pub const MAX_NON_BODY_FRAME: usize = 4 * 1024 * 1024;
 pub const PRE_TUNE_FRAME_MAX: usize = 4096;
 
 /// One decoded inbound frame.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     /// A method. `raw` is the method payload (class id onwards), kept for the few checks
     /// `amq-protocol` parses away (basic.qos prefetch_size).

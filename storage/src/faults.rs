@@ -5,7 +5,6 @@
 //! connection gives). With no fault set it only forwards, at the cost of one uncontended lock
 //! per commit. Used by the writer's unit tests, the broker's fault tests and the model test.
 
-use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -24,6 +23,8 @@ struct State {
     lose_answers: u32,
     /// Each commit first sleeps this long.
     delay: Duration,
+    /// Each read first sleeps this long.
+    read_delay: Duration,
     /// Commits attempted, faulty or not.
     commits: u64,
 }
@@ -64,13 +65,25 @@ impl Faults {
         self.lock().delay = d;
     }
 
+    /// Every read first waits this long (a slow store).
+    pub fn set_read_delay(&self, d: Duration) {
+        self.lock().read_delay = d;
+    }
+
     /// Commits attempted so far.
     pub fn commits(&self) -> u64 {
         self.lock().commits
     }
 
-    fn check_read(&self) -> Result<(), StoreError> {
-        if self.lock().outage {
+    async fn check_read(&self) -> Result<(), StoreError> {
+        let (outage, delay) = {
+            let s = self.lock();
+            (s.outage, s.read_delay)
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if outage {
             return Err(StoreError::Unavailable("injected outage".to_string()));
         }
         Ok(())
@@ -142,12 +155,12 @@ impl<S: MessageStore> MessageStore for Faulty<S> {
     }
 
     async fn recover(&self) -> Result<Recovered, StoreError> {
-        self.faults.check_read()?;
+        self.faults.check_read().await?;
         self.inner.recover().await
     }
 
     async fn queue_summary(&self, queue_id: i64) -> Result<QueueSummary, StoreError> {
-        self.faults.check_read()?;
+        self.faults.check_read().await?;
         self.inner.queue_summary(queue_id).await
     }
 
@@ -158,39 +171,36 @@ impl<S: MessageStore> MessageStore for Faulty<S> {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredEntry>, StoreError> {
-        self.faults.check_read()?;
+        self.faults.check_read().await?;
         self.inner
             .read_queue(queue_id, after_seq, limit, max_bytes)
             .await
     }
 
     async fn read_message(&self, id: i64) -> Result<Option<MessageRow>, StoreError> {
-        self.faults.check_read()?;
+        self.faults.check_read().await?;
         self.inner.read_message(id).await
     }
 
     async fn queue_bytes(&self, queue_id: i64) -> Result<u64, StoreError> {
-        self.faults.check_read()?;
+        self.faults.check_read().await?;
         self.inner.queue_bytes(queue_id).await
     }
 }
 
 impl<S: MetaStore> MetaStore for Faulty<S> {
-    fn load_meta(&self) -> impl Future<Output = Result<Snapshot, StoreError>> + Send {
-        let r = self.faults.check_read();
-        async move {
-            r?;
-            self.inner.load_meta().await
-        }
+    async fn load_meta(&self) -> Result<Snapshot, StoreError> {
+        self.faults.check_read().await?;
+        self.inner.load_meta().await
     }
 
     async fn has_users(&self) -> Result<bool, StoreError> {
-        self.faults.check_read()?;
+        self.faults.check_read().await?;
         self.inner.has_users().await
     }
 
     async fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
-        self.faults.check_read()?;
+        self.faults.check_read().await?;
         self.inner.user(name).await
     }
 
@@ -199,7 +209,7 @@ impl<S: MetaStore> MetaStore for Faulty<S> {
         vhost: &str,
         user: &str,
     ) -> Result<Option<PermissionRecord>, StoreError> {
-        self.faults.check_read()?;
+        self.faults.check_read().await?;
         self.inner.permission(vhost, user).await
     }
 
@@ -208,7 +218,7 @@ impl<S: MetaStore> MetaStore for Faulty<S> {
         vhost: &str,
         user: &str,
     ) -> Result<Vec<TopicPermissionRecord>, StoreError> {
-        self.faults.check_read()?;
+        self.faults.check_read().await?;
         self.inner.topic_permissions(vhost, user).await
     }
 }

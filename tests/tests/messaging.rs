@@ -431,3 +431,61 @@ async fn deleting_a_queue_cancels_its_consumers() {
     assert!(end.is_none(), "consumer stream ends on basic.cancel");
     b.stop().await;
 }
+
+/// Issue 11: basic.get on a paged queue read the store with `block_in_place`, blocking a
+/// runtime thread (and on a current-thread runtime it answered get-empty). The reader now
+/// awaits the read. This test runs on a current-thread runtime on purpose.
+#[tokio::test]
+async fn get_on_a_paged_queue_awaits_the_store() {
+    let faults = warren_storage::Faults::new();
+    let f = faults.clone();
+    let b = broker_with(move |c| {
+        c.cache_memory = 256 * 1024;
+        c.faults = Some(f);
+    })
+    .await;
+    // Several store windows (1,024 messages or 4 MiB each) of 1 KiB messages.
+    const N: u32 = 5000;
+    let (_c, ch) = channel(&b).await;
+    declare(&ch, "paged-get").await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let body = vec![b'x'; 1024];
+    let mut confirms = Vec::new();
+    for i in 0..N {
+        let mut m = i.to_be_bytes().to_vec();
+        m.extend_from_slice(&body);
+        confirms.push(
+            ch.basic_publish(
+                "".into(),
+                "paged-get".into(),
+                BasicPublishOptions::default(),
+                &m,
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for c in confirms {
+        c.await.unwrap();
+    }
+    // A slow store: the background loader is still reading when basic.get finds the head
+    // empty.
+    faults.set_read_delay(std::time::Duration::from_millis(50));
+    for i in 0..N {
+        let m = ch
+            .basic_get("paged-get".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("message {i}: get-empty on a queue holding it"));
+        assert_eq!(m.delivery.data[..4], i.to_be_bytes(), "order");
+    }
+    assert!(ch
+        .basic_get("paged-get".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .is_none());
+    b.stop().await;
+}
