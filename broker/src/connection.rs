@@ -64,7 +64,7 @@ enum Flow {
     Open(String),
     /// A channel method needs a store read first (basic.get on a paged queue): await it, then
     /// handle the frame again.
-    Load(crate::queue::LoadFuture, Frame),
+    Load(crate::queue::LoadFuture, Box<Frame>),
 }
 
 struct Conn {
@@ -480,7 +480,7 @@ impl Conn {
                 Flow::Open(vhost) => self.open_vhost(vhost).await.map(|()| Flow::Continue),
                 Flow::Load(read, frame) => {
                     read.await;
-                    flow = self.handle(frame)?;
+                    flow = self.handle(*frame)?;
                     continue;
                 }
                 flow => Ok(flow),
@@ -732,7 +732,7 @@ impl Conn {
         .then(|| frame.clone());
         match ch.handle(ctx, frame) {
             Ok(crate::channel::After::Keep) => match (ch.take_pending_load(), retry) {
-                (Some(read), Some(frame)) => Ok(Flow::Load(read, frame)),
+                (Some(read), Some(frame)) => Ok(Flow::Load(read, Box::new(frame))),
                 _ => Ok(Flow::Continue),
             },
             Ok(crate::channel::After::Remove) => {
