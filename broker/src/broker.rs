@@ -22,6 +22,8 @@ pub struct Broker {
     /// Users and permissions: the data cache in front of the store.
     pub users: Users,
     next_conn_id: AtomicU64,
+    /// Connections whose task is running (accepted, not yet closed).
+    open_connections: Arc<std::sync::atomic::AtomicUsize>,
     /// Cancelled on SIGTERM / Ctrl-C: connections close with 320 CONNECTION_FORCED.
     pub shutdown: CancellationToken,
 }
@@ -64,12 +66,24 @@ impl Broker {
             vhosts,
             users,
             next_conn_id: AtomicU64::new(1),
+            open_connections: Arc::default(),
             shutdown: CancellationToken::new(),
         }))
     }
 
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
         self.vhosts.get(name).cloned()
+    }
+
+    /// Counts a connection as open until the returned guard drops.
+    pub fn count_connection(&self) -> ConnectionCount {
+        self.open_connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionCount(self.open_connections.clone())
+    }
+
+    /// Connections open now (this one included, when asked from a connection).
+    pub fn open_connections(&self) -> usize {
+        self.open_connections.load(Ordering::Relaxed)
     }
 
     pub fn next_connection_id(&self) -> u64 {
@@ -113,6 +127,15 @@ impl Broker {
             Ok(None) => Err(LoginError::NoVhostAccess),
             Err(e) => Err(LoginError::StoreUnavailable(e.to_string())),
         }
+    }
+}
+
+/// One open connection, counted until dropped (also when its task panics).
+pub struct ConnectionCount(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ConnectionCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -37,6 +37,16 @@ pub struct ConnCtx {
     pub outbox: Arc<Outbox>,
     pub max_message_size: u64,
     pub cancel_notify: bool,
+    pub limits: Limits,
+}
+
+/// Per-channel limits (settings `--consumer-max-per-channel`, `--tx-max-messages`,
+/// `--tx-max-bytes`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub consumers: usize,
+    pub tx_messages: usize,
+    pub tx_bytes: u64,
 }
 
 /// What the connection does with the channel after a frame.
@@ -55,6 +65,8 @@ enum Settle {
 #[derive(Default)]
 struct Tx {
     publishes: Vec<(Arc<Exchange>, Arc<Message>, bool)>,
+    /// Body bytes of `publishes`.
+    bytes: u64,
     settles: Vec<(u64, Unacked, Settle)>,
 }
 
@@ -645,6 +657,12 @@ impl Channel {
                         "attempt to reuse consumer tag '{tag}'"
                     )));
                 }
+                if self.handle.consumer_count() >= ctx.limits.consumers {
+                    return Err(AmqpError::not_allowed(format!(
+                        "reached maximum ({}) of consumers per channel",
+                        ctx.limits.consumers
+                    )));
+                }
                 let priority = match c.arguments.inner().get("x-priority") {
                     None => 0,
                     Some(v) => crate::args::as_int(v).ok_or_else(|| {
@@ -848,6 +866,14 @@ impl Channel {
                 Arc::new(msg.derive(msg.id, msg.exchange.clone(), msg.routing_key.clone(), props));
         }
         if let Some(tx) = self.tx.as_mut() {
+            tx.bytes += msg.body.len() as u64;
+            if tx.publishes.len() >= ctx.limits.tx_messages || tx.bytes > ctx.limits.tx_bytes {
+                return Err(AmqpError::precondition(format!(
+                    "transaction too large: at most {} messages and {} body bytes are held \
+                     until tx.commit",
+                    ctx.limits.tx_messages, ctx.limits.tx_bytes
+                )));
+            }
             tx.publishes.push((exchange, msg, mandatory));
             return Ok(());
         }
@@ -957,7 +983,9 @@ impl Channel {
                 let Some(tx) = self.tx.as_mut() else {
                     return Err(AmqpError::precondition("channel is not transactional"));
                 };
-                let Tx { publishes, settles } = std::mem::take(tx);
+                let Tx {
+                    publishes, settles, ..
+                } = std::mem::take(tx);
                 let mut ticket = 0;
                 for (x, msg, mandatory) in publishes {
                     ticket = ticket.max(self.route(ctx, &x, msg, mandatory));

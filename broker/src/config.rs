@@ -95,9 +95,26 @@ pub struct Config {
     #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE", default_value = "128MiB", value_parser = parse_message_size)]
     pub max_message_size: u64,
 
-    /// Most concurrent client connections.
+    /// Most concurrent client connections: the next one is refused at connection.open with
+    /// 530 (RabbitMQ's `connection_max`).
     #[arg(long, env = "WARREN_MAX_CONNECTIONS", default_value_t = 65_536)]
     pub max_connections: usize,
+
+    /// Seconds a client has from connecting to connection.open (RabbitMQ's handshake_timeout).
+    #[arg(long, env = "WARREN_HANDSHAKE_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub handshake_timeout: u64,
+
+    /// Most consumers on one channel (RabbitMQ's consumer_max_per_channel): one more is 530.
+    #[arg(long, env = "WARREN_CONSUMER_MAX_PER_CHANNEL", default_value_t = 4096)]
+    pub consumer_max_per_channel: usize,
+
+    /// Most messages one open transaction holds before tx.commit (406 beyond).
+    #[arg(long, env = "WARREN_TX_MAX_MESSAGES", default_value_t = 65_536)]
+    pub tx_max_messages: usize,
+
+    /// Most body bytes one open transaction holds before tx.commit (406 beyond).
+    #[arg(long, env = "WARREN_TX_MAX_BYTES", default_value = "64MiB", value_parser = parse_size)]
+    pub tx_max_bytes: u64,
 
     /// Bytes of outgoing frames a connection may have pending before deliveries to it pause.
     #[arg(long, env = "WARREN_OUTBOX_BYTES", default_value = "1MiB", value_parser = parse_size)]

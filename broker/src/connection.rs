@@ -30,8 +30,6 @@ use crate::channel::{Channel, ConnCtx};
 use crate::error::{AmqpError, AmqpResult};
 use crate::outbox::{Outbox, Outgoing};
 
-/// Time a client has to complete the handshake (RabbitMQ's handshake_timeout).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time we wait for close-ok after sending connection.close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Initial read buffer; it grows to frame_max for large body frames.
@@ -134,6 +132,7 @@ impl Drop for WriterGuard {
 
 /// Serves one client socket until it closes.
 pub async fn run(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>) {
+    let _counted = broker.count_connection();
     let id = broker.next_connection_id();
     let span = tracing::info_span!("conn", id, %peer);
     serve(socket, peer, broker, id).instrument(span).await
@@ -145,7 +144,8 @@ async fn serve(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>, id: u64
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
 
     // Protocol header.
-    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(broker.config.handshake_timeout);
     loop {
         match check_protocol_header(&mut buf) {
             HeaderCheck::Amqp091 => break,
@@ -624,6 +624,14 @@ impl Conn {
 
     fn on_open(&mut self, o: connection::Open) -> AmqpResult<Flow> {
         let name = o.virtual_host.as_str();
+        let limit = self.broker.config.max_connections;
+        if self.broker.open_connections() > limit {
+            warn!(limit, "node connection limit reached; connection refused");
+            return Err(AmqpError::not_allowed(format!(
+                "connection refused: node connection limit ({limit}) is reached"
+            ))
+            .at(10, 40));
+        }
         if self.broker.vhost(name).is_none() {
             return Err(AmqpError::not_allowed(format!("vhost {name} not found")).at(10, 40));
         }
@@ -662,6 +670,11 @@ impl Conn {
             outbox: self.outbox.clone(),
             max_message_size: self.broker.config.max_message_size,
             cancel_notify: self.caps.consumer_cancel_notify,
+            limits: crate::channel::Limits {
+                consumers: self.broker.config.consumer_max_per_channel,
+                tx_messages: self.broker.config.tx_max_messages,
+                tx_bytes: self.broker.config.tx_max_bytes,
+            },
         });
         self.send(
             0,

@@ -58,7 +58,10 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// to close (they send 320 CONNECTION_FORCED).
 pub async fn serve(listeners: Vec<TcpListener>, broker: Arc<Broker>) {
     let tracker = TaskTracker::new();
-    let limit = Arc::new(Semaphore::new(broker.config.max_connections));
+    // Sockets beyond --max-connections are still accepted (up to a margin) so that each is
+    // answered with RabbitMQ's 530 at connection.open rather than left in the backlog.
+    let max = broker.config.max_connections;
+    let limit = Arc::new(Semaphore::new(max.saturating_add(max / 10 + 64)));
     let mut accepting = tokio::task::JoinSet::new();
     for listener in listeners {
         accepting.spawn(accept_loop(
