@@ -870,6 +870,19 @@ impl VHost {
                 x.bind(dest, &b.routing_key, decode_table(&b.arguments));
             }
         }
+        // A queue with a message TTL expires its head from the start, as RabbitMQ's recovered
+        // queues do, not only once a client touches it: load its head (which arms its timer).
+        let ttl_queues: Vec<Arc<Queue>> = self
+            .queues
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|q| q.args.message_ttl.is_some())
+            .cloned()
+            .collect();
+        for q in ttl_queues {
+            q.dispatch();
+        }
         Ok((queues, messages))
     }
 

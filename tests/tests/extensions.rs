@@ -1043,3 +1043,59 @@ async fn byte_limit_counts_recovered_messages() {
     assert_eq!(got, vec![b"bbbb".to_vec(), b"cccc".to_vec()]);
     b.stop().await;
 }
+
+/// Found by the model test: a recovered queue with a message TTL did not expire its stored
+/// messages until a client touched it (its head was never loaded, so no timer was armed).
+/// RabbitMQ's recovered queues expire (and dead-letter) on their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovered_ttl_queue_expires_without_being_touched() {
+    let config = warren_broker::Config::for_tests();
+    let dir = config.data_dir.clone();
+    let b = warren_broker::start(config).await.unwrap();
+    {
+        let (_c, ch) = channel(&b).await;
+        declare_durable(&ch, "rttl-dlq", FieldTable::default()).await;
+        declare_durable(
+            &ch,
+            "rttl-src",
+            args(&[
+                ("x-message-ttl", AMQPValue::LongInt(300)),
+                ("x-dead-letter-exchange", s("")),
+                ("x-dead-letter-routing-key", s("rttl-dlq")),
+            ]),
+        )
+        .await;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        for i in 0..3u8 {
+            ch.basic_publish(
+                "".into(),
+                "rttl-src".into(),
+                BasicPublishOptions::default(),
+                &[i],
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    }
+    b.stop().await;
+    let mut config = warren_broker::Config::for_tests();
+    config.data_dir = dir;
+    let b = warren_broker::start(config).await.unwrap();
+    let (_c, ch) = channel(&b).await;
+    // Only the dead-letter queue is looked at.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while count(&ch, "rttl-dlq").await < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the recovered queue's expired messages were never dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count(&ch, "rttl-src").await, 0);
+    b.stop().await;
+}

@@ -1,0 +1,1035 @@
+//! The randomized model test: seeded sequences of client operations, restarts (graceful and
+//! crash), and store outages against an in-process broker, checked after every step against a
+//! model of RabbitMQ's semantics.
+//!
+//! Operations: publish (persistent and transient, with and without confirms, to one queue or
+//! through a fanout to two), basic.get and consumers with prefetch (manual acks), ack / nack
+//! (requeue) / reject (no requeue, dead-lettering from the queue that has a DLX), channel close
+//! (requeue), purge, drain, max-length drop-head with dead-lettering, TTL expiry into the
+//! dead-letter queue, a fence (a confirmed publish: everything before it is committed), a
+//! graceful restart (SIGTERM's path), a crash (the broker's runtime is dropped mid-flight: no
+//! shutdown code runs, only what the store committed survives), and a store outage.
+//!
+//! Invariants: every confirmed persistent message in a durable queue is delivered until acked,
+//! and none after; no message is delivered that was never published; counts match the model;
+//! nothing is undeliverable (a drain finds what the count says); redelivered flags are right;
+//! order is publish order (requeues go back to their place). After a crash, a change made since
+//! the last fence may or may not have reached the store: the model allows both, then adopts
+//! what the broker shows.
+//!
+//! Runs on SQLite and MariaDB. `WARREN_MODEL_SEEDS` (default 2) seeds × `WARREN_MODEL_STEPS`
+//! (default 150) steps each; `WARREN_MODEL_SEED=N` replays one seed. A failure prints its seed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::StreamExt;
+use lapin::{
+    options::*,
+    types::{AMQPValue, FieldTable, LongString},
+    BasicProperties, Channel, Connection, ConnectionProperties,
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use warren_broker::Config;
+use warren_storage::Faults;
+
+const Q0: usize = 0;
+const Q1: usize = 1;
+const DLQ: usize = 2;
+const TQ: usize = 3;
+const Q2: usize = 4;
+const NAMES: [&str; 5] = ["m.q0", "m.q1", "m.dlq", "m.tq", "m.q2"];
+/// q1's x-max-length (drop-head, dead-lettered to dlq).
+const Q1_MAX: usize = 8;
+/// q2's x-message-ttl (dead-lettered to dlq).
+const Q2_TTL_MS: u64 = 30;
+/// Channels that get and consume (each holds its own unacked deliveries).
+const SLOTS: usize = 2;
+
+fn durable(q: usize) -> bool {
+    q != TQ
+}
+
+// ---------------------------------------------------------------------------------------------
+// The broker, in a thread with its own runtime so that a crash can drop it mid-flight.
+
+enum Stop {
+    Graceful,
+    Crash,
+}
+
+struct Life {
+    addr: SocketAddr,
+    stop: std::sync::mpsc::Sender<Stop>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Life {
+    fn start(config: Config) -> Life {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let running = rt
+                .block_on(warren_broker::start(config))
+                .expect("broker starts");
+            addr_tx.send(running.addr).unwrap();
+            match stop_rx.recv() {
+                Ok(Stop::Graceful) => rt.block_on(running.stop()),
+                Ok(Stop::Crash) | Err(_) => {
+                    // Every task is dropped where it stands: no shutdown path, no flush.
+                    drop(running);
+                    rt.shutdown_background();
+                }
+            }
+        });
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("broker started");
+        Life {
+            addr,
+            stop: stop_tx,
+            thread,
+        }
+    }
+
+    fn end(self, how: Stop) {
+        let _ = self.stop.send(how);
+        self.thread.join().unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model.
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Place {
+    Ready(usize),
+    /// (queue, slot, delivery tag)
+    Unacked(usize, usize, u64),
+    Gone,
+}
+
+impl Place {
+    /// Where the message is once unacked deliveries are requeued and q2's messages expired.
+    fn settled(self) -> Option<usize> {
+        match self {
+            Place::Ready(Q2) | Place::Unacked(Q2, ..) => Some(DLQ),
+            Place::Ready(q) | Place::Unacked(q, ..) => Some(q),
+            Place::Gone => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Msg {
+    /// The publish (the body); a fanout publish makes one Msg per queue.
+    pid: u64,
+    persistent: bool,
+    place: Place,
+    /// Order within its queue (publish order; a dead-lettered message gets a new one).
+    seq: u64,
+    delivered: bool,
+    /// At the last fence: where it was (None: its publish was not known stored) and whether
+    /// it had been delivered.
+    durable_place: Option<Place>,
+    durable_delivered: bool,
+}
+
+#[derive(Default)]
+struct Model {
+    msgs: Vec<Msg>,
+    next_pid: u64,
+    next_seq: u64,
+    /// When q2 last got a message: dlq is observed only once they have expired.
+    q2_last: Option<Instant>,
+}
+
+impl Model {
+    fn seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    fn ready(&self, q: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..self.msgs.len())
+            .filter(|&i| self.msgs[i].place == Place::Ready(q))
+            .collect();
+        v.sort_by_key(|&i| self.msgs[i].seq);
+        v
+    }
+
+    fn unacked(&self, slot: usize) -> Vec<usize> {
+        (0..self.msgs.len())
+            .filter(|&i| matches!(self.msgs[i].place, Place::Unacked(_, s, _) if s == slot))
+            .collect()
+    }
+
+    fn add(&mut self, pid: u64, q: usize, persistent: bool) {
+        let seq = self.seq();
+        self.msgs.push(Msg {
+            pid,
+            persistent,
+            place: Place::Ready(q),
+            seq,
+            delivered: false,
+            durable_place: None,
+            durable_delivered: false,
+        });
+        if q == Q1 {
+            // x-max-length drop-head: the oldest ready ones go to the dead-letter queue.
+            self.enforce_q1();
+        }
+        if q == Q2 {
+            self.q2_last = Some(Instant::now());
+        }
+    }
+
+    /// A dead-lettered message is published anew to the dead-letter queue: never delivered
+    /// from there yet.
+    fn dead_letter(&mut self, i: usize) {
+        let seq = self.seq();
+        self.msgs[i].place = Place::Ready(DLQ);
+        self.msgs[i].seq = seq;
+        self.msgs[i].delivered = false;
+    }
+
+    /// q1's drop-head after a publish or a requeue (RabbitMQ runs it after both).
+    fn enforce_q1(&mut self) {
+        let ready = self.ready(Q1);
+        for &i in ready.iter().take(ready.len().saturating_sub(Q1_MAX)) {
+            self.dead_letter(i);
+        }
+    }
+
+    /// Whether requeueing every unacked delivery could push q1 over its limit (then which
+    /// messages drop-head takes depends on the order channels close in).
+    fn q1_may_overflow(&self) -> bool {
+        self.msgs
+            .iter()
+            .filter(|m| matches!(m.place, Place::Ready(Q1) | Place::Unacked(Q1, ..)))
+            .count()
+            > Q1_MAX
+    }
+
+    /// q2's messages have expired into the dead-letter queue (their TTL has passed).
+    fn expire_q2(&mut self) {
+        for i in self.ready(Q2) {
+            self.dead_letter(i);
+        }
+    }
+
+    /// Everything so far is committed.
+    fn fence(&mut self) {
+        for m in &mut self.msgs {
+            m.durable_place = Some(m.place);
+            m.durable_delivered = m.delivered;
+        }
+    }
+
+    /// A graceful restart flushes the store: every change so far is durable; transient
+    /// messages and the non-durable queue are gone.
+    fn restart(&mut self) {
+        self.fence();
+        for m in &mut self.msgs {
+            let keep = m.persistent && m.place.settled().is_some_and(durable);
+            if !keep {
+                m.place = Place::Gone;
+                m.durable_place = Some(Place::Gone);
+            }
+        }
+        self.msgs.retain(|m| m.place != Place::Gone);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client side.
+
+struct Client {
+    conn: Connection,
+    /// Confirm-mode channel: confirmed publishes and fences.
+    confirm: Channel,
+    /// Plain channel: unconfirmed publishes, purges, counts.
+    plain: Channel,
+    slots: Vec<Option<Channel>>,
+}
+
+async fn declare(ch: &Channel, q: usize) {
+    let mut args = FieldTable::default();
+    let s = |v: &str| AMQPValue::LongString(LongString::from(v));
+    match q {
+        Q1 => {
+            args.insert("x-max-length".into(), AMQPValue::LongInt(Q1_MAX as i32));
+            args.insert("x-dead-letter-exchange".into(), s(""));
+            args.insert("x-dead-letter-routing-key".into(), s(NAMES[DLQ]));
+        }
+        Q2 => {
+            args.insert("x-message-ttl".into(), AMQPValue::LongInt(Q2_TTL_MS as i32));
+            args.insert("x-dead-letter-exchange".into(), s(""));
+            args.insert("x-dead-letter-routing-key".into(), s(NAMES[DLQ]));
+        }
+        _ => {}
+    }
+    ch.queue_declare(
+        NAMES[q].into(),
+        QueueDeclareOptions {
+            durable: durable(q),
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        let conn = Connection::connect(
+            &format!("amqp://guest:guest@{addr}/%2f"),
+            ConnectionProperties::default(),
+        )
+        .await
+        .unwrap();
+        let confirm = conn.create_channel().await.unwrap();
+        confirm
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let plain = conn.create_channel().await.unwrap();
+        for q in [DLQ, Q0, Q1, TQ, Q2] {
+            declare(&plain, q).await;
+        }
+        plain
+            .exchange_declare(
+                "m.fan".into(),
+                lapin::ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for q in [Q0, Q1] {
+            plain
+                .queue_bind(
+                    NAMES[q].into(),
+                    "m.fan".into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+        }
+        let mut fence = FieldTable::default();
+        fence.insert("x-max-length".into(), AMQPValue::LongInt(1));
+        plain
+            .queue_declare(
+                "m.fence".into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                fence,
+            )
+            .await
+            .unwrap();
+        Client {
+            conn,
+            confirm,
+            plain,
+            slots: (0..SLOTS).map(|_| None).collect(),
+        }
+    }
+
+    async fn slot(&mut self, s: usize) -> Channel {
+        if self.slots[s].is_none() {
+            self.slots[s] = Some(self.conn.create_channel().await.unwrap());
+        }
+        self.slots[s].clone().unwrap()
+    }
+
+    async fn fence(&self) {
+        let c = self
+            .confirm
+            .basic_publish(
+                "".into(),
+                "m.fence".into(),
+                BasicPublishOptions::default(),
+                b"fence",
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(c.is_ack(), "fence not confirmed");
+    }
+
+    async fn count(&self, q: usize) -> u32 {
+        self.plain
+            .queue_declare(
+                NAMES[q].into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+}
+
+fn pid_of(data: &[u8]) -> u64 {
+    std::str::from_utf8(data)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a message nobody published: {data:?}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run.
+
+struct Run {
+    seed: u64,
+    rng: StdRng,
+    model: Model,
+    config: Config,
+    faults: Arc<Faults>,
+    life: Option<Life>,
+    client: Option<Client>,
+    log: Vec<String>,
+}
+
+impl Run {
+    fn client(&mut self) -> &mut Client {
+        self.client.as_mut().unwrap()
+    }
+
+    fn fail(&self, what: String) -> ! {
+        let path = std::env::temp_dir().join(format!("warren-model-{}.log", self.seed));
+        let _ = std::fs::write(&path, self.log.join("\n"));
+        eprintln!("model test: the whole run is in {}", path.display());
+        let tail: Vec<&String> = self.log.iter().rev().take(12).rev().collect();
+        panic!(
+            "model test seed {} failed: {what}\nlast steps: {tail:#?}\nreplay: WARREN_MODEL_SEED={}",
+            self.seed, self.seed
+        );
+    }
+
+    async fn wait_q2(&mut self) {
+        if let Some(t) = self.model.q2_last {
+            let due = t + Duration::from_millis(Q2_TTL_MS + 150);
+            let now = Instant::now();
+            if due > now {
+                tokio::time::sleep(due - now).await;
+            }
+        }
+        self.model.expire_q2();
+    }
+
+    async fn publish(&mut self) {
+        let target = self.rng.random_range(0..5usize);
+        let persistent = self.rng.random_bool(0.7);
+        let confirm = self.rng.random_bool(0.8);
+        let n = self.rng.random_range(1..=4);
+        let (exchange, key, queues): (&str, &str, Vec<usize>) = match target {
+            4 => ("m.fan", "", vec![Q0, Q1]),
+            q => ("", NAMES[[Q0, Q1, TQ, Q2][q]], vec![[Q0, Q1, TQ, Q2][q]]),
+        };
+        self.log.push(format!(
+            "publish {n} to {exchange}/{key} persistent={persistent} confirm={confirm}"
+        ));
+        let props = if persistent {
+            BasicProperties::default().with_delivery_mode(2)
+        } else {
+            BasicProperties::default()
+        };
+        for _ in 0..n {
+            self.model.next_pid += 1;
+            let pid = self.model.next_pid;
+            let c = self.client();
+            let ch = if confirm { &c.confirm } else { &c.plain };
+            let pending = ch
+                .basic_publish(
+                    exchange.into(),
+                    key.into(),
+                    BasicPublishOptions::default(),
+                    pid.to_string().as_bytes(),
+                    props.clone(),
+                )
+                .await
+                .unwrap();
+            if confirm {
+                let got = pending.await.unwrap();
+                if !got.is_ack() {
+                    self.fail(format!("publish {pid} nacked"));
+                }
+            }
+            for &q in &queues {
+                self.model.add(pid, q, persistent);
+            }
+            if confirm && persistent && queues.iter().all(|&q| durable(q)) {
+                // Confirmed once its commit landed; the writer commits in submission order,
+                // so everything before it is committed too: a fence.
+                self.model.fence();
+            }
+        }
+    }
+
+    /// basic.get with a manual ack: the head (any ready message for the dead-letter queue,
+    /// whose arrival order depends on timers).
+    async fn get(&mut self) {
+        let q = [Q0, Q1, DLQ, TQ][self.rng.random_range(0..4)];
+        if q == DLQ {
+            self.wait_q2().await;
+        }
+        let slot = self.rng.random_range(0..SLOTS);
+        self.log.push(format!("get {} on slot {slot}", NAMES[q]));
+        let ch = self.client().slot(slot).await;
+        let got = ch
+            .basic_get(NAMES[q].into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap();
+        let ready = self.model.ready(q);
+        match got {
+            None if ready.is_empty() => {}
+            None => self.fail(format!("get-empty on {} holding {}", NAMES[q], ready.len())),
+            Some(m) => {
+                let pid = pid_of(&m.delivery.data);
+                let i = if q == DLQ {
+                    ready
+                        .iter()
+                        .copied()
+                        .find(|&i| self.model.msgs[i].pid == pid)
+                } else {
+                    ready
+                        .first()
+                        .copied()
+                        .filter(|&i| self.model.msgs[i].pid == pid)
+                };
+                let Some(i) = i else {
+                    self.fail(format!(
+                        "get on {} gave {pid}; the model's head is {:?}",
+                        NAMES[q],
+                        ready.first().map(|&i| self.model.msgs[i].pid)
+                    ));
+                };
+                self.deliver(i, q, slot, m.delivery.delivery_tag, m.delivery.redelivered);
+            }
+        }
+    }
+
+    fn deliver(&mut self, i: usize, q: usize, slot: usize, tag: u64, redelivered: bool) {
+        self.log.push(format!(
+            "  delivered {} from {} tag {tag} redelivered={redelivered}",
+            self.model.msgs[i].pid, NAMES[q]
+        ));
+        let m = &mut self.model.msgs[i];
+        if redelivered != m.delivered {
+            let (pid, want) = (m.pid, m.delivered);
+            self.fail(format!(
+                "message {pid} from {}: redelivered={redelivered}, expected {want}",
+                NAMES[q]
+            ));
+        }
+        m.delivered = true;
+        m.place = Place::Unacked(q, slot, tag);
+    }
+
+    /// A consumer with a prefetch takes the first `min(prefetch, ready)` messages in order,
+    /// then is cancelled (its deliveries stay unacked on the channel).
+    async fn consume(&mut self) {
+        let q = [Q0, Q1][self.rng.random_range(0..2)];
+        let slot = self.rng.random_range(0..SLOTS);
+        let prefetch = self.rng.random_range(1..=4u16);
+        self.log.push(format!(
+            "consume {} prefetch {prefetch} on slot {slot}",
+            NAMES[q]
+        ));
+        let ready = self.model.ready(q);
+        let expect = ready.len().min(prefetch as usize);
+        let ch = self.client().slot(slot).await;
+        ch.basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                NAMES[q].into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for &i in ready.iter().take(expect) {
+            let d = match tokio::time::timeout(Duration::from_secs(5), consumer.next()).await {
+                Ok(Some(Ok(d))) => d,
+                other => self.fail(format!(
+                    "consumer on {} got {other:?}; expected message {}",
+                    NAMES[q], self.model.msgs[i].pid
+                )),
+            };
+            let pid = pid_of(&d.data);
+            if pid != self.model.msgs[i].pid {
+                self.fail(format!(
+                    "consumer on {} got {pid}, expected {} (order)",
+                    NAMES[q], self.model.msgs[i].pid
+                ));
+            }
+            self.deliver(i, q, slot, d.delivery_tag, d.redelivered);
+        }
+        ch.basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await
+            .unwrap();
+        // Nothing beyond the prefetch (or the queue) was delivered.
+        if let Ok(Some(Ok(d))) =
+            tokio::time::timeout(Duration::from_millis(20), consumer.next()).await
+        {
+            self.fail(format!(
+                "consumer got {} beyond its prefetch",
+                pid_of(&d.data)
+            ));
+        }
+    }
+
+    async fn settle(&mut self) {
+        let slot = self.rng.random_range(0..SLOTS);
+        let held = self.model.unacked(slot);
+        if held.is_empty() {
+            return;
+        }
+        let ch = self.client().slot(slot).await;
+        let take = self.rng.random_range(1..=held.len());
+        for _ in 0..take {
+            let held = self.model.unacked(slot);
+            let Some(&i) = held.get(self.rng.random_range(0..held.len().max(1))) else {
+                break;
+            };
+            let Place::Unacked(q, _, tag) = self.model.msgs[i].place else {
+                unreachable!()
+            };
+            let pid = self.model.msgs[i].pid;
+            match self.rng.random_range(0..10) {
+                0..=4 => {
+                    self.log.push(format!("ack {pid} from {}", NAMES[q]));
+                    ch.basic_ack(tag, BasicAckOptions::default()).await.unwrap();
+                    self.model.msgs[i].place = Place::Gone;
+                }
+                5..=7 => {
+                    self.log.push(format!("nack-requeue {pid} to {}", NAMES[q]));
+                    ch.basic_nack(
+                        tag,
+                        BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+                    self.model.msgs[i].place = Place::Ready(q);
+                    self.model.enforce_q1();
+                }
+                _ => {
+                    self.log.push(format!("reject {pid} from {}", NAMES[q]));
+                    ch.basic_reject(tag, BasicRejectOptions { requeue: false })
+                        .await
+                        .unwrap();
+                    if q == Q1 {
+                        self.model.dead_letter(i);
+                    } else {
+                        self.model.msgs[i].place = Place::Gone;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn close_slot(&mut self) {
+        let slot = self.rng.random_range(0..SLOTS);
+        let Some(ch) = self.client().slots[slot].take() else {
+            return;
+        };
+        self.log.push(format!("close slot {slot}"));
+        ch.close(200, "bye".into()).await.unwrap();
+        for i in self.model.unacked(slot) {
+            if let Place::Unacked(q, ..) = self.model.msgs[i].place {
+                self.model.msgs[i].place = Place::Ready(q);
+            }
+        }
+        self.model.enforce_q1();
+    }
+
+    async fn purge(&mut self) {
+        let q = [Q0, Q1, DLQ, TQ][self.rng.random_range(0..4)];
+        if q == DLQ {
+            self.wait_q2().await;
+        }
+        self.log.push(format!("purge {}", NAMES[q]));
+        let n = self
+            .client()
+            .plain
+            .queue_purge(NAMES[q].into(), QueuePurgeOptions::default())
+            .await
+            .unwrap();
+        let ready = self.model.ready(q);
+        if n as usize != ready.len() {
+            self.fail(format!(
+                "purge of {} said {n}, model {}",
+                NAMES[q],
+                ready.len()
+            ));
+        }
+        for i in ready {
+            self.model.msgs[i].place = Place::Gone;
+        }
+    }
+
+    /// Takes every ready message of `q` with no-ack: order (but for the dead-letter queue)
+    /// and redelivered flags as the model says, nothing missing, nothing extra.
+    async fn drain(&mut self, q: usize) {
+        if q == DLQ {
+            self.wait_q2().await;
+        }
+        self.log.push(format!("drain {}", NAMES[q]));
+        let mut got = Vec::new();
+        loop {
+            let m = self
+                .client()
+                .plain
+                .basic_get(NAMES[q].into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap();
+            let Some(m) = m else { break };
+            got.push((pid_of(&m.delivery.data), m.delivery.redelivered));
+        }
+        let mut want: Vec<(u64, bool)> = self
+            .model
+            .ready(q)
+            .iter()
+            .map(|&i| (self.model.msgs[i].pid, self.model.msgs[i].delivered))
+            .collect();
+        if q == DLQ {
+            got.sort_unstable();
+            want.sort_unstable();
+        }
+        if got != want {
+            self.fail(format!(
+                "drain of {}: got {got:?}, model {want:?}",
+                NAMES[q]
+            ));
+        }
+        for i in self.model.ready(q) {
+            self.model.msgs[i].place = Place::Gone;
+        }
+    }
+
+    async fn check_count(&mut self, q: usize) {
+        if q == DLQ {
+            self.wait_q2().await;
+        }
+        let n = self.client().count(q).await as usize;
+        let want = self.model.ready(q).len();
+        if n != want {
+            self.fail(format!("{} counts {n}, model {want}", NAMES[q]));
+        }
+    }
+
+    async fn fence(&mut self) {
+        self.log.push("fence".into());
+        self.client().fence().await;
+        self.model.fence();
+    }
+
+    async fn outage(&mut self) {
+        self.model.next_pid += 1;
+        let pid = self.model.next_pid;
+        self.log.push(format!("outage around publish {pid}"));
+        self.faults.set_outage(true);
+        let pending = self
+            .client()
+            .confirm
+            .basic_publish(
+                "".into(),
+                NAMES[Q0].into(),
+                BasicPublishOptions::default(),
+                pid.to_string().as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+        tokio::pin!(pending);
+        if tokio::time::timeout(Duration::from_millis(150), &mut pending)
+            .await
+            .is_ok()
+        {
+            self.fail(format!("publish {pid} confirmed during a store outage"));
+        }
+        self.faults.set_outage(false);
+        match tokio::time::timeout(Duration::from_secs(20), pending).await {
+            Ok(Ok(c)) if c.is_ack() => {}
+            other => self.fail(format!("publish {pid} after the outage: {other:?}")),
+        }
+        self.model.add(pid, Q0, true);
+    }
+
+    async fn start(&mut self) {
+        let life = Life::start(self.config.clone());
+        let client = Client::connect(life.addr).await;
+        self.life = Some(life);
+        self.client = Some(client);
+    }
+
+    async fn restart(&mut self, crash: bool) {
+        self.log
+            .push(if crash { "CRASH" } else { "restart" }.into());
+        if let Some(c) = self.client.take() {
+            if !crash {
+                let _ = c.conn.close(200, "restart".into()).await;
+            }
+        }
+        if let Some(life) = self.life.take() {
+            life.end(if crash { Stop::Crash } else { Stop::Graceful });
+        }
+        let overflow = self.model.q1_may_overflow();
+        if !crash {
+            self.model.restart();
+        }
+        self.start().await;
+        self.reconcile(overflow).await;
+    }
+
+    /// After a crash: each change since the last fence may or may not have reached the store.
+    /// Reads every queue (gets, then nack-requeue), checks what may and must be there, and
+    /// adopts it.
+    async fn reconcile(&mut self, q1_overflow: bool) {
+        // q2's recovered messages expire into dlq shortly after the start.
+        tokio::time::sleep(Duration::from_millis(Q2_TTL_MS + 200)).await;
+        // pid -> candidates (queue index) per message.
+        let mut seen: HashMap<usize, usize> = HashMap::new(); // msg index -> queue seen in
+        let ch = self.client().slot(0).await;
+        for q in [Q0, Q1, DLQ] {
+            let mut order = Vec::new();
+            loop {
+                let m = ch
+                    .basic_get(NAMES[q].into(), BasicGetOptions { no_ack: false })
+                    .await
+                    .unwrap();
+                let Some(m) = m else { break };
+                let pid = pid_of(&m.delivery.data);
+                let candidates = |m: &Msg| {
+                    let now = m.place.settled();
+                    let then = m.durable_place.and_then(Place::settled);
+                    // Requeued at the stop into a full q1, drop-head may have moved it.
+                    let dropped = q1_overflow && q == DLQ && (now == Some(Q1) || then == Some(Q1));
+                    m.persistent && (now == Some(q) || then == Some(q) || dropped)
+                };
+                let Some(i) = (0..self.model.msgs.len())
+                    .find(|&i| self.model.msgs[i].pid == pid && candidates(&self.model.msgs[i]))
+                else {
+                    self.fail(format!(
+                        "after the crash {} holds {pid}, which the model never put there",
+                        NAMES[q]
+                    ));
+                };
+                if seen.insert(i, q).is_some() {
+                    self.fail(format!("after the crash message {pid} is there twice"));
+                }
+                let msg = &self.model.msgs[i];
+                // Flags are known for a message that stayed where it was at the last fence.
+                let stayed = msg.place.settled() == Some(q)
+                    && msg.durable_place.and_then(Place::settled) == Some(q);
+                if stayed && msg.durable_delivered && !m.delivery.redelivered {
+                    self.fail(format!(
+                        "message {pid} in {} was delivered before; redelivered=false ({msg:?})",
+                        NAMES[q]
+                    ));
+                }
+                if stayed && !msg.delivered && m.delivery.redelivered {
+                    self.fail(format!(
+                        "message {pid} in {} was never delivered; redelivered=true ({msg:?})",
+                        NAMES[q]
+                    ));
+                }
+                order.push(pid);
+            }
+            if q != DLQ && order.windows(2).any(|w| w[0] > w[1]) {
+                self.fail(format!(
+                    "after the crash {} is out of order: {order:?}",
+                    NAMES[q]
+                ));
+            }
+        }
+        // What must have survived: persistent, in a durable queue at the last fence, and
+        // still there now.
+        for (i, m) in self.model.msgs.iter().enumerate() {
+            let then = m.durable_place.and_then(Place::settled);
+            let now = m.place.settled();
+            // A persistent message moves between durable queues atomically, so one still
+            // alive must be in one of its two places.
+            if m.persistent
+                && then.is_some_and(durable)
+                && now.is_some_and(durable)
+                && !seen.contains_key(&i)
+            {
+                self.fail(format!(
+                    "message {} (stored in {} before the crash) is lost",
+                    m.pid,
+                    NAMES[then.unwrap_or(0)]
+                ));
+            }
+        }
+        ch.basic_nack(
+            0,
+            BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            },
+        )
+        .await
+        .unwrap();
+        // The gets above reported deliveries: make them (and the requeue) durable before the
+        // model says so.
+        self.client().fence().await;
+        // Adopt: what was seen is ready where it was seen, delivered; the rest is gone.
+        let mut kept = Vec::new();
+        for (i, m) in self.model.msgs.iter().enumerate() {
+            if let Some(&q) = seen.get(&i) {
+                let mut m = m.clone();
+                m.place = Place::Ready(q);
+                m.delivered = true;
+                if q != DLQ {
+                    m.seq = m.pid; // q0 and q1 hold publish order
+                }
+                kept.push(m);
+            }
+        }
+        self.model.msgs = kept;
+        self.model.q2_last = None;
+        // The requeue runs q1's drop-head.
+        self.model.enforce_q1();
+        self.model.fence();
+        for q in [Q0, Q1, DLQ, TQ] {
+            self.check_count(q).await;
+        }
+    }
+
+    async fn step(&mut self) {
+        match self.rng.random_range(0..100) {
+            0..=29 => self.publish().await,
+            30..=44 => self.get().await,
+            45..=52 => self.consume().await,
+            53..=67 => self.settle().await,
+            68..=71 => self.close_slot().await,
+            72..=74 => self.purge().await,
+            75..=79 => {
+                let q = [Q0, Q1, DLQ, TQ][self.rng.random_range(0..4)];
+                self.drain(q).await;
+            }
+            80..=87 => self.fence().await,
+            88..=90 => self.restart(false).await,
+            91..=95 => self.restart(true).await,
+            _ => self.outage().await,
+        }
+        // After every step: one queue's count against the model.
+        let q = [Q0, Q1, TQ][self.rng.random_range(0..3)];
+        self.check_count(q).await;
+    }
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn run_seed(seed: u64, steps: u64, storage: Option<String>) {
+    let faults = Faults::new();
+    let mut config = Config::for_tests();
+    config.faults = Some(faults.clone());
+    config.storage = storage;
+    // A small budget so that queues also page to the store.
+    config.cache_memory = 64 * 1024;
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    let mut run = Run {
+        seed,
+        rng: StdRng::seed_from_u64(seed),
+        model: Model::default(),
+        config,
+        faults,
+        life: None,
+        client: None,
+        log: Vec::new(),
+    };
+    run.start().await;
+    for _ in 0..steps {
+        run.step().await;
+    }
+    // The end: a graceful restart, then every queue drained against the model.
+    run.restart(false).await;
+    for q in [Q0, Q1, DLQ, TQ] {
+        run.drain(q).await;
+    }
+    let stats: BTreeMap<&str, usize> = run.log.iter().fold(BTreeMap::new(), |mut m, l| {
+        *m.entry(l.split(' ').next().unwrap_or("")).or_default() += 1;
+        m
+    });
+    eprintln!("model seed {seed}: {steps} steps passed; ops {stats:?}");
+    if let Some(c) = run.client.take() {
+        let _ = c.conn.close(200, "done".into()).await;
+    }
+    if let Some(life) = run.life.take() {
+        life.end(Stop::Graceful);
+    }
+    let _ = std::fs::remove_dir_all(&run.config.data_dir);
+}
+
+async fn run_all(storage: impl Fn() -> Option<String>, base: u64) {
+    let steps = env_u64("WARREN_MODEL_STEPS", 150);
+    if let Ok(seed) = std::env::var("WARREN_MODEL_SEED") {
+        run_seed(seed.parse().unwrap(), steps, storage()).await;
+        return;
+    }
+    for s in 0..env_u64("WARREN_MODEL_SEEDS", 2) {
+        run_seed(base + s, steps, storage()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_on_sqlite() {
+    run_all(|| None, 1000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_on_mariadb() {
+    // One scratch database per seed.
+    let urls: Vec<String> = {
+        let n = if std::env::var("WARREN_MODEL_SEED").is_ok() {
+            1
+        } else {
+            env_u64("WARREN_MODEL_SEEDS", 2)
+        };
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(warren_storage::suite::mysql_scratch_url().await);
+        }
+        v
+    };
+    let urls = std::sync::Mutex::new(urls);
+    run_all(|| urls.lock().unwrap().pop(), 2000).await;
+}
