@@ -16,7 +16,7 @@ use warren_protocol::{
 };
 
 use crate::auth::{Access, Perm, Resource};
-use crate::delivery::{ChannelHandle, Consumer, Unacked};
+use crate::delivery::{ChannelHandle, Consumer, DeliverySink, Unacked};
 use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::Exchange;
 use crate::message::Message;
@@ -117,6 +117,8 @@ impl Confirms {
 
 pub struct Channel {
     pub handle: Arc<ChannelHandle>,
+    /// The connection's outbox (the handle reaches it as a `DeliverySink`).
+    outbox: Arc<Outbox>,
     assembler: Assembler,
     closing: bool,
     prefetch: u32,
@@ -130,7 +132,7 @@ pub struct Channel {
     pub stored_publishes: bool,
     /// A direct reply-to requester's outbox this channel filled: the connection stops reading
     /// until it has room (`take_full_outbox`).
-    full_outbox: Option<Arc<Outbox>>,
+    full_outbox: Option<Arc<dyn DeliverySink>>,
     /// basic.get found the head only in the store: the connection awaits this read, then hands
     /// the same basic.get back (`take_pending_load`).
     pending_load: Option<LoadFuture>,
@@ -152,6 +154,7 @@ impl Channel {
     pub fn new(id: u16, ctx: &ConnCtx) -> Self {
         Channel {
             handle: ChannelHandle::new(id, ctx.conn_id, ctx.outbox.clone(), ctx.cancel_notify),
+            outbox: ctx.outbox.clone(),
             assembler: Assembler::new(ctx.max_message_size),
             closing: false,
             prefetch: 0,
@@ -178,10 +181,10 @@ impl Channel {
             let last = self.persist.writer.last_ticket();
             if last > mark {
                 // A durable change: the reply goes out once it is committed.
-                self.handle.outbox.push(Outgoing::Gate(last));
+                self.outbox.push(Outgoing::Gate(last));
             }
         }
-        self.handle.outbox.push(Outgoing::Method(self.id(), method));
+        self.outbox.push(Outgoing::Method(self.id(), method));
     }
 
     /// Closes the channel for a channel error: channel.close goes out, resources are released
@@ -235,7 +238,7 @@ impl Channel {
     }
 
     /// The foreign outbox (a reply-to requester's) this channel found full, if any.
-    pub fn take_full_outbox(&mut self) -> Option<Arc<Outbox>> {
+    pub fn take_full_outbox(&mut self) -> Option<Arc<dyn DeliverySink>> {
         self.full_outbox.take()
     }
 
@@ -263,8 +266,7 @@ impl Channel {
                     requeue: false,
                 })
             };
-            self.handle
-                .outbox
+            self.outbox
                 .push(Outgoing::Method(self.handle.id, AMQPClass::Basic(method)));
         }
     }
@@ -941,7 +943,7 @@ impl Channel {
         self.route_buf = queues;
         let ticket = self.persist.confirm_ticket(ticket);
         if !delivered && mandatory {
-            self.handle.outbox.push(Outgoing::Content(
+            self.outbox.push(Outgoing::Content(
                 self.id(),
                 AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
                     reply_code: warren_protocol::reply::NO_ROUTE,
@@ -951,9 +953,9 @@ impl Channel {
                 })),
                 msg,
             ));
-            if !self.handle.outbox.has_room() {
+            if !self.outbox.has_room() {
                 // The publisher gets its returns before more of its publishes are read.
-                self.full_outbox = Some(self.handle.outbox.clone());
+                self.full_outbox = Some(self.outbox.clone());
             }
         }
         if let Some(c) = self.confirms.as_mut() {
@@ -993,7 +995,7 @@ impl Channel {
                 self.apply_settles(settles.into_iter().map(|(_, u, how)| (u, how)));
                 if ticket > 0 {
                     // commit-ok once the transaction's persistent messages are stored
-                    self.handle.outbox.push(Outgoing::Gate(ticket));
+                    self.outbox.push(Outgoing::Gate(ticket));
                 }
                 self.reply(AMQPClass::Tx(T::CommitOk(tx::CommitOk {})));
             }

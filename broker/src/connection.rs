@@ -818,7 +818,7 @@ impl Conn {
     /// is full, the socket is not read. Deliveries to its consumers never count here (queues
     /// check for room before delivering). True if it waited.
     async fn wait_for_room(&mut self) -> bool {
-        let full: Vec<Arc<Outbox>> = self
+        let full: Vec<Arc<dyn crate::delivery::DeliverySink>> = self
             .channels
             .values_mut()
             .filter_map(|c| c.take_full_outbox())

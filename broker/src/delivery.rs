@@ -1,9 +1,12 @@
 //! What a channel shares with the queues that deliver to it: `ChannelHandle` (delivery tags, the
 //! unacked map, consumers, the channel-wide prefetch) and `Consumer` (per-consumer prefetch).
 //! A `std::sync::Mutex` guards the channel's delivery state; it is taken after a queue's lock
-//! during dispatch and never the other way round, and never across `.await`.
+//! during dispatch and never the other way round, and never across `.await`. Frames leave
+//! through `DeliverySink`, the trait the connection's outbox implements.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -13,7 +16,7 @@ use warren_protocol::{
 };
 
 use crate::error::{AmqpError, AmqpResult};
-use crate::outbox::{Outbox, Outgoing};
+use crate::message::Message;
 use crate::queue::{Entry, Queue};
 
 /// A delivery the client has not acknowledged yet.
@@ -37,11 +40,27 @@ struct State {
     timed_out: std::collections::BTreeSet<u64>,
 }
 
+/// Where a channel's frames go. Queues and the reply-to registry reach a consumer's connection
+/// only through this trait (the connection's outbox implements it), never through an I/O type.
+pub trait DeliverySink: Send + Sync {
+    /// Queues a method frame (control frames are always taken).
+    fn send_method(&self, channel: u16, method: AMQPClass);
+    /// Queues a content-bearing method and the message's content.
+    fn send_content(&self, channel: u16, method: AMQPClass, msg: Arc<Message>);
+    /// May a delivery be added now?
+    fn has_room(&self) -> bool;
+    /// Re-run `queue`'s dispatch once there is room again.
+    fn park(&self, queue: &Arc<Queue>);
+    /// Resolves once there is room (or the connection is gone).
+    fn wait_room(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
 /// The shared half of a channel.
 pub struct ChannelHandle {
     pub id: u16,
     pub conn_id: u64,
-    pub outbox: Arc<Outbox>,
+    /// The connection's outgoing frames.
+    pub sink: Arc<dyn DeliverySink>,
     /// The client asked for server-sent basic.cancel (consumer_cancel_notify).
     pub cancel_notify: bool,
     state: Mutex<State>,
@@ -67,11 +86,16 @@ pub enum NoCredit {
 }
 
 impl ChannelHandle {
-    pub fn new(id: u16, conn_id: u64, outbox: Arc<Outbox>, cancel_notify: bool) -> Arc<Self> {
+    pub fn new(
+        id: u16,
+        conn_id: u64,
+        sink: Arc<dyn DeliverySink>,
+        cancel_notify: bool,
+    ) -> Arc<Self> {
         Arc::new(ChannelHandle {
             id,
             conn_id,
-            outbox,
+            sink,
             cancel_notify,
             state: Mutex::new(State::default()),
             global_limit: AtomicU32::new(0),
@@ -241,13 +265,13 @@ impl ChannelHandle {
     /// it asked to be told.
     pub fn server_cancel(&self, tag: &ShortString) {
         if self.lock().consumers.remove(tag.as_str()).is_some() && self.cancel_notify {
-            self.outbox.push(Outgoing::Method(
+            self.sink.send_method(
                 self.id,
                 AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
                     consumer_tag: tag.clone(),
                     nowait: true,
                 })),
-            ));
+            );
         }
     }
 
@@ -341,7 +365,7 @@ impl Consumer {
         if !self.active.load(Ordering::Acquire) {
             return Err(NoCredit::Closed);
         }
-        if !self.channel.outbox.has_room() {
+        if !self.channel.sink.has_room() {
             return Err(NoCredit::Outbox);
         }
         if self.no_ack {

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use tokio::sync::Notify;
 use warren_protocol::AMQPClass;
 
+use crate::delivery::DeliverySink;
 use crate::message::Message;
 use crate::queue::Queue;
 
@@ -158,5 +159,27 @@ impl Outbox {
     /// Resolves when something was pushed since the last take.
     pub async fn wait(&self) {
         self.notify.notified().await
+    }
+}
+
+impl DeliverySink for Outbox {
+    fn send_method(&self, channel: u16, method: AMQPClass) {
+        self.push(Outgoing::Method(channel, method));
+    }
+
+    fn send_content(&self, channel: u16, method: AMQPClass, msg: Arc<Message>) {
+        self.push(Outgoing::Content(channel, method, msg));
+    }
+
+    fn has_room(&self) -> bool {
+        Outbox::has_room(self)
+    }
+
+    fn park(&self, queue: &Arc<Queue>) {
+        Outbox::park(self, queue)
+    }
+
+    fn wait_room(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(Outbox::wait_room(self))
     }
 }

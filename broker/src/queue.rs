@@ -39,9 +39,7 @@ use crate::deadletter::Reason;
 use crate::delivery::{ChannelHandle, Consumer, NoCredit};
 use crate::error::{AmqpError, AmqpResult};
 use crate::message::{now_ms, Message};
-use crate::outbox::Outgoing;
 use crate::persist::Persistence;
-use crate::vhost::VHost;
 
 /// An entry's `expires` when it never expires.
 pub const NEVER: u64 = u64::MAX;
@@ -80,6 +78,14 @@ impl Entry {
     fn key(&self) -> (u8, u64) {
         (255 - self.prio, self.seq)
     }
+}
+
+/// What a queue needs from its vhost, without naming it: dead letters routed through the
+/// dead-letter exchange (with the removal from this queue committed with them), and its own
+/// removal (auto-delete after a consumer timeout). `VHost` implements it.
+pub trait Router: Send + Sync {
+    fn dead_letter(&self, src: &Arc<Queue>, entry: Entry, msg: Arc<Message>, reason: Reason);
+    fn remove_queue(&self, q: &Arc<Queue>) -> AmqpResult<u32>;
 }
 
 /// A message leaving its queue for the dead-letter exchange (or for nowhere).
@@ -151,8 +157,9 @@ pub struct Queue {
     /// The store's number for this queue.
     pub id: i64,
     persist: Arc<Persistence>,
-    /// The vhost dead letters are routed through (unset in unit tests: they are dropped).
-    router: OnceLock<Weak<VHost>>,
+    /// Its vhost, for dead letters and its own removal (unset in unit tests: dead letters are
+    /// dropped).
+    router: OnceLock<Weak<dyn Router>>,
     state: Mutex<State>,
 }
 
@@ -222,7 +229,7 @@ impl Queue {
     }
 
     /// Dead letters of this queue are routed through `vhost`.
-    pub fn set_router(&self, vhost: Weak<VHost>) {
+    pub fn set_router(&self, vhost: Weak<dyn Router>) {
         let _ = self.router.set(vhost);
     }
 
@@ -582,7 +589,7 @@ impl Queue {
             return match c.reserve() {
                 Ok(()) => Some(c),
                 Err(NoCredit::Outbox) => {
-                    c.channel.outbox.park(self);
+                    c.channel.sink.park(self);
                     None
                 }
                 Err(_) => None,
@@ -606,7 +613,7 @@ impl Queue {
                         g.rr = (idx - start) + 1;
                         return Some(c);
                     }
-                    Err(NoCredit::Outbox) => c.channel.outbox.park(self),
+                    Err(NoCredit::Outbox) => c.channel.sink.park(self),
                     Err(_) => {}
                 }
             }
@@ -787,7 +794,7 @@ impl Queue {
             self.arm_consumer_timeout(g);
         }
         let msg = self.with_delivery_count(msg, deliveries);
-        ch.outbox.push(Outgoing::Content(
+        ch.sink.send_content(
             ch.id,
             AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
                 consumer_tag: consumer.tag.clone(),
@@ -797,7 +804,7 @@ impl Queue {
                 routing_key: msg.routing_key.clone(),
             })),
             msg,
-        ));
+        );
         Ok(())
     }
 
@@ -955,7 +962,7 @@ impl Queue {
                         self.settled_no_ack(seq, id);
                     }
                     let msg = self.with_delivery_count(msg, deliveries);
-                    channel.outbox.push(Outgoing::Content(
+                    channel.sink.send_content(
                         channel.id,
                         AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
                             delivery_tag: tag,
@@ -965,7 +972,7 @@ impl Queue {
                             message_count: remaining,
                         })),
                         msg,
-                    ));
+                    );
                     self.unlock(g);
                     return Got::Delivered;
                 }

@@ -10,9 +10,8 @@ use warren_protocol::{
     ShortString,
 };
 
-use crate::delivery::ChannelHandle;
+use crate::delivery::{ChannelHandle, DeliverySink};
 use crate::message::Message;
-use crate::outbox::{Outbox, Outgoing};
 
 /// Token -> (channel, consumer tag). A `std::sync::RwLock`: read per reply, written when a
 /// reply consumer starts or ends; never held across `.await`.
@@ -39,7 +38,7 @@ impl Replies {
     /// Delivers a reply to the channel `token` names and returns that channel's outbox (the
     /// replier's reader waits for room in it when it is full); None when there is no such
     /// channel (any more): the reply is then unroutable.
-    pub fn deliver(&self, token: &str, msg: &Arc<Message>) -> Option<Arc<Outbox>> {
+    pub fn deliver(&self, token: &str, msg: &Arc<Message>) -> Option<Arc<dyn DeliverySink>> {
         let found = self
             .map
             .read()
@@ -49,7 +48,7 @@ impl Replies {
         let (ch, tag) = found?;
         let ch = ch.upgrade()?;
         let delivery_tag = ch.next_tag()?;
-        ch.outbox.push(Outgoing::Content(
+        ch.sink.send_content(
             ch.id,
             AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
                 consumer_tag: tag,
@@ -59,7 +58,7 @@ impl Replies {
                 routing_key: msg.routing_key.clone(),
             })),
             msg.clone(),
-        ));
-        Some(ch.outbox.clone())
+        );
+        Some(ch.sink.clone())
     }
 }

@@ -889,7 +889,8 @@ impl VHost {
     /// A new or recovered queue: dead letters route through this vhost, and an `x-expires`
     /// queue gets its watcher.
     fn adopt(&self, q: &Arc<Queue>) {
-        q.set_router(self.me.clone());
+        let router: Weak<dyn crate::queue::Router> = self.me.clone();
+        q.set_router(router);
         let Some(ms) = q.args.expires else {
             return;
         };
@@ -1018,6 +1019,16 @@ pub fn server_name(prefix: &str) -> String {
         s.push(ALPHABET[((bits >> (i * 6)) & 63) as usize] as char);
     }
     s
+}
+
+impl crate::queue::Router for VHost {
+    fn dead_letter(&self, src: &Arc<Queue>, entry: Entry, msg: Arc<Message>, reason: Reason) {
+        VHost::dead_letter(self, src, entry, msg, reason)
+    }
+
+    fn remove_queue(&self, q: &Arc<Queue>) -> AmqpResult<u32> {
+        VHost::remove_queue(self, q)
+    }
 }
 
 #[cfg(test)]
