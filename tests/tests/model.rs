@@ -212,12 +212,16 @@ impl Model {
         }
     }
 
-    /// Whether requeueing every unacked delivery could push q1 over its limit (then which
-    /// messages drop-head takes depends on the order channels close in).
-    fn q1_may_overflow(&self) -> bool {
+    /// Whether q1 may come back over its limit (unacked deliveries requeued; after a crash
+    /// also what was acked or moved since the last fence), so that drop-head may move any of
+    /// its messages (which ones depends on the order channels close and gets run in).
+    fn q1_may_overflow(&self, crash: bool) -> bool {
         self.msgs
             .iter()
-            .filter(|m| matches!(m.place, Place::Ready(Q1) | Place::Unacked(Q1, ..)))
+            .filter(|m| {
+                m.place.settled() == Some(Q1)
+                    || (crash && m.durable_place.and_then(Place::settled) == Some(Q1))
+            })
             .count()
             > Q1_MAX
     }
@@ -785,6 +789,7 @@ impl Run {
             other => self.fail(format!("publish {pid} after the outage: {other:?}")),
         }
         self.model.add(pid, Q0, true);
+        self.model.fence();
     }
 
     async fn start(&mut self) {
@@ -805,7 +810,7 @@ impl Run {
         if let Some(life) = self.life.take() {
             life.end(if crash { Stop::Crash } else { Stop::Graceful });
         }
-        let overflow = self.model.q1_may_overflow();
+        let overflow = self.model.q1_may_overflow(crash);
         if !crash {
             self.model.restart();
         }
@@ -986,7 +991,8 @@ async fn run_seed(seed: u64, steps: u64, storage: Option<String>) {
         run.drain(q).await;
     }
     let stats: BTreeMap<&str, usize> = run.log.iter().fold(BTreeMap::new(), |mut m, l| {
-        *m.entry(l.split(' ').next().unwrap_or("")).or_default() += 1;
+        *m.entry(l.split_whitespace().next().unwrap_or(""))
+            .or_default() += 1;
         m
     });
     eprintln!("model seed {seed}: {steps} steps passed; ops {stats:?}");
