@@ -704,7 +704,9 @@ fn queue_args_edges() {
 /// RabbitMQ splits the empty routing key into no words
 /// (`rabbit_db_topic_exchange:split_topic_key_binary(<<>>) -> []`), so a binding that needs a
 /// word (`*`, `#.*`, `*.#`) does not match it there; Warren splits it into one empty word
-/// (`key.split('.')` in `TopicTrie::matches`, broker/src/topic.rs:73) and matches.
+/// (`key.split('.')` in `TopicTrie::matches`, broker/src/topic.rs:72) and matches. The unit
+/// test `hash_edge_cases` (broker/src/topic.rs:198) asserts Warren's behaviour. A fix must give
+/// the empty binding key no words too (`pattern_words`, topic.rs:81), or `""` stops matching `""`.
 #[test]
 #[ignore = "bug: the empty routing key matches topic bindings '*', '#.*' and '*.#' (RabbitMQ: no words, no match)"]
 fn empty_key_matches_no_one_word_pattern() {

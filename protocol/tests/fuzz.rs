@@ -1290,7 +1290,7 @@ fn generators_produce_decodable_frames() {
 
 /// BUG (unreachable from the wire): `Decoder::new(n)` with 1 <= n <= 7 panics on the first
 /// body frame header with "attempt to subtract with overflow" in `Decoder::decode`
-/// (protocol/src/codec.rs, `max: limit - FRAME_OVERHEAD` in the FrameTooLarge error) in a
+/// (protocol/src/codec.rs:203, `max: limit - FRAME_OVERHEAD` in the FrameTooLarge error) in a
 /// debug build, and reports a wrapped `max` in release. The broker never builds such a decoder
 /// (tune-ok below 8192 is refused with 530), but the public constructor accepts it.
 #[test]
