@@ -69,16 +69,21 @@ impl<T: Clone + PartialEq> TopicTrie<T> {
     /// Appends the values of every pattern matching `key`, each pattern's values once (a value
     /// bound under two patterns appears twice).
     pub fn matches(&self, key: &str, out: &mut Vec<T>) {
-        let words: Vec<&str> = key.split('.').collect();
+        let words: Vec<&str> = key_words(key).collect();
         let mut seen = HashSet::new();
         walk(&self.root, &words, 0, &mut seen, out);
     }
 }
 
+/// A key's words. As in RabbitMQ, the empty key has none (so `*` does not match it, `#` does).
+fn key_words(key: &str) -> impl Iterator<Item = &str> {
+    key.split('.').filter(move |_| !key.is_empty())
+}
+
 /// A pattern's words with runs of `#` collapsed to one (`#.#` matches what `#` matches).
 fn pattern_words(pattern: &str) -> impl Iterator<Item = &str> {
     let mut prev_hash = false;
-    pattern.split('.').filter(move |w| {
+    key_words(pattern).filter(move |w| {
         let hash = *w == "#";
         let keep = !(hash && prev_hash);
         prev_hash = hash;
@@ -195,7 +200,8 @@ mod tests {
         t.insert("#.z", 3);
         t.insert("", 4);
         t.insert("*", 5);
-        assert_eq!(m(&t, ""), vec![1, 4, 5]);
+        // The empty key has no words: `#` and the empty binding match it, `*` does not.
+        assert_eq!(m(&t, ""), vec![1, 4]);
         assert_eq!(m(&t, "a.b"), vec![1, 2]);
         assert_eq!(m(&t, "a.x.y.b"), vec![1, 2]);
         assert_eq!(m(&t, "z"), vec![1, 3, 5]);

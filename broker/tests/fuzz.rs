@@ -266,7 +266,7 @@ fn pattern() -> impl Strategy<Value = String> {
     .prop_map(|w| w.join("."))
 }
 
-/// A routing key of at least one word (the empty key is `empty_key_matches_no_one_word_pattern`).
+/// A routing key: words from a small alphabet (the empty key included).
 fn topic_key() -> impl Strategy<Value = String> {
     let word = prop_oneof![
         6 => prop::sample::select(vec!["a", "b", "c"]),
@@ -279,7 +279,6 @@ fn topic_key() -> impl Strategy<Value = String> {
         1 => prop::collection::vec(word, 100..=128),
     ]
     .prop_map(|w| w.join("."))
-    .prop_filter("the empty key", |k| !k.is_empty())
 }
 
 /// The same pattern spelled differently: each `#` may become a run of `#` (`#.#` is `#`).
@@ -708,7 +707,6 @@ fn queue_args_edges() {
 /// test `hash_edge_cases` (broker/src/topic.rs:198) asserts Warren's behaviour. A fix must give
 /// the empty binding key no words too (`pattern_words`, topic.rs:81), or `""` stops matching `""`.
 #[test]
-#[ignore = "bug: the empty routing key matches topic bindings '*', '#.*' and '*.#' (RabbitMQ: no words, no match)"]
 fn empty_key_matches_no_one_word_pattern() {
     let mut t = TopicTrie::default();
     for (i, p) in ["*", "#.*", "*.#", "#", ""].iter().enumerate() {

@@ -200,7 +200,7 @@ impl Decoder {
             return Err(DecodeError::FrameTooLarge {
                 kind,
                 size,
-                max: limit - FRAME_OVERHEAD,
+                max: limit.saturating_sub(FRAME_OVERHEAD),
             });
         }
         if buf.len() < size + FRAME_OVERHEAD {
