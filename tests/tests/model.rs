@@ -144,6 +144,9 @@ struct Msg {
     /// it had been delivered.
     durable_place: Option<Place>,
     durable_delivered: bool,
+    /// Queues (settled) it has been in since the last fence, one bit each: after a crash the
+    /// store may hold it in any of them (it holds some prefix of what was submitted).
+    since_fence: u8,
 }
 
 #[derive(Default)]
@@ -185,6 +188,7 @@ impl Model {
             delivered: false,
             durable_place: None,
             durable_delivered: false,
+            since_fence: Place::Ready(q).settled().map_or(0, |s| 1 << s),
         });
         if q == Q1 {
             // x-max-length drop-head: the oldest ready ones go to the dead-letter queue.
@@ -202,6 +206,7 @@ impl Model {
         self.msgs[i].place = Place::Ready(DLQ);
         self.msgs[i].seq = seq;
         self.msgs[i].delivered = false;
+        self.msgs[i].since_fence |= 1 << DLQ;
     }
 
     /// q1's drop-head after a publish or a requeue (RabbitMQ runs it after both).
@@ -221,6 +226,7 @@ impl Model {
             .filter(|m| {
                 m.place.settled() == Some(Q1)
                     || (crash && m.durable_place.and_then(Place::settled) == Some(Q1))
+                    || (crash && m.since_fence & (1 << Q1) != 0)
             })
             .count()
             > Q1_MAX
@@ -238,6 +244,7 @@ impl Model {
         for m in &mut self.msgs {
             m.durable_place = Some(m.place);
             m.durable_delivered = m.delivered;
+            m.since_fence = m.place.settled().map_or(0, |s| 1 << s);
         }
     }
 
@@ -841,7 +848,8 @@ impl Run {
                     let then = m.durable_place.and_then(Place::settled);
                     // Requeued at the stop into a full q1, drop-head may have moved it.
                     let dropped = q1_overflow && q == DLQ && (now == Some(Q1) || then == Some(Q1));
-                    m.persistent && (now == Some(q) || then == Some(q) || dropped)
+                    let passed = m.since_fence & (1 << q) != 0;
+                    m.persistent && (now == Some(q) || then == Some(q) || passed || dropped)
                 };
                 let Some(i) = (0..self.model.msgs.len())
                     .find(|&i| self.model.msgs[i].pid == pid && candidates(&self.model.msgs[i]))
