@@ -442,15 +442,35 @@ impl Run {
         );
     }
 
+    /// Waits until q2's messages have expired into the dead-letter queue (the broker's timer
+    /// fires at the deadline; under load, later), then moves them in the model.
     async fn wait_q2(&mut self) {
         if let Some(t) = self.model.q2_last {
-            let due = t + Duration::from_millis(Q2_TTL_MS + 150);
+            let due = t + Duration::from_millis(Q2_TTL_MS);
             let now = Instant::now();
             if due > now {
                 tokio::time::sleep(due - now).await;
             }
         }
+        self.q2_empty().await;
         self.model.expire_q2();
+    }
+
+    async fn q2_empty(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = self.client().count(Q2).await;
+            if n == 0 {
+                return;
+            }
+            if Instant::now() > deadline {
+                self.fail(format!(
+                    "{} still holds {n} messages past their TTL",
+                    NAMES[Q2]
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     async fn publish(&mut self) {
@@ -830,7 +850,7 @@ impl Run {
     /// adopts it.
     async fn reconcile(&mut self, q1_overflow: bool) {
         // q2's recovered messages expire into dlq shortly after the start.
-        tokio::time::sleep(Duration::from_millis(Q2_TTL_MS + 200)).await;
+        self.q2_empty().await;
         // pid -> candidates (queue index) per message.
         let mut seen: HashMap<usize, usize> = HashMap::new(); // msg index -> queue seen in
         let ch = self.client().slot(0).await;
