@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use tokio::sync::Notify;
 use warren_protocol::AMQPClass;
 
-use crate::delivery::DeliverySink;
-use crate::message::Message;
-use crate::queue::Queue;
+use warren_core::delivery::DeliverySink;
+use warren_core::message::Message;
+use warren_core::queue::Queue;
 
 /// One outgoing item, encoded by the writer task.
 #[derive(Debug)]

@@ -15,24 +15,24 @@ use warren_protocol::{
     ShortString,
 };
 
-use crate::auth::{Access, Perm, Resource};
-use crate::delivery::{ChannelHandle, Consumer, DeliverySink, Unacked};
-use crate::error::{AmqpError, AmqpResult};
-use crate::exchange::Exchange;
-use crate::message::Message;
 use crate::outbox::{Outbox, Outgoing};
-use crate::persist::Persistence;
-use crate::queue::{Enqueued, Entry, Got, LoadFuture, Queue, Removed};
+use warren_core::auth::{Access, Perm, Resource};
+use warren_core::delivery::{ChannelHandle, Consumer, DeliverySink, Unacked};
+use warren_core::error::{AmqpError, AmqpResult};
+use warren_core::exchange::Exchange;
+use warren_core::message::Message;
+use warren_core::persist::Persistence;
+use warren_core::queue::{Enqueued, Entry, Got, LoadFuture, Queue, Removed};
 
 /// Store reads one basic.get may wait for before it is answered get-empty.
 const MAX_GET_LOADS: u8 = 3;
-use crate::vhost::{server_name, ExchangeDeclare, QueueDeclare, VHost};
+use warren_core::vhost::{server_name, ExchangeDeclare, QueueDeclare, VHost};
 
 /// What a channel needs from its connection.
 pub struct ConnCtx {
     pub conn_id: u64,
     /// The user's permissions in this vhost, as of connection.open.
-    pub access: Arc<crate::auth::Access>,
+    pub access: Arc<warren_core::auth::Access>,
     pub vhost: Arc<VHost>,
     pub outbox: Arc<Outbox>,
     pub max_message_size: u64,
@@ -423,7 +423,7 @@ impl Channel {
                             .arguments
                             .inner()
                             .get("alternate-exchange")
-                            .and_then(crate::args::as_str)
+                            .and_then(warren_core::args::as_str)
                         {
                             access.check(Perm::Read, Resource::Exchange, name)?;
                             access.check(Perm::Write, Resource::Exchange, &ae)?;
@@ -667,12 +667,12 @@ impl Channel {
                 }
                 let priority = match c.arguments.inner().get("x-priority") {
                     None => 0,
-                    Some(v) => crate::args::as_int(v).ok_or_else(|| {
+                    Some(v) => warren_core::args::as_int(v).ok_or_else(|| {
                         AmqpError::precondition(format!(
                             "invalid arg 'x-priority' for queue '{}' in vhost '{}': \"expected integer, got {}\"",
                             name,
                             vh.name,
-                            crate::args::type_name(v)
+                            warren_core::args::type_name(v)
                         ))
                     })?,
                 };
@@ -831,13 +831,13 @@ impl Channel {
         ctx.access
             .check(Perm::Write, Resource::Exchange, c.publish.exchange.as_str())?;
         let exchange = ctx.vhost.publish_exchange(c.publish.exchange.as_str())?;
-        if exchange.kind == crate::exchange::ExchangeKind::Topic {
+        if exchange.kind == warren_core::exchange::ExchangeKind::Topic {
             ctx.access
                 .check_topic(Perm::Write, &exchange.name, c.publish.routing_key.as_str())?;
         }
         let mandatory = c.publish.mandatory;
         if let Some(e) = c.properties.expiration() {
-            if let Some(why) = crate::message::expiration_problem(e.as_str()) {
+            if let Some(why) = warren_core::message::expiration_problem(e.as_str()) {
                 return Err(AmqpError::precondition(format!(
                     "invalid expiration '{}': {why}",
                     e.as_str()
@@ -898,7 +898,7 @@ impl Channel {
         let delay = exchange
             .delay
             .get()
-            .and_then(|d| crate::delay::delay_of(&msg).map(|ms| (d, ms)));
+            .and_then(|d| warren_core::delay::delay_of(&msg).map(|ms| (d, ms)));
         match msg.routing_key.as_str().strip_prefix(REPLY_PREFIX) {
             Some(token) if exchange.name.is_empty() => {
                 if let Some(outbox) = ctx.vhost.replies.deliver(token, &msg) {
@@ -1045,7 +1045,7 @@ fn check_binding(
     access.check(Perm::Write, destination_kind, destination)?;
     access.check(Perm::Read, Resource::Exchange, source)?;
     if let Some(x) = vh.exchange(source) {
-        if x.kind == crate::exchange::ExchangeKind::Topic {
+        if x.kind == warren_core::exchange::ExchangeKind::Topic {
             access.check_topic(Perm::Read, source, key)?;
         }
     }

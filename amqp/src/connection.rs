@@ -25,10 +25,10 @@ use warren_protocol::{
     reply, sasl, AMQPValue, FieldTable, LongString, PROTOCOL_HEADER,
 };
 
-use crate::broker::{Broker, LoginError};
 use crate::channel::{Channel, ConnCtx};
-use crate::error::{AmqpError, AmqpResult};
 use crate::outbox::{Outbox, Outgoing};
+use warren_core::broker::{Broker, LoginError};
+use warren_core::error::{AmqpError, AmqpResult};
 
 /// Time we wait for close-ok after sending connection.close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -62,7 +62,7 @@ enum Flow {
     Open(String),
     /// A channel method needs a store read first (basic.get on a paged queue): await it, then
     /// handle the frame again.
-    Load(crate::queue::LoadFuture, Box<Frame>),
+    Load(warren_core::queue::LoadFuture, Box<Frame>),
 }
 
 struct Conn {
@@ -818,7 +818,7 @@ impl Conn {
     /// is full, the socket is not read. Deliveries to its consumers never count here (queues
     /// check for room before delivering). True if it waited.
     async fn wait_for_room(&mut self) -> bool {
-        let full: Vec<Arc<dyn crate::delivery::DeliverySink>> = self
+        let full: Vec<Arc<dyn warren_core::delivery::DeliverySink>> = self
             .channels
             .values_mut()
             .filter_map(|c| c.take_full_outbox())

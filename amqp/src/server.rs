@@ -11,9 +11,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::Broker;
-use crate::config::Config;
 use crate::connection;
+use warren_core::broker::Broker;
+use warren_core::config::Config;
 
 /// Binds every address. An unspecified IPv6 address (`[::]`) is bound dual-stack, so it takes
 /// IPv4 connections too; where IPv6 is off it falls back to `0.0.0.0` on the same port.

@@ -9,11 +9,11 @@
 //! values given; topic matches equal the reference's (as a multiset) and stay polynomial on
 //! keys of 128 words; headers matching keeps the properties its module documents.
 //!
-//! The default case counts run in seconds in a debug build (`cargo test -p warren-broker
+//! The default case counts run in seconds in a debug build (`cargo test -p warren-core
 //! --test fuzz`). Run longer by hand with, e.g.:
 //!
 //! ```text
-//! WARREN_FUZZ_CASES=200000 cargo test --release -p warren-broker --test fuzz
+//! WARREN_FUZZ_CASES=200000 cargo test --release -p warren-core --test fuzz
 //! ```
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use proptest::sample::Index;
-use warren_broker::args::{self, Overflow, QueueArgs};
-use warren_broker::headers::{self, XMatch};
-use warren_broker::topic::TopicTrie;
+use warren_core::args::{self, Overflow, QueueArgs};
+use warren_core::headers::{self, XMatch};
+use warren_core::topic::TopicTrie;
 use warren_protocol::{types::DecimalValue, AMQPValue, FieldTable, LongString, ShortString};
 
 // ---------------------------------------------------------------------------------------------
