@@ -1302,3 +1302,202 @@ struct LoadJob {
     page: bool,
     missing: Vec<u64>,
 }
+
+/// The queue state machine without sockets: consumers reached through a recording
+/// `DeliverySink`, the store through `Persistence` on a scratch SQLite.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::DeliverySink;
+    use std::sync::atomic::{AtomicBool, AtomicU32};
+    use warren_protocol::{AMQPProperties, FieldTable, ShortString};
+
+    /// Records deliveries; `full` makes it refuse room (deliveries then wait, parked).
+    #[derive(Default)]
+    struct Recorder {
+        delivered: Mutex<Vec<(u64, bool, Vec<u8>)>>,
+        parked: Mutex<Vec<Weak<Queue>>>,
+        full: AtomicBool,
+    }
+
+    impl DeliverySink for Recorder {
+        fn send_method(&self, _: u16, _: AMQPClass) {}
+        fn send_content(&self, _: u16, method: AMQPClass, msg: Arc<Message>) {
+            if let AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) = method {
+                self.delivered.lock().unwrap().push((
+                    d.delivery_tag,
+                    d.redelivered,
+                    msg.body.to_vec(),
+                ));
+            }
+        }
+        fn has_room(&self) -> bool {
+            !self.full.load(Ordering::Relaxed)
+        }
+        fn park(&self, queue: &Arc<Queue>) {
+            self.parked.lock().unwrap().push(Arc::downgrade(queue));
+        }
+        fn wait_room(
+            &self,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+            Box::pin(async {})
+        }
+    }
+
+    impl Recorder {
+        fn bodies(&self) -> Vec<(bool, Vec<u8>)> {
+            self.delivered
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, r, b)| (*r, b.clone()))
+                .collect()
+        }
+    }
+
+    async fn setup(
+        args: FieldTable,
+    ) -> (
+        Arc<Queue>,
+        Arc<Recorder>,
+        Arc<ChannelHandle>,
+        Arc<Persistence>,
+    ) {
+        let config = crate::Config::for_tests();
+        let (persist, _) = Persistence::open(&config).await.unwrap();
+        let q = Queue::new(
+            "/",
+            QueueSpec {
+                name: "unit".to_string(),
+                durable: false,
+                exclusive_owner: None,
+                auto_delete: false,
+                arguments: args,
+            },
+            1,
+            persist.clone(),
+        );
+        let sink = Arc::new(Recorder::default());
+        let ch = ChannelHandle::new(1, 1, sink.clone(), false);
+        (q, sink, ch, persist)
+    }
+
+    fn consumer(q: &Arc<Queue>, ch: &Arc<ChannelHandle>, prefetch: u32) -> Arc<Consumer> {
+        let c = Arc::new(Consumer {
+            tag: ShortString::from("c1"),
+            channel: ch.clone(),
+            queue: Arc::downgrade(q),
+            no_ack: false,
+            exclusive: false,
+            priority: 0,
+            prefetch,
+            unacked: AtomicU32::new(0),
+            active: AtomicBool::new(true),
+        });
+        q.add_consumer(c.clone()).unwrap();
+        ch.add_consumer(c.clone()).unwrap();
+        c
+    }
+
+    fn publish(q: &Arc<Queue>, p: &Persistence, body: &[u8]) {
+        let msg = Arc::new(Message::new(
+            p.next_message_id(),
+            ShortString::from(""),
+            ShortString::from("unit"),
+            AMQPProperties::default(),
+            bytes::Bytes::new(),
+            bytes::Bytes::copy_from_slice(body),
+            None,
+        ));
+        q.publish(&msg, &mut None);
+    }
+
+    /// Acks `tags` the way a channel does: credit back, position forgotten, dispatch again.
+    fn settle(q: &Arc<Queue>, ch: &Arc<ChannelHandle>, tag: u64, requeue: bool) {
+        let taken = ch.take_unacked(tag, false).unwrap();
+        let mut back = Vec::new();
+        for (_, u) in taken {
+            ch.release(&u);
+            if requeue {
+                back.push(u.entry);
+            } else {
+                u.queue.forget(&u.entry);
+            }
+        }
+        if requeue {
+            q.requeue(back);
+        }
+        q.dispatch();
+    }
+
+    #[tokio::test]
+    async fn prefetch_bounds_deliveries_and_acks_release_credit() {
+        let (q, sink, ch, p) = setup(FieldTable::default()).await;
+        for b in [b"a", b"b", b"c"] {
+            publish(&q, &p, b);
+        }
+        consumer(&q, &ch, 2);
+        q.dispatch();
+        assert_eq!(
+            sink.bodies(),
+            vec![(false, b"a".to_vec()), (false, b"b".to_vec())]
+        );
+        assert_eq!(q.counts(), (1, 1));
+        settle(&q, &ch, 1, false);
+        assert_eq!(sink.bodies().len(), 3);
+        assert_eq!(sink.bodies()[2], (false, b"c".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn a_requeue_goes_back_to_its_place_redelivered() {
+        let (q, sink, ch, p) = setup(FieldTable::default()).await;
+        for b in [b"a", b"b"] {
+            publish(&q, &p, b);
+        }
+        consumer(&q, &ch, 1);
+        q.dispatch();
+        // "a" is delivered; requeued, it is delivered again before "b", marked redelivered.
+        settle(&q, &ch, 1, true);
+        assert_eq!(
+            sink.bodies(),
+            vec![(false, b"a".to_vec()), (true, b"a".to_vec())]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_sink_parks_the_queue_until_room() {
+        let (q, sink, ch, p) = setup(FieldTable::default()).await;
+        sink.full.store(true, Ordering::Relaxed);
+        consumer(&q, &ch, 0);
+        publish(&q, &p, b"a");
+        assert!(sink.bodies().is_empty(), "delivered into a full sink");
+        assert_eq!(sink.parked.lock().unwrap().len(), 1, "parked on the sink");
+        sink.full.store(false, Ordering::Relaxed);
+        for w in sink.parked.lock().unwrap().drain(..) {
+            if let Some(q) = w.upgrade() {
+                q.dispatch();
+            }
+        }
+        assert_eq!(sink.bodies(), vec![(false, b"a".to_vec())]);
+    }
+
+    #[tokio::test]
+    async fn drop_head_keeps_the_newest() {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-max-length".into(),
+            warren_protocol::AMQPValue::LongInt(2),
+        );
+        let (q, sink, ch, p) = setup(args).await;
+        for b in [b"a", b"b", b"c"] {
+            publish(&q, &p, b);
+        }
+        assert_eq!(q.counts(), (2, 0));
+        consumer(&q, &ch, 0);
+        q.dispatch();
+        assert_eq!(
+            sink.bodies(),
+            vec![(false, b"b".to_vec()), (false, b"c".to_vec())]
+        );
+    }
+}
