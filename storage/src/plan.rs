@@ -3,6 +3,7 @@
 //! never written; delivered marks keep only each queue's highest. A backend applies a plan in
 //! this order, in one transaction: metadata in op order, purges, inserts, removes, delivered marks.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -28,77 +29,93 @@ pub struct Plan {
     pub delivered: BTreeMap<i64, i64>,
 }
 
-impl Plan {
-    pub fn from_ops(ops: impl IntoIterator<Item = Op>) -> Plan {
-        let mut plan = Plan::default();
-        let mut inserts: Vec<Option<PlannedInsert>> = Vec::new();
-        // (queue, seq) -> index in `inserts`, for positions written by this batch.
-        let mut pending: HashMap<(i64, i64), usize> = HashMap::new();
-        // message id -> index in `inserts`
-        let mut by_id: HashMap<i64, usize> = HashMap::new();
-        // (queue, seq) -> index in `plan.removes`, for positions removed by this batch: a
-        // later insert of the same position cancels the remove (removes are applied after
-        // inserts, so keeping both would delete the position the insert put back).
-        let mut removed: HashMap<(i64, i64), usize> = HashMap::new();
-        let mut cancelled: Vec<usize> = Vec::new();
-        for op in ops.into_iter().flat_map(flatten) {
-            match op {
-                Op::Insert { message, entries } => {
-                    // A message routed to several queues arrives once per queue: one row.
-                    let at = match by_id.get(&message.id) {
-                        Some(&i) if inserts[i].is_some() => i,
-                        _ => {
-                            by_id.insert(message.id, inserts.len());
-                            inserts.push(Some(PlannedInsert {
-                                message,
-                                entries: Vec::new(),
-                            }));
-                            inserts.len() - 1
-                        }
-                    };
-                    for e in entries {
-                        match removed.remove(&e) {
-                            // The position was committed before this batch: a later remove
-                            // must reach the store, so it is not absorbed by this insert.
-                            Some(r) => cancelled.push(r),
-                            None => {
-                                pending.insert(e, at);
-                            }
-                        }
-                        if let Some(ins) = inserts[at].as_mut() {
-                            ins.entries.push(e);
+/// The state `Plan::from_ops` keeps while it reads a batch.
+#[derive(Default)]
+struct Builder {
+    plan: Plan,
+    inserts: Vec<Option<PlannedInsert>>,
+    /// (queue, seq) -> index in `inserts`, for positions written by this batch.
+    pending: HashMap<(i64, i64), usize>,
+    /// message id -> index in `inserts`
+    by_id: HashMap<i64, usize>,
+    /// (queue, seq) -> index in `plan.removes`, for positions removed by this batch: a later
+    /// insert of the same position cancels the remove (removes are applied after inserts, so
+    /// keeping both would delete the position the insert put back).
+    removed: HashMap<(i64, i64), usize>,
+    cancelled: Vec<usize>,
+}
+
+impl Builder {
+    /// Adds one op; an `Atomic` group's ops in order (the whole group is in this batch by
+    /// construction).
+    fn add(&mut self, op: &Op) {
+        match op {
+            Op::Atomic(ops) => ops.iter().for_each(|op| self.add(op)),
+            Op::Insert { message, entries } => {
+                // A message routed to several queues arrives once per queue: one row.
+                let at = match self.by_id.get(&message.id) {
+                    Some(&i) if self.inserts[i].is_some() => i,
+                    _ => {
+                        self.by_id.insert(message.id, self.inserts.len());
+                        self.inserts.push(Some(PlannedInsert {
+                            message: message.clone(),
+                            entries: Vec::new(),
+                        }));
+                        self.inserts.len() - 1
+                    }
+                };
+                for &e in entries {
+                    match self.removed.remove(&e) {
+                        // The position was committed before this batch: a later remove must
+                        // reach the store, so it is not absorbed by this insert.
+                        Some(r) => self.cancelled.push(r),
+                        None => {
+                            self.pending.insert(e, at);
                         }
                     }
-                }
-                Op::Remove {
-                    queue_id,
-                    seq,
-                    message_id,
-                } => match pending.remove(&(queue_id, seq)) {
-                    Some(i) => drop_entry(&mut inserts[i], queue_id, seq),
-                    None => {
-                        removed.insert((queue_id, seq), plan.removes.len());
-                        plan.removes.push((queue_id, seq, message_id));
+                    if let Some(ins) = self.inserts[at].as_mut() {
+                        ins.entries.push(e);
                     }
-                },
-                Op::Purge {
-                    queue_id,
-                    after_seq,
-                } => {
-                    drop_queue(&mut inserts, &mut pending, queue_id, after_seq);
-                    plan.purges.push((queue_id, after_seq));
                 }
-                Op::DeleteQueue { id, .. } => {
-                    drop_queue(&mut inserts, &mut pending, id, i64::MIN);
-                    plan.meta.push(op);
-                }
-                Op::Delivered { queue_id, seq } => {
-                    let mark = plan.delivered.entry(queue_id).or_insert(seq);
-                    *mark = (*mark).max(seq);
-                }
-                meta => plan.meta.push(meta),
             }
+            &Op::Remove {
+                queue_id,
+                seq,
+                message_id,
+            } => match self.pending.remove(&(queue_id, seq)) {
+                Some(i) => drop_entry(&mut self.inserts[i], queue_id, seq),
+                None => {
+                    self.removed
+                        .insert((queue_id, seq), self.plan.removes.len());
+                    self.plan.removes.push((queue_id, seq, message_id));
+                }
+            },
+            &Op::Purge {
+                queue_id,
+                after_seq,
+            } => {
+                drop_queue(&mut self.inserts, &mut self.pending, queue_id, after_seq);
+                self.plan.purges.push((queue_id, after_seq));
+            }
+            Op::DeleteQueue { id, .. } => {
+                drop_queue(&mut self.inserts, &mut self.pending, *id, i64::MIN);
+                self.plan.meta.push(op.clone());
+            }
+            &Op::Delivered { queue_id, seq } => {
+                let mark = self.plan.delivered.entry(queue_id).or_insert(seq);
+                *mark = (*mark).max(seq);
+            }
+            meta => self.plan.meta.push(meta.clone()),
         }
+    }
+
+    fn finish(self) -> Plan {
+        let Builder {
+            mut plan,
+            inserts,
+            mut cancelled,
+            ..
+        } = self;
         plan.inserts = inserts.into_iter().flatten().collect();
         if !cancelled.is_empty() {
             cancelled.sort_unstable();
@@ -110,6 +127,18 @@ impl Plan {
             });
         }
         plan
+    }
+}
+
+impl Plan {
+    /// Reduces a batch of ops (owned or borrowed: the writer keeps its ops to retry them one
+    /// by one if the store refuses the batch) to what must be written.
+    pub fn from_ops<B: Borrow<Op>>(ops: impl IntoIterator<Item = B>) -> Plan {
+        let mut b = Builder::default();
+        for op in ops {
+            b.add(op.borrow());
+        }
+        b.finish()
     }
 
     /// Whether the commit must be on disk before its tickets are released: it writes
@@ -185,14 +214,6 @@ fn drop_queue(
                 *slot = None;
             }
         }
-    }
-}
-
-/// An `Atomic` group's ops in order (the whole group is in this batch by construction).
-fn flatten(op: Op) -> Vec<Op> {
-    match op {
-        Op::Atomic(ops) => ops.into_iter().flat_map(flatten).collect(),
-        op => vec![op],
     }
 }
 

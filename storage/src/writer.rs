@@ -230,7 +230,7 @@ async fn run<S: MessageStore>(
             batch.push((t, op));
         }
         let ops = batch.len();
-        let plan = Plan::from_ops(batch.iter().map(|(_, op)| op.clone()));
+        let plan = Plan::from_ops(batch.iter().map(|(_, op)| op));
         let started = Instant::now();
         if let Err(e) = commit(&*store, &plan, &writer).await {
             // Refused for good: find the ops to blame, one transaction each.
