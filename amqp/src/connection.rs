@@ -87,6 +87,9 @@ struct Conn {
     cleaned: bool,
     /// Cancelled when the writer task ends abnormally (a panic): the reader stops too.
     writer_gone: CancellationToken,
+    /// Outboxes this connection's publishes filled (returns, reply-to replies): the socket is
+    /// not read until they drain (`wait_for_room`).
+    full_outboxes: Vec<Arc<dyn warren_core::delivery::DeliverySink>>,
 }
 
 impl Drop for Conn {
@@ -198,6 +201,7 @@ async fn serve(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>, id: u64
         holds: 0,
         cleaned: false,
         writer_gone,
+        full_outboxes: Vec::new(),
         broker,
     };
     conn.send_start();
@@ -743,7 +747,11 @@ impl Conn {
             }
         )
         .then(|| frame.clone());
-        match ch.handle(ctx, frame) {
+        let after = ch.handle(ctx, frame);
+        if let Some(full) = ch.take_full_outbox() {
+            self.full_outboxes.push(full);
+        }
+        match after {
             Ok(crate::channel::After::Keep) => match (ch.take_pending_load(), retry) {
                 (Some(read), Some(frame)) => Ok(Flow::Load(read, Box::new(frame))),
                 _ => Ok(Flow::Continue),
@@ -818,14 +826,10 @@ impl Conn {
     /// is full, the socket is not read. Deliveries to its consumers never count here (queues
     /// check for room before delivering). True if it waited.
     async fn wait_for_room(&mut self) -> bool {
-        let full: Vec<Arc<dyn warren_core::delivery::DeliverySink>> = self
-            .channels
-            .values_mut()
-            .filter_map(|c| c.take_full_outbox())
-            .collect();
-        if full.is_empty() {
+        if self.full_outboxes.is_empty() {
             return false;
         }
+        let full = std::mem::take(&mut self.full_outboxes);
         debug!(
             outboxes = full.len(),
             "outbox full: not reading until it drains"
