@@ -818,16 +818,7 @@ impl Queue {
 
     /// A no-ack delivery was recorded: its stored position goes (the message is gone).
     fn settled_no_ack(&self, seq: u64, id: u64) {
-        self.forget(&Entry {
-            seq,
-            id,
-            msg: None,
-            redelivered: false,
-            stored: true,
-            expires: 0,
-            prio: 0,
-            deliveries: 0,
-        });
+        self.persist.submit(self.remove_position(seq, id, false));
     }
 
     /// Redeliveries from a queue with a delivery limit (or a quorum queue) carry
@@ -901,17 +892,21 @@ impl Queue {
 
     /// The Remove op for a stored entry leaving this queue (None if it has no stored position).
     pub fn removal(&self, e: &Entry) -> Option<Op> {
-        if !e.stored {
-            return None;
+        e.stored
+            .then(|| self.remove_position(e.seq, e.id, e.msg.is_some()))
+    }
+
+    /// The Remove op for a stored position; a body not held in memory is dropped from the
+    /// cache too.
+    fn remove_position(&self, seq: u64, id: u64, body_held: bool) -> Op {
+        if !body_held {
+            self.persist.cache.invalidate(&id);
         }
-        if e.msg.is_none() {
-            self.persist.cache.invalidate(&e.id);
-        }
-        Some(Op::Remove {
+        Op::Remove {
             queue_id: self.id,
-            seq: e.seq as i64,
-            message_id: e.id as i64,
-        })
+            seq: seq as i64,
+            message_id: id as i64,
+        }
     }
 
     /// The entry is gone for good (acked, dropped): its stored position goes too.
