@@ -221,4 +221,19 @@ impl<S: MetaStore> MetaStore for Faulty<S> {
         self.faults.check_read().await?;
         self.inner.topic_permissions(vhost, user).await
     }
+
+    async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        self.faults.check_read().await?;
+        self.inner.list_users().await
+    }
+
+    async fn list_permissions(&self) -> Result<Vec<PermissionRecord>, StoreError> {
+        self.faults.check_read().await?;
+        self.inner.list_permissions().await
+    }
+
+    async fn list_topic_permissions(&self) -> Result<Vec<TopicPermissionRecord>, StoreError> {
+        self.faults.check_read().await?;
+        self.inner.list_topic_permissions().await
+    }
 }

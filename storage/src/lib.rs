@@ -98,12 +98,43 @@ pub struct TopicPermissionRecord {
     pub read: String,
 }
 
+/// A virtual host and its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostRecord {
+    pub name: String,
+    pub description: String,
+    /// Comma-separated tags.
+    pub tags: String,
+    pub default_queue_type: String,
+}
+
+/// A runtime parameter of a vhost: a policy (component `policy`), an operator policy
+/// (`operator_policy`), the vhost's limits (`vhost-limits`, name `limits`) or another
+/// component's value. `value` is JSON text, as RabbitMQ's API carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParameterRecord {
+    pub vhost: String,
+    pub component: String,
+    pub name: String,
+    pub value: String,
+}
+
+/// A global (cluster-wide) parameter; `value` is JSON text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalParameterRecord {
+    pub name: String,
+    pub value: String,
+}
+
 /// Everything durable, as loaded at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
+    pub vhosts: Vec<VhostRecord>,
     pub exchanges: Vec<ExchangeRecord>,
     pub queues: Vec<QueueRecord>,
     pub bindings: Vec<BindingRecord>,
+    pub parameters: Vec<ParameterRecord>,
+    pub global_parameters: Vec<GlobalParameterRecord>,
 }
 
 /// A message as stored: once, however many queues hold it.
@@ -162,8 +193,38 @@ pub enum Op {
     PutBinding(BindingRecord),
     DeleteBinding(BindingRecord),
     PutUser(UserRecord),
+    /// Deletes a user with its permissions and topic permissions.
+    DeleteUser {
+        name: String,
+    },
     PutPermission(PermissionRecord),
+    DeletePermission {
+        vhost: String,
+        user: String,
+    },
     PutTopicPermission(TopicPermissionRecord),
+    /// Deletes a user's topic permissions in a vhost: on one exchange, or on all of them.
+    DeleteTopicPermission {
+        vhost: String,
+        user: String,
+        exchange: Option<String>,
+    },
+    PutVhost(VhostRecord),
+    /// Deletes a vhost's record and every exchange, binding, permission and parameter in it,
+    /// and its queue records (the broker deletes each queue, with its messages, before).
+    DeleteVhost {
+        name: String,
+    },
+    PutParameter(ParameterRecord),
+    DeleteParameter {
+        vhost: String,
+        component: String,
+        name: String,
+    },
+    PutGlobalParameter(GlobalParameterRecord),
+    DeleteGlobalParameter {
+        name: String,
+    },
     /// A message and the (queue id, seq) positions that hold it.
     Insert {
         message: Arc<MessageRow>,
@@ -250,6 +311,19 @@ pub trait MetaStore: Send + Sync + 'static {
         &self,
         vhost: &str,
         user: &str,
+    ) -> impl Future<Output = Result<Vec<TopicPermissionRecord>, StoreError>> + Send;
+
+    /// Every user, by name.
+    fn list_users(&self) -> impl Future<Output = Result<Vec<UserRecord>, StoreError>> + Send;
+
+    /// Every permission, by (vhost, user).
+    fn list_permissions(
+        &self,
+    ) -> impl Future<Output = Result<Vec<PermissionRecord>, StoreError>> + Send;
+
+    /// Every topic permission, by (vhost, user, exchange).
+    fn list_topic_permissions(
+        &self,
     ) -> impl Future<Output = Result<Vec<TopicPermissionRecord>, StoreError>> + Send;
 }
 

@@ -29,7 +29,7 @@ use crate::plan::{Plan, PlannedInsert};
 use crate::{
     BindingRecord, DestinationKind, ExchangeRecord, MessageRow, MessageStore, MetaStore, Op,
     PermissionRecord, QueueRecord, QueueSummary, Recovered, Snapshot, StoreError, StoredEntry,
-    TopicPermissionRecord, UserRecord,
+    TopicPermissionRecord, UserRecord, VhostRecord, ParameterRecord, GlobalParameterRecord,
 };
 
 /// The in-memory store. `Clone` shares the data (it is an `Arc`).
@@ -83,6 +83,10 @@ struct State {
     permissions: BTreeMap<(String, String), PermissionRecord>,
     /// (vhost, user, exchange)
     topic_permissions: BTreeMap<(String, String, String), TopicPermissionRecord>,
+    vhosts: BTreeMap<String, VhostRecord>,
+    /// (vhost, component, name)
+    parameters: BTreeMap<(String, String, String), ParameterRecord>,
+    global_parameters: BTreeMap<String, GlobalParameterRecord>,
     /// id -> the row (bodies are `Bytes`: reading one copies no body)
     messages: BTreeMap<i64, Arc<MessageRow>>,
     /// (queue id, seq) -> message id
@@ -190,6 +194,55 @@ impl State {
                     p.clone(),
                 );
             }
+            Op::DeleteUser { name } => {
+                self.users.remove(name);
+                self.permissions.retain(|(_, u), _| u != name);
+                self.topic_permissions.retain(|(_, u, _), _| u != name);
+            }
+            Op::DeletePermission { vhost, user } => {
+                self.permissions.remove(&(vhost.clone(), user.clone()));
+            }
+            Op::DeleteTopicPermission {
+                vhost,
+                user,
+                exchange,
+            } => {
+                self.topic_permissions.retain(|(v, u, x), _| {
+                    !(v == vhost && u == user && exchange.as_ref().is_none_or(|e| e == x))
+                });
+            }
+            Op::PutVhost(v) => {
+                self.vhosts.insert(v.name.clone(), v.clone());
+            }
+            Op::DeleteVhost { name } => {
+                self.vhosts.remove(name);
+                self.exchanges.retain(|(v, _), _| v != name);
+                self.queues.retain(|_, q| q.vhost != *name);
+                self.bindings.retain(|_, b| b.vhost != *name);
+                self.permissions.retain(|(v, _), _| v != name);
+                self.topic_permissions.retain(|(v, _, _), _| v != name);
+                self.parameters.retain(|(v, _, _), _| v != name);
+            }
+            Op::PutParameter(p) => {
+                self.parameters.insert(
+                    (p.vhost.clone(), p.component.clone(), p.name.clone()),
+                    p.clone(),
+                );
+            }
+            Op::DeleteParameter {
+                vhost,
+                component,
+                name,
+            } => {
+                self.parameters
+                    .remove(&(vhost.clone(), component.clone(), name.clone()));
+            }
+            Op::PutGlobalParameter(p) => {
+                self.global_parameters.insert(p.name.clone(), p.clone());
+            }
+            Op::DeleteGlobalParameter { name } => {
+                self.global_parameters.remove(name);
+            }
             // Message ops never reach the metadata list of a plan (ignored, as by the SQL).
             Op::Insert { .. }
             | Op::Remove { .. }
@@ -274,9 +327,12 @@ impl State {
 
     fn snapshot(&self) -> Snapshot {
         Snapshot {
+            vhosts: self.vhosts.values().cloned().collect(),
             exchanges: self.exchanges.values().cloned().collect(),
             queues: self.queues.values().cloned().collect(),
             bindings: self.bindings.values().cloned().collect(),
+            parameters: self.parameters.values().cloned().collect(),
+            global_parameters: self.global_parameters.values().cloned().collect(),
         }
     }
 
@@ -310,10 +366,6 @@ fn next_id<'a>(
 }
 
 impl MemStore {
-    pub fn new() -> MemStore {
-        MemStore::default()
-    }
-
     /// The state, or `Unavailable` once a panic has poisoned the lock (it may have interrupted a
     /// plan half-applied, which must never be seen).
     fn lock(&self) -> Result<MutexGuard<'_, State>, StoreError> {
@@ -360,6 +412,37 @@ impl MetaStore for MemStore {
             .take_while(|((v, u, _), _)| v == vhost && u == user)
             .map(|(_, p)| p.clone())
             .collect())
+    }
+
+    async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        Ok(self.lock()?.users.values().cloned().collect())
+    }
+
+    async fn list_permissions(&self) -> Result<Vec<PermissionRecord>, StoreError> {
+        Ok(self.lock()?.permissions.values().cloned().collect())
+    }
+
+    async fn list_topic_permissions(&self) -> Result<Vec<TopicPermissionRecord>, StoreError> {
+        Ok(self.lock()?.topic_permissions.values().cloned().collect())
+    }
+}
+
+impl MemStore {
+    /// An empty store as the migrations leave it: the default vhost exists.
+    pub fn new() -> MemStore {
+        let store = MemStore::default();
+        if let Ok(mut s) = store.state.lock() {
+            s.vhosts.insert(
+                "/".to_string(),
+                VhostRecord {
+                    name: "/".to_string(),
+                    description: "Default virtual host".to_string(),
+                    tags: String::new(),
+                    default_queue_type: "classic".to_string(),
+                },
+            );
+        }
+        store
     }
 }
 
@@ -805,7 +888,7 @@ mod tests {
         let queue_id = r.below(5) as i64 + 1;
         let seq = r.pick(&SEQS);
         let message_id = r.below(10) as i64 + 1;
-        match r.below(if depth == 0 { 20 } else { 19 }) {
+        match r.below(if depth == 0 { 21 } else { 20 }) {
             0 => Op::PutExchange(ExchangeRecord {
                 vhost,
                 name,
@@ -898,6 +981,43 @@ mod tests {
                 queue_id,
                 seq: r.below(12) as i64 - 1,
             },
+            19 => match r.below(9) {
+                0 => Op::DeleteUser { name: user },
+                1 => Op::DeletePermission { vhost, user },
+                2 => Op::DeleteTopicPermission {
+                    vhost,
+                    user,
+                    exchange: r.coin().then(|| "logs".to_string()),
+                },
+                3 | 4 => Op::PutVhost(VhostRecord {
+                    name: vhost,
+                    description: r.pick(&["", "d"]).to_string(),
+                    tags: r.pick(&["", "a,b"]).to_string(),
+                    default_queue_type: "classic".to_string(),
+                }),
+                5 => Op::DeleteVhost { name: vhost },
+                6 => Op::PutParameter(ParameterRecord {
+                    vhost,
+                    component: r.pick(&["policy", "operator_policy"]).to_string(),
+                    name,
+                    value: r.pick(&["{}", "{\"a\":1}"]).to_string(),
+                }),
+                7 => Op::DeleteParameter {
+                    vhost,
+                    component: "policy".to_string(),
+                    name,
+                },
+                _ => {
+                    if r.coin() {
+                        Op::PutGlobalParameter(GlobalParameterRecord {
+                            name,
+                            value: r.pick(&["1", "\"s\""]).to_string(),
+                        })
+                    } else {
+                        Op::DeleteGlobalParameter { name }
+                    }
+                }
+            },
             _ => Op::Atomic((0..r.below(4)).map(|_| random_op(r, depth + 1)).collect()),
         }
     }
@@ -924,6 +1044,9 @@ mod tests {
         );
         writeln!(out, "{:?}", sorted_snapshot(meta)).unwrap();
         writeln!(out, "users {:?}", s.has_users().await.unwrap()).unwrap();
+        writeln!(out, "all users {:?}", s.list_users().await.unwrap()).unwrap();
+        writeln!(out, "all perms {:?}", s.list_permissions().await.unwrap()).unwrap();
+        writeln!(out, "all topic {:?}", s.list_topic_permissions().await.unwrap()).unwrap();
         for user in USERS {
             writeln!(out, "{:?}", s.user(user).await.unwrap()).unwrap();
             for vhost in VHOSTS {

@@ -17,7 +17,7 @@ use crate::plan::{Plan, PlannedInsert};
 use crate::{
     BindingRecord, DestinationKind, ExchangeRecord, MessageRow, MessageStore, MetaStore, Op,
     PermissionRecord, QueueRecord, QueueSummary, Recovered, Snapshot, StoreError, StoredEntry,
-    TopicPermissionRecord, UserRecord,
+    TopicPermissionRecord, UserRecord, VhostRecord, ParameterRecord, GlobalParameterRecord,
 };
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -311,6 +311,110 @@ async fn meta_op(tx: &mut Tx<'_>, op: &Op) -> Result<(), sqlx::Error> {
             .execute(&mut **tx)
             .await?;
         }
+        Op::DeleteUser { name } => {
+            for sql in [
+                "DELETE FROM users WHERE name = ?",
+                "DELETE FROM permissions WHERE user_name = ?",
+                "DELETE FROM topic_permissions WHERE user_name = ?",
+            ] {
+                sqlx::query(sql)
+                    .bind(name.clone())
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        Op::DeletePermission { vhost, user } => {
+            sqlx::query("DELETE FROM permissions WHERE vhost = ? AND user_name = ?")
+                .bind(vhost.clone())
+                .bind(user.clone())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Op::DeleteTopicPermission {
+            vhost,
+            user,
+            exchange,
+        } => {
+            let q = match exchange {
+                Some(x) => sqlx::query(
+                    "DELETE FROM topic_permissions WHERE vhost = ? AND user_name = ? \
+                     AND exchange = ?",
+                )
+                .bind(vhost.clone())
+                .bind(user.clone())
+                .bind(x.clone()),
+                None => {
+                    sqlx::query("DELETE FROM topic_permissions WHERE vhost = ? AND user_name = ?")
+                        .bind(vhost.clone())
+                        .bind(user.clone())
+                }
+            };
+            q.execute(&mut **tx).await?;
+        }
+        Op::PutVhost(v) => {
+            sqlx::query(
+                "REPLACE INTO vhosts (name, description, tags, default_queue_type) \
+                 VALUES (?, ?, ?, ?)",
+            )
+            .bind(v.name.clone())
+            .bind(v.description.clone())
+            .bind(v.tags.clone())
+            .bind(v.default_queue_type.clone())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Op::DeleteVhost { name } => {
+            for sql in [
+                "DELETE FROM vhosts WHERE name = ?",
+                "DELETE FROM exchanges WHERE vhost = ?",
+                "DELETE FROM queues WHERE vhost = ?",
+                "DELETE FROM bindings WHERE vhost = ?",
+                "DELETE FROM permissions WHERE vhost = ?",
+                "DELETE FROM topic_permissions WHERE vhost = ?",
+                "DELETE FROM parameters WHERE vhost = ?",
+            ] {
+                sqlx::query(sql)
+                    .bind(name.clone())
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        Op::PutParameter(p) => {
+            sqlx::query(
+                "REPLACE INTO parameters (vhost, component, name, value) VALUES (?, ?, ?, ?)",
+            )
+            .bind(p.vhost.clone())
+            .bind(p.component.clone())
+            .bind(p.name.clone())
+            .bind(p.value.clone())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Op::DeleteParameter {
+            vhost,
+            component,
+            name,
+        } => {
+            sqlx::query("DELETE FROM parameters WHERE vhost = ? AND component = ? AND name = ?")
+                .bind(vhost.clone())
+                .bind(component.clone())
+                .bind(name.clone())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Op::PutGlobalParameter(p) => {
+            sqlx::query("REPLACE INTO global_parameters (name, value) VALUES (?, ?)")
+                .bind(p.name.clone())
+                .bind(p.value.clone())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Op::DeleteGlobalParameter { name } => {
+            sqlx::query("DELETE FROM global_parameters WHERE name = ?")
+                .bind(name.clone())
+                .execute(&mut **tx)
+                .await?;
+        }
         // Message ops never reach the metadata list of a plan.
         Op::Insert { .. }
         | Op::Remove { .. }
@@ -592,9 +696,108 @@ impl MetaStore for SqlStore {
             .map_err(unavailable)
     }
 
+    async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        let rows = sqlx::query("SELECT name, password_hash, tags FROM users ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(UserRecord {
+                    name: r.try_get("name")?,
+                    password_hash: r.try_get("password_hash")?,
+                    tags: r.try_get("tags")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(unavailable)
+    }
+
+    async fn list_permissions(&self) -> Result<Vec<PermissionRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT vhost, user_name, configure_re, write_re, read_re FROM permissions \
+             ORDER BY vhost, user_name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(PermissionRecord {
+                    vhost: r.try_get("vhost")?,
+                    user: r.try_get("user_name")?,
+                    configure: r.try_get("configure_re")?,
+                    write: r.try_get("write_re")?,
+                    read: r.try_get("read_re")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(unavailable)
+    }
+
+    async fn list_topic_permissions(&self) -> Result<Vec<TopicPermissionRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT vhost, user_name, exchange, write_re, read_re FROM topic_permissions \
+             ORDER BY vhost, user_name, exchange",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(TopicPermissionRecord {
+                    vhost: r.try_get("vhost")?,
+                    user: r.try_get("user_name")?,
+                    exchange: r.try_get("exchange")?,
+                    write: r.try_get("write_re")?,
+                    read: r.try_get("read_re")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(unavailable)
+    }
+
     async fn load_meta(&self) -> Result<Snapshot, StoreError> {
         let p = &self.pool;
         let mut snap = Snapshot::default();
+        let rows = sqlx::query(
+            "SELECT name, description, tags, default_queue_type FROM vhosts ORDER BY name",
+        )
+        .fetch_all(p)
+        .await
+        .map_err(unavailable)?;
+        for r in rows {
+            snap.vhosts.push(VhostRecord {
+                name: r.try_get("name").map_err(unavailable)?,
+                description: r.try_get("description").map_err(unavailable)?,
+                tags: r.try_get("tags").map_err(unavailable)?,
+                default_queue_type: r.try_get("default_queue_type").map_err(unavailable)?,
+            });
+        }
+        let rows = sqlx::query(
+            "SELECT vhost, component, name, value FROM parameters ORDER BY vhost, component, name",
+        )
+        .fetch_all(p)
+        .await
+        .map_err(unavailable)?;
+        for r in rows {
+            snap.parameters.push(ParameterRecord {
+                vhost: r.try_get("vhost").map_err(unavailable)?,
+                component: r.try_get("component").map_err(unavailable)?,
+                name: r.try_get("name").map_err(unavailable)?,
+                value: r.try_get("value").map_err(unavailable)?,
+            });
+        }
+        let rows = sqlx::query("SELECT name, value FROM global_parameters ORDER BY name")
+            .fetch_all(p)
+            .await
+            .map_err(unavailable)?;
+        for r in rows {
+            snap.global_parameters.push(GlobalParameterRecord {
+                name: r.try_get("name").map_err(unavailable)?,
+                value: r.try_get("value").map_err(unavailable)?,
+            });
+        }
         let rows = sqlx::query(
             "SELECT vhost, name, kind, auto_delete, internal, arguments FROM exchanges \
              ORDER BY vhost, name",

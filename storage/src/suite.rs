@@ -151,6 +151,122 @@ async fn users_and_permissions<S: MetaStore + MessageStore>(s: &S) {
     assert_eq!(s.topic_permissions("/", "Guest").await.unwrap(), vec![]);
 }
 
+pub fn default_vhost() -> VhostRecord {
+    VhostRecord {
+        name: "/".to_string(),
+        description: "Default virtual host".to_string(),
+        tags: String::new(),
+        default_queue_type: "classic".to_string(),
+    }
+}
+
+/// Vhosts and runtime parameters: replaced by key, listed in key order; deleting a vhost takes
+/// everything in it and nothing outside it; deleting a user takes its permissions.
+async fn vhosts_and_parameters<S: MetaStore + MessageStore>(s: &S) {
+    let vhost = |name: &str, d: &str| VhostRecord {
+        name: name.to_string(),
+        description: d.to_string(),
+        tags: "a,b".to_string(),
+        default_queue_type: "classic".to_string(),
+    };
+    let param = |v: &str, c: &str, n: &str, value: &str| ParameterRecord {
+        vhost: v.to_string(),
+        component: c.to_string(),
+        name: n.to_string(),
+        value: value.to_string(),
+    };
+    let perm = |vhost: &str, user: &str| PermissionRecord {
+        vhost: vhost.to_string(),
+        user: user.to_string(),
+        configure: ".*".to_string(),
+        write: ".*".to_string(),
+        read: ".*".to_string(),
+    };
+    let mut x = exchange("x");
+    x.vhost = "v1".to_string();
+    apply(
+        s,
+        vec![
+            Op::PutVhost(vhost("v1", "one")),
+            Op::PutVhost(vhost("v1", "first")),
+            Op::PutVhost(vhost("v2", "")),
+            Op::PutParameter(param("v1", "policy", "p", "{\"pattern\":\"^q\"}")),
+            Op::PutParameter(param("v1", "policy", "p", "{\"pattern\":\".*\"}")),
+            Op::PutParameter(param("v2", "policy", "p", "{}")),
+            Op::PutParameter(param("v1", "vhost-limits", "limits", "{\"max-queues\":3}")),
+            Op::PutGlobalParameter(GlobalParameterRecord {
+                name: "cluster_name".to_string(),
+                value: "\"w\"".to_string(),
+            }),
+            Op::PutPermission(perm("v1", "guest")),
+            Op::PutPermission(perm("v2", "guest")),
+            Op::PutExchange(x),
+        ],
+    )
+    .await;
+    let m = s.load_meta().await.unwrap();
+    assert_eq!(
+        m.vhosts,
+        vec![default_vhost(), vhost("v1", "first"), vhost("v2", "")]
+    );
+    assert_eq!(
+        m.parameters,
+        vec![
+            param("v1", "policy", "p", "{\"pattern\":\".*\"}"),
+            param("v1", "vhost-limits", "limits", "{\"max-queues\":3}"),
+            param("v2", "policy", "p", "{}"),
+        ]
+    );
+    assert_eq!(m.global_parameters.len(), 1);
+    assert_eq!(m.exchanges.len(), 1);
+    apply(
+        s,
+        vec![
+            Op::DeleteVhost {
+                name: "v1".to_string(),
+            },
+            Op::DeleteParameter {
+                vhost: "v2".to_string(),
+                component: "policy".to_string(),
+                name: "p".to_string(),
+            },
+            Op::DeleteGlobalParameter {
+                name: "cluster_name".to_string(),
+            },
+        ],
+    )
+    .await;
+    let m = s.load_meta().await.unwrap();
+    assert_eq!(m.vhosts, vec![default_vhost(), vhost("v2", "")]);
+    assert_eq!(m.parameters, vec![]);
+    assert_eq!(m.global_parameters, vec![]);
+    assert_eq!(m.exchanges, vec![]);
+    assert_eq!(s.permission("v1", "guest").await.unwrap(), None);
+    assert_eq!(s.permission("v2", "guest").await.unwrap(), Some(perm("v2", "guest")));
+    let listed: Vec<_> = s.list_permissions().await.unwrap();
+    assert_eq!(listed.iter().filter(|p| p.vhost == "v2").count(), 1);
+    assert!(s.list_users().await.unwrap().iter().any(|u| u.name == "Guest"));
+    apply(
+        s,
+        vec![
+            Op::DeleteUser {
+                name: "guest".to_string(),
+            },
+            Op::DeleteVhost {
+                name: "v2".to_string(),
+            },
+        ],
+    )
+    .await;
+    assert_eq!(s.user("guest").await.unwrap(), None);
+    assert_eq!(s.permission("/", "guest").await.unwrap(), None);
+    assert_eq!(s.topic_permissions("/", "guest").await.unwrap(), vec![]);
+    assert!(s.list_topic_permissions().await.unwrap().is_empty());
+    let names: Vec<_> = s.list_users().await.unwrap().into_iter().map(|u| u.name).collect();
+    assert_eq!(names, vec!["Guest".to_string()]);
+    assert_eq!(s.load_meta().await.unwrap().vhosts, vec![default_vhost()]);
+}
+
 async fn apply<S: MessageStore>(store: &S, ops: Vec<Op>) {
     store.apply(&Plan::from_ops(ops)).await.unwrap();
 }
@@ -158,10 +274,17 @@ async fn apply<S: MessageStore>(store: &S, ops: Vec<Op>) {
 pub async fn run<S: MetaStore + MessageStore>(store: Arc<S>) {
     let s = &*store;
     let r = s.recover().await.unwrap();
-    assert_eq!(r.snapshot, Snapshot::default());
+    assert_eq!(
+        r.snapshot,
+        Snapshot {
+            vhosts: vec![default_vhost()],
+            ..Snapshot::default()
+        }
+    );
     assert_eq!((r.next_message_id, r.next_queue_id), (1, 1));
 
     users_and_permissions(s).await;
+    vhosts_and_parameters(s).await;
 
     // Metadata, written through ops; names are case-sensitive.
     apply(
