@@ -31,6 +31,10 @@ use warren_core::vhost::{server_name, ExchangeDeclare, QueueDeclare, VHost};
 /// What a channel needs from its connection.
 pub struct ConnCtx {
     pub conn_id: u64,
+    /// The connection as the management API lists it.
+    pub info: Arc<warren_core::connections::ConnInfo>,
+    /// The node's counters.
+    pub stats: Arc<warren_core::stats::GlobalStats>,
     /// The user's permissions in this vhost, as of connection.open.
     pub access: Arc<warren_core::auth::Access>,
     pub vhost: Arc<VHost>,
@@ -153,7 +157,13 @@ const REPLY_PREFIX: &str = "amq.rabbitmq.reply-to.";
 impl Channel {
     pub fn new(id: u16, ctx: &ConnCtx) -> Self {
         Channel {
-            handle: ChannelHandle::new(id, ctx.conn_id, ctx.outbox.clone(), ctx.cancel_notify),
+            handle: ChannelHandle::new(
+                id,
+                ctx.conn_id,
+                ctx.outbox.clone(),
+                ctx.cancel_notify,
+                ctx.stats.clone(),
+            ),
             outbox: ctx.outbox.clone(),
             assembler: Assembler::new(ctx.max_message_size),
             closing: false,
@@ -386,6 +396,10 @@ impl Channel {
                     ));
                 }
                 if self.confirms.is_none() {
+                    self.handle.mode.store(
+                        warren_core::delivery::MODE_CONFIRM,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     self.confirms = Some(Confirms {
                         next: 1,
                         ..Confirms::default()
@@ -610,6 +624,9 @@ impl Channel {
                     self.handle.set_global_prefetch(q.prefetch_count as u32);
                 } else {
                     self.prefetch = q.prefetch_count as u32;
+                    self.handle
+                        .prefetch
+                        .store(self.prefetch, std::sync::atomic::Ordering::Relaxed);
                 }
                 self.reply(AMQPClass::Basic(B::QosOk(basic::QosOk {})));
             }
@@ -739,10 +756,12 @@ impl Channel {
                     // as empty rather than holding the channel.
                     Got::Load(_) | Got::Empty if self.get_loads >= MAX_GET_LOADS => {
                         self.get_loads = 0;
+                        self.count_get_empty(&q);
                         self.reply(AMQPClass::Basic(B::GetEmpty(basic::GetEmpty {})));
                     }
                     Got::Empty => {
                         self.get_loads = 0;
+                        self.count_get_empty(&q);
                         self.reply(AMQPClass::Basic(B::GetEmpty(basic::GetEmpty {})));
                     }
                     Got::Load(f) => {
@@ -815,7 +834,12 @@ impl Channel {
             match how {
                 Settle::Requeue => requeue.push(u),
                 Settle::Discard => u.queue.discard(u.entry),
-                Settle::Ack => u.queue.forget(&u.entry),
+                Settle::Ack => {
+                    self.handle.stats.ack.inc();
+                    self.handle.global.ack.inc();
+                    u.queue.stats.ack.inc();
+                    u.queue.forget(&u.entry);
+                }
             }
         }
         requeue_all(requeue);
@@ -824,6 +848,12 @@ impl Channel {
             q.dispatch();
         }
         self.handle.dispatch_all_consumers_if_global();
+    }
+
+    fn count_get_empty(&self, q: &Queue) {
+        self.handle.stats.get_empty.inc();
+        self.handle.global.get_empty.inc();
+        q.stats.get_empty.inc();
     }
 
     /// A complete message arrived.
@@ -942,6 +972,23 @@ impl Channel {
         }
         self.route_buf = queues;
         let ticket = self.persist.confirm_ticket(ticket);
+        let (stats, global) = (&self.handle.stats, &self.handle.global);
+        stats.publish.inc();
+        global.publish.inc();
+        exchange.stats.publish_in.inc();
+        if delivered {
+            exchange.stats.publish_out.inc();
+        } else if mandatory {
+            stats.return_unroutable.inc();
+            global.return_unroutable.inc();
+        } else {
+            stats.drop_unroutable.inc();
+            global.drop_unroutable.inc();
+        }
+        if self.confirms.is_some() && !rejected {
+            stats.confirm.inc();
+            global.confirm.inc();
+        }
         if !delivered && mandatory {
             self.outbox.push(Outgoing::Content(
                 self.id(),
@@ -978,6 +1025,9 @@ impl Channel {
                 }
                 if self.tx.is_none() {
                     self.tx = Some(Tx::default());
+                    self.handle
+                        .mode
+                        .store(warren_core::delivery::MODE_TX, std::sync::atomic::Ordering::Relaxed);
                 }
                 self.reply(AMQPClass::Tx(T::SelectOk(tx::SelectOk {})));
             }

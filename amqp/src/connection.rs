@@ -26,6 +26,7 @@ use warren_protocol::{
 };
 
 use crate::channel::{Channel, ConnCtx};
+use warren_core::connections::ConnInfo;
 use crate::outbox::{Outbox, Outgoing};
 use warren_core::broker::{Broker, LoginError};
 use warren_core::error::{AmqpError, AmqpResult};
@@ -90,6 +91,8 @@ struct Conn {
     /// Outboxes this connection's publishes filled (returns, reply-to replies): the socket is
     /// not read until they drain (`wait_for_room`).
     full_outboxes: Vec<Arc<dyn warren_core::delivery::DeliverySink>>,
+    /// What the management API shows of this connection, and its close handle.
+    info: Arc<ConnInfo>,
 }
 
 impl Drop for Conn {
@@ -137,11 +140,23 @@ impl Drop for WriterGuard {
 pub async fn run(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>) {
     let _counted = broker.count_connection();
     let id = broker.next_connection_id();
+    let local = socket.local_addr().unwrap_or(peer);
+    // Listed by the management API until this task ends (also by a panic).
+    let registered = broker.connections.register(id, peer, local, false);
+    broker.stats.connection_created.inc();
     let span = tracing::info_span!("conn", id, %peer);
-    serve(socket, peer, broker, id).instrument(span).await
+    serve(socket, peer, broker, id, registered.info.clone())
+        .instrument(span)
+        .await
 }
 
-async fn serve(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>, id: u64) {
+async fn serve(
+    socket: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    id: u64,
+    info: Arc<ConnInfo>,
+) {
     let _ = socket.set_nodelay(true);
     let (mut rd, mut wr) = socket.into_split();
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
@@ -179,6 +194,7 @@ async fn serve(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>, id: u64
             frame_max.clone(),
             heartbeat.clone(),
             broker.persist.writer.clone(),
+            info.clone(),
         )
         .in_current_span(),
     );
@@ -202,6 +218,7 @@ async fn serve(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>, id: u64
         cleaned: false,
         writer_gone,
         full_outboxes: Vec::new(),
+        info,
         broker,
     };
     conn.send_start();
@@ -224,6 +241,7 @@ impl Conn {
         let store = self.broker.persist.writer.clone();
         let mut committed = store.subscribe();
         let writer_gone = self.writer_gone.clone();
+        let info = self.info.clone();
         loop {
             loop {
                 match self.decoder.decode(&mut buf) {
@@ -272,7 +290,11 @@ impl Conn {
                         }
                         return;
                     }
-                    Ok(_) => last_read = Instant::now(),
+                    Ok(n) => {
+                        last_read = Instant::now();
+                        info.stats.recv_oct.add(n as u64);
+                        info.stats.recv_cnt.inc();
+                    }
                     Err(e) => {
                         info!(error = %e, "read failed");
                         return;
@@ -292,6 +314,11 @@ impl Conn {
                 _ = writer_gone.cancelled() => return,
                 _ = committed.changed(), if self.confirms_waiting() => {
                     self.flush_confirms();
+                }
+                _ = info.close_requested(), if self.phase != Phase::Closing => {
+                    let reason = info.close_reason().unwrap_or_default();
+                    info!(%reason, "connection closed by an operator");
+                    self.connection_error(AmqpError::new(reply::CONNECTION_FORCED, reason));
                 }
                 _ = shutdown.cancelled(), if self.phase != Phase::Closing => {
                     self.connection_error(AmqpError::new(
@@ -538,6 +565,10 @@ impl Conn {
             };
         }
         self.mechanism = s.mechanism.as_str().to_string();
+        self.info.update_session(|session| {
+            session.auth_mechanism = s.mechanism.as_str().to_string();
+            session.client_properties = s.client_properties.clone();
+        });
         match sasl::parse_response(&self.mechanism, s.response.as_bytes()) {
             Ok(creds) => Ok(Flow::Login(creds)),
             // RabbitMQ logs these and drops the socket without a close frame.
@@ -579,6 +610,8 @@ impl Conn {
             return Ok(Flow::Stop);
         }
         self.user = creds.username;
+        self.info
+            .update_session(|session| session.user = self.user.clone());
         let cfg = &self.broker.config;
         self.send(
             0,
@@ -622,6 +655,9 @@ impl Conn {
         self.frame_max.store(t.frame_max, Ordering::Relaxed);
         self.decoder.set_frame_max(t.frame_max);
         self.heartbeat.store(t.heartbeat, Ordering::Relaxed);
+        self.info.frame_max.store(t.frame_max, Ordering::Relaxed);
+        self.info.channel_max.store(t.channel_max, Ordering::Relaxed);
+        self.info.heartbeat.store(t.heartbeat, Ordering::Relaxed);
         self.phase = Phase::Open;
         Ok(Flow::Continue)
     }
@@ -636,8 +672,18 @@ impl Conn {
             ))
             .at(10, 40));
         }
-        if self.broker.vhost(name).is_none() {
+        let Some(vhost) = self.broker.vhost(name) else {
             return Err(AmqpError::not_allowed(format!("vhost {name} not found")).at(10, 40));
+        };
+        let max = vhost.max_connections.load(Ordering::Relaxed);
+        if max >= 0 && self.broker.connections.in_vhost(name).len() as i64 >= max {
+            warn!(vhost = name, max, "vhost connection limit reached; connection refused");
+            return Err(AmqpError::not_allowed(format!(
+                "access to vhost '{name}' refused for user '{}': connection limit ({max}) is \
+                 reached",
+                self.user
+            ))
+            .at(10, 40));
         }
         Ok(Flow::Open(name.to_string()))
     }
@@ -667,8 +713,14 @@ impl Conn {
         };
         let name = name.as_str();
         info!(user = %self.user, vhost = name, "connection open");
+        self.info.update_session(|session| {
+            session.vhost = name.to_string();
+            session.open = true;
+        });
         self.ctx = Some(ConnCtx {
             conn_id: self.id,
+            info: self.info.clone(),
+            stats: self.broker.stats.clone(),
             access,
             vhost,
             outbox: self.outbox.clone(),
@@ -709,7 +761,10 @@ impl Conn {
                     self.channel_max
                 )));
             }
-            self.channels.insert(id, Channel::new(id, ctx));
+            let ch = Channel::new(id, ctx);
+            self.info.add_channel(ch.handle.clone());
+            self.broker.stats.channel_created.inc();
+            self.channels.insert(id, ch);
             self.send(
                 id,
                 AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
@@ -758,6 +813,8 @@ impl Conn {
             },
             Ok(crate::channel::After::Remove) => {
                 self.channels.remove(&id);
+                self.info.remove_channel(id);
+                self.broker.stats.channel_closed.inc();
                 Ok(Flow::Continue)
             }
             Err(e) if e.is_connection_error() => Err(e),
@@ -847,8 +904,10 @@ impl Conn {
     /// Closes every channel: consumers cancelled, unacked deliveries requeued.
     fn shutdown_channels(&mut self) {
         if let Some(ctx) = &self.ctx {
-            for (_, mut ch) in self.channels.drain() {
+            for (id, mut ch) in self.channels.drain() {
                 ch.shutdown(ctx);
+                self.info.remove_channel(id);
+                self.broker.stats.channel_closed.inc();
             }
         }
     }
@@ -858,6 +917,7 @@ impl Conn {
         if let Some(ctx) = &self.ctx {
             ctx.vhost.drop_exclusive(self.id);
         }
+        self.broker.stats.connection_closed.inc();
         debug!("connection closed");
     }
 }
@@ -876,6 +936,7 @@ async fn write_loop(
     frame_max: Arc<AtomicU32>,
     heartbeat: Arc<AtomicU16>,
     store: Arc<warren_storage::Writer>,
+    info: Arc<ConnInfo>,
 ) {
     let mut items = Vec::new();
     let mut batch = WriteBatch::new();
@@ -913,7 +974,7 @@ async fn write_loop(
                 }
                 Outgoing::Gate(ticket) => {
                     if store.committed() < ticket {
-                        if let Err(e) = write_batch(&mut wr, &mut batch).await {
+                        if let Err(e) = write_batch(&mut wr, &mut batch, &info).await {
                             debug!(error = %e, "write failed");
                             outbox.close();
                             return;
@@ -938,7 +999,7 @@ async fn write_loop(
             }
         }
         if !batch.is_empty() {
-            if let Err(e) = write_batch(&mut wr, &mut batch).await {
+            if let Err(e) = write_batch(&mut wr, &mut batch, &info).await {
                 debug!(error = %e, "write failed");
                 outbox.close();
                 return;
@@ -958,7 +1019,11 @@ async fn write_loop(
     }
 }
 
-async fn write_batch(wr: &mut OwnedWriteHalf, batch: &mut WriteBatch) -> std::io::Result<()> {
+async fn write_batch(
+    wr: &mut OwnedWriteHalf,
+    batch: &mut WriteBatch,
+    info: &ConnInfo,
+) -> std::io::Result<()> {
     while !batch.is_empty() {
         let n = {
             let mut slices = [std::io::IoSlice::new(&[]); 64];
@@ -968,6 +1033,8 @@ async fn write_batch(wr: &mut OwnedWriteHalf, batch: &mut WriteBatch) -> std::io
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
+        info.stats.send_oct.add(n as u64);
+        info.stats.send_cnt.inc();
         batch.advance(n);
     }
     Ok(())

@@ -308,6 +308,12 @@ impl Users {
         Ok(found)
     }
 
+    /// Forgets every cached user and permission (the admin facade changed some).
+    pub fn invalidate(&self) {
+        self.users.invalidate_all();
+        self.permissions.invalidate_all();
+    }
+
     /// Entries the cache holds (users, permissions): for tests and metrics.
     pub fn cached(&self) -> (u64, u64) {
         self.users.run_pending_tasks();

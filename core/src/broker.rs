@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tokio_util::sync::CancellationToken;
 use warren_storage::StoreError;
@@ -12,13 +12,24 @@ use warren_storage::StoreError;
 pub use crate::auth::LoginError;
 use crate::auth::Users;
 use crate::config::Config;
+use crate::connections::Registry;
+use crate::stats::GlobalStats;
 use crate::persist::Persistence;
 use crate::vhost::VHost;
 
 pub struct Broker {
     pub config: Config,
     pub persist: Arc<Persistence>,
-    vhosts: HashMap<String, Arc<VHost>>,
+    /// By name; changed only through the admin facade (`crate::admin`).
+    vhosts: RwLock<HashMap<String, Arc<VHost>>>,
+    /// Open client connections, for the management API.
+    pub connections: Arc<Registry>,
+    /// Node-wide counters.
+    pub stats: Arc<GlobalStats>,
+    /// Global runtime parameters (name -> JSON text).
+    pub(crate) globals: RwLock<std::collections::BTreeMap<String, String>>,
+    /// When the broker started.
+    pub started: std::time::Instant,
     /// Users and permissions: the data cache in front of the store.
     pub users: Users,
     next_conn_id: AtomicU64,
@@ -34,16 +45,36 @@ impl Broker {
     pub async fn open(config: Config) -> Result<Arc<Self>, StoreError> {
         let started = std::time::Instant::now();
         let (persist, recovered) = Persistence::open(&config).await?;
-        let vhost = VHost::new("/", persist.clone());
-        let (queues, messages) = vhost.restore(&recovered.snapshot).await?;
+        let snap = &recovered.snapshot;
+        let mut vhosts = HashMap::new();
+        let (mut queues, mut messages) = (0, 0);
+        for r in &snap.vhosts {
+            let vhost = VHost::new(&r.name, persist.clone());
+            vhost.set_meta(crate::vhost::VhostMeta {
+                description: r.description.clone(),
+                tags: split_tags(&r.tags),
+                default_queue_type: r.default_queue_type.clone(),
+            });
+            for p in snap.parameters.iter().filter(|p| p.vhost == r.name) {
+                vhost.set_parameter(&p.component, &p.name, Some(p.value.clone()));
+            }
+            let (q, m) = vhost.restore(snap).await?;
+            queues += q;
+            messages += m;
+            vhosts.insert(r.name.clone(), vhost);
+        }
+        let globals = snap
+            .global_parameters
+            .iter()
+            .map(|g| (g.name.clone(), g.value.clone()))
+            .collect();
         tracing::info!(
+            vhosts = vhosts.len(),
             queues,
             messages,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "store opened and recovered"
         );
-        let mut vhosts = HashMap::new();
-        vhosts.insert("/".to_string(), vhost);
         let users = Users::new(persist.store.clone());
         let seed = users
             .default_user_ops(&config.default_user, &config.default_pass)
@@ -63,7 +94,11 @@ impl Broker {
         Ok(Arc::new(Broker {
             config,
             persist,
-            vhosts,
+            vhosts: RwLock::new(vhosts),
+            connections: Arc::default(),
+            stats: Arc::default(),
+            globals: RwLock::new(globals),
+            started,
             users,
             next_conn_id: AtomicU64::new(1),
             open_connections: Arc::default(),
@@ -72,7 +107,74 @@ impl Broker {
     }
 
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
-        self.vhosts.get(name).cloned()
+        self.vhosts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Every vhost, by name.
+    pub fn vhosts(&self) -> Vec<Arc<VHost>> {
+        let mut v: Vec<_> = self
+            .vhosts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub(crate) fn insert_vhost(&self, v: Arc<VHost>) {
+        self.vhosts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(v.name.clone(), v);
+    }
+
+    pub(crate) fn remove_vhost(&self, name: &str) -> Option<Arc<VHost>> {
+        self.vhosts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+    }
+
+    /// Closes every sampling interval: the rates the management API shows.
+    pub fn sample_rates(&self, secs: f64) {
+        self.stats.sample(secs);
+        for v in self.vhosts() {
+            for x in v.exchanges() {
+                x.stats.sample(secs);
+            }
+            for q in v.queues() {
+                q.stats.sample(secs);
+            }
+        }
+        self.connections.sample(secs);
+    }
+
+    /// Samples rates every `stats::RATE_INTERVAL` until shutdown.
+    pub fn start_sampler(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::stats::RATE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            let mut last = std::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                let Some(b) = me.upgrade() else { return };
+                let now = std::time::Instant::now();
+                b.sample_rates(now.duration_since(last).as_secs_f64());
+                last = now;
+            }
+        });
     }
 
     /// Counts a connection as open until the returned guard drops.
@@ -128,6 +230,15 @@ impl Broker {
             Err(e) => Err(LoginError::StoreUnavailable(e.to_string())),
         }
     }
+}
+
+/// Tags as stored (comma-separated) to a list.
+pub fn split_tags(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// One open connection, counted until dropped (also when its task panics).

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use warren_protocol::{
@@ -18,6 +18,7 @@ use warren_protocol::{
 use crate::error::{AmqpError, AmqpResult};
 use crate::message::Message;
 use crate::queue::{Entry, Queue};
+use crate::stats::{ChannelStats, GlobalStats};
 
 /// A delivery the client has not acknowledged yet.
 #[derive(Debug)]
@@ -66,7 +67,19 @@ pub struct ChannelHandle {
     state: Mutex<State>,
     global_limit: AtomicU32,
     global_unacked: AtomicU32,
+    /// This channel's counters (the management API's `message_stats`).
+    pub stats: ChannelStats,
+    /// The node's totals, counted beside the channel's.
+    pub global: Arc<GlobalStats>,
+    /// basic.qos prefetch for new consumers (global=false).
+    pub prefetch: AtomicU32,
+    /// 0: plain, 1: confirm mode, 2: transactional.
+    pub mode: AtomicU8,
 }
+
+/// A channel's mode, for `ChannelHandle::mode`.
+pub const MODE_CONFIRM: u8 = 1;
+pub const MODE_TX: u8 = 2;
 
 impl std::fmt::Debug for ChannelHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -91,6 +104,7 @@ impl ChannelHandle {
         conn_id: u64,
         sink: Arc<dyn DeliverySink>,
         cancel_notify: bool,
+        global: Arc<GlobalStats>,
     ) -> Arc<Self> {
         Arc::new(ChannelHandle {
             id,
@@ -100,8 +114,36 @@ impl ChannelHandle {
             state: Mutex::new(State::default()),
             global_limit: AtomicU32::new(0),
             global_unacked: AtomicU32::new(0),
+            stats: ChannelStats::default(),
+            global,
+            prefetch: AtomicU32::new(0),
+            mode: AtomicU8::new(0),
         })
     }
+
+    /// The channel-wide prefetch (basic.qos global=true); 0 is unlimited.
+    pub fn global_prefetch(&self) -> u32 {
+        self.global_limit.load(Ordering::Relaxed)
+    }
+
+    /// (consumers, unacknowledged deliveries)
+    pub fn sizes(&self) -> (usize, usize) {
+        let g = self.lock();
+        (g.consumers.len(), g.unacked.len())
+    }
+
+    /// This channel's consumers.
+    pub fn consumers(&self) -> Vec<Arc<Consumer>> {
+        self.lock().consumers.values().cloned().collect()
+    }
+
+    /// Calls `f` with the queue of each unacknowledged delivery.
+    pub fn each_unacked(&self, mut f: impl FnMut(&Arc<Queue>)) {
+        for u in self.lock().unacked.values() {
+            f(&u.queue);
+        }
+    }
+
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every update to State is a single map operation; a poisoned lock holds consistent data.
@@ -145,6 +187,25 @@ impl ChannelHandle {
         }
         g.next_tag += 1;
         let tag = g.next_tag;
+        let counters = [&self.stats.redeliver, &self.global.redeliver, &queue.stats.redeliver];
+        if entry.redelivered {
+            counters.iter().for_each(|c| c.inc());
+        }
+        let counters = match (consumer.is_some(), ack) {
+            (true, true) => [&self.stats.deliver, &self.global.deliver, &queue.stats.deliver],
+            (true, false) => [
+                &self.stats.deliver_no_ack,
+                &self.global.deliver_no_ack,
+                &queue.stats.deliver_no_ack,
+            ],
+            (false, true) => [&self.stats.get, &self.global.get, &queue.stats.get],
+            (false, false) => [
+                &self.stats.get_no_ack,
+                &self.global.get_no_ack,
+                &queue.stats.get_no_ack,
+            ],
+        };
+        counters.iter().for_each(|c| c.inc());
         if ack {
             let at = if queue.args.consumer_timeout.is_some() {
                 crate::message::now_ms()

@@ -96,6 +96,8 @@ pub struct Exchange {
     /// Set for an `x-delayed-message` exchange (`kind` is then its `x-delayed-type`).
     pub delay: OnceLock<Arc<Delayer>>,
     table: RwLock<Table>,
+    /// Messages in and routed out (the management API's `message_stats`).
+    pub stats: crate::stats::ExchangeStats,
 }
 
 impl Exchange {
@@ -125,6 +127,7 @@ impl Exchange {
             short_name: warren_protocol::short::truncated(name),
             delay: OnceLock::new(),
             table: RwLock::new(Table::default()),
+            stats: Default::default(),
         })
     }
 

@@ -3,10 +3,12 @@
 //! and the broker's side of the store. No sockets: queues reach consumers through
 //! `delivery::DeliverySink` and their vhost through `queue::Router`. See ARCHITECTURE.md.
 
+pub mod admin;
 pub mod args;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod connections;
 pub mod deadletter;
 pub mod delay;
 pub mod delivery;
@@ -17,6 +19,7 @@ pub mod message;
 pub mod persist;
 pub mod queue;
 pub mod replyto;
+pub mod stats;
 pub mod topic;
 pub mod vhost;
 

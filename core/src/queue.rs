@@ -161,12 +161,34 @@ pub struct Queue {
     /// dropped).
     router: OnceLock<Weak<dyn Router>>,
     state: Mutex<State>,
+    /// Message counters (publish, deliver, get, ack, redeliver) for the management API.
+    pub stats: crate::stats::QueueStats,
 }
 
 impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Queue({:?} in {:?})", self.spec.name, self.vhost)
     }
+}
+
+/// A queue's state as the management API shows it (`Queue::view`).
+#[derive(Debug, Clone)]
+pub struct QueueState {
+    /// Ready messages, in memory and paged.
+    pub ready: u64,
+    /// Of those, only in the store.
+    pub paged: u64,
+    pub consumers: usize,
+    pub active_consumers: usize,
+    /// Body bytes of the ready messages.
+    pub bytes: u64,
+    /// Ready messages whose entry is in memory (their bodies may be in the cache or the
+    /// store).
+    pub in_memory: u64,
+    /// Unused since (no consumer), for `idle_since`.
+    pub idle_since: Option<Instant>,
+    pub consumer_list: Vec<Arc<Consumer>>,
+    pub deleted: bool,
 }
 
 /// What removing a consumer left behind.
@@ -225,6 +247,7 @@ impl Queue {
                 last_used: Some(Instant::now()),
                 ..State::default()
             }),
+            stats: Default::default(),
         })
     }
 
@@ -299,6 +322,26 @@ impl Queue {
         )
     }
 
+    /// What the management API shows of this queue's state, read under one lock.
+    pub fn view(&self) -> QueueState {
+        let g = self.lock();
+        QueueState {
+            in_memory: g.ready.len() as u64,
+            ready: g.ready_count(),
+            paged: g.paged.count,
+            consumers: g.consumers.len(),
+            active_consumers: g
+                .consumers
+                .iter()
+                .filter(|c| c.active.load(std::sync::atomic::Ordering::Relaxed))
+                .count(),
+            bytes: g.bytes,
+            idle_since: if g.consumers.is_empty() { g.last_used } else { None },
+            consumer_list: g.consumers.clone(),
+            deleted: g.deleted,
+        }
+    }
+
     pub fn is_deleted(&self) -> bool {
         self.lock().deleted
     }
@@ -343,6 +386,7 @@ impl Queue {
         let mut g = self.lock();
         let r = self.enqueue(&mut g, msg, row, Sink::Now);
         if !matches!(r, Enqueued::Deleted | Enqueued::Rejected) {
+            self.stats.publish.inc();
             self.dispatch_fresh(&mut g, msg.id);
         }
         self.unlock(g);
@@ -378,6 +422,7 @@ impl Queue {
         }
         for ((q, g), took) in sorted.iter().zip(guards.iter_mut()).zip(took) {
             if took {
+                q.stats.publish.inc();
                 q.dispatch_fresh(g, msg.id);
             }
         }
@@ -1373,7 +1418,7 @@ mod tests {
             persist.clone(),
         );
         let sink = Arc::new(Recorder::default());
-        let ch = ChannelHandle::new(1, 1, sink.clone(), false);
+        let ch = ChannelHandle::new(1, 1, sink.clone(), false, Default::default());
         (q, sink, ch, persist)
     }
 

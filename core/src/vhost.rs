@@ -4,7 +4,8 @@
 //! `admin` mutex so that, for example, a bind cannot race the deletion of its queue. No lock here
 //! is held across `.await`. Durable entities are written through to the store (`Persistence`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::Duration;
 
@@ -57,6 +58,31 @@ pub struct VHost {
     pub persist: Arc<Persistence>,
     /// Direct reply-to addresses of this vhost's channels.
     pub replies: crate::replyto::Replies,
+    /// Description, tags and default queue type, as the management API shows them.
+    meta: Mutex<VhostMeta>,
+    /// Vhost limits (`vhost-limits` parameter): -1 is unlimited.
+    pub max_connections: AtomicI64,
+    pub max_queues: AtomicI64,
+    /// Runtime parameters, by (component, name): the JSON text of each value.
+    params: RwLock<BTreeMap<(String, String), String>>,
+}
+
+/// A vhost's metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostMeta {
+    pub description: String,
+    pub tags: Vec<String>,
+    pub default_queue_type: String,
+}
+
+impl Default for VhostMeta {
+    fn default() -> Self {
+        VhostMeta {
+            description: String::new(),
+            tags: Vec::new(),
+            default_queue_type: "classic".to_string(),
+        }
+    }
 }
 
 const BUILTIN: &[(&str, ExchangeKind)] = &[
@@ -109,7 +135,81 @@ impl VHost {
             admin: Mutex::new(()),
             persist,
             replies: Default::default(),
+            meta: Mutex::new(VhostMeta::default()),
+            max_connections: AtomicI64::new(-1),
+            max_queues: AtomicI64::new(-1),
+            params: RwLock::new(BTreeMap::new()),
         })
+    }
+
+    pub fn meta(&self) -> VhostMeta {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_meta(&self, m: VhostMeta) {
+        *self.meta.lock().unwrap_or_else(|e| e.into_inner()) = m;
+    }
+
+    /// Every exchange, the default one included.
+    pub fn exchanges(&self) -> Vec<Arc<Exchange>> {
+        self.all_exchanges()
+    }
+
+    /// Every queue (delayed exchanges' hidden stores are not queues here).
+    pub fn queues(&self) -> Vec<Arc<Queue>> {
+        self.queues
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn queue_count(&self) -> usize {
+        self.queues.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The runtime parameter (component, name), as JSON text.
+    pub fn parameter(&self, component: &str, name: &str) -> Option<String> {
+        self.params
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(component.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Every runtime parameter: (component, name, JSON text).
+    pub fn parameters(&self) -> Vec<(String, String, String)> {
+        self.params
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|((c, n), v)| (c.clone(), n.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Sets (Some) or clears (None) a runtime parameter in memory; the caller stores it.
+    /// `vhost-limits` takes effect at once.
+    pub fn set_parameter(&self, component: &str, name: &str, value: Option<String>) {
+        let key = (component.to_string(), name.to_string());
+        {
+            let mut p = self.params.write().unwrap_or_else(|e| e.into_inner());
+            match &value {
+                Some(v) => p.insert(key, v.clone()),
+                None => p.remove(&key),
+            };
+        }
+        if component == "vhost-limits" {
+            let limits: serde_json::Map<String, serde_json::Value> = value
+                .as_deref()
+                .and_then(|v| serde_json::from_str(v).ok())
+                .unwrap_or_default();
+            let limit = |k: &str| limits.get(k).and_then(|v| v.as_i64()).unwrap_or(-1);
+            self.max_connections
+                .store(limit("max-connections"), AtomicOrdering::Relaxed);
+            self.max_queues
+                .store(limit("max-queues"), AtomicOrdering::Relaxed);
+        }
     }
 
     fn admin(&self) -> MutexGuard<'_, ()> {
@@ -451,6 +551,14 @@ impl VHost {
                     self.name
                 )));
             }
+        }
+        let max = self.max_queues.load(AtomicOrdering::Relaxed);
+        if max >= 0 && self.queue_count() as i64 >= max {
+            return Err(AmqpError::precondition(format!(
+                "cannot declare queue '{name}' in vhost '{}': queue limit in vhost '{}' ({max}) \
+                 is reached",
+                self.name, self.name
+            )));
         }
         let durable = d.durable && !d.exclusive;
         let id = self.persist.next_queue_id();

@@ -1,0 +1,587 @@
+//! `Admin`: the one facade through which operations tools (the management API, the CLI behind
+//! it, definitions import) read and change the broker. It creates and deletes vhosts, users,
+//! permissions, parameters and topology with the same checks as AMQP clients get, waits for
+//! each change to be committed before answering, and hands out read-only views (queue state,
+//! counters, connections) without reaching into queue internals. No HTTP here: errors are
+//! `AdminError`, which the HTTP layer maps to status codes.
+
+use std::sync::Arc;
+
+use warren_protocol::FieldTable;
+use warren_storage::{
+    GlobalParameterRecord, MetaStore, Op, ParameterRecord, PermissionRecord, TopicPermissionRecord,
+    UserRecord, VhostRecord,
+};
+
+use crate::auth::Access;
+use crate::broker::Broker;
+use crate::error::AmqpError;
+use crate::exchange::Exchange;
+use crate::queue::Queue;
+use crate::vhost::{ExchangeDeclare, QueueDeclare, VHost, VhostMeta};
+
+/// Why an admin operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    /// The object (or its vhost) does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The request is malformed or refused by a check (RabbitMQ's 400 bad_request).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The store could not commit the change.
+    #[error("store unavailable: {0}")]
+    Store(String),
+}
+
+impl From<AmqpError> for AdminError {
+    fn from(e: AmqpError) -> Self {
+        match e.code {
+            warren_protocol::reply::NOT_FOUND => AdminError::NotFound,
+            _ => AdminError::BadRequest(format!(
+                "{} - {}",
+                warren_protocol::reply::name(e.code),
+                e.text
+            )),
+        }
+    }
+}
+
+impl From<warren_storage::StoreError> for AdminError {
+    fn from(e: warren_storage::StoreError) -> Self {
+        AdminError::Store(e.to_string())
+    }
+}
+
+pub type AdminResult<T> = Result<T, AdminError>;
+
+/// A binding as listed: source exchange, destination, key and arguments.
+#[derive(Debug, Clone)]
+pub struct BindingView {
+    pub vhost: String,
+    pub source: String,
+    pub destination: String,
+    /// "queue" or "exchange"
+    pub destination_type: &'static str,
+    pub routing_key: String,
+    pub arguments: FieldTable,
+}
+
+/// The facade. Cheap to clone.
+#[derive(Clone)]
+pub struct Admin {
+    pub broker: Arc<Broker>,
+}
+
+impl Admin {
+    pub fn new(broker: Arc<Broker>) -> Admin {
+        Admin { broker }
+    }
+
+    fn vhost(&self, name: &str) -> AdminResult<Arc<VHost>> {
+        self.broker.vhost(name).ok_or(AdminError::NotFound)
+    }
+
+    /// Waits until everything submitted so far is committed.
+    async fn committed(&self) -> AdminResult<()> {
+        let w = &self.broker.persist.writer;
+        let t = w.last_ticket();
+        if t == 0 {
+            return Ok(());
+        }
+        if !w.wait(t).await || w.failed(t) {
+            return Err(AdminError::Store("the change could not be stored".into()));
+        }
+        Ok(())
+    }
+
+    async fn store(&self, op: Op) -> AdminResult<()> {
+        self.broker.persist.submit(op);
+        self.committed().await
+    }
+
+    /// Users and permissions changed: forget what the data cache holds.
+    fn auth_changed(&self) {
+        self.broker.users.invalidate();
+    }
+
+    // ----- vhosts -----
+
+    pub fn vhosts(&self) -> Vec<Arc<VHost>> {
+        self.broker.vhosts()
+    }
+
+    pub fn find_vhost(&self, name: &str) -> Option<Arc<VHost>> {
+        self.broker.vhost(name)
+    }
+
+    /// Creates a vhost (with its default exchanges) or updates its metadata. Returns whether
+    /// it was created.
+    pub async fn put_vhost(&self, name: &str, meta: VhostMeta) -> AdminResult<bool> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(AdminError::BadRequest(
+                "vhost names are 1 to 255 bytes".into(),
+            ));
+        }
+        let record = VhostRecord {
+            name: name.to_string(),
+            description: meta.description.clone(),
+            tags: meta.tags.join(","),
+            default_queue_type: meta.default_queue_type.clone(),
+        };
+        let created = match self.broker.vhost(name) {
+            Some(v) => {
+                v.set_meta(meta);
+                false
+            }
+            None => {
+                let v = VHost::new(name, self.broker.persist.clone());
+                v.set_meta(meta);
+                self.broker.insert_vhost(v);
+                true
+            }
+        };
+        self.store(Op::PutVhost(record)).await?;
+        self.auth_changed();
+        Ok(created)
+    }
+
+    /// Deletes a vhost: its connections are closed with 320, its queues (with their messages),
+    /// exchanges, bindings, permissions and parameters are removed.
+    pub async fn delete_vhost(&self, name: &str) -> AdminResult<()> {
+        let v = self.broker.remove_vhost(name).ok_or(AdminError::NotFound)?;
+        for c in self.broker.connections.in_vhost(name) {
+            c.request_close(&format!("vhost '{name}' is deleted"));
+        }
+        for x in v.exchanges() {
+            if !x.name.is_empty() && !x.name.starts_with("amq.") {
+                let _ = v.delete_exchange(&x.name, false);
+            }
+        }
+        for q in v.queues() {
+            let _ = v.remove_queue(&q);
+        }
+        self.store(Op::DeleteVhost {
+            name: name.to_string(),
+        })
+        .await?;
+        self.auth_changed();
+        Ok(())
+    }
+
+    // ----- users and permissions -----
+
+    pub async fn users(&self) -> AdminResult<Vec<UserRecord>> {
+        Ok(self.broker.persist.store.list_users().await?)
+    }
+
+    pub async fn user(&self, name: &str) -> AdminResult<Option<UserRecord>> {
+        Ok(self.broker.persist.store.user(name).await?)
+    }
+
+    /// Checks a login (Basic auth of the HTTP API): the user's record if the password
+    /// matches.
+    pub async fn login(&self, name: &str, password: &str) -> AdminResult<Option<Arc<UserRecord>>> {
+        let user = self.broker.users.user(name).await?;
+        Ok(user.filter(|u| crate::auth::password_matches(&u.password_hash, password)))
+    }
+
+    /// Creates or replaces a user. Returns whether it was created.
+    pub async fn put_user(&self, name: &str, hash: Vec<u8>, tags: &[String]) -> AdminResult<bool> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(AdminError::BadRequest("user names are 1 to 255 bytes".into()));
+        }
+        let created = self.user(name).await?.is_none();
+        self.store(Op::PutUser(UserRecord {
+            name: name.to_string(),
+            password_hash: hash,
+            tags: tags.join(","),
+        }))
+        .await?;
+        self.auth_changed();
+        Ok(created)
+    }
+
+    pub async fn delete_user(&self, name: &str) -> AdminResult<()> {
+        if self.user(name).await?.is_none() {
+            return Err(AdminError::NotFound);
+        }
+        self.store(Op::DeleteUser {
+            name: name.to_string(),
+        })
+        .await?;
+        self.auth_changed();
+        Ok(())
+    }
+
+    pub async fn permissions(&self) -> AdminResult<Vec<PermissionRecord>> {
+        Ok(self.broker.persist.store.list_permissions().await?)
+    }
+
+    pub async fn topic_permissions(&self) -> AdminResult<Vec<TopicPermissionRecord>> {
+        Ok(self.broker.persist.store.list_topic_permissions().await?)
+    }
+
+    fn check_regex(re: &str) -> AdminResult<()> {
+        regex::Regex::new(re)
+            .map(|_| ())
+            .map_err(|_| AdminError::BadRequest(format!("cannot compile regular expression '{re}'")))
+    }
+
+    /// Sets a user's permissions in a vhost. Returns whether they are new.
+    pub async fn put_permission(&self, p: PermissionRecord) -> AdminResult<bool> {
+        self.vhost(&p.vhost)?;
+        if self.user(&p.user).await?.is_none() {
+            return Err(AdminError::NotFound);
+        }
+        for re in [&p.configure, &p.write, &p.read] {
+            Self::check_regex(re)?;
+        }
+        let created = self
+            .broker
+            .persist
+            .store
+            .permission(&p.vhost, &p.user)
+            .await?
+            .is_none();
+        self.store(Op::PutPermission(p)).await?;
+        self.auth_changed();
+        Ok(created)
+    }
+
+    pub async fn delete_permission(&self, vhost: &str, user: &str) -> AdminResult<()> {
+        if self.broker.persist.store.permission(vhost, user).await?.is_none() {
+            return Err(AdminError::NotFound);
+        }
+        self.store(Op::DeletePermission {
+            vhost: vhost.to_string(),
+            user: user.to_string(),
+        })
+        .await?;
+        self.auth_changed();
+        Ok(())
+    }
+
+    pub async fn put_topic_permission(&self, p: TopicPermissionRecord) -> AdminResult<bool> {
+        self.vhost(&p.vhost)?;
+        if self.user(&p.user).await?.is_none() {
+            return Err(AdminError::NotFound);
+        }
+        for re in [&p.write, &p.read] {
+            Self::check_regex(re)?;
+        }
+        let created = !self
+            .broker
+            .persist
+            .store
+            .topic_permissions(&p.vhost, &p.user)
+            .await?
+            .iter()
+            .any(|t| t.exchange == p.exchange);
+        self.store(Op::PutTopicPermission(p)).await?;
+        self.auth_changed();
+        Ok(created)
+    }
+
+    pub async fn delete_topic_permission(
+        &self,
+        vhost: &str,
+        user: &str,
+        exchange: Option<&str>,
+    ) -> AdminResult<()> {
+        let held = self.broker.persist.store.topic_permissions(vhost, user).await?;
+        if !held
+            .iter()
+            .any(|t| exchange.is_none_or(|x| t.exchange == x))
+        {
+            return Err(AdminError::NotFound);
+        }
+        self.store(Op::DeleteTopicPermission {
+            vhost: vhost.to_string(),
+            user: user.to_string(),
+            exchange: exchange.map(str::to_string),
+        })
+        .await?;
+        self.auth_changed();
+        Ok(())
+    }
+
+    // ----- parameters -----
+
+    /// Sets a vhost's runtime parameter (`value` is JSON text). Returns whether it was new.
+    pub async fn set_parameter(
+        &self,
+        vhost: &str,
+        component: &str,
+        name: &str,
+        value: String,
+    ) -> AdminResult<bool> {
+        let v = self.vhost(vhost)?;
+        let created = v.parameter(component, name).is_none();
+        v.set_parameter(component, name, Some(value.clone()));
+        self.store(Op::PutParameter(ParameterRecord {
+            vhost: vhost.to_string(),
+            component: component.to_string(),
+            name: name.to_string(),
+            value,
+        }))
+        .await?;
+        Ok(created)
+    }
+
+    pub async fn clear_parameter(&self, vhost: &str, component: &str, name: &str) -> AdminResult<()> {
+        let v = self.vhost(vhost)?;
+        if v.parameter(component, name).is_none() {
+            return Err(AdminError::NotFound);
+        }
+        v.set_parameter(component, name, None);
+        self.store(Op::DeleteParameter {
+            vhost: vhost.to_string(),
+            component: component.to_string(),
+            name: name.to_string(),
+        })
+        .await
+    }
+
+    pub fn global_parameters(&self) -> Vec<(String, String)> {
+        self.broker
+            .globals
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub async fn set_global_parameter(&self, name: &str, value: String) -> AdminResult<bool> {
+        let created = self
+            .broker
+            .globals
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), value.clone())
+            .is_none();
+        self.store(Op::PutGlobalParameter(GlobalParameterRecord {
+            name: name.to_string(),
+            value,
+        }))
+        .await?;
+        Ok(created)
+    }
+
+    pub async fn clear_global_parameter(&self, name: &str) -> AdminResult<()> {
+        let had = self
+            .broker
+            .globals
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .is_some();
+        if !had {
+            return Err(AdminError::NotFound);
+        }
+        self.store(Op::DeleteGlobalParameter {
+            name: name.to_string(),
+        })
+        .await
+    }
+
+    // ----- topology -----
+
+    /// Declares an exchange as a client would (same checks). Returns whether it was created.
+    pub async fn declare_exchange(&self, vhost: &str, d: ExchangeDeclare) -> AdminResult<bool> {
+        let v = self.vhost(vhost)?;
+        let created = v.exchange(&d.name).is_none();
+        v.declare_exchange(&d)?;
+        self.committed().await?;
+        Ok(created)
+    }
+
+    pub async fn delete_exchange(&self, vhost: &str, name: &str, if_unused: bool) -> AdminResult<()> {
+        let v = self.vhost(vhost)?;
+        if v.exchange(name).is_none() {
+            return Err(AdminError::NotFound);
+        }
+        v.delete_exchange(name, if_unused)?;
+        self.committed().await
+    }
+
+    /// Declares a queue as a client would (no owner: never exclusive). Returns whether it was
+    /// created.
+    pub async fn declare_queue(&self, vhost: &str, user: &str, d: QueueDeclare) -> AdminResult<bool> {
+        let v = self.vhost(vhost)?;
+        if d.exclusive {
+            return Err(AdminError::BadRequest(
+                "exclusive queues belong to a connection".into(),
+            ));
+        }
+        let created = v.queue(&d.name).is_none();
+        v.declare_queue(0, &Access::full(user, vhost), &d)?;
+        self.committed().await?;
+        Ok(created)
+    }
+
+    pub async fn delete_queue(
+        &self,
+        vhost: &str,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> AdminResult<()> {
+        let v = self.vhost(vhost)?;
+        let q = v.queue(name).ok_or(AdminError::NotFound)?;
+        let view = q.view();
+        if if_unused && view.consumers > 0 {
+            return Err(AdminError::BadRequest(format!(
+                "PRECONDITION_FAILED - queue '{name}' in vhost '{vhost}' in use"
+            )));
+        }
+        if if_empty && view.ready > 0 {
+            return Err(AdminError::BadRequest(format!(
+                "PRECONDITION_FAILED - queue '{name}' in vhost '{vhost}' not empty"
+            )));
+        }
+        v.remove_queue(&q)?;
+        self.committed().await
+    }
+
+    pub async fn purge_queue(&self, vhost: &str, name: &str) -> AdminResult<u32> {
+        let v = self.vhost(vhost)?;
+        let q = v.queue(name).ok_or(AdminError::NotFound)?;
+        let n = q.purge();
+        self.committed().await?;
+        Ok(n)
+    }
+
+    /// Binds `destination` (a queue, or an exchange when `to_exchange`) to `source`.
+    pub async fn bind(
+        &self,
+        vhost: &str,
+        source: &str,
+        to_exchange: bool,
+        destination: &str,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> AdminResult<()> {
+        let v = self.vhost(vhost)?;
+        if v.exchange(source).is_none() {
+            return Err(AdminError::NotFound);
+        }
+        if to_exchange {
+            if v.exchange(destination).is_none() {
+                return Err(AdminError::NotFound);
+            }
+            v.bind_exchange(destination, source, key, arguments)?;
+        } else {
+            let q = v.queue(destination).ok_or(AdminError::NotFound)?;
+            let owner = q.spec.exclusive_owner.unwrap_or(0);
+            v.bind_queue(owner, destination, source, key, arguments)?;
+        }
+        self.committed().await
+    }
+
+    pub async fn unbind(
+        &self,
+        vhost: &str,
+        source: &str,
+        to_exchange: bool,
+        destination: &str,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> AdminResult<()> {
+        let v = self.vhost(vhost)?;
+        let found = self
+            .bindings(vhost)
+            .into_iter()
+            .any(|b| {
+                b.source == source
+                    && b.destination == destination
+                    && (b.destination_type == "exchange") == to_exchange
+                    && b.routing_key == key
+                    && b.arguments == *arguments
+            });
+        if !found {
+            return Err(AdminError::NotFound);
+        }
+        if to_exchange {
+            v.unbind_exchange(destination, source, key, arguments)?;
+        } else {
+            let owner = v
+                .queue(destination)
+                .and_then(|q| q.spec.exclusive_owner)
+                .unwrap_or(0);
+            v.unbind_queue(owner, destination, source, key, arguments)?;
+        }
+        self.committed().await
+    }
+
+    /// Every binding of a vhost, the default exchange's implicit ones first (as RabbitMQ
+    /// lists them: one per queue, keyed by the queue's name).
+    pub fn bindings(&self, vhost: &str) -> Vec<BindingView> {
+        let Some(v) = self.broker.vhost(vhost) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut queues = v.queues();
+        queues.sort_by(|a, b| a.name().cmp(b.name()));
+        for q in &queues {
+            out.push(BindingView {
+                vhost: vhost.to_string(),
+                source: String::new(),
+                destination: q.name().to_string(),
+                destination_type: "queue",
+                routing_key: q.name().to_string(),
+                arguments: FieldTable::default(),
+            });
+        }
+        let mut exchanges = v.exchanges();
+        exchanges.sort_by(|a, b| a.name.cmp(&b.name));
+        for x in exchanges.iter().filter(|x| !x.name.is_empty()) {
+            for b in x.bindings() {
+                let (destination, destination_type) = match &b.destination {
+                    crate::exchange::Destination::Queue(q) => (q.name().to_string(), "queue"),
+                    crate::exchange::Destination::Exchange(x) => (x.name.clone(), "exchange"),
+                };
+                out.push(BindingView {
+                    vhost: vhost.to_string(),
+                    source: x.name.clone(),
+                    destination,
+                    destination_type,
+                    routing_key: b.routing_key.clone(),
+                    arguments: b.arguments.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    pub fn exchange(&self, vhost: &str, name: &str) -> Option<Arc<Exchange>> {
+        self.broker.vhost(vhost)?.exchange(name)
+    }
+
+    pub fn queue(&self, vhost: &str, name: &str) -> Option<Arc<Queue>> {
+        self.broker.vhost(vhost)?.queue(name)
+    }
+
+    /// Unacknowledged deliveries per queue (by address), counted over every open channel.
+    pub fn unacked_by_queue(&self) -> std::collections::HashMap<usize, u64> {
+        let mut m = std::collections::HashMap::new();
+        for c in self.broker.connections.all() {
+            for ch in c.channels() {
+                ch.each_unacked(|q| *m.entry(Arc::as_ptr(q) as usize).or_insert(0) += 1);
+            }
+        }
+        m
+    }
+
+    /// Asks the named connection to close with 320 CONNECTION_FORCED.
+    pub fn close_connection(&self, name: &str, reason: &str) -> AdminResult<()> {
+        let c = self
+            .broker
+            .connections
+            .by_name(name)
+            .ok_or(AdminError::NotFound)?;
+        c.request_close(reason);
+        Ok(())
+    }
+}
