@@ -126,6 +126,10 @@ pub struct Running {
     /// Every listener's address.
     pub addrs: Vec<std::net::SocketAddr>,
     pub broker: Arc<Broker>,
+    /// The management API's address, when it listens (set by the broker crate's `start`).
+    pub http: Option<std::net::SocketAddr>,
+    /// The Prometheus endpoint's address, when it listens.
+    pub prometheus: Option<std::net::SocketAddr>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -155,11 +159,14 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     let broker = Broker::open(config)
         .await
         .map_err(|e| std::io::Error::other(format!("cannot open the store: {e}")))?;
+    broker.start_sampler();
     let task = tokio::spawn(serve_and_close(listeners, broker.clone()));
     Ok(Running {
         addr,
         addrs,
         broker,
+        http: None,
+        prometheus: None,
         task,
     })
 }

@@ -26,9 +26,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for l in &listeners {
         tracing::info!(addr = %l.local_addr()?, "Warren {} listening for AMQP 0-9-1", env!("CARGO_PKG_VERSION"));
     }
+    let (http, prometheus) = warren_broker::bind_http(&config)
+        .map_err(|e| anyhow::anyhow!("cannot listen: {e}"))?;
+    for l in &http {
+        tracing::info!(addr = %l.local_addr()?, "management API listening");
+    }
+    for l in &prometheus {
+        tracing::info!(addr = %l.local_addr()?, "Prometheus metrics listening");
+    }
+    let amqp = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?;
     let broker = Broker::open(config)
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))?;
+    broker.start_sampler();
+    warren_broker::serve_http(&broker, &amqp, http, prometheus)?;
     let server = tokio::spawn(warren_broker::serve(listeners, broker.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down: closing connections with 320 CONNECTION_FORCED");

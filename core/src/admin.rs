@@ -7,7 +7,8 @@
 
 use std::sync::Arc;
 
-use warren_protocol::FieldTable;
+use warren_protocol::protocol::{basic, AMQPClass};
+use warren_protocol::{AMQPProperties, FieldTable};
 use warren_storage::{
     GlobalParameterRecord, MetaStore, Op, ParameterRecord, PermissionRecord, TopicPermissionRecord,
     UserRecord, VhostRecord,
@@ -17,7 +18,9 @@ use crate::auth::Access;
 use crate::broker::Broker;
 use crate::error::AmqpError;
 use crate::exchange::Exchange;
-use crate::queue::Queue;
+use crate::delivery::{ChannelHandle, DeliverySink};
+use crate::message::Message;
+use crate::queue::{Enqueued, Got as QueueGot, Queue};
 use crate::vhost::{ExchangeDeclare, QueueDeclare, VHost, VhostMeta};
 
 /// Why an admin operation failed.
@@ -65,6 +68,62 @@ pub struct BindingView {
     pub destination_type: &'static str,
     pub routing_key: String,
     pub arguments: FieldTable,
+}
+
+/// How "get messages" settles what it took (the management API's `ackmode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GetMode {
+    AckRequeueTrue,
+    AckRequeueFalse,
+    RejectRequeueTrue,
+    RejectRequeueFalse,
+}
+
+/// One message "get messages" returned.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub message: Arc<Message>,
+    pub redelivered: bool,
+    /// Messages left in the queue after this one.
+    pub message_count: u32,
+}
+
+/// The delivery sink of a management "get": collects get-ok replies.
+#[derive(Default)]
+struct Collect(std::sync::Mutex<Vec<Got>>);
+
+impl Collect {
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn take(&self) -> Vec<Got> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl DeliverySink for Collect {
+    fn send_method(&self, _channel: u16, _method: AMQPClass) {}
+
+    fn send_content(&self, _channel: u16, method: AMQPClass, msg: Arc<Message>) {
+        if let AMQPClass::Basic(basic::AMQPMethod::GetOk(g)) = method {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(Got {
+                message: msg,
+                redelivered: g.redelivered,
+                message_count: g.message_count,
+            });
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        true
+    }
+
+    fn park(&self, _queue: &Arc<Queue>) {}
+
+    fn wait_room(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async {})
+    }
 }
 
 /// The facade. Cheap to clone.
@@ -135,7 +194,11 @@ impl Admin {
                 false
             }
             None => {
-                let v = VHost::new(name, self.broker.persist.clone());
+                let v = VHost::new(
+                    name,
+                    self.broker.persist.clone(),
+                    self.broker.stats.clone(),
+                );
                 v.set_meta(meta);
                 self.broker.insert_vhost(v);
                 true
@@ -565,13 +628,137 @@ impl Admin {
 
     /// Unacknowledged deliveries per queue (by address), counted over every open channel.
     pub fn unacked_by_queue(&self) -> std::collections::HashMap<usize, u64> {
-        let mut m = std::collections::HashMap::new();
-        for c in self.broker.connections.all() {
-            for ch in c.channels() {
-                ch.each_unacked(|q| *m.entry(Arc::as_ptr(q) as usize).or_insert(0) += 1);
+        self.broker.unacked_by_queue()
+    }
+
+    /// Publishes a message as the management API's "publish message" does: routed like a
+    /// client's basic.publish (without mandatory); a persistent message is committed before
+    /// this returns. Returns whether any queue (or a delayed exchange) took it.
+    pub async fn publish(
+        &self,
+        vhost: &str,
+        exchange: &str,
+        routing_key: &str,
+        properties: AMQPProperties,
+        body: bytes::Bytes,
+    ) -> AdminResult<bool> {
+        let v = self.vhost(vhost)?;
+        let x = v.publish_exchange(exchange)?;
+        if routing_key.len() > 255 {
+            return Err(AdminError::BadRequest("routing_key longer than 255 bytes".into()));
+        }
+        let persist = &self.broker.persist;
+        let header = warren_protocol::encode::content_header_payload(
+            warren_protocol::CLASS_BASIC,
+            body.len() as u64,
+            &properties,
+        )
+        .map_err(|e| AdminError::BadRequest(format!("properties: {e}")))?;
+        if let Some(e) = properties.expiration() {
+            if let Some(why) = crate::message::expiration_problem(e.as_str()) {
+                return Err(AdminError::BadRequest(format!(
+                    "invalid expiration '{}': {why}",
+                    e.as_str()
+                )));
             }
         }
-        m
+        let msg = Arc::new(Message::new(
+            persist.next_message_id(),
+            warren_protocol::short::truncated(exchange),
+            warren_protocol::short::truncated(routing_key),
+            properties,
+            header,
+            body,
+            Some(persist.gauge.clone()),
+        ));
+        let stats = &self.broker.stats;
+        stats.publish.inc();
+        x.stats.publish_in.inc();
+        let mut ticket = 0;
+        let mut routed = false;
+        match x.delay.get().and_then(|d| crate::delay::delay_of(&msg).map(|ms| (d, ms))) {
+            Some((d, ms)) => {
+                ticket = d.hold(&msg, ms);
+                routed = true;
+            }
+            None => {
+                let mut queues = Vec::new();
+                v.route(&x, &msg, &mut queues);
+                let mut row = None;
+                for q in queues {
+                    match q.publish(&msg, &mut row) {
+                        Enqueued::Deleted => {}
+                        Enqueued::Rejected | Enqueued::Held => routed = true,
+                        Enqueued::Stored { ticket: t, durable } => {
+                            routed = true;
+                            if durable {
+                                ticket = ticket.max(t);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if routed {
+            x.stats.publish_out.inc();
+        } else {
+            stats.drop_unroutable.inc();
+        }
+        if ticket > 0 {
+            let w = &persist.writer;
+            if !w.wait(ticket).await || w.failed(ticket) {
+                return Err(AdminError::Store("the message could not be stored".into()));
+            }
+        }
+        Ok(routed)
+    }
+
+    /// Takes up to `count` messages from a queue as the management API's "get messages"
+    /// does, then settles them by `mode`. The queue's own rules apply (TTL, dead-lettering of
+    /// rejected messages, delivery counts).
+    pub async fn get(
+        &self,
+        vhost: &str,
+        queue: &str,
+        count: usize,
+        mode: GetMode,
+    ) -> AdminResult<Vec<Got>> {
+        let q = self.queue(vhost, queue).ok_or(AdminError::NotFound)?;
+        let sink = Arc::new(Collect::default());
+        let ch = ChannelHandle::new(0, 0, sink.clone(), false, self.broker.stats.clone());
+        let no_ack = mode == GetMode::AckRequeueFalse;
+        let mut loads = 0;
+        while sink.len() < count {
+            match q.get(&ch, no_ack) {
+                QueueGot::Delivered => {}
+                QueueGot::Empty => break,
+                QueueGot::Load(f) => {
+                    loads += 1;
+                    if loads > 3 {
+                        break;
+                    }
+                    f.await;
+                }
+            }
+        }
+        let taken = ch.take_all_unacked();
+        for u in &taken {
+            ch.release(u);
+        }
+        match mode {
+            GetMode::AckRequeueFalse => {}
+            GetMode::AckRequeueTrue | GetMode::RejectRequeueTrue => {
+                q.requeue(taken.into_iter().map(|u| u.entry));
+            }
+            GetMode::RejectRequeueFalse => {
+                for u in taken {
+                    u.queue.discard(u.entry);
+                }
+            }
+        }
+        q.dispatch();
+        self.committed().await?;
+        Ok(sink.take())
     }
 
     /// Asks the named connection to close with 320 CONNECTION_FORCED.

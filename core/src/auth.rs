@@ -51,12 +51,31 @@ fn salted_hash(salt: &[u8], password: &str) -> Vec<u8> {
     out
 }
 
-/// Checks `password` against a stored hash in constant time (for hashes of the right length).
+/// Checks `password` against a stored hash in constant time. The hash's length tells its
+/// algorithm: 36 bytes is RabbitMQ's sha256 (its default), 68 bytes its sha512 (imported with
+/// `hashing_algorithm: rabbit_password_hashing_sha512`); an empty hash never matches (a user
+/// without a password, as RabbitMQ's `password_hash: ""`).
 pub fn password_matches(stored: &[u8], password: &str) -> bool {
-    if stored.len() != 4 + 32 {
-        return false;
+    match stored.len() {
+        36 => constant_time_eq(stored, &salted_hash(&stored[..4], password)),
+        68 => {
+            let mut want = stored[..4].to_vec();
+            want.extend_from_slice(
+                &sha2::Sha512::new()
+                    .chain_update(&stored[..4])
+                    .chain_update(password)
+                    .finalize(),
+            );
+            constant_time_eq(stored, &want)
+        }
+        _ => false,
     }
-    constant_time_eq(stored, &salted_hash(&stored[..4], password))
+}
+
+/// Whether a stored hash has a length `password_matches` knows (sha256 or sha512), or is
+/// empty (no password).
+pub fn hash_is_usable(stored: &[u8]) -> bool {
+    matches!(stored.len(), 0 | 36 | 68)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

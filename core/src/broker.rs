@@ -46,10 +46,11 @@ impl Broker {
         let started = std::time::Instant::now();
         let (persist, recovered) = Persistence::open(&config).await?;
         let snap = &recovered.snapshot;
+        let stats: Arc<GlobalStats> = Arc::default();
         let mut vhosts = HashMap::new();
         let (mut queues, mut messages) = (0, 0);
         for r in &snap.vhosts {
-            let vhost = VHost::new(&r.name, persist.clone());
+            let vhost = VHost::new(&r.name, persist.clone(), stats.clone());
             vhost.set_meta(crate::vhost::VhostMeta {
                 description: r.description.clone(),
                 tags: split_tags(&r.tags),
@@ -96,7 +97,7 @@ impl Broker {
             persist,
             vhosts: RwLock::new(vhosts),
             connections: Arc::default(),
-            stats: Arc::default(),
+            stats,
             globals: RwLock::new(globals),
             started,
             users,
@@ -144,15 +145,30 @@ impl Broker {
     /// Closes every sampling interval: the rates the management API shows.
     pub fn sample_rates(&self, secs: f64) {
         self.stats.sample(secs);
+        let unacked = self.unacked_by_queue();
         for v in self.vhosts() {
             for x in v.exchanges() {
                 x.stats.sample(secs);
             }
             for q in v.queues() {
                 q.stats.sample(secs);
+                let held = unacked.get(&(Arc::as_ptr(&q) as usize)).copied();
+                q.depth.sample(q.counts().0 as u64, held.unwrap_or(0), secs);
             }
         }
         self.connections.sample(secs);
+    }
+
+    /// Unacknowledged deliveries per queue (keyed by the queue's address), counted over
+    /// every open channel.
+    pub fn unacked_by_queue(&self) -> HashMap<usize, u64> {
+        let mut m = HashMap::new();
+        for c in self.connections.all() {
+            for ch in c.channels() {
+                ch.each_unacked(|q| *m.entry(Arc::as_ptr(q) as usize).or_insert(0) += 1);
+            }
+        }
+        m
     }
 
     /// Samples rates every `stats::RATE_INTERVAL` until shutdown.

@@ -20,6 +20,16 @@ pub struct Config {
     )]
     pub amqp_listen: Vec<SocketAddr>,
 
+    /// Addresses for the management HTTP API (RabbitMQ's 15672), comma-separated; "" turns
+    /// it off.
+    #[arg(long, env = "WARREN_HTTP_LISTEN", default_value = "[::]:15672", value_parser = parse_listen)]
+    pub http_listen: Listen,
+
+    /// Addresses for the Prometheus endpoint (RabbitMQ's 15692), comma-separated; "" turns it
+    /// off.
+    #[arg(long, env = "WARREN_PROMETHEUS_LISTEN", default_value = "[::]:15692", value_parser = parse_listen)]
+    pub prometheus_listen: Listen,
+
     /// Directory for the broker's data: the embedded SQLite store (`warren.db`) lives here.
     #[arg(long, env = "WARREN_DATA_DIR", default_value = "./warren-data")]
     pub data_dir: PathBuf,
@@ -176,6 +186,9 @@ impl Config {
             N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&c.data_dir);
+        // Tests that want the HTTP listeners ask for them (port 0).
+        c.http_listen = Listen::default();
+        c.prometheus_listen = Listen::default();
         c
     }
 
@@ -185,6 +198,23 @@ impl Config {
             .clone()
             .unwrap_or_else(|| warren_storage::SqlStore::sqlite_url(&self.data_dir))
     }
+}
+
+/// Listener addresses (possibly none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listen(pub Vec<SocketAddr>);
+
+/// "" (off), or comma-separated socket addresses.
+pub fn parse_listen(s: &str) -> Result<Listen, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            a.parse::<SocketAddr>()
+                .map_err(|_| format!("'{a}' is not an address (try [::]:15672 or 127.0.0.1:15672)"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Listen)
 }
 
 /// Parses `1234`, `512KiB`, `512MiB`, `2GiB`, `1GB`, `10MB`, `64kB`.

@@ -163,6 +163,8 @@ pub struct Queue {
     state: Mutex<State>,
     /// Message counters (publish, deliver, get, ack, redeliver) for the management API.
     pub stats: crate::stats::QueueStats,
+    /// Depth rates, sampled with the counters.
+    pub depth: crate::stats::QueueDepth,
 }
 
 impl std::fmt::Debug for Queue {
@@ -248,6 +250,7 @@ impl Queue {
                 ..State::default()
             }),
             stats: Default::default(),
+            depth: Default::default(),
         })
     }
 

@@ -53,6 +53,47 @@ impl Counter {
     }
 }
 
+/// A level (a queue's depth) with its rate of change over the last sampling interval, which
+/// may be negative.
+#[derive(Debug, Default)]
+pub struct Level {
+    prev: AtomicU64,
+    rate: AtomicU32,
+}
+
+impl Level {
+    /// Closes an interval at which the level is `now`.
+    pub fn sample(&self, now: u64, secs: f64) {
+        let before = self.prev.swap(now, Ordering::Relaxed);
+        let rate = if secs > 0.0 {
+            (now as f64 - before as f64) / secs
+        } else {
+            0.0
+        };
+        self.rate.store((rate as f32).to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn rate(&self) -> f64 {
+        f32::from_bits(self.rate.load(Ordering::Relaxed)) as f64
+    }
+}
+
+/// A queue's depths: all messages, ready, unacknowledged.
+#[derive(Debug, Default)]
+pub struct QueueDepth {
+    pub messages: Level,
+    pub ready: Level,
+    pub unacked: Level,
+}
+
+impl QueueDepth {
+    pub fn sample(&self, ready: u64, unacked: u64, secs: f64) {
+        self.messages.sample(ready + unacked, secs);
+        self.ready.sample(ready, secs);
+        self.unacked.sample(unacked, secs);
+    }
+}
+
 /// Declares a stats struct of named counters, with `sample` over all of them and `each` to
 /// visit them by RabbitMQ's `message_stats` key.
 macro_rules! counters {
@@ -158,6 +199,15 @@ mod tests {
         c.sample(0.5);
         assert_eq!(c.rate(), 2.0);
         assert_eq!(c.get(), 1001);
+    }
+
+    #[test]
+    fn level_rates_go_both_ways() {
+        let l = Level::default();
+        l.sample(100, 5.0);
+        assert_eq!(l.rate(), 20.0);
+        l.sample(50, 5.0);
+        assert_eq!(l.rate(), -10.0);
     }
 
     #[test]

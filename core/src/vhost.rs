@@ -65,6 +65,8 @@ pub struct VHost {
     pub max_queues: AtomicI64,
     /// Runtime parameters, by (component, name): the JSON text of each value.
     params: RwLock<BTreeMap<(String, String), String>>,
+    /// The node's counters (queue churn).
+    stats: Arc<crate::stats::GlobalStats>,
 }
 
 /// A vhost's metadata.
@@ -119,7 +121,11 @@ fn reserved(name: &str) -> bool {
 }
 
 impl VHost {
-    pub fn new(name: &str, persist: Arc<Persistence>) -> Arc<Self> {
+    pub fn new(
+        name: &str,
+        persist: Arc<Persistence>,
+        stats: Arc<crate::stats::GlobalStats>,
+    ) -> Arc<Self> {
         let mut exchanges = HashMap::new();
         for (n, k) in BUILTIN {
             exchanges.insert(
@@ -139,6 +145,7 @@ impl VHost {
             max_connections: AtomicI64::new(-1),
             max_queues: AtomicI64::new(-1),
             params: RwLock::new(BTreeMap::new()),
+            stats,
         })
     }
 
@@ -467,6 +474,7 @@ impl VHost {
         d: &QueueDeclare,
     ) -> AmqpResult<(Arc<Queue>, u32, u32)> {
         let _g = self.admin();
+        self.stats.queue_declared.inc();
         let mut name = d.name.clone();
         if !d.passive {
             if reserved(&name) {
@@ -584,6 +592,7 @@ impl VHost {
                 delivered_seq: 0,
             });
         }
+        self.stats.queue_created.inc();
         self.adopt(&q);
         self.queues
             .write()
@@ -646,6 +655,7 @@ impl VHost {
             }
         }
         let (n, consumers) = q.mark_deleted();
+        self.stats.queue_deleted.inc();
         let dest = Destination::Queue(q.clone());
         let all = self.all_exchanges();
         for x in all {
@@ -1147,7 +1157,7 @@ mod tests {
 
     async fn vh() -> Arc<VHost> {
         let (p, _) = Persistence::open(&Config::for_tests()).await.unwrap();
-        VHost::new("/", p)
+        VHost::new("/", p, Default::default())
     }
     fn qd(name: &str) -> QueueDeclare {
         QueueDeclare {

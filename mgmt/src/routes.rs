@@ -1,0 +1,1494 @@
+//! The management API's routes and handlers (RabbitMQ's `rabbit_mgmt_dispatcher` is the
+//! spec): each handler authenticates the caller, checks its tags and vhost access as RabbitMQ
+//! does, and goes through the admin facade.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+use warren_core::vhost::{ExchangeDeclare, QueueDeclare, VhostMeta};
+use warren_storage::{PermissionRecord, TopicPermissionRecord};
+
+use crate::http::{
+    bool_field, created_or_updated, object, str_field, ApiError, ApiResult, AppState, Caller,
+};
+use crate::json::{answer, json_to_table, ListQuery};
+use crate::views;
+
+type St = State<Arc<AppState>>;
+type Q = Query<HashMap<String, String>>;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/api/overview", get(overview))
+        .route("/api/whoami", get(whoami))
+        .route("/api/extensions", get(|| async { Json(json!([])) }))
+        .route("/api/auth", get(|| async { Json(json!({"oauth_enabled": false})) }))
+        .route("/api/nodes", get(nodes))
+        .route("/api/nodes/{node}", get(node))
+        .route("/api/vhosts", get(vhosts))
+        .route("/api/vhosts/{vhost}", get(vhost).put(put_vhost).delete(delete_vhost))
+        .route("/api/vhosts/{vhost}/permissions", get(vhost_permissions))
+        .route("/api/vhosts/{vhost}/topic-permissions", get(vhost_topic_permissions))
+        .route("/api/vhosts/{vhost}/connections", get(vhost_connections))
+        .route("/api/vhosts/{vhost}/channels", get(vhost_channels))
+        .route("/api/vhost-limits", get(vhost_limits))
+        .route("/api/vhost-limits/{vhost}", get(vhost_limits_of))
+        .route(
+            "/api/vhost-limits/{vhost}/{name}",
+            axum::routing::put(put_vhost_limit).delete(delete_vhost_limit),
+        )
+        .route("/api/users", get(users))
+        .route("/api/users/without-permissions", get(users_without_permissions))
+        .route("/api/users/bulk-delete", post(users_bulk_delete))
+        .route("/api/users/{user}", get(user).put(put_user).delete(delete_user))
+        .route("/api/users/{user}/permissions", get(user_permissions))
+        .route("/api/users/{user}/topic-permissions", get(user_topic_permissions))
+        .route("/api/permissions", get(permissions))
+        .route(
+            "/api/permissions/{vhost}/{user}",
+            get(permission).put(put_permission).delete(delete_permission),
+        )
+        .route("/api/topic-permissions", get(topic_permissions))
+        .route(
+            "/api/topic-permissions/{vhost}/{user}",
+            get(topic_permission)
+                .put(put_topic_permission)
+                .delete(delete_topic_permission),
+        )
+        .route("/api/exchanges", get(exchanges))
+        .route("/api/exchanges/{vhost}", get(exchanges))
+        .route(
+            "/api/exchanges/{vhost}/{name}",
+            get(exchange).put(put_exchange).delete(delete_exchange),
+        )
+        .route("/api/exchanges/{vhost}/{name}/bindings/source", get(exchange_bindings_source))
+        .route(
+            "/api/exchanges/{vhost}/{name}/bindings/destination",
+            get(exchange_bindings_destination),
+        )
+        .route("/api/exchanges/{vhost}/{name}/publish", post(publish))
+        .route("/api/queues", get(queues))
+        .route("/api/queues/{vhost}", get(queues))
+        .route("/api/queues/{vhost}/{name}", get(queue).put(put_queue).delete(delete_queue))
+        .route("/api/queues/{vhost}/{name}/bindings", get(queue_bindings))
+        .route("/api/queues/{vhost}/{name}/contents", axum::routing::delete(purge))
+        .route("/api/queues/{vhost}/{name}/get", post(get_messages))
+        .route("/api/bindings", get(bindings))
+        .route("/api/bindings/{vhost}", get(bindings))
+        .route("/api/bindings/{vhost}/e/{source}/{kind}/{dest}", get(bindings_between).post(add_binding))
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{kind}/{dest}/{props}",
+            get(binding).delete(delete_binding),
+        )
+        .route("/api/connections", get(connections))
+        .route("/api/connections/{name}", get(connection).delete(close_connection))
+        .route("/api/connections/{name}/channels", get(connection_channels))
+        .route("/api/channels", get(channels))
+        .route("/api/channels/{name}", get(channel))
+        .route("/api/consumers", get(consumers))
+        .route("/api/consumers/{vhost}", get(consumers))
+        .route("/api/global-parameters", get(global_parameters))
+        .route(
+            "/api/global-parameters/{name}",
+            get(global_parameter)
+                .put(put_global_parameter)
+                .delete(delete_global_parameter),
+        )
+        .route("/api/health/checks/alarms", get(health_ok))
+        .route("/api/health/checks/local-alarms", get(health_ok))
+        .route("/api/health/checks/virtual-hosts", get(health_ok))
+        .route("/api/health/checks/node-is-quorum-critical", get(health_ok))
+        .route("/api/health/checks/node-is-mirror-sync-critical", get(health_ok))
+        .route("/api/health/checks/port-listener/{port}", get(port_listener))
+        .route("/api/health/checks/protocol-listener/{proto}", get(protocol_listener))
+        .route("/api/aliveness-test/{vhost}", get(aliveness))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found()
+}
+
+fn ok_json(v: Value) -> ApiResult<Response> {
+    Ok(Json(v).into_response())
+}
+
+fn list<F: FnOnce() -> Value>(q: &Q, items: Vec<(String, F)>) -> ApiResult<Response> {
+    let lq = ListQuery::parse(&q.0)?;
+    ok_json(answer(&lq, items)?)
+}
+
+/// Items already rendered, listed by `key`.
+fn rendered(items: Vec<Value>, key: &str) -> Vec<(String, impl FnOnce() -> Value)> {
+    items
+        .into_iter()
+        .map(|v| {
+            let k = v.get(key).and_then(Value::as_str).unwrap_or("").to_string();
+            (k, move || v)
+        })
+        .collect()
+}
+
+// ----- overview, whoami, nodes -----
+
+const EXCHANGE_TYPES: &[(&str, &str)] = &[
+    ("direct", "AMQP direct exchange, as per the AMQP specification"),
+    ("fanout", "AMQP fanout exchange, as per the AMQP specification"),
+    ("headers", "AMQP headers exchange, as per the AMQP specification"),
+    ("topic", "AMQP topic exchange, as per the AMQP specification"),
+    ("x-delayed-message", "Delayed Message Exchange"),
+];
+
+fn exchange_types() -> Value {
+    Value::Array(
+        EXCHANGE_TYPES
+            .iter()
+            .map(|(n, d)| json!({"name": n, "description": d, "enabled": true}))
+            .collect(),
+    )
+}
+
+fn listeners(st: &AppState) -> Value {
+    let node = views::node_name();
+    Value::Array(
+        st.listeners
+            .iter()
+            .map(|(proto, a)| {
+                json!({
+                    "node": node,
+                    "protocol": proto,
+                    "ip_address": a.ip().to_string(),
+                    "port": a.port(),
+                    "socket_opts": {},
+                })
+            })
+            .collect(),
+    )
+}
+
+async fn overview(State(st): St, caller: Caller) -> ApiResult<Response> {
+    let b = &st.admin.broker;
+    let g = &b.stats;
+    let unacked_all = st.admin.unacked_by_queue();
+    let (mut queues, mut consumers, mut exchanges) = (0usize, 0usize, 0usize);
+    let (mut ready, mut unacked) = (0u64, 0u64);
+    let (mut r_all, mut r_ready, mut r_unacked) = (0f64, 0f64, 0f64);
+    for v in st.admin.vhosts().iter().filter(|v| caller.sees(&v.name)) {
+        exchanges += v.exchanges().len();
+        for q in v.queues() {
+            queues += 1;
+            let (r, c) = q.counts();
+            ready += r as u64;
+            consumers += c as usize;
+            unacked += unacked_all
+                .get(&(Arc::as_ptr(&q) as usize))
+                .copied()
+                .unwrap_or(0);
+            r_all += q.depth.messages.rate();
+            r_ready += q.depth.ready.rate();
+            r_unacked += q.depth.unacked.rate();
+        }
+    }
+    let conns: Vec<_> = b
+        .connections
+        .all()
+        .into_iter()
+        .filter(|c| caller.can.monitoring || c.session().user == caller.name)
+        .collect();
+    let channels: usize = conns.iter().map(|c| c.channel_count()).sum();
+    let node = views::node_name();
+    let mut message_stats = crate::json::message_stats(|f| {
+        g.each(|k, c| {
+            if !k.starts_with("connection_")
+                && !k.starts_with("channel_")
+                && !k.starts_with("queue_")
+            {
+                f(k, c)
+            }
+        })
+    });
+    if let Value::Object(m) = &mut message_stats {
+        m.remove("get_empty");
+        m.remove("get_empty_details");
+        m.insert("get_empty".into(), json!(g.get_empty.get()));
+        m.insert("get_empty_details".into(), crate::json::details(g.get_empty.rate()));
+    }
+    let churn = crate::json::message_stats(|f| {
+        g.each(|k, c| {
+            if k.starts_with("connection_") || k.starts_with("channel_") || k.starts_with("queue_")
+            {
+                f(k, c)
+            }
+        })
+    });
+    ok_json(json!({
+        "management_version": crate::RABBITMQ_VERSION,
+        "rabbitmq_version": crate::RABBITMQ_VERSION,
+        "product_name": "Warren",
+        "product_version": env!("CARGO_PKG_VERSION"),
+        "erlang_version": "none (Rust)",
+        "erlang_full_version": "none (Rust)",
+        "rates_mode": "basic",
+        "disable_stats": false,
+        "enable_queue_totals": false,
+        "is_op_policy_updating_enabled": true,
+        "sample_retention_policies": {"global": [600, 3600, 28800, 86400], "basic": [600, 3600], "detailed": [600]},
+        "exchange_types": exchange_types(),
+        "cluster_name": st.cluster_name(),
+        "node": node,
+        "message_stats": message_stats,
+        "churn_rates": churn,
+        "queue_totals": {
+            "messages": ready + unacked,
+            "messages_details": crate::json::details(r_all),
+            "messages_ready": ready,
+            "messages_ready_details": crate::json::details(r_ready),
+            "messages_unacknowledged": unacked,
+            "messages_unacknowledged_details": crate::json::details(r_unacked),
+        },
+        "object_totals": {
+            "channels": channels,
+            "connections": conns.len(),
+            "consumers": consumers,
+            "exchanges": exchanges,
+            "queues": queues,
+        },
+        "statistics_db_event_queue": 0,
+        "listeners": listeners(&st),
+        "contexts": st.http_contexts(),
+    }))
+}
+
+async fn whoami(caller: Caller) -> ApiResult<Response> {
+    ok_json(json!({"name": caller.name, "tags": caller.tags}))
+}
+
+fn node_json(st: &AppState) -> Value {
+    let b = &st.admin.broker;
+    let sys = crate::system::read_for(&b.config.data_dir);
+    json!({
+        "name": views::node_name(),
+        "type": "disc",
+        "running": true,
+        "being_drained": false,
+        "os_pid": std::process::id().to_string(),
+        "uptime": b.started.elapsed().as_millis() as u64,
+        "processors": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "run_queue": 0,
+        "mem_used": sys.rss_bytes,
+        "mem_limit": sys.mem_limit,
+        "mem_alarm": false,
+        "disk_free": sys.disk_free,
+        "disk_free_limit": crate::system::DISK_FREE_LIMIT,
+        "disk_free_alarm": false,
+        "fd_used": sys.fds_used,
+        "fd_total": sys.fds_total,
+        "sockets_used": b.connections.len(),
+        "sockets_total": sys.fds_total,
+        "proc_used": b.connections.len(),
+        "proc_total": 1_048_576,
+        "partitions": [],
+        "net_ticktime": 60,
+        "rates_mode": "basic",
+        "exchange_types": exchange_types(),
+        "auth_mechanisms": [
+            {"name": "PLAIN", "description": "SASL PLAIN authentication mechanism", "enabled": true},
+            {"name": "AMQPLAIN", "description": "QPid AMQPLAIN mechanism", "enabled": true},
+        ],
+        "applications": [{"name": "warren", "description": "Warren", "version": env!("CARGO_PKG_VERSION")}],
+        "contexts": st.http_contexts(),
+        "listeners": listeners(st),
+        "enabled_plugins": ["rabbitmq_management", "rabbitmq_prometheus"],
+        "config_files": [],
+        "log_files": ["<stderr>"],
+        "db_dir": b.config.data_dir.display().to_string(),
+    })
+}
+
+async fn nodes(State(st): St, caller: Caller) -> ApiResult<Response> {
+    caller.require_monitor()?;
+    ok_json(json!([node_json(&st)]))
+}
+
+async fn node(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {
+    caller.require_monitor()?;
+    if name != views::node_name() {
+        return Err(ApiError::not_found());
+    }
+    ok_json(node_json(&st))
+}
+
+// ----- vhosts -----
+
+async fn vhosts(State(st): St, caller: Caller, q: Q) -> ApiResult<Response> {
+    let unacked = Arc::new(st.admin.unacked_by_queue());
+    let items = st
+        .admin
+        .vhosts()
+        .into_iter()
+        .filter(|v| caller.sees(&v.name))
+        .map(|v| {
+            let unacked = unacked.clone();
+            (v.name.clone(), move || views::vhost(&v, &unacked))
+        })
+        .collect();
+    list(&q, items)
+}
+
+async fn vhost(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {
+    let v = st.admin.find_vhost(&name).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(&name)?;
+    ok_json(views::vhost(&v, &st.admin.unacked_by_queue()))
+}
+
+fn tags_of(v: Option<&Value>) -> Vec<String> {
+    match v {
+        Some(Value::String(s)) => warren_core::broker::split_tags(s),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+async fn put_vhost(
+    State(st): St,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let m = object(&body)?;
+    let existing = st.admin.find_vhost(&name).map(|v| v.meta());
+    let base = existing.clone().unwrap_or_default();
+    let meta = VhostMeta {
+        description: str_field(&m, "description")
+            .map(str::to_string)
+            .unwrap_or(base.description),
+        tags: if m.contains_key("tags") {
+            tags_of(m.get("tags"))
+        } else {
+            base.tags
+        },
+        default_queue_type: str_field(&m, "default_queue_type")
+            .map(str::to_string)
+            .unwrap_or(base.default_queue_type),
+    };
+    if !matches!(meta.default_queue_type.as_str(), "classic" | "quorum") {
+        return Err(ApiError::bad_request(format!(
+            "Unsupported default queue type: {}",
+            meta.default_queue_type
+        )));
+    }
+    let created = st.admin.put_vhost(&name, meta).await?;
+    Ok(created_or_updated(created))
+}
+
+async fn delete_vhost(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {
+    caller.require_admin()?;
+    st.admin.delete_vhost(&name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn vhost_permissions(State(st): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
+    caller.require_admin()?;
+    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    let items = st.admin.permissions().await?;
+    ok_json(Value::Array(
+        items.iter().filter(|p| p.vhost == v).map(views::permission).collect(),
+    ))
+}
+
+async fn vhost_topic_permissions(
+    State(st): St,
+    caller: Caller,
+    Path(v): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    let items = st.admin.topic_permissions().await?;
+    ok_json(Value::Array(
+        items
+            .iter()
+            .filter(|p| p.vhost == v)
+            .map(views::topic_permission)
+            .collect(),
+    ))
+}
+
+fn limits_json(v: &warren_core::vhost::VHost) -> Option<Value> {
+    let text = v.parameter("vhost-limits", "limits")?;
+    let value: Value = serde_json::from_str(&text).ok()?;
+    if value.as_object().is_some_and(|m| m.is_empty()) {
+        return None;
+    }
+    Some(json!({"vhost": v.name, "value": value}))
+}
+
+async fn vhost_limits(State(st): St, caller: Caller) -> ApiResult<Response> {
+    let items: Vec<Value> = st
+        .admin
+        .vhosts()
+        .iter()
+        .filter(|v| caller.sees(&v.name))
+        .filter_map(|v| limits_json(v))
+        .collect();
+    ok_json(Value::Array(items))
+}
+
+async fn vhost_limits_of(State(st): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
+    let vh = st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(&v)?;
+    ok_json(Value::Array(limits_json(&vh).into_iter().collect()))
+}
+
+const VHOST_LIMITS: &[&str] = &["max-connections", "max-queues"];
+
+async fn put_vhost_limit(
+    State(st): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let vh = st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    if !VHOST_LIMITS.contains(&name.as_str()) {
+        return Err(ApiError::bad_request(format!(
+            "Validation failed\n\nUnrecognised terms [{{<<\"{name}\">>,...}}] in limits\n"
+        )));
+    }
+    let m = object(&body)?;
+    let Some(value) = m.get("value").and_then(Value::as_i64) else {
+        return Err(ApiError::bad_request("Validation failed\n\nvalue must be an integer\n"));
+    };
+    let mut limits: Map<String, Value> = vh
+        .parameter("vhost-limits", "limits")
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    limits.insert(name, json!(value));
+    st.admin
+        .set_parameter(&v, "vhost-limits", "limits", Value::Object(limits).to_string())
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn delete_vhost_limit(
+    State(st): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let vh = st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    let mut limits: Map<String, Value> = vh
+        .parameter("vhost-limits", "limits")
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    if limits.remove(&name).is_none() {
+        return Err(ApiError::not_found());
+    }
+    if limits.is_empty() {
+        st.admin.clear_parameter(&v, "vhost-limits", "limits").await?;
+    } else {
+        st.admin
+            .set_parameter(&v, "vhost-limits", "limits", Value::Object(limits).to_string())
+            .await?;
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ----- users and permissions -----
+
+async fn users(State(st): St, caller: Caller, q: Q) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let items = st.admin.users().await?;
+    list(&q, rendered(items.iter().map(views::user).collect(), "name"))
+}
+
+async fn users_without_permissions(State(st): St, caller: Caller) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let perms = st.admin.permissions().await?;
+    let items = st.admin.users().await?;
+    ok_json(Value::Array(
+        items
+            .iter()
+            .filter(|u| !perms.iter().any(|p| p.user == u.name))
+            .map(views::user)
+            .collect(),
+    ))
+}
+
+async fn user(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let u = st.admin.user(&name).await?.ok_or_else(ApiError::not_found)?;
+    ok_json(views::user(&u))
+}
+
+/// The stored hash of a PUT user body: from `password`, from `password_hash` (base64, with
+/// `hashing_algorithm` sha256 or sha512), or none (a user who cannot log in with a password).
+fn password_hash_of(m: &Map<String, Value>) -> ApiResult<Option<Vec<u8>>> {
+    use base64::Engine;
+    if let Some(p) = m.get("password") {
+        let Some(p) = p.as_str() else {
+            return Err(ApiError::bad_request("password must be a string"));
+        };
+        return Ok(Some(warren_core::auth::hash_password(p)));
+    }
+    if let Some(h) = m.get("password_hash") {
+        let Some(h) = h.as_str() else {
+            return Err(ApiError::bad_request("password_hash must be a string"));
+        };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(h)
+            .map_err(|_| ApiError::bad_request("password_hash is not base64"))?;
+        let algo = str_field(m, "hashing_algorithm").unwrap_or("rabbit_password_hashing_sha256");
+        let want = match algo {
+            "rabbit_password_hashing_sha256" => 36,
+            "rabbit_password_hashing_sha512" => 68,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "hashing algorithm {other} is not supported (sha256 and sha512 are)"
+                )))
+            }
+        };
+        if !bytes.is_empty() && bytes.len() != want {
+            return Err(ApiError::bad_request(format!(
+                "password_hash is {} bytes; {algo} hashes are {want}",
+                bytes.len()
+            )));
+        }
+        return Ok(Some(bytes));
+    }
+    Ok(None)
+}
+
+async fn put_user(
+    State(st): St,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let m = object(&body)?;
+    let existing = st.admin.user(&name).await?;
+    let hash = match password_hash_of(&m)? {
+        Some(h) => h,
+        None => match &existing {
+            Some(u) => u.password_hash.clone(),
+            None => {
+                if !m.contains_key("tags") {
+                    return Err(ApiError::bad_request(
+                        "Validation failed\n\nmandatory field password or password_hash missing\n",
+                    ));
+                }
+                Vec::new()
+            }
+        },
+    };
+    let tags = if m.contains_key("tags") {
+        tags_of(m.get("tags"))
+    } else {
+        existing
+            .as_ref()
+            .map(|u| warren_core::broker::split_tags(&u.tags))
+            .unwrap_or_default()
+    };
+    let created = st.admin.put_user(&name, hash, &tags).await?;
+    Ok(created_or_updated(created))
+}
+
+async fn delete_user(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {
+    caller.require_admin()?;
+    st.admin.delete_user(&name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn users_bulk_delete(State(st): St, caller: Caller, body: Bytes) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let m = object(&body)?;
+    let Some(Value::Array(names)) = m.get("users") else {
+        return Err(ApiError::bad_request("users must be a list of names"));
+    };
+    for n in names.iter().filter_map(Value::as_str) {
+        match st.admin.delete_user(n).await {
+            Ok(()) | Err(warren_core::admin::AdminError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn user_permissions(State(st): St, caller: Caller, Path(u): Path<String>) -> ApiResult<Response> {
+    caller.require_admin()?;
+    st.admin.user(&u).await?.ok_or_else(ApiError::not_found)?;
+    let items = st.admin.permissions().await?;
+    ok_json(Value::Array(
+        items.iter().filter(|p| p.user == u).map(views::permission).collect(),
+    ))
+}
+
+async fn user_topic_permissions(
+    State(st): St,
+    caller: Caller,
+    Path(u): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    st.admin.user(&u).await?.ok_or_else(ApiError::not_found)?;
+    let items = st.admin.topic_permissions().await?;
+    ok_json(Value::Array(
+        items
+            .iter()
+            .filter(|p| p.user == u)
+            .map(views::topic_permission)
+            .collect(),
+    ))
+}
+
+async fn permissions(State(st): St, caller: Caller) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let items = st.admin.permissions().await?;
+    ok_json(Value::Array(items.iter().map(views::permission).collect()))
+}
+
+async fn permission(
+    State(st): St,
+    caller: Caller,
+    Path((v, u)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let items = st.admin.permissions().await?;
+    let p = items
+        .iter()
+        .find(|p| p.vhost == v && p.user == u)
+        .ok_or_else(ApiError::not_found)?;
+    ok_json(views::permission(p))
+}
+
+async fn put_permission(
+    State(st): St,
+    caller: Caller,
+    Path((v, u)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let m = object(&body)?;
+    let field = |k: &str| -> ApiResult<String> {
+        match m.get(k) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            None => Err(ApiError::bad_request(format!(
+                "Validation failed\n\nmandatory field {k} missing\n"
+            ))),
+            Some(_) => Err(ApiError::bad_request(format!("{k} must be a string"))),
+        }
+    };
+    let p = PermissionRecord {
+        vhost: v,
+        user: u,
+        configure: field("configure")?,
+        write: field("write")?,
+        read: field("read")?,
+    };
+    let created = st.admin.put_permission(p).await?;
+    Ok(created_or_updated(created))
+}
+
+async fn delete_permission(
+    State(st): St,
+    caller: Caller,
+    Path((v, u)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    st.admin.delete_permission(&v, &u).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn topic_permissions(State(st): St, caller: Caller) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let items = st.admin.topic_permissions().await?;
+    ok_json(Value::Array(items.iter().map(views::topic_permission).collect()))
+}
+
+async fn topic_permission(
+    State(st): St,
+    caller: Caller,
+    Path((v, u)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let items: Vec<Value> = st
+        .admin
+        .topic_permissions()
+        .await?
+        .iter()
+        .filter(|p| p.vhost == v && p.user == u)
+        .map(views::topic_permission)
+        .collect();
+    if items.is_empty() {
+        return Err(ApiError::not_found());
+    }
+    ok_json(Value::Array(items))
+}
+
+async fn put_topic_permission(
+    State(st): St,
+    caller: Caller,
+    Path((v, u)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let m = object(&body)?;
+    let field = |k: &str| -> ApiResult<String> {
+        match m.get(k) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            None => Err(ApiError::bad_request(format!(
+                "Validation failed\n\nmandatory field {k} missing\n"
+            ))),
+            Some(_) => Err(ApiError::bad_request(format!("{k} must be a string"))),
+        }
+    };
+    let p = TopicPermissionRecord {
+        vhost: v,
+        user: u,
+        exchange: field("exchange")?,
+        write: field("write")?,
+        read: field("read")?,
+    };
+    let created = st.admin.put_topic_permission(p).await?;
+    Ok(created_or_updated(created))
+}
+
+async fn delete_topic_permission(
+    State(st): St,
+    caller: Caller,
+    Path((v, u)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    st.admin.delete_topic_permission(&v, &u, None).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ----- exchanges -----
+
+/// The vhosts a list covers: the one in the path (404 if missing) or all the caller sees.
+fn scope(
+    st: &AppState,
+    caller: &Caller,
+    vhost: Option<&str>,
+) -> ApiResult<Vec<Arc<warren_core::vhost::VHost>>> {
+    match vhost {
+        Some(v) => {
+            let vh = st.admin.find_vhost(v).ok_or_else(ApiError::not_found)?;
+            caller.check_vhost(v)?;
+            Ok(vec![vh])
+        }
+        None => Ok(st
+            .admin
+            .vhosts()
+            .into_iter()
+            .filter(|v| caller.sees(&v.name))
+            .collect()),
+    }
+}
+
+async fn exchanges(
+    State(st): St,
+    caller: Caller,
+    vhost: Option<Path<String>>,
+    q: Q,
+) -> ApiResult<Response> {
+    let mut items = Vec::new();
+    for v in scope(&st, &caller, vhost.as_deref().map(String::as_str))? {
+        for x in v.exchanges() {
+            let vname = v.name.clone();
+            // Sorted by vhost then name when several vhosts are listed.
+            items.push((format!("{}\u{0}{}", v.name, x.name), move || {
+                views::exchange(&x, &vname)
+            }));
+        }
+    }
+    list(&q, strip_vhost_keys(items))
+}
+
+/// List keys carry "vhost\0name" for ordering; the name filter applies to the name only.
+fn strip_vhost_keys<F>(items: Vec<(String, F)>) -> Vec<(String, F)> {
+    let mut items = items;
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    items
+        .into_iter()
+        .map(|(k, f)| {
+            let name = k.split_once('\u{0}').map(|(_, n)| n.to_string()).unwrap_or(k);
+            (name, f)
+        })
+        .collect()
+}
+
+/// "amq.default" names the default exchange in paths.
+fn exchange_name(name: &str) -> &str {
+    if name == "amq.default" {
+        ""
+    } else {
+        name
+    }
+}
+
+async fn exchange(
+    State(st): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    caller.check_vhost(&v).or_else(|e| {
+        if st.admin.find_vhost(&v).is_none() {
+            Err(ApiError::not_found())
+        } else {
+            Err(e)
+        }
+    })?;
+    let x = st
+        .admin
+        .exchange(&v, exchange_name(&name))
+        .ok_or_else(ApiError::not_found)?;
+    ok_json(views::exchange(&x, &v))
+}
+
+async fn put_exchange(
+    State(st): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(&v)?;
+    let m = object(&body)?;
+    let Some(kind) = str_field(&m, "type") else {
+        return Err(ApiError::bad_request("Validation failed\n\nmandatory field type missing\n"));
+    };
+    if name.len() > 255 {
+        return Err(ApiError::bad_request("exchange name longer than 255 bytes"));
+    }
+    let d = ExchangeDeclare {
+        name: exchange_name(&name).to_string(),
+        kind: kind.to_string(),
+        passive: false,
+        durable: bool_field(&m, "durable", true)?,
+        auto_delete: bool_field(&m, "auto_delete", false)?,
+        internal: bool_field(&m, "internal", false)?,
+        arguments: json_to_table(m.get("arguments").unwrap_or(&Value::Null))?,
+    };
+    let created = st.admin.declare_exchange(&v, d).await?;
+    Ok(created_or_updated(created))
+}
+
+async fn delete_exchange(
+    State(st): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+    q: Q,
+) -> ApiResult<Response> {
+    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(&v)?;
+    let if_unused = q.0.get("if-unused").is_some_and(|x| x == "true");
+    st.admin
+        .delete_exchange(&v, exchange_name(&name), if_unused)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn exchange_bindings_source(
+    State(st): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    caller.check_vhost(&v)?;
+    let name = exchange_name(&name).to_string();
+    st.admin.exchange(&v, &name).ok_or_else(ApiError::not_found)?;
+    let items = st.admin.bindings(&v);
+    ok_json(Value::Array(
+        items.iter().filter(|b| b.source == name).map(views::binding).collect(),
+    ))
+}
+
+async fn exchange_bindings_destination(
+    State(st): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    caller.check_vhost(&v)?;
+    let name = exchange_name(&name).to_string();
+    st.admin.exchange(&v, &name).ok_or_else(ApiError::not_found)?;
+    let items = st.admin.bindings(&v);
+    ok_json(Value::Array(
+        items
+            .iter()
+            .filter(|b| b.destination == name && b.destination_type == "exchange")
+            .map(views::binding)
+            .collect(),
+    ))
+}
+
+async fn publish(
+    State(st): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.check_vhost(&v)?;
+    let m = object(&body)?;
+    let routed = crate::messages::publish(&st.admin, &v, exchange_name(&name), &m).await?;
+    ok_json(json!({ "routed": routed }))
+}
+
+// ----- queues -----
+
+async fn queues(
+    State(st): St,
+    caller: Caller,
+    vhost: Option<Path<String>>,
+    q: Q,
+) -> ApiResult<Response> {
+    let unacked = Arc::new(st.admin.unacked_by_queue());
+    let node = Arc::new(views::node_name());
+    let mut items = Vec::new();
+    for v in scope(&st, &caller, vhost.as_deref().map(String::as_str))? {
+        for qu in v.queues() {
+            let unacked = unacked.clone();
+            let node = node.clone();
+            items.push((format!("{}\u{0}{}", v.name, qu.name()), move || {
+                let n = unacked
+                    .get(&(Arc::as_ptr(&qu) as usize))
+                    .copied()
+                    .unwrap_or(0);
+                views::queue(&qu, n, &node)
+            }));
+        }
+    }
+    list(&q, strip_vhost_keys(items))
+}
+
+async fn queue(
+    State(st): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(&v)?;
+    let qu = st.admin.queue(&v, &name).ok_or_else(ApiError::not_found)?;
+    let n = st
+        .admin
+        .unacked_by_queue()
+        .get(&(Arc::as_ptr(&qu) as usize))
+        .copied()
+        .unwrap_or(0);
+    ok_json(views::queue(&qu, n, &views::node_name()))
+}
+
+async fn put_queue(
+    State(st): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(&v)?;
+    let m = object(&body)?;
+    if name.is_empty() || name.len() > 255 {
+        return Err(ApiError::bad_request("queue names are 1 to 255 bytes"));
+    }
+    let mut arguments = json_to_table(m.get("arguments").unwrap_or(&Value::Null))?;
+    if let Some(t) = str_field(&m, "type") {
+        arguments.insert(
+            "x-queue-type".into(),
+            warren_protocol::AMQPValue::LongString(t.into()),
+        );
+    }
+    let d = QueueDeclare {
+        name: name.clone(),
+        passive: false,
+        durable: bool_field(&m, "durable", true)?,
+        exclusive: false,
+        auto_delete: bool_field(&m, "auto_delete", false)?,
+        arguments,
+    };
+    let created = st.admin.declare_queue(&v, &caller.name, d).await?;
+    Ok(created_or_updated(created))
+}
+
+async fn delete_queue(
+    State(st): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+    q: Q,
+) -> ApiResult<Response> {
+    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(&v)?;
+    let flag = |k: &str| q.0.get(k).is_some_and(|x| x == "true");
+    st.admin
+        .delete_queue(&v, &name, flag("if-unused"), flag("if-empty"))
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn queue_bindings(
+    State(st): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    caller.check_vhost(&v)?;
+    st.admin.queue(&v, &name).ok_or_else(ApiError::not_found)?;
+    let items = st.admin.bindings(&v);
+    ok_json(Value::Array(
+        items
+            .iter()
+            .filter(|b| b.destination == name && b.destination_type == "queue")
+            .map(views::binding)
+            .collect(),
+    ))
+}
+
+async fn purge(
+    State(st): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(&v)?;
+    st.admin.purge_queue(&v, &name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn get_messages(
+    State(st): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(&v)?;
+    let m = object(&body)?;
+    let out = crate::messages::get(&st.admin, &v, &name, &m).await?;
+    ok_json(out)
+}
+
+// ----- bindings -----
+
+async fn bindings(
+    State(st): St,
+    caller: Caller,
+    vhost: Option<Path<String>>,
+) -> ApiResult<Response> {
+    let mut out = Vec::new();
+    for v in scope(&st, &caller, vhost.as_deref().map(String::as_str))? {
+        out.extend(st.admin.bindings(&v.name).iter().map(views::binding));
+    }
+    ok_json(Value::Array(out))
+}
+
+fn dest_kind(kind: &str) -> ApiResult<bool> {
+    match kind {
+        "q" => Ok(false),
+        "e" => Ok(true),
+        _ => Err(ApiError::not_found()),
+    }
+}
+
+fn matching(
+    st: &AppState,
+    v: &str,
+    source: &str,
+    to_exchange: bool,
+    dest: &str,
+) -> Vec<warren_core::admin::BindingView> {
+    st.admin
+        .bindings(v)
+        .into_iter()
+        .filter(|b| {
+            b.source == source
+                && b.destination == dest
+                && (b.destination_type == "exchange") == to_exchange
+        })
+        .collect()
+}
+
+async fn bindings_between(
+    State(st): St,
+    caller: Caller,
+    Path((v, source, kind, dest)): Path<(String, String, String, String)>,
+) -> ApiResult<Response> {
+    caller.check_vhost(&v)?;
+    let to_exchange = dest_kind(&kind)?;
+    let source = exchange_name(&source).to_string();
+    st.admin.exchange(&v, &source).ok_or_else(ApiError::not_found)?;
+    let exists = if to_exchange {
+        st.admin.exchange(&v, &dest).is_some()
+    } else {
+        st.admin.queue(&v, &dest).is_some()
+    };
+    if !exists {
+        return Err(ApiError::not_found());
+    }
+    ok_json(Value::Array(
+        matching(&st, &v, &source, to_exchange, &dest)
+            .iter()
+            .map(views::binding)
+            .collect(),
+    ))
+}
+
+async fn add_binding(
+    State(st): St,
+    caller: Caller,
+    Path((v, source, kind, dest)): Path<(String, String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(&v)?;
+    let to_exchange = dest_kind(&kind)?;
+    let m = object(&body)?;
+    let key = str_field(&m, "routing_key").unwrap_or("").to_string();
+    let arguments = json_to_table(m.get("arguments").unwrap_or(&Value::Null))?;
+    let source = exchange_name(&source).to_string();
+    st.admin
+        .bind(&v, &source, to_exchange, &dest, &key, &arguments)
+        .await?;
+    let props = views::properties_key(&key, &arguments);
+    let enc = |s: &str| percent_encoding::utf8_percent_encode(s, SEGMENT).to_string();
+    let path = format!(
+        "/api/bindings/{}/e/{}/{}/{}/{}",
+        enc(&v),
+        enc(&source),
+        kind,
+        enc(&dest),
+        props
+    );
+    // RabbitMQ answers with the new binding's address relative to the request's own.
+    let _ = headers;
+    let mut r = StatusCode::CREATED.into_response();
+    if let Ok(h) = header::HeaderValue::from_str(&path) {
+        r.headers_mut().insert(header::LOCATION, h);
+    }
+    Ok(r)
+}
+
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+fn find_binding(
+    st: &AppState,
+    v: &str,
+    source: &str,
+    kind: &str,
+    dest: &str,
+    props: &str,
+) -> ApiResult<warren_core::admin::BindingView> {
+    let to_exchange = dest_kind(kind)?;
+    matching(st, v, exchange_name(source), to_exchange, dest)
+        .into_iter()
+        .find(|b| views::properties_key(&b.routing_key, &b.arguments) == props)
+        .ok_or_else(ApiError::not_found)
+}
+
+async fn binding(
+    State(st): St,
+    caller: Caller,
+    Path((v, source, kind, dest, props)): Path<(String, String, String, String, String)>,
+) -> ApiResult<Response> {
+    caller.check_vhost(&v)?;
+    let b = find_binding(&st, &v, &source, &kind, &dest, &props)?;
+    ok_json(views::binding(&b))
+}
+
+async fn delete_binding(
+    State(st): St,
+    caller: Caller,
+    Path((v, source, kind, dest, props)): Path<(String, String, String, String, String)>,
+) -> ApiResult<Response> {
+    caller.check_vhost(&v)?;
+    let b = find_binding(&st, &v, &source, &kind, &dest, &props)?;
+    st.admin
+        .unbind(
+            &v,
+            &b.source,
+            b.destination_type == "exchange",
+            &b.destination,
+            &b.routing_key,
+            &b.arguments,
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ----- connections, channels, consumers -----
+
+fn visible_connections(
+    st: &AppState,
+    caller: &Caller,
+) -> Vec<Arc<warren_core::connections::ConnInfo>> {
+    st.admin
+        .broker
+        .connections
+        .all()
+        .into_iter()
+        .filter(|c| caller.can.monitoring || c.session().user == caller.name)
+        .collect()
+}
+
+async fn connections(State(st): St, caller: Caller, q: Q) -> ApiResult<Response> {
+    let node = views::node_name();
+    let items = visible_connections(&st, &caller)
+        .into_iter()
+        .map(|c| views::connection(&c, &node))
+        .collect();
+    list(&q, rendered(items, "name"))
+}
+
+async fn vhost_connections(State(st): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
+    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(&v)?;
+    let node = views::node_name();
+    ok_json(Value::Array(
+        visible_connections(&st, &caller)
+            .into_iter()
+            .filter(|c| c.session().vhost == v)
+            .map(|c| views::connection(&c, &node))
+            .collect(),
+    ))
+}
+
+fn find_connection(
+    st: &AppState,
+    caller: &Caller,
+    name: &str,
+) -> ApiResult<Arc<warren_core::connections::ConnInfo>> {
+    visible_connections(st, caller)
+        .into_iter()
+        .find(|c| c.name == name)
+        .ok_or_else(ApiError::not_found)
+}
+
+async fn connection(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {
+    let c = find_connection(&st, &caller, &name)?;
+    ok_json(views::connection(&c, &views::node_name()))
+}
+
+async fn close_connection(
+    State(st): St,
+    caller: Caller,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    find_connection(&st, &caller, &name)?;
+    let reason = headers
+        .get("x-reason")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("Closed via management plugin");
+    st.admin.close_connection(&name, reason)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn connection_channels(
+    State(st): St,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let c = find_connection(&st, &caller, &name)?;
+    let node = views::node_name();
+    ok_json(Value::Array(
+        c.channels()
+            .iter()
+            .map(|ch| views::channel(&c, ch, &node))
+            .collect(),
+    ))
+}
+
+fn all_channels(st: &AppState, caller: &Caller, vhost: Option<&str>) -> Vec<Value> {
+    let node = views::node_name();
+    let mut out = Vec::new();
+    for c in visible_connections(st, caller) {
+        if vhost.is_some_and(|v| c.session().vhost != v) {
+            continue;
+        }
+        for ch in c.channels() {
+            out.push(views::channel(&c, &ch, &node));
+        }
+    }
+    out
+}
+
+async fn channels(State(st): St, caller: Caller, q: Q) -> ApiResult<Response> {
+    list(&q, rendered(all_channels(&st, &caller, None), "name"))
+}
+
+async fn vhost_channels(State(st): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
+    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(&v)?;
+    ok_json(Value::Array(all_channels(&st, &caller, Some(&v))))
+}
+
+async fn channel(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {
+    all_channels(&st, &caller, None)
+        .into_iter()
+        .find(|c| c.get("name").and_then(Value::as_str) == Some(name.as_str()))
+        .map(|c| Json(c).into_response())
+        .ok_or_else(ApiError::not_found)
+}
+
+async fn consumers(
+    State(st): St,
+    caller: Caller,
+    vhost: Option<Path<String>>,
+) -> ApiResult<Response> {
+    let conns: HashMap<u64, Arc<warren_core::connections::ConnInfo>> = st
+        .admin
+        .broker
+        .connections
+        .all()
+        .into_iter()
+        .map(|c| (c.id, c))
+        .collect();
+    let mut out = Vec::new();
+    for v in scope(&st, &caller, vhost.as_deref().map(String::as_str))? {
+        let mut qs = v.queues();
+        qs.sort_by(|a, b| a.name().cmp(b.name()));
+        for qu in qs {
+            for cons in qu.view().consumer_list {
+                let Some(c) = conns.get(&cons.channel.conn_id) else {
+                    continue;
+                };
+                if !caller.can.monitoring && c.session().user != caller.name {
+                    continue;
+                }
+                out.push(views::consumer(c, &cons, &qu));
+            }
+        }
+    }
+    ok_json(Value::Array(out))
+}
+
+// ----- global parameters -----
+
+fn global_json(name: &str, value: &str) -> Value {
+    json!({
+        "name": name,
+        "value": serde_json::from_str::<Value>(value).unwrap_or(Value::Null),
+    })
+}
+
+async fn global_parameters(State(st): St, caller: Caller) -> ApiResult<Response> {
+    caller.require_admin()?;
+    ok_json(Value::Array(
+        st.admin
+            .global_parameters()
+            .iter()
+            .map(|(n, v)| global_json(n, v))
+            .collect(),
+    ))
+}
+
+async fn global_parameter(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {
+    caller.require_admin()?;
+    st.admin
+        .global_parameters()
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(n, v)| Json(global_json(n, v)).into_response())
+        .ok_or_else(ApiError::not_found)
+}
+
+async fn put_global_parameter(
+    State(st): St,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let m = object(&body)?;
+    let Some(value) = m.get("value") else {
+        return Err(ApiError::bad_request("Validation failed\n\nmandatory field value missing\n"));
+    };
+    let created = st
+        .admin
+        .set_global_parameter(&name, value.to_string())
+        .await?;
+    Ok(created_or_updated(created))
+}
+
+async fn delete_global_parameter(
+    State(st): St,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    st.admin.clear_global_parameter(&name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ----- health checks -----
+
+async fn health_ok(_caller: Caller) -> ApiResult<Response> {
+    ok_json(json!({"status": "ok"}))
+}
+
+fn health_failed(reason: String) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": "failed", "reason": reason})),
+    )
+        .into_response()
+}
+
+async fn port_listener(State(st): St, _caller: Caller, Path(port): Path<String>) -> ApiResult<Response> {
+    let Ok(p) = port.parse::<u16>() else {
+        return Err(ApiError::bad_request(format!("{port} is not a valid port number")));
+    };
+    if st.listeners.iter().any(|(_, a)| a.port() == p) {
+        ok_json(json!({"status": "ok", "port": p}))
+    } else {
+        let ports: Vec<u16> = st.listeners.iter().map(|(_, a)| a.port()).collect();
+        Ok(health_failed(format!(
+            "No active listener on port {p}; active listeners are on ports {ports:?}"
+        )))
+    }
+}
+
+async fn protocol_listener(
+    State(st): St,
+    _caller: Caller,
+    Path(proto): Path<String>,
+) -> ApiResult<Response> {
+    let want = match proto.as_str() {
+        "amqp" | "amqp091" | "amqp0.9.1" | "amqp0-9-1" => "amqp",
+        "amqps" => "amqp/ssl",
+        "http" | "management" => "http",
+        "https" => "https",
+        "prometheus" => "prometheus",
+        other => other,
+    };
+    if st.listeners.iter().any(|(p, _)| *p == want) {
+        ok_json(json!({"status": "ok", "protocol": proto}))
+    } else {
+        Ok(health_failed(format!(
+            "No active listener for protocol {proto}"
+        )))
+    }
+}
+
+async fn aliveness(State(st): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
+    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(&v)?;
+    match crate::messages::aliveness(&st.admin, &v).await {
+        Ok(()) => ok_json(json!({"status": "ok"})),
+        Err(e) => Ok(health_failed(e)),
+    }
+}

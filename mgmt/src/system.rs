@@ -1,0 +1,82 @@
+//! What the node reports about its process and host: resident memory, file descriptors and
+//! free disk space under the data directory (read from /proc and statvfs; zero where the
+//! platform does not say).
+
+/// RabbitMQ's default `disk_free_limit` (50 MB).
+pub const DISK_FREE_LIMIT: u64 = 50_000_000;
+
+#[derive(Debug, Clone, Default)]
+pub struct System {
+    pub rss_bytes: u64,
+    pub mem_limit: u64,
+    pub fds_used: u64,
+    pub fds_total: u64,
+    pub disk_free: u64,
+}
+
+fn rss() -> u64 {
+    // /proc/self/statm: size resident shared ... in pages.
+    let Ok(s) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    let pages: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn fds() -> (u64, u64) {
+    let used = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count() as u64)
+        .unwrap_or(0);
+    let total = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|x| x.parse().ok())
+        })
+        .unwrap_or(0);
+    (used, total)
+}
+
+fn mem_total() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|x| x.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn disk_free(dir: &std::path::Path) -> u64 {
+    let dir = if dir.exists() {
+        dir
+    } else {
+        std::path::Path::new("/")
+    };
+    match rustix::fs::statvfs(dir) {
+        Ok(s) => s.f_bavail.saturating_mul(s.f_frsize),
+        Err(_) => 0,
+    }
+}
+
+/// Reads the process and host figures now.
+pub fn read_for(data_dir: &std::path::Path) -> System {
+    let (fds_used, fds_total) = fds();
+    System {
+        rss_bytes: rss(),
+        // RabbitMQ's default high watermark: 40% of the host's memory.
+        mem_limit: mem_total() * 2 / 5,
+        fds_used,
+        fds_total,
+        disk_free: disk_free(data_dir),
+    }
+}
