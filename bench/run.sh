@@ -103,6 +103,7 @@ start_warren() {
         WARREN_DB=$db
     fi
     "$WARREN" --amqp-listen "127.0.0.1:$WARREN_PORT" --data-dir "$BROKER_DIR/data" "${storage[@]}" \
+        --http-listen "" --prometheus-listen "" \
         >"$BROKER_DIR/warren.log" 2>&1 &
     STARTED_PID=$!
     BROKER_PID=$STARTED_PID

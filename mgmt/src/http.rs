@@ -237,6 +237,22 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         let Some((name, pass)) = credentials(parts) else {
             return Err(ApiError::unauthorized("Not_Authorized"));
         };
+        // loopback_users (guest by default) log in from this host only, over HTTP as over AMQP.
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip().to_canonical());
+        let loopback_only = state
+            .admin
+            .broker
+            .config
+            .loopback_users
+            .iter()
+            .any(|u| *u == name);
+        if loopback_only && !peer.is_some_and(|ip| ip.is_loopback()) {
+            tracing::warn!(user = %name, ?peer, "HTTP access denied: user can only log in via localhost");
+            return Err(ApiError::unauthorized("User can only log in via localhost"));
+        }
         let user = state
             .admin
             .login(&name, &pass)

@@ -365,7 +365,7 @@ mod tests {
     #[test]
     fn times_print_as_rabbitmq() {
         assert_eq!(rabbit_time(0), "1970-01-01 00:00:00");
-        assert_eq!(rabbit_time(1_796_054_400_000), "2026-11-30 00:00:00");
+        assert_eq!(rabbit_time(1_795_996_800_000), "2026-11-30 00:00:00");
     }
 
     fn q(pairs: &[(&str, &str)]) -> ListQuery {

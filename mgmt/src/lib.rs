@@ -50,7 +50,8 @@ pub async fn serve_api(listener: TcpListener, state: Arc<AppState>, shutdown: Ca
     let app = routes::router(state)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
     let app = app.map_request(strip_trailing_slash);
-    let service = axum::ServiceExt::<Request>::into_make_service(app);
+    let service =
+        axum::ServiceExt::<Request>::into_make_service_with_connect_info::<SocketAddr>(app);
     if let Err(e) = axum::serve(listener, service)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -1195,7 +1195,11 @@ fn find_binding(
     let to_exchange = dest_kind(kind)?;
     matching(st, v, exchange_name(source), to_exchange, dest)
         .into_iter()
-        .find(|b| views::properties_key(&b.routing_key, &b.arguments) == props)
+        .find(|b| {
+            // The path segment arrives decoded; so is the key compared with it.
+            let key = views::properties_key(&b.routing_key, &b.arguments);
+            percent_encoding::percent_decode_str(&key).decode_utf8_lossy() == props
+        })
         .ok_or_else(ApiError::not_found)
 }
 

@@ -68,7 +68,9 @@ pub fn queue(q: &Arc<Queue>, unacked: u64, node: &str) -> Value {
         rabbit_time(now_ms().saturating_sub(ago))
     });
     let exclusive = q.spec.exclusive_owner.is_some();
-    let consumer_utilisation = if s.consumers > 0 { json!(1.0) } else { Value::Null };
+    // Warren delivers whenever a consumer has credit: utilisation is 1 with consumers, 0
+    // without (RabbitMQ 3.13+ shows 0 rather than null there).
+    let consumer_utilisation = if s.consumers > 0 { json!(1.0) } else { json!(0.0) };
     let qtype = if args.quorum { "quorum" } else { "classic" };
     // Entries in memory cost about their struct; bodies are shared with the body cache.
     let memory = s.in_memory * 96 + s.bytes.min(s.bytes * s.in_memory / s.ready.max(1));
@@ -236,7 +238,9 @@ pub fn consumer(c: &ConnInfo, cons: &Consumer, q: &Queue) -> Value {
         "active": cons.active.load(Ordering::Relaxed),
         "activity_status": if cons.active.load(Ordering::Relaxed) { "up" } else { "waiting" },
         "arguments": {},
-        "consumer_timeout": Value::Null,
+        // The queue's x-consumer-timeout in ms; 0 when it has none (Warren has no node-wide
+        // default).
+        "consumer_timeout": q.args.consumer_timeout.unwrap_or(0),
     })
 }
 

@@ -12,7 +12,8 @@ session:
 
 Set ``WARREN_AMQP_URL`` (e.g. ``amqp://guest:guest@127.0.0.1:5672/%2F``) to run
 the same tests against an already running broker instead -- handy to check
-that a test encodes RabbitMQ's behaviour by pointing it at a real RabbitMQ.
+that a test encodes RabbitMQ's behaviour by pointing it at a real RabbitMQ
+(``WARREN_HTTP_PORT`` names its management port, e.g. 15672, for the API tests).
 """
 
 import itertools
@@ -37,9 +38,11 @@ class BrokerInfo:
     """Where the broker under test listens, and how to talk to it."""
 
     def __init__(self, host, port, username="guest", password="guest",
-                 vhost="/", process=None, log_path=None):
+                 vhost="/", process=None, log_path=None, http_port=None):
         self.host = host
         self.port = port
+        # The management API's port (None when the broker under test has none known).
+        self.http_port = http_port
         self.username = username
         self.password = password
         self.vhost = vhost
@@ -116,9 +119,11 @@ def _port_open(host, port):
 def _broker_from_url(url):
     u = urlparse(url)
     vhost = unquote(u.path[1:]) if u.path and u.path != "/" else "/"
+    http = os.environ.get("WARREN_HTTP_PORT")
     return BrokerInfo(u.hostname or "127.0.0.1", u.port or 5672,
                       unquote(u.username or "guest"),
-                      unquote(u.password or "guest"), vhost or "/")
+                      unquote(u.password or "guest"), vhost or "/",
+                      http_port=int(http) if http else None)
 
 
 @pytest.fixture(scope="session")
@@ -134,16 +139,19 @@ def broker(tmp_path_factory):
     data_dir = workdir / "data"
     data_dir.mkdir()
     log_path = workdir / "broker.log"
-    host, port = "127.0.0.1", _free_port()
+    host, port, http_port = "127.0.0.1", _free_port(), _free_port()
 
     cmd = [str(binary), "--amqp-listen", "%s:%d" % (host, port),
-           "--data-dir", str(data_dir)]
+           "--data-dir", str(data_dir),
+           "--http-listen", "%s:%d" % (host, http_port),
+           "--prometheus-listen", "%s:%d" % (host, _free_port())]
     env = dict(os.environ)
     env.setdefault("RUST_BACKTRACE", "1")
     log_file = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
                             stderr=subprocess.STDOUT, cwd=str(workdir), env=env)
-    info = BrokerInfo(host, port, process=proc, log_path=log_path)
+    info = BrokerInfo(host, port, process=proc, log_path=log_path,
+                      http_port=http_port)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:

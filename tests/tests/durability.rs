@@ -64,6 +64,8 @@ impl Server {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(dir)
+            // No HTTP listeners: tests run side by side, and 15672 is a fixed port.
+            .args(["--http-listen", "", "--prometheus-listen", ""])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())

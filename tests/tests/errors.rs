@@ -143,28 +143,6 @@ async fn wrong_protocol_header_is_answered_with_ours() {
 }
 
 /// Reads frames until a connection.close arrives; returns its reply code.
-async fn read_until_close(s: &mut TcpStream) -> (u16, String) {
-    use warren_protocol::protocol::{connection, AMQPClass};
-    let d = Decoder::new(0);
-    let mut buf = bytes::BytesMut::new();
-    loop {
-        while let Some(f) = d.decode(&mut buf).unwrap() {
-            if let Frame::Method {
-                class: AMQPClass::Connection(connection::AMQPMethod::Close(c)),
-                ..
-            } = f
-            {
-                return (c.reply_code, c.reply_text.to_string());
-            }
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "socket closed before connection.close");
-    }
-}
-
 /// Reads frames until a channel.close arrives.
 async fn read_until_channel_close(s: &mut TcpStream) -> warren_protocol::protocol::channel::Close {
     use warren_protocol::protocol::{channel, AMQPClass};
@@ -190,45 +168,7 @@ async fn read_until_channel_close(s: &mut TcpStream) -> warren_protocol::protoco
 
 /// Opens a raw connection through tune-ok/open with the given frame_max.
 async fn handshake(b: &warren_broker::Running) -> TcpStream {
-    use warren_protocol::{
-        encode::encode_frame,
-        protocol::{connection, AMQPClass},
-        LongString,
-    };
-    let mut s = raw(b).await;
-    s.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
-    let mut v = Vec::new();
-    encode_frame(
-        &mut v,
-        0,
-        &AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-            client_properties: Default::default(),
-            mechanism: "PLAIN".into(),
-            response: LongString::from(&b"\0guest\0guest"[..]),
-            locale: "en_US".into(),
-        })),
-    )
-    .unwrap();
-    encode_frame(
-        &mut v,
-        0,
-        &AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
-            channel_max: 2047,
-            frame_max: 131072,
-            heartbeat: 0,
-        })),
-    )
-    .unwrap();
-    encode_frame(
-        &mut v,
-        0,
-        &AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
-            virtual_host: "/".into(),
-        })),
-    )
-    .unwrap();
-    s.write_all(&v).await.unwrap();
-    s
+    handshake_to(b, "/").await
 }
 
 #[tokio::test]

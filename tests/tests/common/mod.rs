@@ -11,7 +11,10 @@ use lapin::{
     types::FieldTable,
     Channel, Connection, ConnectionProperties, Consumer,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use warren_broker::{Config, Running};
+use warren_protocol::codec::{Decoder, Frame};
 
 pub async fn broker() -> Running {
     broker_with(|_| {}).await
@@ -95,3 +98,70 @@ pub fn text(e: &lapin::Error) -> String {
         other => panic!("not a protocol error: {other:?}"),
     }
 }
+
+/// A raw AMQP connection, opened as guest into `vhost` (its replies are left unread).
+pub async fn handshake_to(b: &warren_broker::Running, vhost: &str) -> TcpStream {
+    use warren_protocol::{
+        encode::encode_frame,
+        protocol::{connection, AMQPClass},
+        LongString,
+    };
+    let mut s = TcpStream::connect(b.addr).await.unwrap();
+    s.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
+    let mut v = Vec::new();
+    encode_frame(
+        &mut v,
+        0,
+        &AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+            client_properties: Default::default(),
+            mechanism: "PLAIN".into(),
+            response: LongString::from(&b"\0guest\0guest"[..]),
+            locale: "en_US".into(),
+        })),
+    )
+    .unwrap();
+    encode_frame(
+        &mut v,
+        0,
+        &AMQPClass::Connection(connection::AMQPMethod::TuneOk(connection::TuneOk {
+            channel_max: 2047,
+            frame_max: 131072,
+            heartbeat: 0,
+        })),
+    )
+    .unwrap();
+    encode_frame(
+        &mut v,
+        0,
+        &AMQPClass::Connection(connection::AMQPMethod::Open(connection::Open {
+            virtual_host: vhost.into(),
+        })),
+    )
+    .unwrap();
+    s.write_all(&v).await.unwrap();
+    s
+}
+
+/// Reads frames until a connection.close arrives: its code and text.
+pub async fn read_until_close(s: &mut TcpStream) -> (u16, String) {
+    use warren_protocol::protocol::{connection, AMQPClass};
+    let d = Decoder::new(0);
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        while let Some(f) = d.decode(&mut buf).unwrap() {
+            if let Frame::Method {
+                class: AMQPClass::Connection(connection::AMQPMethod::Close(c)),
+                ..
+            } = f
+            {
+                return (c.reply_code, c.reply_text.to_string());
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "socket closed before connection.close");
+    }
+}
+

@@ -1,0 +1,658 @@
+//! The management HTTP API and the Prometheus endpoint, driven by real clients: the
+//! `rabbitmq_http_client` crate (what rabbitmqadmin v2 is built on) for every endpoint it
+//! covers, reqwest for exact status codes, headers and error bodies, and lapin over AMQP to
+//! check that what the API created works.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use rabbitmq_http_client::api::Client;
+use rabbitmq_http_client::password_hashing;
+use rabbitmq_http_client::requests::{
+    ExchangeParams, MessageProperties, Permissions, QueueParams, TopicPermissions, UserParams,
+    VirtualHostParams,
+};
+use serde_json::{json, Value};
+use warren_broker::Running;
+
+async fn broker_http() -> Running {
+    broker_with(|c| {
+        c.http_listen = warren_broker::config::parse_listen("127.0.0.1:0").unwrap();
+        c.prometheus_listen = warren_broker::config::parse_listen("127.0.0.1:0").unwrap();
+    })
+    .await
+}
+
+fn api(b: &Running) -> String {
+    format!("http://{}/api", b.http.unwrap())
+}
+
+fn client(b: &Running) -> Client<String, String, String> {
+    Client::new(api(b), "guest".to_string(), "guest".to_string())
+}
+
+fn amqp_url(b: &Running, user: &str, pass: &str, vhost: &str) -> String {
+    let v: String = vhost
+        .bytes()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                (c as char).to_string()
+            } else {
+                format!("%{c:02X}")
+            }
+        })
+        .collect();
+    format!("amqp://{user}:{pass}@{}/{v}", b.addr)
+}
+
+fn user_params<'a>(name: &'a str, hash: &'a str, tags: &'a str) -> UserParams<'a> {
+    UserParams {
+        name,
+        password_hash: hash,
+        tags,
+    }
+}
+
+fn hash(password: &str) -> String {
+    let salt = password_hashing::salt();
+    password_hashing::base64_encoded_salted_password_hash_sha256(&salt, password)
+}
+
+/// Raw HTTP: status, headers and the JSON body.
+async fn raw(
+    method: reqwest::Method,
+    url: &str,
+    auth: Option<(&str, &str)>,
+    body: Option<&str>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let http = reqwest::Client::new();
+    let mut r = http.request(method, url);
+    if let Some((u, p)) = auth {
+        r = r.basic_auth(u, Some(p));
+    }
+    if let Some(b) = body {
+        r = r
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, headers, v)
+}
+
+const GUEST: Option<(&str, &str)> = Some(("guest", "guest"));
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vhosts_users_and_permissions_made_by_the_api_work_over_amqp() {
+    let b = broker_http().await;
+    let rc = client(&b);
+    let overview = rc.overview().await.unwrap();
+    assert_eq!(overview.node, rc.list_nodes().await.unwrap()[0].name);
+    assert_eq!(rc.current_user().await.unwrap().name, "guest");
+
+    let vp = VirtualHostParams {
+        name: "v1",
+        description: Some("first"),
+        tags: Some(vec!["a", "b"]),
+        default_queue_type: None,
+        tracing: false,
+    };
+    rc.create_vhost(&vp).await.unwrap();
+    let v = rc.get_vhost("v1").await.unwrap();
+    assert_eq!(v.name, "v1");
+    assert_eq!(v.description.as_deref(), Some("first"));
+    let names: Vec<String> = rc.list_vhosts().await.unwrap().into_iter().map(|v| v.name).collect();
+    assert_eq!(names, vec!["/".to_string(), "v1".to_string()]);
+
+    let h = hash("s3cret");
+    rc.create_user(&user_params("alice", &h, "monitoring")).await.unwrap();
+    let alice = rc.get_user("alice").await.unwrap();
+    assert_eq!(alice.name, "alice");
+    assert_eq!(alice.password_hash, h);
+    assert!(rc.list_users().await.unwrap().iter().any(|u| u.name == "alice"));
+    assert!(rc
+        .list_users_without_permissions()
+        .await
+        .unwrap()
+        .iter()
+        .any(|u| u.name == "alice"));
+    rc.declare_permissions(&Permissions {
+        user: "alice",
+        vhost: "v1",
+        configure: "^alice\\.",
+        read: ".*",
+        write: ".*",
+    })
+    .await
+    .unwrap();
+    let p = rc.get_permissions("v1", "alice").await.unwrap();
+    assert_eq!(p.configure, "^alice\\.");
+    assert_eq!(rc.list_permissions_of("alice").await.unwrap().len(), 1);
+    rc.declare_topic_permissions(&TopicPermissions {
+        user: "alice",
+        vhost: "v1",
+        exchange: "amq.topic",
+        write: "^a",
+        read: ".*",
+    })
+    .await
+    .unwrap();
+    assert_eq!(rc.list_topic_permissions_of("alice").await.unwrap().len(), 1);
+
+    // The user the API made logs in over AMQP, into the vhost the API made, with the
+    // permissions the API set.
+    let conn = Connection::connect(
+        &amqp_url(&b, "alice", "s3cret", "v1"),
+        ConnectionProperties::default(),
+    )
+    .await
+    .expect("alice logs in to v1");
+    let ch = conn.create_channel().await.unwrap();
+    declare(&ch, "alice.q").await;
+    let ch2 = conn.create_channel().await.unwrap();
+    let e = ch2
+        .queue_declare("bob.q".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), 403);
+    let qs = rc.list_queues_in("v1").await.unwrap();
+    assert_eq!(qs.len(), 1);
+    assert_eq!(qs[0].name, "alice.q");
+    // A monitoring user reads the API; it cannot manage users.
+    let mon = Client::new(api(&b), "alice".to_string(), "s3cret".to_string());
+    assert_eq!(mon.list_queues().await.unwrap().len(), 1);
+    let (status, _, body) = raw(reqwest::Method::GET, &format!("{}/users", api(&b)), Some(("alice", "s3cret")), None).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"], "not_authorized");
+
+    // A password change through the API takes effect for the next login.
+    let h2 = hash("changed");
+    rc.create_user(&user_params("alice", &h2, "monitoring")).await.unwrap();
+    let e = Connection::connect(
+        &amqp_url(&b, "alice", "s3cret", "v1"),
+        ConnectionProperties::default(),
+    )
+    .await;
+    assert!(e.is_err(), "the old password no longer works");
+    Connection::connect(
+        &amqp_url(&b, "alice", "changed", "v1"),
+        ConnectionProperties::default(),
+    )
+    .await
+    .expect("the new one does");
+
+    rc.clear_permissions("v1", "alice", false).await.unwrap();
+    assert!(rc.get_permissions("v1", "alice").await.is_err());
+    rc.delete_user("alice", false).await.unwrap();
+    assert!(rc.get_user("alice").await.is_err());
+    assert!(rc.delete_user("alice", false).await.is_err());
+    rc.delete_user("alice", true).await.unwrap();
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_vhost_closes_its_connections_and_removes_its_entities() {
+    let b = broker_http().await;
+    let rc = client(&b);
+    rc.create_vhost(&VirtualHostParams {
+        name: "gone",
+        description: None,
+        tags: None,
+        default_queue_type: None,
+        tracing: false,
+    })
+    .await
+    .unwrap();
+    rc.grant_full_permissions("guest", "gone").await.unwrap();
+    let conn = Connection::connect(&amqp_url(&b, "guest", "guest", "gone"), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "durable.q".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut s = handshake_to(&b, "gone").await;
+    // The raw connection is open once the API lists it in the vhost.
+    for _ in 0..100 {
+        if rc.list_connections().await.unwrap().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rc.delete_vhost("gone", false).await.unwrap();
+    let (code, text) = read_until_close(&mut s).await;
+    assert_eq!(code, 320);
+    assert_eq!(text, "CONNECTION_FORCED - vhost 'gone' is deleted");
+    for _ in 0..100 {
+        if !conn.status().connected() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!conn.status().connected());
+    assert!(rc.get_vhost("gone").await.is_err());
+    // Recreated, it is empty: the durable queue went with it.
+    rc.create_vhost(&VirtualHostParams {
+        name: "gone",
+        description: None,
+        tags: None,
+        default_queue_type: None,
+        tracing: false,
+    })
+    .await
+    .unwrap();
+    assert!(rc.list_queues_in("gone").await.unwrap().is_empty());
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_messages_and_bindings_through_the_api() {
+    let b = broker_http().await;
+    let rc = client(&b);
+    let mut args = serde_json::Map::new();
+    args.insert("x-max-length".into(), json!(100));
+    rc.declare_queue(
+        "/",
+        &QueueParams::new_durable_classic_queue("api.q", Some(args)),
+    )
+    .await
+    .unwrap();
+    rc.declare_exchange("/", &ExchangeParams::durable_topic("api.x", None))
+        .await
+        .unwrap();
+    rc.bind_queue("/", "api.q", "api.x", Some("a.#"), None)
+        .await
+        .unwrap();
+    let bs = rc.list_queue_bindings("/", "api.q").await.unwrap();
+    // The default exchange's implicit binding, then ours.
+    assert_eq!(bs.len(), 2);
+    assert!(bs.iter().any(|x| x.source == "api.x" && x.routing_key == "a.#"));
+    assert_eq!(
+        rc.list_exchange_bindings_with_source("/", "api.x").await.unwrap().len(),
+        1
+    );
+
+    let routed = rc
+        .publish_message("/", "api.x", "a.b", "hello", MessageProperties::default())
+        .await
+        .unwrap();
+    assert!(routed.routed);
+    let routed = rc
+        .publish_message("/", "api.x", "zzz", "nobody", MessageProperties::default())
+        .await
+        .unwrap();
+    assert!(!routed.routed);
+    let q = rc.get_queue_info("/", "api.q").await.unwrap();
+    assert_eq!(q.message_count, 1);
+    assert!(q.durable);
+    let got = rc.get_messages("/", "api.q", 5, "ack_requeue_true").await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, "hello");
+    assert_eq!(got[0].routing_key, "a.b");
+    // Requeued: still there, and redelivered next time.
+    let got = rc.get_messages("/", "api.q", 5, "ack_requeue_false").await.unwrap();
+    assert!(got[0].redelivered);
+    assert_eq!(rc.get_queue_info("/", "api.q").await.unwrap().message_count, 0);
+
+    // The same over AMQP: what the API declared works for clients.
+    let (_c, ch) = channel(&b).await;
+    ch.basic_publish(
+        "api.x".into(),
+        "a.c".into(),
+        BasicPublishOptions::default(),
+        b"x",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let mut n = 0;
+    for _ in 0..50 {
+        n = rc.get_queue_info("/", "api.q").await.unwrap().message_count;
+        if n == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(n, 1);
+    rc.purge_queue("/", "api.q").await.unwrap();
+    assert_eq!(rc.get_queue_info("/", "api.q").await.unwrap().message_count, 0);
+
+    rc.delete_exchange("/", "api.x", false).await.unwrap();
+    assert!(rc.get_exchange_info("/", "api.x").await.is_err());
+    rc.delete_queue("/", "api.q", false).await.unwrap();
+    assert!(rc.get_queue_info("/", "api.q").await.is_err());
+    rc.delete_queue("/", "api.q", true).await.unwrap();
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_channels_and_consumers_are_listed_and_closed() {
+    let b = broker_http().await;
+    let rc = client(&b);
+    let (_conn, ch) = channel(&b).await;
+    declare(&ch, "cq").await;
+    ch.basic_qos(7, Default::default()).await.unwrap();
+    let _consumer = consume(&ch, "cq", false).await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        "cq".into(),
+        BasicPublishOptions::default(),
+        b"m",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    let conns = rc.list_connections().await.unwrap();
+    assert_eq!(conns.len(), 1);
+    let c = &conns[0];
+    assert_eq!(c.username, "guest");
+    assert_eq!(c.protocol, "AMQP 0-9-1");
+    assert_eq!(c.channel_count, 1);
+    let chans = rc.list_channels().await.unwrap();
+    assert_eq!(chans.len(), 1);
+    assert_eq!(chans[0].prefetch_count, 7);
+    let consumers = rc.list_consumers().await.unwrap();
+    assert_eq!(consumers.len(), 1);
+    assert_eq!(consumers[0].queue.name, "cq");
+
+    // Counters: the publish reached the channel, the queue and the node.
+    let (_, _, q) = raw(reqwest::Method::GET, &format!("{}/queues/%2F/cq", api(&b)), GUEST, None).await;
+    assert_eq!(q["message_stats"]["publish"], 1);
+    assert_eq!(q["message_stats"]["deliver"], 1);
+    assert_eq!(q["messages_unacknowledged"], 1);
+    let (_, _, o) = raw(reqwest::Method::GET, &format!("{}/overview", api(&b)), GUEST, None).await;
+    assert_eq!(o["message_stats"]["publish"], 1);
+    assert_eq!(o["message_stats"]["confirm"], 1);
+    assert_eq!(o["object_totals"]["consumers"], 1);
+    assert_eq!(o["queue_totals"]["messages_unacknowledged"], 1);
+
+    rc.close_connection(&c.name, None, false).await.unwrap();
+    // A raw client sees the close and its text.
+    let mut s = handshake_to(&b, "/").await;
+    let raw_name = loop {
+        let cs = rc.list_connections().await.unwrap();
+        if let Some(x) = cs.iter().find(|x| x.name != c.name) {
+            break x.name.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    rc.close_connection(&raw_name, Some("maintenance"), false).await.unwrap();
+    let (code, text) = read_until_close(&mut s).await;
+    assert_eq!(code, 320);
+    assert_eq!(text, "CONNECTION_FORCED - maintenance");
+    drop(s);
+    for _ in 0..50 {
+        if rc.list_connections().await.unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(rc.list_connections().await.unwrap().is_empty());
+    // The unacked message went back to the queue.
+    assert_eq!(rc.get_queue_info("/", "cq").await.unwrap().message_count, 1);
+    b.stop().await;
+}
+
+/// Rates are the growth of a counter over the sampling interval: 1,000 publishes over an
+/// interval of 5 s read as 200/s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rates_are_counter_growth_per_second() {
+    let b = broker_http().await;
+    let (_c, ch) = channel(&b).await;
+    declare(&ch, "rq").await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    for _ in 0..1000 {
+        ch.basic_publish(
+            "".into(),
+            "rq".into(),
+            BasicPublishOptions::default(),
+            b"r",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    ch.wait_for_confirms().await.unwrap();
+    b.broker.sample_rates(5.0);
+    let (_, _, q) = raw(reqwest::Method::GET, &format!("{}/queues/%2F/rq", api(&b)), GUEST, None).await;
+    assert_eq!(q["message_stats"]["publish_details"]["rate"], 200.0);
+    assert_eq!(q["messages_details"]["rate"], 200.0);
+    let (_, _, o) = raw(reqwest::Method::GET, &format!("{}/overview", api(&b)), GUEST, None).await;
+    assert_eq!(o["message_stats"]["publish_details"]["rate"], 200.0);
+    b.broker.sample_rates(5.0);
+    let (_, _, q) = raw(reqwest::Method::GET, &format!("{}/queues/%2F/rq", api(&b)), GUEST, None).await;
+    assert_eq!(q["message_stats"]["publish_details"]["rate"], 0.0);
+    assert_eq!(q["message_stats"]["publish"], 1000);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_codes_headers_and_error_bodies_are_rabbitmqs() {
+    let b = broker_http().await;
+    let a = api(&b);
+    use reqwest::Method as M;
+    let (s, h, body) = raw(M::GET, &format!("{a}/overview"), None, None).await;
+    assert_eq!(s, 401);
+    assert!(h["www-authenticate"].to_str().unwrap().starts_with("Basic"));
+    assert_eq!(body["error"], "not_authorized");
+    let (s, _, _) = raw(M::GET, &format!("{a}/overview"), Some(("guest", "nope")), None).await;
+    assert_eq!(s, 401);
+    let (s, _, body) = raw(M::GET, &format!("{a}/queues/%2F/nope"), GUEST, None).await;
+    assert_eq!(s, 404);
+    assert_eq!(body, json!({"error": "Object Not Found", "reason": "Not Found"}));
+    let (s, _, _) = raw(M::GET, &format!("{a}/queues/novhost"), GUEST, None).await;
+    assert_eq!(s, 404);
+    let (s, _, body) = raw(M::PUT, &format!("{a}/queues/%2F/bad"), GUEST, Some("{not json")).await;
+    assert_eq!(s, 400);
+    assert_eq!(body["error"], "bad_request");
+    let (s, _, _) = raw(M::GET, &format!("{a}/queues?page=1&page_size=501"), GUEST, None).await;
+    assert_eq!(s, 400);
+    let (s, _, _) = raw(M::GET, &format!("{a}/queues?page=1&name=(&use_regex=true"), GUEST, None).await;
+    assert_eq!(s, 400);
+    // PUT: 201 on create, 204 on update; a trailing slash is the same route.
+    let (s, _, _) = raw(M::PUT, &format!("{a}/queues/%2F/tq"), GUEST, Some("{\"durable\":false}")).await;
+    assert_eq!(s, 201);
+    let (s, _, _) = raw(M::PUT, &format!("{a}/queues/%2F/tq"), GUEST, Some("{\"durable\":false}")).await;
+    assert_eq!(s, 204);
+    let (s, _, body) = raw(M::PUT, &format!("{a}/queues/%2F/tq"), GUEST, Some("{\"durable\":true}")).await;
+    assert_eq!(s, 400, "an inequivalent redeclare is refused: {body}");
+    let (s, _, list) = raw(M::GET, &format!("{a}/queues/"), GUEST, None).await;
+    assert_eq!(s, 200);
+    assert_eq!(list.as_array().map(|l| l.len()), Some(1));
+    // POST a binding: 201 with a Location ending in the binding's properties key.
+    let (s, h, _) = raw(
+        M::POST,
+        &format!("{a}/bindings/%2F/e/amq.direct/q/tq"),
+        GUEST,
+        Some("{\"routing_key\":\"k 1\",\"arguments\":{}}"),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let loc = h["location"].to_str().unwrap().to_string();
+    assert!(loc.ends_with("/k%201"), "{loc}");
+    let (_, _, bs) = raw(M::GET, &format!("{a}/bindings/%2F/e/amq.direct/q/tq"), GUEST, None).await;
+    assert_eq!(bs[0]["properties_key"], "k%201");
+    let (s, _, _) = raw(M::DELETE, &format!("{a}/bindings/%2F/e/amq.direct/q/tq/k%201"), GUEST, None).await;
+    assert_eq!(s, 204);
+    let (s, _, _) = raw(M::DELETE, &format!("{a}/bindings/%2F/e/amq.direct/q/tq/k%201"), GUEST, None).await;
+    assert_eq!(s, 404);
+    // The default exchange is amq.default in paths.
+    let (s, _, x) = raw(M::GET, &format!("{a}/exchanges/%2F/amq.default"), GUEST, None).await;
+    assert_eq!(s, 200);
+    assert_eq!(x["name"], "");
+    // Pagination.
+    for i in 0..7 {
+        raw(M::PUT, &format!("{a}/queues/%2F/p{i}"), GUEST, Some("{}")).await;
+    }
+    let (_, _, page) = raw(M::GET, &format!("{a}/queues?page=2&page_size=3&name=p"), GUEST, None).await;
+    assert_eq!(page["total_count"], 8);
+    assert_eq!(page["filtered_count"], 7);
+    assert_eq!(page["page_count"], 3);
+    assert_eq!(page["item_count"], 3);
+    assert_eq!(page["items"][0]["name"], "p3");
+    let (_, _, page) = raw(
+        M::GET,
+        &format!("{a}/queues?page=1&page_size=2&sort=name&sort_reverse=true&columns=name,vhost"),
+        GUEST,
+        None,
+    )
+    .await;
+    assert_eq!(page["items"][0], json!({"name": "tq", "vhost": "/"}));
+    // Health checks.
+    let (s, _, body) = raw(M::GET, &format!("{a}/health/checks/alarms"), GUEST, None).await;
+    assert_eq!((s, body), (200, json!({"status": "ok"})));
+    let port = b.addr.port();
+    let (s, _, _) = raw(M::GET, &format!("{a}/health/checks/port-listener/{port}"), GUEST, None).await;
+    assert_eq!(s, 200);
+    let (s, _, body) = raw(M::GET, &format!("{a}/health/checks/port-listener/1"), GUEST, None).await;
+    assert_eq!(s, 503);
+    assert_eq!(body["status"], "failed");
+    let (s, _, _) = raw(M::GET, &format!("{a}/health/checks/protocol-listener/amqp"), GUEST, None).await;
+    assert_eq!(s, 200);
+    let (s, _, body) = raw(M::GET, &format!("{a}/aliveness-test/%2F"), GUEST, None).await;
+    assert_eq!((s, body), (200, json!({"status": "ok"})));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vhost_limits_are_enforced() {
+    let b = broker_http().await;
+    let a = api(&b);
+    use reqwest::Method as M;
+    let (s, _, _) = raw(M::PUT, &format!("{a}/vhost-limits/%2F/max-queues"), GUEST, Some("{\"value\":1}")).await;
+    assert_eq!(s, 204);
+    let (s, _, _) = raw(M::PUT, &format!("{a}/vhost-limits/%2F/max-connections"), GUEST, Some("{\"value\":1}")).await;
+    assert_eq!(s, 204);
+    let (_, _, l) = raw(M::GET, &format!("{a}/vhost-limits/%2F"), GUEST, None).await;
+    assert_eq!(l, json!([{"vhost": "/", "value": {"max-queues": 1, "max-connections": 1}}]));
+    let (_c, ch) = channel(&b).await;
+    declare(&ch, "one").await;
+    let e = ch
+        .queue_declare("two".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), 406);
+    let e = Connection::connect(&b.url(), ConnectionProperties::default())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), 530);
+    let (s, _, _) = raw(M::DELETE, &format!("{a}/vhost-limits/%2F/max-connections"), GUEST, None).await;
+    assert_eq!(s, 204);
+    Connection::connect(&b.url(), ConnectionProperties::default())
+        .await
+        .expect("the limit is gone");
+    b.stop().await;
+}
+
+/// A Prometheus text-format (0.0.4) parser: every line is a comment or a sample; each family
+/// has one TYPE, before its samples; returns sample -> value keyed by "name{labels}".
+fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split_whitespace();
+            let name = it.next().unwrap().to_string();
+            let kind = it.next().unwrap().to_string();
+            assert!(
+                ["counter", "gauge", "untyped", "histogram", "summary"].contains(&kind.as_str()),
+                "{line}"
+            );
+            assert!(types.insert(name.clone(), kind).is_none(), "family {name} twice");
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (key, value) = line.rsplit_once(' ').unwrap();
+        let name = key.split('{').next().unwrap();
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad name in {line}"
+        );
+        assert!(types.contains_key(name), "sample before its TYPE: {line}");
+        if let Some(labels) = key.strip_prefix(name) {
+            if !labels.is_empty() {
+                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+            }
+        }
+        let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line}"));
+        assert!(out.insert(key.to_string(), v).is_none(), "duplicate sample {key}");
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_metrics_have_rabbitmq_names_and_parse() {
+    let b = broker_http().await;
+    let (_c, ch) = channel(&b).await;
+    declare(&ch, "mq").await;
+    for _ in 0..3 {
+        ch.basic_publish(
+            "".into(),
+            "mq".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let base = format!("http://{}", b.prometheus.unwrap());
+    let mut m = HashMap::new();
+    for _ in 0..50 {
+        let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+        m = parse_prometheus(&text);
+        if m.get("rabbitmq_queue_messages_ready") == Some(&3.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(m["rabbitmq_queue_messages_ready"], 3.0);
+    assert_eq!(m["rabbitmq_connections"], 1.0);
+    assert_eq!(m["rabbitmq_channels"], 1.0);
+    assert_eq!(m["rabbitmq_queues"], 1.0);
+    assert_eq!(m["rabbitmq_global_messages_received_total{protocol=\"amqp091\"}"], 3.0);
+    assert!(m.keys().any(|k| k.starts_with("rabbitmq_identity_info{rabbitmq_node=")));
+    assert!(m.keys().any(|k| k.starts_with("rabbitmq_build_info{")));
+    assert!(m["rabbitmq_process_resident_memory_bytes"] > 0.0);
+    let text = reqwest::get(format!("{base}/metrics/per-object")).await.unwrap().text().await.unwrap();
+    let m = parse_prometheus(&text);
+    assert_eq!(m["rabbitmq_queue_messages_ready{vhost=\"/\",queue=\"mq\"}"], 3.0);
+    assert_eq!(m["rabbitmq_queue_messages_published_total{vhost=\"/\",queue=\"mq\"}"], 3.0);
+    let text = reqwest::get(format!(
+        "{base}/metrics/detailed?family=queue_coarse_metrics&family=queue_consumer_count"
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let m = parse_prometheus(&text);
+    assert_eq!(m["rabbitmq_detailed_queue_messages_ready{vhost=\"/\",queue=\"mq\"}"], 3.0);
+    assert_eq!(m["rabbitmq_detailed_queue_consumers{vhost=\"/\",queue=\"mq\"}"], 0.0);
+    assert!(!m.keys().any(|k| k.starts_with("rabbitmq_detailed_queue_messages_published")));
+    b.stop().await;
+}
