@@ -32,20 +32,22 @@ pub enum AdminError {
     /// The request is malformed or refused by a check (RabbitMQ's 400 bad_request).
     #[error("{0}")]
     BadRequest(String),
+    /// Refused as an access violation (a reserved `amq.` name).
+    #[error("access refused")]
+    Refused,
     /// The store could not commit the change.
     #[error("store unavailable: {0}")]
     Store(String),
 }
 
 impl From<AmqpError> for AdminError {
+    /// As RabbitMQ's management API reports a refused AMQP operation: 404 for not found, 401
+    /// "Access refused." for an access refusal (reserved names), 400 with the text otherwise.
     fn from(e: AmqpError) -> Self {
         match e.code {
             warren_protocol::reply::NOT_FOUND => AdminError::NotFound,
-            _ => AdminError::BadRequest(format!(
-                "{} - {}",
-                warren_protocol::reply::name(e.code),
-                e.text
-            )),
+            warren_protocol::reply::ACCESS_REFUSED => AdminError::Refused,
+            _ => AdminError::BadRequest(e.text),
         }
     }
 }
@@ -293,9 +295,8 @@ impl Admin {
 
     /// Sets a user's permissions in a vhost. Returns whether they are new.
     pub async fn put_permission(&self, p: PermissionRecord) -> AdminResult<bool> {
-        self.vhost(&p.vhost)?;
-        if self.user(&p.user).await?.is_none() {
-            return Err(AdminError::NotFound);
+        if self.broker.vhost(&p.vhost).is_none() || self.user(&p.user).await?.is_none() {
+            return Err(AdminError::BadRequest("vhost_or_user_not_found".into()));
         }
         for re in [&p.configure, &p.write, &p.read] {
             Self::check_regex(re)?;
@@ -326,9 +327,8 @@ impl Admin {
     }
 
     pub async fn put_topic_permission(&self, p: TopicPermissionRecord) -> AdminResult<bool> {
-        self.vhost(&p.vhost)?;
-        if self.user(&p.user).await?.is_none() {
-            return Err(AdminError::NotFound);
+        if self.broker.vhost(&p.vhost).is_none() || self.user(&p.user).await?.is_none() {
+            return Err(AdminError::BadRequest("vhost_or_user_not_found".into()));
         }
         for re in [&p.write, &p.read] {
             Self::check_regex(re)?;
@@ -380,6 +380,15 @@ impl Admin {
         value: String,
     ) -> AdminResult<bool> {
         let v = self.vhost(vhost)?;
+        if component == crate::vhost::POLICY || component == crate::vhost::OPERATOR_POLICY {
+            let json: serde_json::Value = serde_json::from_str(&value)
+                .map_err(|_| AdminError::BadRequest("not_json".into()))?;
+            crate::policy::Policy::parse(name, &json, component == crate::vhost::OPERATOR_POLICY)
+                .map_err(AdminError::BadRequest)?;
+        }
+        if name.is_empty() || name.len() > 255 {
+            return Err(AdminError::BadRequest("names are 1 to 255 bytes".into()));
+        }
         let created = v.parameter(component, name).is_none();
         v.set_parameter(component, name, Some(value.clone()));
         self.store(Op::PutParameter(ParameterRecord {
@@ -496,12 +505,12 @@ impl Admin {
         let view = q.view();
         if if_unused && view.consumers > 0 {
             return Err(AdminError::BadRequest(format!(
-                "PRECONDITION_FAILED - queue '{name}' in vhost '{vhost}' in use"
+                "queue '{name}' in vhost '{vhost}' in use"
             )));
         }
         if if_empty && view.ready > 0 {
             return Err(AdminError::BadRequest(format!(
-                "PRECONDITION_FAILED - queue '{name}' in vhost '{vhost}' not empty"
+                "queue '{name}' in vhost '{vhost}' not empty"
             )));
         }
         v.remove_queue(&q)?;

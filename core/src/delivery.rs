@@ -207,7 +207,7 @@ impl ChannelHandle {
         };
         counters.iter().for_each(|c| c.inc());
         if ack {
-            let at = if queue.args.consumer_timeout.is_some() {
+            let at = if queue.args().consumer_timeout.is_some() {
                 crate::message::now_ms()
             } else {
                 0

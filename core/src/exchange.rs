@@ -90,8 +90,10 @@ pub struct Exchange {
     pub auto_delete: bool,
     pub internal: bool,
     pub arguments: FieldTable,
-    /// The `alternate-exchange` argument: where unroutable messages go.
-    pub alternate: Option<String>,
+    /// Where unroutable messages go: the `alternate-exchange` argument, else the policy's.
+    pub alternate: arc_swap::ArcSwapOption<String>,
+    /// The policy that applies, for the management API.
+    pub policy: arc_swap::ArcSwapOption<String>,
     pub short_name: ShortString,
     /// Set for an `x-delayed-message` exchange (`kind` is then its `x-delayed-type`).
     pub delay: OnceLock<Arc<Delayer>>,
@@ -123,12 +125,19 @@ impl Exchange {
             auto_delete,
             internal,
             arguments,
-            alternate,
+            alternate: arc_swap::ArcSwapOption::from(alternate.map(Arc::new)),
+            policy: arc_swap::ArcSwapOption::empty(),
             short_name: warren_protocol::short::truncated(name),
             delay: OnceLock::new(),
             table: RwLock::new(Table::default()),
             stats: Default::default(),
         })
+    }
+
+    /// A policy was set, changed or removed.
+    pub fn set_policy(&self, name: Option<String>, alternate: Option<String>) {
+        self.policy.store(name.map(Arc::new));
+        self.alternate.store(alternate.map(Arc::new));
     }
 
     /// The type as declared: `x-delayed-message` for a delayed exchange.

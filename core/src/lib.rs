@@ -17,6 +17,7 @@ pub mod exchange;
 pub mod headers;
 pub mod message;
 pub mod persist;
+pub mod policy;
 pub mod queue;
 pub mod replyto;
 pub mod stats;

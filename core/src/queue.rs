@@ -28,6 +28,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+
 use warren_protocol::{
     protocol::{basic, AMQPClass},
     FieldTable,
@@ -151,8 +153,13 @@ pub struct QueueSpec {
 
 pub struct Queue {
     pub spec: QueueSpec,
-    /// The `x-` arguments, decoded.
-    pub args: QueueArgs,
+    /// The `x-` arguments in effect, decoded: the declared ones merged with the queue's policy
+    /// and operator policy (swapped whole when a policy changes).
+    args: ArcSwap<QueueArgs>,
+    /// The policies that apply, for the management API.
+    policy: Mutex<PolicyView>,
+    /// An `x-expires` watcher task is running.
+    pub expiry_watched: std::sync::atomic::AtomicBool,
     pub vhost: String,
     /// The store's number for this queue.
     pub id: i64,
@@ -171,6 +178,14 @@ impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Queue({:?} in {:?})", self.spec.name, self.vhost)
     }
+}
+
+/// The policies that apply to a queue, as the management API shows them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PolicyView {
+    pub policy: Option<String>,
+    pub operator_policy: Option<String>,
+    pub definition: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A queue's state as the management API shows it (`Queue::view`).
@@ -237,10 +252,12 @@ pub enum Got {
 
 impl Queue {
     pub fn new(vhost: &str, spec: QueueSpec, id: i64, persist: Arc<Persistence>) -> Arc<Self> {
-        let args = QueueArgs::parse(&spec.arguments);
+        let args = ArcSwap::from_pointee(QueueArgs::parse(&spec.arguments));
         Arc::new(Queue {
             spec,
             args,
+            policy: Mutex::new(PolicyView::default()),
+            expiry_watched: Default::default(),
             vhost: vhost.to_string(),
             id,
             persist,
@@ -295,6 +312,44 @@ impl Queue {
 
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// The arguments in effect (declared, merged with policies).
+    pub fn args(&self) -> arc_swap::Guard<Arc<QueueArgs>> {
+        self.args.load()
+    }
+
+    /// The policies that apply now.
+    pub fn policy(&self) -> PolicyView {
+        self.policy.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A policy was set, changed or removed: the queue takes the merged arguments. Limits are
+    /// enforced at once (drop-head trims the backlog); a new TTL applies to messages published
+    /// from now on, and the expiry timer is re-armed.
+    pub fn apply_policy(self: &Arc<Self>, e: crate::policy::Effective) {
+        let view = PolicyView {
+            policy: e.policy,
+            operator_policy: e.operator_policy,
+            definition: e.definition,
+        };
+        {
+            let mut cur = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+            if *cur == view {
+                return;
+            }
+            *cur = view;
+        }
+        self.args.store(Arc::new(QueueArgs::parse(&e.arguments)));
+        let mut g = self.lock();
+        if g.deleted {
+            return;
+        }
+        self.enforce_limits(&mut g);
+        g.timer_at = 0;
+        self.arm_expiry(&mut g);
+        self.dispatch_locked(&mut g);
+        self.unlock(g);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -445,11 +500,9 @@ impl Queue {
     }
 
     fn full_for(&self, g: &State, len: u64) -> bool {
-        self.args
-            .max_length
-            .is_some_and(|m| g.ready_count() + 1 > m)
-            || self
-                .args
+        let args = self.args();
+        args.max_length.is_some_and(|m| g.ready_count() + 1 > m)
+            || args
                 .max_length_bytes
                 .is_some_and(|m| g.bytes + len > m)
     }
@@ -457,7 +510,7 @@ impl Queue {
     /// The deadline a message gets in this queue: the lower of the queue's and its own TTL.
     fn deadline(&self, msg: &Message) -> u64 {
         let own = msg.expiration().ok().flatten();
-        match (self.args.message_ttl, own) {
+        match (self.args().message_ttl, own) {
             (None, None) => NEVER,
             (a, b) => {
                 let ttl = a.unwrap_or(u64::MAX).min(b.unwrap_or(u64::MAX));
@@ -467,7 +520,7 @@ impl Queue {
     }
 
     fn insert_ready(&self, g: &mut State, e: Entry) {
-        if self.args.max_priority == 0 && g.ready.back().is_none_or(|b| b.seq < e.seq) {
+        if self.args().max_priority == 0 && g.ready.back().is_none_or(|b| b.seq < e.seq) {
             g.ready.push_back(e);
         } else {
             let k = e.key();
@@ -488,8 +541,8 @@ impl Queue {
             return Enqueued::Deleted;
         }
         let len = msg.body.len() as u64;
-        if self.args.overflow != Overflow::DropHead && self.full_for(g, len) {
-            if self.args.overflow == Overflow::RejectPublishDlx {
+        if self.args().overflow != Overflow::DropHead && self.full_for(g, len) {
+            if self.args().overflow == Overflow::RejectPublishDlx {
                 g.dead.push(Dead {
                     entry: Entry {
                         seq: 0,
@@ -535,7 +588,7 @@ impl Queue {
                 return Enqueued::Stored { ticket, durable };
             }
         }
-        let prio = msg.priority().min(self.args.max_priority);
+        let prio = msg.priority().min(self.args().max_priority);
         let expires = self.deadline(msg);
         self.insert_ready(
             g,
@@ -580,7 +633,7 @@ impl Queue {
         g.bytes = g
             .bytes
             .saturating_sub(msg.as_ref().map_or(0, |m| m.body.len() as u64));
-        if self.args.dead_letter_exchange.is_some() {
+        if self.args().dead_letter_exchange.is_some() {
             g.dead.push(Dead {
                 entry: e,
                 msg,
@@ -606,12 +659,12 @@ impl Queue {
 
     /// Drop-head: drops the oldest while the queue is over its limits.
     fn enforce_limits(&self, g: &mut State) {
-        if self.args.overflow != Overflow::DropHead || !self.args.bounded() {
+        if self.args().overflow != Overflow::DropHead || !self.args().bounded() {
             return;
         }
         loop {
-            let over_len = self.args.max_length.is_some_and(|m| g.ready_count() > m);
-            let over_bytes = self.args.max_length_bytes.is_some_and(|m| g.bytes > m);
+            let over_len = self.args().max_length.is_some_and(|m| g.ready_count() > m);
+            let over_bytes = self.args().max_length_bytes.is_some_and(|m| g.bytes > m);
             if !over_len && !over_bytes {
                 return;
             }
@@ -632,7 +685,7 @@ impl Queue {
         if n == 0 {
             return None;
         }
-        if self.args.single_active_consumer {
+        if self.args().single_active_consumer {
             let c = g.consumers[0].clone();
             return match c.reserve() {
                 Ok(()) => Some(c),
@@ -731,7 +784,7 @@ impl Queue {
     /// Arms the consumer-timeout check (`x-consumer-timeout`) after a delivery that waits
     /// for an ack.
     fn arm_consumer_timeout(self: &Arc<Self>, g: &mut State) {
-        let Some(timeout) = self.args.consumer_timeout else {
+        let Some(timeout) = self.args().consumer_timeout else {
             return;
         };
         if g.timeout_at != 0 {
@@ -872,7 +925,7 @@ impl Queue {
     /// Redeliveries from a queue with a delivery limit (or a quorum queue) carry
     /// `x-delivery-count`, as RabbitMQ's quorum queues do.
     fn with_delivery_count(&self, msg: Arc<Message>, deliveries: u32) -> Arc<Message> {
-        if deliveries == 0 || (self.args.delivery_limit.is_none() && !self.args.quorum) {
+        if deliveries == 0 || (self.args().delivery_limit.is_none() && !self.args().quorum) {
             return msg;
         }
         let mut props = msg.properties.clone();
@@ -888,7 +941,7 @@ impl Queue {
     /// A delivery rejected or nacked without requeue: dead-lettered (reason `rejected`) when
     /// the queue has a dead-letter exchange, else gone.
     pub fn discard(self: &Arc<Self>, e: Entry) {
-        if self.args.dead_letter_exchange.is_none() {
+        if self.args().dead_letter_exchange.is_none() {
             self.forget(&e);
             return;
         }
@@ -1051,7 +1104,7 @@ impl Queue {
             e.redelivered = true;
             e.deliveries = e.deliveries.saturating_add(1);
             if self
-                .args
+                .args()
                 .delivery_limit
                 .is_some_and(|limit| e.deliveries as u64 > limit)
             {
@@ -1113,7 +1166,7 @@ impl Queue {
         } else {
             Removed::Removed
         };
-        if pos == 0 && self.args.single_active_consumer && !g.consumers.is_empty() {
+        if pos == 0 && self.args().single_active_consumer && !g.consumers.is_empty() {
             self.dispatch_locked(&mut g);
         }
         self.unlock(g);
@@ -1300,7 +1353,7 @@ impl Queue {
                 continue;
             };
             let redelivered = seq <= g.delivered_before;
-            let (expires, prio) = (self.deadline(&m), m.priority().min(self.args.max_priority));
+            let (expires, prio) = (self.deadline(&m), m.priority().min(self.args().max_priority));
             let e = Entry {
                 seq,
                 id: m.id,

@@ -23,6 +23,7 @@ use crate::exchange::{Destination, Exchange, ExchangeKind};
 use crate::headers;
 use crate::message::{now_ms, Message};
 use crate::persist::Persistence;
+use crate::policy::{self, Policy};
 use crate::queue::{Entry, Queue, QueueSpec};
 
 /// An exchange.declare, decoded.
@@ -65,9 +66,16 @@ pub struct VHost {
     pub max_queues: AtomicI64,
     /// Runtime parameters, by (component, name): the JSON text of each value.
     params: RwLock<BTreeMap<(String, String), String>>,
+    /// Policies and operator policies, parsed from the `policy` and `operator_policy`
+    /// parameters.
+    policies: RwLock<(Vec<Policy>, Vec<Policy>)>,
     /// The node's counters (queue churn).
     stats: Arc<crate::stats::GlobalStats>,
 }
+
+/// The parameter components that hold policies.
+pub const POLICY: &str = "policy";
+pub const OPERATOR_POLICY: &str = "operator_policy";
 
 /// A vhost's metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +153,7 @@ impl VHost {
             max_connections: AtomicI64::new(-1),
             max_queues: AtomicI64::new(-1),
             params: RwLock::new(BTreeMap::new()),
+            policies: RwLock::new((Vec::new(), Vec::new())),
             stats,
         })
     }
@@ -206,6 +215,9 @@ impl VHost {
                 None => p.remove(&key),
             };
         }
+        if component == POLICY || component == OPERATOR_POLICY {
+            self.reload_policies();
+        }
         if component == "vhost-limits" {
             let limits: serde_json::Map<String, serde_json::Value> = value
                 .as_deref()
@@ -217,6 +229,66 @@ impl VHost {
             self.max_queues
                 .store(limit("max-queues"), AtomicOrdering::Relaxed);
         }
+    }
+
+    /// Parses the stored policies again and applies them to every queue and exchange.
+    fn reload_policies(&self) {
+        let parse = |component: &str, operator: bool| -> Vec<Policy> {
+            self.parameters()
+                .into_iter()
+                .filter(|(c, _, _)| c == component)
+                .filter_map(|(_, n, v)| {
+                    let value: serde_json::Value = serde_json::from_str(&v).ok()?;
+                    match Policy::parse(&n, &value, operator) {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            tracing::error!(policy = %n, vhost = %self.name, "stored policy unusable: {e}");
+                            None
+                        }
+                    }
+                })
+                .collect()
+        };
+        let lists = (parse(POLICY, false), parse(OPERATOR_POLICY, true));
+        *self.policies.write().unwrap_or_else(|e| e.into_inner()) = lists;
+        for q in self.queues() {
+            self.apply_policy_to(&q);
+        }
+        for x in self.exchanges() {
+            self.apply_policy_to_exchange(&x);
+        }
+    }
+
+    /// Every policy (`operator` false) or operator policy of this vhost.
+    pub fn policies(&self, operator: bool) -> Vec<Policy> {
+        let g = self.policies.read().unwrap_or_else(|e| e.into_inner());
+        if operator {
+            g.1.clone()
+        } else {
+            g.0.clone()
+        }
+    }
+
+    fn apply_policy_to(&self, q: &Arc<Queue>) {
+        let e = {
+            let g = self.policies.read().unwrap_or_else(|e| e.into_inner());
+            policy::for_queue(
+                &q.spec.arguments,
+                policy::select(&g.0, q.name(), true),
+                policy::select(&g.1, q.name(), true),
+            )
+        };
+        q.apply_policy(e);
+        self.watch_expiry(q);
+    }
+
+    fn apply_policy_to_exchange(&self, x: &Arc<Exchange>) {
+        let g = self.policies.read().unwrap_or_else(|e| e.into_inner());
+        let p = policy::select(&g.0, &x.name, false);
+        x.set_policy(
+            p.map(|p| p.name.clone()),
+            policy::alternate_for_exchange(&x.arguments, p),
+        );
     }
 
     fn admin(&self) -> MutexGuard<'_, ()> {
@@ -386,6 +458,7 @@ impl VHost {
                 let _ = x.delay.set(Delayer::start(&me, &x, None));
             }
         }
+        self.apply_policy_to_exchange(&x);
         self.exchanges
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -582,6 +655,7 @@ impl VHost {
             id,
             self.persist.clone(),
         );
+        self.apply_policy_to(&q);
         if durable {
             self.persist.put_queue(QueueRecord {
                 id,
@@ -863,7 +937,8 @@ impl VHost {
             }
         }
         if !routed {
-            if let Some(ae) = x.alternate.as_deref().and_then(|n| self.exchange(n)) {
+            let alternate = x.alternate.load_full();
+            if let Some(ae) = alternate.as_deref().and_then(|n| self.exchange(n)) {
                 routed = self.route_into(&ae, msg, out, visited);
             }
         }
@@ -917,6 +992,7 @@ impl VHost {
                     let _ = x.delay.set(Delayer::start(&me, &x, held));
                 }
             }
+            self.apply_policy_to_exchange(&x);
             self.exchanges
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
@@ -968,6 +1044,7 @@ impl VHost {
                 r.delivered_seq,
                 bytes,
             );
+            self.apply_policy_to(&q);
             self.adopt(&q);
             self.queues
                 .write()
@@ -995,7 +1072,7 @@ impl VHost {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .filter(|q| q.args.message_ttl.is_some())
+            .filter(|q| q.args().message_ttl.is_some())
             .cloned()
             .collect();
         for q in ttl_queues {
@@ -1009,20 +1086,34 @@ impl VHost {
     fn adopt(&self, q: &Arc<Queue>) {
         let router: Weak<dyn crate::queue::Router> = self.me.clone();
         q.set_router(router);
-        let Some(ms) = q.args.expires else {
+        self.watch_expiry(q);
+    }
+
+    /// Starts the `x-expires` watcher of a queue that has the argument (declared or by policy)
+    /// and none yet. The period is read again on every wake-up, so a policy change applies;
+    /// the watcher ends when the queue no longer expires.
+    fn watch_expiry(&self, q: &Arc<Queue>) {
+        if q.args().expires.is_none() {
             return;
-        };
+        }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        if q.expiry_watched.swap(true, AtomicOrdering::AcqRel) {
+            return;
+        }
         let (vh, wq) = (self.me.clone(), Arc::downgrade(q));
-        let ttl = Duration::from_millis(ms);
         // One sleeping task per expiring queue: it wakes once per period while the queue is
         // in use, so idle queues cost no CPU.
         rt.spawn(async move {
             loop {
                 let wait = {
                     let Some(q) = wq.upgrade() else { return };
+                    let Some(ms) = q.args().expires else {
+                        q.expiry_watched.store(false, AtomicOrdering::Release);
+                        return;
+                    };
+                    let ttl = Duration::from_millis(ms);
                     let (deleted, idle) = q.idle_since();
                     if deleted {
                         return;
@@ -1041,7 +1132,8 @@ impl VHost {
                         Some(since) => ttl - since.elapsed(),
                     }
                 };
-                tokio::time::sleep(wait).await;
+                // A shorter period set by a policy meanwhile is seen within a second.
+                tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
             }
         });
     }
@@ -1056,7 +1148,8 @@ impl VHost {
                 self.persist.submit(op);
             }
         };
-        let Some(dlx) = src.args.dead_letter_exchange.as_deref() else {
+        let args = src.args();
+        let Some(dlx) = args.dead_letter_exchange.as_deref() else {
             return drop_it(removal);
         };
         let Some(x) = self.exchange(dlx) else {
@@ -1068,7 +1161,7 @@ impl VHost {
             return drop_it(removal);
         };
         let rk = src
-            .args
+            .args()
             .dead_letter_routing_key
             .clone()
             .unwrap_or_else(|| msg.routing_key.to_string());

@@ -36,10 +36,38 @@ impl ApiError {
         }
     }
 
-    pub fn unauthorized(reason: impl Into<String>) -> ApiError {
+    /// A failed login: 401 with a Basic challenge.
+    pub fn login_failed() -> ApiError {
         ApiError {
             status: StatusCode::UNAUTHORIZED,
             error: "not_authorized".into(),
+            reason: "Login failed".into(),
+        }
+    }
+
+    /// No credentials at all: 401, an empty body and a Basic challenge.
+    pub fn no_credentials() -> ApiError {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            error: String::new(),
+            reason: String::new(),
+        }
+    }
+
+    /// Logged in but not allowed (a missing tag, a vhost without permissions): RabbitMQ
+    /// answers 401 with `not_authorised` (British spelling) and no challenge.
+    pub fn unauthorized(reason: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            error: "not_authorised".into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn pagination(reason: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            error: "invalid_pagination_parameters".into(),
             reason: reason.into(),
         }
     }
@@ -74,6 +102,7 @@ impl From<AdminError> for ApiError {
         match e {
             AdminError::NotFound => ApiError::not_found(),
             AdminError::BadRequest(r) => ApiError::bad_request(r),
+            AdminError::Refused => ApiError::unauthorized("Access refused."),
             AdminError::Store(r) => {
                 tracing::error!("management API: {r}");
                 ApiError::unavailable(r)
@@ -84,12 +113,16 @@ impl From<AdminError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut r = (
-            self.status,
-            axum::Json(json!({"error": self.error, "reason": self.reason})),
-        )
-            .into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
+        let mut r = if self.error.is_empty() {
+            self.status.into_response()
+        } else {
+            (
+                self.status,
+                axum::Json(json!({"error": self.error, "reason": self.reason})),
+            )
+                .into_response()
+        };
+        if self.status == StatusCode::UNAUTHORIZED && self.error != "not_authorised" {
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"RabbitMQ Management\""),
@@ -235,7 +268,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> ApiResult<Caller> {
         let Some((name, pass)) = credentials(parts) else {
-            return Err(ApiError::unauthorized("Not_Authorized"));
+            return Err(ApiError::no_credentials());
         };
         // loopback_users (guest by default) log in from this host only, over HTTP as over AMQP.
         let peer = parts
@@ -251,7 +284,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .any(|u| *u == name);
         if loopback_only && !peer.is_some_and(|ip| ip.is_loopback()) {
             tracing::warn!(user = %name, ?peer, "HTTP access denied: user can only log in via localhost");
-            return Err(ApiError::unauthorized("User can only log in via localhost"));
+            return Err(ApiError::login_failed());
         }
         let user = state
             .admin
@@ -260,7 +293,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .map_err(ApiError::from)?;
         let Some(user) = user else {
             tracing::warn!(user = %name, "HTTP access denied: invalid credentials");
-            return Err(ApiError::unauthorized("Not_Authorized"));
+            return Err(ApiError::login_failed());
         };
         let tags = warren_core::broker::split_tags(&user.tags);
         let can = Tags::parse(&tags);

@@ -151,35 +151,15 @@ pub struct ListQuery {
 pub const MAX_PAGE_SIZE: usize = 500;
 
 impl ListQuery {
+    /// RabbitMQ's rules: pagination (with `page_size`, `name` and `use_regex`) applies only
+    /// when `page` is given; `sort`, `sort_reverse` and `columns` apply always.
     pub fn parse(q: &std::collections::HashMap<String, String>) -> ApiResult<ListQuery> {
-        let page = match q.get("page") {
-            None => None,
-            Some(p) => match p.parse::<usize>() {
-                Ok(n) if n >= 1 => Some(n),
-                _ => {
-                    return Err(ApiError::bad_request(format!(
-                        "Parameter \"page\" must be greater than or equal to 1, got {p}"
-                    )))
-                }
-            },
-        };
-        let page_size = match q.get("page_size") {
-            None => 100,
-            Some(p) => match p.parse::<usize>() {
-                Ok(n) if (1..=MAX_PAGE_SIZE).contains(&n) => n,
-                _ => {
-                    return Err(ApiError::bad_request(format!(
-                        "Parameter \"page_size\" must be between 1 and {MAX_PAGE_SIZE}, got {p}"
-                    )))
-                }
-            },
-        };
         let truthy = |k: &str| q.get(k).is_some_and(|v| v == "true");
-        Ok(ListQuery {
-            page,
-            page_size,
-            name: q.get("name").filter(|n| !n.is_empty()).cloned(),
-            use_regex: truthy("use_regex"),
+        let mut out = ListQuery {
+            page: None,
+            page_size: 100,
+            name: None,
+            use_regex: false,
             sort: q.get("sort").filter(|s| !s.is_empty()).cloned(),
             sort_reverse: truthy("sort_reverse"),
             columns: q.get("columns").map(|c| {
@@ -189,7 +169,33 @@ impl ListQuery {
                     .map(str::to_string)
                     .collect()
             }),
-        })
+        };
+        let Some(p) = q.get("page") else {
+            return Ok(out);
+        };
+        let page: usize = p
+            .parse()
+            .map_err(|_| ApiError::bad_request("Pagination parameters are invalid"))?;
+        let size = q.get("page_size");
+        let page_size: Option<usize> = match size {
+            None => None,
+            Some(s) => Some(
+                s.parse()
+                    .map_err(|_| ApiError::bad_request("Pagination parameters are invalid"))?,
+            ),
+        };
+        let shown = |v: Option<usize>| v.map_or("undefined".to_string(), |n| n.to_string());
+        if page == 0 || page_size.is_some_and(|n| n == 0 || n > MAX_PAGE_SIZE) {
+            return Err(ApiError::pagination(format!(
+                "Invalid pagination parameters: page number {page}, page size {}",
+                shown(page_size)
+            )));
+        }
+        out.page = Some(page);
+        out.page_size = page_size.unwrap_or(100);
+        out.name = q.get("name").filter(|n| !n.is_empty()).cloned();
+        out.use_regex = truthy("use_regex");
+        Ok(out)
     }
 
     /// The name filter as a predicate (a substring, or a regex with `use_regex=true`).
@@ -201,7 +207,7 @@ impl ListQuery {
             let re = regex::RegexBuilder::new(n)
                 .size_limit(1 << 20)
                 .build()
-                .map_err(|e| ApiError::bad_request(format!("invalid regex: {e}")))?;
+                .map_err(|_| ApiError::bad_request("Pagination parameters are invalid"))?;
             Ok(Some(Box::new(move |s: &str| re.is_match(s))))
         } else {
             let needle = n.to_lowercase();
@@ -333,10 +339,14 @@ where
     let page = q.page.unwrap_or(1);
     let page_count = filtered.div_ceil(q.page_size).max(1);
     if page > page_count && filtered > 0 {
-        return Err(ApiError::bad_request(format!(
-            "Page out of range, page: {page} page size: {}, len: {filtered}",
-            q.page_size
-        )));
+        return Err(ApiError {
+            status: axum::http::StatusCode::BAD_REQUEST,
+            error: "page_out_of_range".into(),
+            reason: format!(
+                "Page out of range, page: {page} page size: {}, len: {filtered}",
+                q.page_size
+            ),
+        });
     }
     Ok(json!({
         "filtered_count": filtered,
@@ -403,11 +413,17 @@ mod tests {
         assert_eq!(a["filtered_count"], 10);
         assert_eq!(a["items"][0], json!({"name": "q013"}));
         assert!(answer(&q(&[("page", "9")]), items(25)).is_err());
-        assert!(ListQuery::parse(&[("page_size".to_string(), "501".to_string())].into()).is_err());
+        assert!(ListQuery::parse(
+            &[("page".to_string(), "1".to_string()), ("page_size".to_string(), "501".to_string())].into()
+        )
+        .is_err());
         let plain = answer(&q(&[]), items(3)).unwrap();
         assert_eq!(plain.as_array().map(|a| a.len()), Some(3));
-        let re = answer(&q(&[("name", "^q00[12]$"), ("use_regex", "true")]), items(25)).unwrap();
-        assert_eq!(re.as_array().map(|a| a.len()), Some(2));
-        assert!(q(&[("name", "("), ("use_regex", "true")]).name_filter().is_err());
+        let re = answer(&q(&[("page", "1"), ("name", "^q00[12]$"), ("use_regex", "true")]), items(25)).unwrap();
+        assert_eq!(re["filtered_count"], 2);
+        assert!(q(&[("page", "1"), ("name", "("), ("use_regex", "true")]).name_filter().is_err());
+        // Without page, name and page_size are ignored (RabbitMQ's rule).
+        let all = answer(&q(&[("name", "q001"), ("page_size", "600")]), items(25)).unwrap();
+        assert_eq!(all.as_array().map(|a| a.len()), Some(25));
     }
 }

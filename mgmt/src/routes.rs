@@ -94,6 +94,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/channels/{name}", get(channel))
         .route("/api/consumers", get(consumers))
         .route("/api/consumers/{vhost}", get(consumers))
+        .route("/api/policies", get(policies))
+        .route("/api/policies/{vhost}", get(policies_in))
+        .route(
+            "/api/policies/{vhost}/{name}",
+            get(policy).put(put_policy).delete(delete_policy),
+        )
+        .route("/api/operator-policies", get(op_policies))
+        .route("/api/operator-policies/{vhost}", get(op_policies_in))
+        .route(
+            "/api/operator-policies/{vhost}/{name}",
+            get(op_policy).put(put_op_policy).delete(delete_op_policy),
+        )
         .route("/api/global-parameters", get(global_parameters))
         .route(
             "/api/global-parameters/{name}",
@@ -868,9 +880,8 @@ async fn put_exchange(
     st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
     caller.check_vhost(&v)?;
     let m = object(&body)?;
-    let Some(kind) = str_field(&m, "type") else {
-        return Err(ApiError::bad_request("Validation failed\n\nmandatory field type missing\n"));
-    };
+    // As RabbitMQ, the AMQP method's defaults apply: type direct, not durable.
+    let kind = str_field(&m, "type").unwrap_or("direct");
     if name.len() > 255 {
         return Err(ApiError::bad_request("exchange name longer than 255 bytes"));
     }
@@ -878,7 +889,7 @@ async fn put_exchange(
         name: exchange_name(&name).to_string(),
         kind: kind.to_string(),
         passive: false,
-        durable: bool_field(&m, "durable", true)?,
+        durable: bool_field(&m, "durable", false)?,
         auto_delete: bool_field(&m, "auto_delete", false)?,
         internal: bool_field(&m, "internal", false)?,
         arguments: json_to_table(m.get("arguments").unwrap_or(&Value::Null))?,
@@ -1012,7 +1023,7 @@ async fn put_queue(
     let d = QueueDeclare {
         name: name.clone(),
         passive: false,
-        durable: bool_field(&m, "durable", true)?,
+        durable: bool_field(&m, "durable", false)?,
         exclusive: false,
         auto_delete: bool_field(&m, "auto_delete", false)?,
         arguments,
@@ -1159,20 +1170,17 @@ async fn add_binding(
     st.admin
         .bind(&v, &source, to_exchange, &dest, &key, &arguments)
         .await?;
+    // RabbitMQ answers with the new binding's address relative to the request's own:
+    // "<destination>/<properties key>".
     let props = views::properties_key(&key, &arguments);
-    let enc = |s: &str| percent_encoding::utf8_percent_encode(s, SEGMENT).to_string();
-    let path = format!(
-        "/api/bindings/{}/e/{}/{}/{}/{}",
-        enc(&v),
-        enc(&source),
-        kind,
-        enc(&dest),
+    let _ = headers;
+    let location = format!(
+        "{}/{}",
+        percent_encoding::utf8_percent_encode(&dest, SEGMENT),
         props
     );
-    // RabbitMQ answers with the new binding's address relative to the request's own.
-    let _ = headers;
     let mut r = StatusCode::CREATED.into_response();
-    if let Ok(h) = header::HeaderValue::from_str(&path) {
+    if let Ok(h) = header::HeaderValue::from_str(&location) {
         r.headers_mut().insert(header::LOCATION, h);
     }
     Ok(r)
@@ -1378,6 +1386,132 @@ async fn consumers(
         }
     }
     ok_json(Value::Array(out))
+}
+
+// ----- policies -----
+
+fn policy_json(vhost: &str, p: &warren_core::policy::Policy) -> Value {
+    let mut v = p.to_json();
+    if let Value::Object(m) = &mut v {
+        m.insert("vhost".into(), json!(vhost));
+        m.insert("name".into(), json!(p.name));
+    }
+    v
+}
+
+fn list_policies(st: &AppState, caller: &Caller, vhost: Option<&str>, operator: bool) -> ApiResult<Value> {
+    let mut out = Vec::new();
+    for v in scope(st, caller, vhost)? {
+        let mut ps = v.policies(operator);
+        ps.sort_by(|a, b| a.name.cmp(&b.name));
+        out.extend(ps.iter().map(|p| policy_json(&v.name, p)));
+    }
+    Ok(Value::Array(out))
+}
+
+fn get_policy(st: &AppState, caller: &Caller, v: &str, name: &str, operator: bool) -> ApiResult<Response> {
+    let vh = st.admin.find_vhost(v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(v)?;
+    vh.policies(operator)
+        .iter()
+        .find(|p| p.name == name)
+        .map(|p| Json(policy_json(v, p)).into_response())
+        .ok_or_else(ApiError::not_found)
+}
+
+async fn store_policy(
+    st: &AppState,
+    caller: &Caller,
+    v: &str,
+    name: &str,
+    body: &[u8],
+    operator: bool,
+) -> ApiResult<Response> {
+    if operator {
+        caller.require_admin()?;
+    } else {
+        caller.require_policymaker()?;
+    }
+    st.admin.find_vhost(v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(v)?;
+    let m = object(body)?;
+    let component = if operator {
+        warren_core::vhost::OPERATOR_POLICY
+    } else {
+        warren_core::vhost::POLICY
+    };
+    let created = st
+        .admin
+        .set_parameter(v, component, name, Value::Object(m).to_string())
+        .await?;
+    Ok(created_or_updated(created))
+}
+
+async fn remove_policy(st: &AppState, caller: &Caller, v: &str, name: &str, operator: bool) -> ApiResult<Response> {
+    if operator {
+        caller.require_admin()?;
+    } else {
+        caller.require_policymaker()?;
+    }
+    st.admin.find_vhost(v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(v)?;
+    let component = if operator {
+        warren_core::vhost::OPERATOR_POLICY
+    } else {
+        warren_core::vhost::POLICY
+    };
+    st.admin.clear_parameter(v, component, name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn policies(State(st): St, caller: Caller) -> ApiResult<Response> {
+    ok_json(list_policies(&st, &caller, None, false)?)
+}
+
+async fn policies_in(State(st): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
+    ok_json(list_policies(&st, &caller, Some(&v), false)?)
+}
+
+async fn policy(State(st): St, caller: Caller, Path((v, n)): Path<(String, String)>) -> ApiResult<Response> {
+    get_policy(&st, &caller, &v, &n, false)
+}
+
+async fn put_policy(
+    State(st): St,
+    caller: Caller,
+    Path((v, n)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    store_policy(&st, &caller, &v, &n, &body, false).await
+}
+
+async fn delete_policy(State(st): St, caller: Caller, Path((v, n)): Path<(String, String)>) -> ApiResult<Response> {
+    remove_policy(&st, &caller, &v, &n, false).await
+}
+
+async fn op_policies(State(st): St, caller: Caller) -> ApiResult<Response> {
+    ok_json(list_policies(&st, &caller, None, true)?)
+}
+
+async fn op_policies_in(State(st): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
+    ok_json(list_policies(&st, &caller, Some(&v), true)?)
+}
+
+async fn op_policy(State(st): St, caller: Caller, Path((v, n)): Path<(String, String)>) -> ApiResult<Response> {
+    get_policy(&st, &caller, &v, &n, true)
+}
+
+async fn put_op_policy(
+    State(st): St,
+    caller: Caller,
+    Path((v, n)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    store_policy(&st, &caller, &v, &n, &body, true).await
+}
+
+async fn delete_op_policy(State(st): St, caller: Caller, Path((v, n)): Path<(String, String)>) -> ApiResult<Response> {
+    remove_policy(&st, &caller, &v, &n, true).await
 }
 
 // ----- global parameters -----

@@ -62,7 +62,7 @@ const KEY_SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
 pub fn queue(q: &Arc<Queue>, unacked: u64, node: &str) -> Value {
     let s = q.view();
     let messages = s.ready + unacked;
-    let args = &q.args;
+    let args = q.args();
     let idle_since = s.idle_since.map(|t| {
         let ago = Instant::now().saturating_duration_since(t).as_millis() as u64;
         rabbit_time(now_ms().saturating_sub(ago))
@@ -75,6 +75,7 @@ pub fn queue(q: &Arc<Queue>, unacked: u64, node: &str) -> Value {
     // Entries in memory cost about their struct; bodies are shared with the body cache.
     let memory = s.in_memory * 96 + s.bytes.min(s.bytes * s.in_memory / s.ready.max(1));
     let depth = &q.depth;
+    let pol = q.policy();
     json!({
         "name": q.name(),
         "vhost": q.vhost,
@@ -85,9 +86,9 @@ pub fn queue(q: &Arc<Queue>, unacked: u64, node: &str) -> Value {
         "node": node,
         "type": qtype,
         "state": "running",
-        "policy": Value::Null,
-        "operator_policy": Value::Null,
-        "effective_policy_definition": {},
+        "policy": pol.policy,
+        "operator_policy": pol.operator_policy,
+        "effective_policy_definition": pol.definition,
         "exclusive_consumer_tag": Value::Null,
         "single_active_consumer_tag": Value::Null,
         "consumers": s.consumers,
@@ -123,7 +124,7 @@ pub fn exchange(x: &Exchange, vhost: &str) -> Value {
         "internal": x.internal,
         "arguments": table_to_json(&x.arguments),
         "user_who_performed_action": "rmq-internal",
-        "policy": Value::Null,
+        "policy": x.policy.load_full().map(|p| p.to_string()),
         "message_stats": message_stats(|f| x.stats.each(|k, c| f(k, c))),
     })
 }
@@ -240,7 +241,7 @@ pub fn consumer(c: &ConnInfo, cons: &Consumer, q: &Queue) -> Value {
         "arguments": {},
         // The queue's x-consumer-timeout in ms; 0 when it has none (Warren has no node-wide
         // default).
-        "consumer_timeout": q.args.consumer_timeout.unwrap_or(0),
+        "consumer_timeout": q.args().consumer_timeout.unwrap_or(0),
     })
 }
 

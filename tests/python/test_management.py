@@ -92,3 +92,22 @@ def test_a_connection_deleted_through_the_api_is_closed_with_320(api, connect):
             conn.process_data_events(time_limit=0.1)
     assert e.value.reply_code == 320
     assert e.value.reply_text == "CONNECTION_FORCED - pika test"
+
+
+def test_a_policy_ttl_expires_messages(api, connect):
+    name = "pol-ttl-" + uuid.uuid4().hex[:8]
+    r = api("PUT", "/policies/%2F/" + name,
+            json={"pattern": "^" + name + "$", "apply-to": "queues",
+                  "definition": {"message-ttl": 100}})
+    assert r.status_code == 201
+    ch = connect().channel()
+    ch.queue_declare(name)
+    ch.basic_publish("", name, b"short-lived")
+    time.sleep(0.5)
+    method, _, _ = ch.basic_get(name, auto_ack=True)
+    assert method is None, "the policy's message-ttl expired the message"
+    q = api("GET", "/queues/%2F/" + name).json()
+    assert q["policy"] == name
+    assert q["effective_policy_definition"] == {"message-ttl": 100}
+    assert api("DELETE", "/policies/%2F/" + name).status_code == 204
+    ch.queue_delete(name)

@@ -174,7 +174,7 @@ async fn vhosts_users_and_permissions_made_by_the_api_work_over_amqp() {
     assert_eq!(mon.list_queues().await.unwrap().len(), 1);
     let (status, _, body) = raw(reqwest::Method::GET, &format!("{}/users", api(&b)), Some(("alice", "s3cret")), None).await;
     assert_eq!(status, 401);
-    assert_eq!(body["error"], "not_authorized");
+    assert_eq!(body, json!({"error": "not_authorised", "reason": "Not administrator user"}));
 
     // A password change through the API takes effect for the next login.
     let h2 = hash("changed");
@@ -456,9 +456,14 @@ async fn status_codes_headers_and_error_bodies_are_rabbitmqs() {
     let (s, h, body) = raw(M::GET, &format!("{a}/overview"), None, None).await;
     assert_eq!(s, 401);
     assert!(h["www-authenticate"].to_str().unwrap().starts_with("Basic"));
-    assert_eq!(body["error"], "not_authorized");
-    let (s, _, _) = raw(M::GET, &format!("{a}/overview"), Some(("guest", "nope")), None).await;
+    assert_eq!(body, json!(""));
+    let (s, h, body) = raw(M::GET, &format!("{a}/overview"), Some(("guest", "nope")), None).await;
     assert_eq!(s, 401);
+    assert!(h.contains_key("www-authenticate"));
+    assert_eq!(body, json!({"error": "not_authorized", "reason": "Login failed"}));
+    // Reserved names are an access refusal: 401 "Access refused.", as RabbitMQ.
+    let (s, _, body) = raw(M::PUT, &format!("{a}/queues/%2F/amq.x"), GUEST, Some("{}")).await;
+    assert_eq!((s, body), (401, json!({"error": "not_authorised", "reason": "Access refused."})));
     let (s, _, body) = raw(M::GET, &format!("{a}/queues/%2F/nope"), GUEST, None).await;
     assert_eq!(s, 404);
     assert_eq!(body, json!({"error": "Object Not Found", "reason": "Not Found"}));
@@ -467,8 +472,12 @@ async fn status_codes_headers_and_error_bodies_are_rabbitmqs() {
     let (s, _, body) = raw(M::PUT, &format!("{a}/queues/%2F/bad"), GUEST, Some("{not json")).await;
     assert_eq!(s, 400);
     assert_eq!(body["error"], "bad_request");
-    let (s, _, _) = raw(M::GET, &format!("{a}/queues?page=1&page_size=501"), GUEST, None).await;
+    let (s, _, body) = raw(M::GET, &format!("{a}/queues?page=1&page_size=501"), GUEST, None).await;
     assert_eq!(s, 400);
+    assert_eq!(body["error"], "invalid_pagination_parameters");
+    // Without page, page_size is ignored, as RabbitMQ does.
+    let (s, _, _) = raw(M::GET, &format!("{a}/queues?page_size=501"), GUEST, None).await;
+    assert_eq!(s, 200);
     let (s, _, _) = raw(M::GET, &format!("{a}/queues?page=1&name=(&use_regex=true"), GUEST, None).await;
     assert_eq!(s, 400);
     // PUT: 201 on create, 204 on update; a trailing slash is the same route.
@@ -478,6 +487,10 @@ async fn status_codes_headers_and_error_bodies_are_rabbitmqs() {
     assert_eq!(s, 204);
     let (s, _, body) = raw(M::PUT, &format!("{a}/queues/%2F/tq"), GUEST, Some("{\"durable\":true}")).await;
     assert_eq!(s, 400, "an inequivalent redeclare is refused: {body}");
+    assert_eq!(
+        body["reason"],
+        "inequivalent arg 'durable' for queue 'tq' in vhost '/': received 'true' but current is 'false'"
+    );
     let (s, _, list) = raw(M::GET, &format!("{a}/queues/"), GUEST, None).await;
     assert_eq!(s, 200);
     assert_eq!(list.as_array().map(|l| l.len()), Some(1));
@@ -491,7 +504,7 @@ async fn status_codes_headers_and_error_bodies_are_rabbitmqs() {
     .await;
     assert_eq!(s, 201);
     let loc = h["location"].to_str().unwrap().to_string();
-    assert!(loc.ends_with("/k%201"), "{loc}");
+    assert_eq!(loc, "tq/k%201", "relative, as RabbitMQ's");
     let (_, _, bs) = raw(M::GET, &format!("{a}/bindings/%2F/e/amq.direct/q/tq"), GUEST, None).await;
     assert_eq!(bs[0]["properties_key"], "k%201");
     let (s, _, _) = raw(M::DELETE, &format!("{a}/bindings/%2F/e/amq.direct/q/tq/k%201"), GUEST, None).await;
@@ -654,5 +667,151 @@ async fn prometheus_metrics_have_rabbitmq_names_and_parse() {
     assert_eq!(m["rabbitmq_detailed_queue_messages_ready{vhost=\"/\",queue=\"mq\"}"], 3.0);
     assert_eq!(m["rabbitmq_detailed_queue_consumers{vhost=\"/\",queue=\"mq\"}"], 0.0);
     assert!(!m.keys().any(|k| k.starts_with("rabbitmq_detailed_queue_messages_published")));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_apply_to_existing_and_new_queues_and_merge_as_rabbitmq() {
+    let b = broker_http().await;
+    let a = api(&b);
+    use reqwest::Method as M;
+    let (_c, ch) = channel(&b).await;
+    // A queue with its own max-length 10 and dead-letter exchange, declared before any policy.
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongLongInt(10));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        lapin::types::AMQPValue::LongString("mine".into()),
+    );
+    ch.queue_declare("pol.a".into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    for i in 0..8u8 {
+        ch.basic_publish("".into(), "pol.a".into(), BasicPublishOptions::default(), &[i], BasicProperties::default())
+            .await
+            .unwrap();
+    }
+    let (s, _, _) = raw(
+        M::PUT,
+        &format!("{a}/policies/%2F/limits"),
+        GUEST,
+        Some(r#"{"pattern":"^pol[.]","apply-to":"queues","priority":1,
+                 "definition":{"max-length":5,"dead-letter-exchange":"theirs","message-ttl":60000}}"#),
+    )
+    .await;
+    assert_eq!(s, 201);
+    // Applied at once to the existing queue: the lower max-length (5) wins and drops the head.
+    let (_, _, q) = raw(M::GET, &format!("{a}/queues/%2F/pol.a"), GUEST, None).await;
+    assert_eq!(q["policy"], "limits");
+    assert_eq!(q["messages"], 5);
+    assert_eq!(q["effective_policy_definition"]["max-length"], 5);
+    // The queue's own dead-letter exchange wins over the policy's.
+    assert_eq!(b.broker.vhost("/").unwrap().queue("pol.a").unwrap().args().dead_letter_exchange.as_deref(), Some("mine"));
+    // An operator policy with a lower limit wins over both.
+    let (s, _, _) = raw(
+        M::PUT,
+        &format!("{a}/operator-policies/%2F/cap"),
+        GUEST,
+        Some(r#"{"pattern":".*","apply-to":"queues","definition":{"max-length":3}}"#),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (_, _, q) = raw(M::GET, &format!("{a}/queues/%2F/pol.a"), GUEST, None).await;
+    assert_eq!(q["operator_policy"], "cap");
+    assert_eq!(q["messages"], 3);
+    // A queue declared later gets the policies too, and message-ttl expires its messages.
+    let (s, _, _) = raw(
+        M::PUT,
+        &format!("{a}/policies/%2F/short"),
+        GUEST,
+        Some(r#"{"pattern":"^ttl[.]","apply-to":"queues","definition":{"message-ttl":50}}"#),
+    )
+    .await;
+    assert_eq!(s, 201);
+    declare(&ch, "ttl.q").await;
+    ch.basic_publish("".into(), "ttl.q".into(), BasicPublishOptions::default(), b"x", BasicProperties::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, _, q) = raw(M::GET, &format!("{a}/queues/%2F/ttl.q"), GUEST, None).await;
+    assert_eq!(q["policy"], "short");
+    assert_eq!(q["messages"], 0, "expired by the policy's TTL");
+    // Removing the policy restores the queue's own arguments.
+    let (s, _, _) = raw(M::DELETE, &format!("{a}/operator-policies/%2F/cap"), GUEST, None).await;
+    assert_eq!(s, 204);
+    let (s, _, _) = raw(M::DELETE, &format!("{a}/policies/%2F/limits"), GUEST, None).await;
+    assert_eq!(s, 204);
+    let (_, _, q) = raw(M::GET, &format!("{a}/queues/%2F/pol.a"), GUEST, None).await;
+    assert_eq!(q["policy"], Value::Null);
+    assert_eq!(b.broker.vhost("/").unwrap().queue("pol.a").unwrap().args().max_length, Some(10));
+    // Listing and validation.
+    let (_, _, l) = raw(M::GET, &format!("{a}/policies"), GUEST, None).await;
+    assert_eq!(l.as_array().map(|l| l.len()), Some(1));
+    assert_eq!(l[0]["name"], "short");
+    assert_eq!(l[0]["vhost"], "/");
+    assert_eq!(l[0]["apply-to"], "queues");
+    let (s, _, body) = raw(
+        M::PUT,
+        &format!("{a}/policies/%2F/bad"),
+        GUEST,
+        Some(r#"{"pattern":".*","definition":{"no-such-key":1}}"#),
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert!(body["reason"].as_str().unwrap().contains("are not recognised policy settings"));
+    let (s, _, _) = raw(
+        M::PUT,
+        &format!("{a}/policies/%2F/bad"),
+        GUEST,
+        Some(r#"{"pattern":"(","definition":{"max-length":1}}"#),
+    )
+    .await;
+    assert_eq!(s, 400);
+    let (s, _, _) = raw(
+        M::PUT,
+        &format!("{a}/operator-policies/%2F/bad"),
+        GUEST,
+        Some(r#"{"pattern":".*","definition":{"dead-letter-exchange":"x"}}"#),
+    )
+    .await;
+    assert_eq!(s, 400);
+    b.stop().await;
+}
+
+/// A policy survives a restart (it is a stored parameter) and applies to recovered queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_survive_a_restart() {
+    let b = broker_http().await;
+    let dir = b.broker.config.data_dir.clone();
+    let a = api(&b);
+    let (s, _, _) = raw(
+        reqwest::Method::PUT,
+        &format!("{a}/policies/%2F/keep"),
+        GUEST,
+        Some(r#"{"pattern":"^d[.]","definition":{"max-length":2}}"#),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (_c, ch) = channel(&b).await;
+    ch.queue_declare(
+        "d.q".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    drop(ch);
+    b.stop().await;
+    let b = broker_with(|c| {
+        c.data_dir = dir.clone();
+        c.http_listen = warren_broker::config::parse_listen("127.0.0.1:0").unwrap();
+    })
+    .await;
+    let (_, _, q) = raw(reqwest::Method::GET, &format!("{}/queues/%2F/d.q", api(&b)), GUEST, None).await;
+    assert_eq!(q["policy"], "keep");
+    assert_eq!(b.broker.vhost("/").unwrap().queue("d.q").unwrap().args().max_length, Some(2));
     b.stop().await;
 }
