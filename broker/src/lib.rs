@@ -57,11 +57,41 @@ pub fn serve_http(
     Ok(())
 }
 
+/// Imports `--load-definitions` (creating only what is missing). An unreadable or invalid
+/// file is an error: the broker does not start half-configured.
+pub async fn load_definitions(broker: &std::sync::Arc<broker::Broker>) -> std::io::Result<()> {
+    let Some(path) = broker.config.load_definitions.clone() else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))
+    })?;
+    let d: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        std::io::Error::other(format!("{} is not JSON: {e}", path.display()))
+    })?;
+    let admin = admin::Admin::new(broker.clone());
+    warren_mgmt::definitions::import(
+        &admin,
+        &d,
+        None,
+        warren_mgmt::definitions::Existing::Keep,
+        &broker.config.default_user,
+    )
+    .await
+    .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+    tracing::info!(file = %path.display(), "definitions loaded");
+    Ok(())
+}
+
 /// Starts a broker in-process: AMQP on `config.amqp_listen`, and the management API and
 /// Prometheus endpoint where the config asks for them (port 0 for ephemeral ports).
 pub async fn start(config: Config) -> std::io::Result<Running> {
     let (http, prometheus) = bind_http(&config)?;
     let mut running = warren_amqp::start(config).await?;
+    if let Err(e) = load_definitions(&running.broker).await {
+        running.stop().await;
+        return Err(e);
+    }
     running.http = http.first().map(|l| l.local_addr()).transpose()?;
     running.prometheus = prometheus.first().map(|l| l.local_addr()).transpose()?;
     serve_http(&running.broker, &running.addrs, http, prometheus)?;

@@ -42,6 +42,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))?;
     broker.start_sampler();
+    warren_broker::load_definitions(&broker)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot load definitions: {e}"))?;
     warren_broker::serve_http(&broker, &amqp, http, prometheus)?;
     let server = tokio::spawn(warren_broker::serve(listeners, broker.clone()));
     shutdown_signal().await;

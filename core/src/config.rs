@@ -30,6 +30,12 @@ pub struct Config {
     #[arg(long, env = "WARREN_PROMETHEUS_LISTEN", default_value = "[::]:15692", value_parser = parse_listen)]
     pub prometheus_listen: Listen,
 
+    /// A definitions file (RabbitMQ's JSON format) to import at start, as RabbitMQ's
+    /// `load_definitions`: what it names and the broker lacks is created; existing objects
+    /// are left as they are.
+    #[arg(long, env = "WARREN_LOAD_DEFINITIONS")]
+    pub load_definitions: Option<std::path::PathBuf>,
+
     /// Directory for the broker's data: the embedded SQLite store (`warren.db`) lives here.
     #[arg(long, env = "WARREN_DATA_DIR", default_value = "./warren-data")]
     pub data_dir: PathBuf,

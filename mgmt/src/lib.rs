@@ -3,6 +3,7 @@
 //! changing the broker only through `warren_core::admin::Admin`. Served with axum; requests
 //! are bounded (body size, page size) and every failure answers with RabbitMQ's error body.
 
+pub mod definitions;
 pub mod http;
 pub mod json;
 pub mod messages;

@@ -106,6 +106,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/operator-policies/{vhost}/{name}",
             get(op_policy).put(put_op_policy).delete(delete_op_policy),
         )
+        .route("/api/definitions", get(get_definitions).post(post_definitions))
+        .route(
+            "/api/definitions/{vhost}",
+            get(get_vhost_definitions).post(post_vhost_definitions),
+        )
         .route("/api/global-parameters", get(global_parameters))
         .route(
             "/api/global-parameters/{name}",
@@ -1512,6 +1517,78 @@ async fn put_op_policy(
 
 async fn delete_op_policy(State(st): St, caller: Caller, Path((v, n)): Path<(String, String)>) -> ApiResult<Response> {
     remove_policy(&st, &caller, &v, &n, true).await
+}
+
+// ----- definitions -----
+
+fn download(v: Value, q: &Q) -> ApiResult<Response> {
+    let mut r = Json(v).into_response();
+    // ?download=name.json asks for an attachment, as the console's export button does.
+    if let Some(name) = q.0.get("download").filter(|n| !n.is_empty()) {
+        let safe: String = name
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+            .collect();
+        if let Ok(h) = header::HeaderValue::from_str(&format!("attachment; filename=\"{safe}\"")) {
+            r.headers_mut().insert(header::CONTENT_DISPOSITION, h);
+        }
+    }
+    Ok(r)
+}
+
+async fn get_definitions(State(st): St, caller: Caller, q: Q) -> ApiResult<Response> {
+    caller.require_admin()?;
+    download(crate::definitions::export(&st.admin, None).await?, &q)
+}
+
+async fn get_vhost_definitions(
+    State(st): St,
+    caller: Caller,
+    Path(v): Path<String>,
+    q: Q,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    download(crate::definitions::export(&st.admin, Some(&v)).await?, &q)
+}
+
+async fn import_definitions(
+    st: &AppState,
+    caller: &Caller,
+    vhost: Option<&str>,
+    body: &[u8],
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    if let Some(v) = vhost {
+        st.admin.find_vhost(v).ok_or_else(ApiError::not_found)?;
+    }
+    let d: Value =
+        serde_json::from_slice(body).map_err(|_| ApiError::bad_request("not_json"))?;
+    crate::definitions::import(
+        &st.admin,
+        &d,
+        vhost,
+        crate::definitions::Existing::Update,
+        &caller.name,
+    )
+    .await
+    .map_err(|e| {
+        tracing::warn!("definitions import refused: {e}");
+        ApiError::bad_request(e)
+    })?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn post_definitions(State(st): St, caller: Caller, body: Bytes) -> ApiResult<Response> {
+    import_definitions(&st, &caller, None, &body).await
+}
+
+async fn post_vhost_definitions(
+    State(st): St,
+    caller: Caller,
+    Path(v): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    import_definitions(&st, &caller, Some(&v), &body).await
 }
 
 // ----- global parameters -----

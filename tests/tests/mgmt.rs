@@ -21,7 +21,7 @@ use rabbitmq_http_client::requests::{
     VirtualHostParams,
 };
 use serde_json::{json, Value};
-use warren_broker::Running;
+use warren_broker::{Config, Running};
 
 async fn broker_http() -> Running {
     broker_with(|c| {
@@ -814,4 +814,140 @@ async fn policies_survive_a_restart() {
     assert_eq!(q["policy"], "keep");
     assert_eq!(b.broker.vhost("/").unwrap().queue("d.q").unwrap().args().max_length, Some(2));
     b.stop().await;
+}
+
+/// A definitions file exported by RabbitMQ 3.10 (captured from Debian's rabbitmq-server)
+/// imports into Warren: its users log in with their passwords (the hashes are RabbitMQ's), its
+/// vhosts, permissions, policies, limits, queues, exchanges and bindings exist; Warren's own
+/// export then imports into a fresh Warren and exports the same again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitions_from_rabbitmq_import_and_round_trip() {
+    let b = broker_http().await;
+    let a = api(&b);
+    use reqwest::Method as M;
+    let file = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/rabbitmq-3.10-definitions.json"),
+    )
+    .unwrap();
+    let (s, _, body) = raw(M::POST, &format!("{a}/definitions"), GUEST, Some(&file)).await;
+    assert_eq!(s, 204, "{body}");
+    // alice's password is "secret" in the RabbitMQ that exported the file.
+    let c = Connection::connect(&amqp_url(&b, "alice", "secret", "/"), ConnectionProperties::default())
+        .await
+        .expect("a user imported from RabbitMQ logs in");
+    drop(c);
+    let rc = client(&b);
+    assert_eq!(rc.get_queue_info("/", "q1").await.unwrap().arguments.0.get("x-message-ttl"), Some(&json!(3600000)));
+    let (_, _, q1) = raw(M::GET, &format!("{a}/queues/%2F/q1"), GUEST, None).await;
+    assert_eq!(q1["policy"], "p1");
+    assert_eq!(q1["operator_policy"], "op1");
+    let (_, _, l) = raw(M::GET, &format!("{a}/vhost-limits/v1"), GUEST, None).await;
+    assert_eq!(l[0]["value"]["max-connections"], 10);
+    assert_eq!(rc.list_exchange_bindings_with_source("/", "ex1").await.unwrap().len(), 2);
+
+    let (s, _, exported) = raw(M::GET, &format!("{a}/definitions"), GUEST, None).await;
+    assert_eq!(s, 200);
+    for key in ["users", "vhosts", "permissions", "topic_permissions", "parameters",
+                "global_parameters", "policies", "queues", "exchanges", "bindings"] {
+        assert!(exported[key].is_array(), "{key} missing");
+    }
+    let b2 = broker_http().await;
+    let (s, _, body) = raw(M::POST, &format!("{}/definitions", api(&b2)), GUEST, Some(&exported.to_string())).await;
+    assert_eq!(s, 204, "{body}");
+    let (_, _, again) = raw(M::GET, &format!("{}/definitions", api(&b2)), GUEST, None).await;
+    for key in ["vhosts", "permissions", "topic_permissions", "parameters", "policies", "queues", "exchanges", "bindings"] {
+        assert_eq!(again[key], exported[key], "{key} differs after a round trip");
+    }
+    let names = |v: &Value| -> Vec<String> {
+        let mut n: Vec<String> = v.as_array().unwrap().iter().map(|u| u["name"].as_str().unwrap().to_string()).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&again["users"]), names(&exported["users"]));
+    // One vhost's definitions carry no vhost members and no users.
+    let (_, _, one) = raw(M::GET, &format!("{a}/definitions/%2F"), GUEST, None).await;
+    assert!(one.get("users").is_none());
+    assert!(one["queues"][0].get("vhost").is_none());
+    // A bad file is refused with 400 and a reason naming the object.
+    let (s, _, body) = raw(
+        M::POST,
+        &format!("{a}/definitions"),
+        GUEST,
+        Some(r#"{"queues":[{"name":"bad","vhost":"nope","durable":true}]}"#),
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert!(body["reason"].as_str().unwrap().contains("queue 'bad'"), "{body}");
+    b.stop().await;
+    b2.stop().await;
+}
+
+/// `--load-definitions` at start creates what is missing and leaves existing objects alone
+/// (RabbitMQ 4.x's vhost metadata form is read too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_definitions_at_start_creates_only_what_is_missing() {
+    let dir = std::env::temp_dir().join(format!("warren-defs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("defs.json");
+    let defs = json!({
+        "users": [{"name": "app", "password": "app-pw", "tags": "management"}],
+        "vhosts": [{"name": "prod", "metadata": {"description": "production", "tags": ["a"]}}],
+        "permissions": [{"user": "app", "vhost": "prod", "configure": ".*", "write": ".*", "read": ".*"}],
+        "queues": [{"name": "jobs", "vhost": "prod", "durable": true, "auto_delete": false,
+                    "arguments": {"x-max-length": 100}}],
+        "exchanges": [{"name": "work", "vhost": "prod", "type": "direct", "durable": true,
+                       "auto_delete": false, "internal": false, "arguments": {}}],
+        "bindings": [{"source": "work", "vhost": "prod", "destination": "jobs",
+                      "destination_type": "queue", "routing_key": "jobs", "arguments": {}}],
+        "policies": [{"vhost": "prod", "name": "cap", "pattern": "^jobs$", "apply-to": "queues",
+                      "definition": {"max-length": 50}, "priority": 0}]
+    });
+    std::fs::write(&file, defs.to_string()).unwrap();
+    let data = Config::for_tests().data_dir;
+    let start = |f: std::path::PathBuf, d: std::path::PathBuf| {
+        broker_with(move |c| {
+            c.data_dir = d;
+            c.load_definitions = Some(f);
+            c.http_listen = warren_broker::config::parse_listen("127.0.0.1:0").unwrap();
+        })
+    };
+    let b = start(file.clone(), data.clone()).await;
+    let c = Connection::connect(&amqp_url(&b, "app", "app-pw", "prod"), ConnectionProperties::default())
+        .await
+        .expect("the user the file defines logs in");
+    let ch = c.create_channel().await.unwrap();
+    ch.basic_publish("work".into(), "jobs".into(), BasicPublishOptions::default(), b"j", BasicProperties::default())
+        .await
+        .unwrap();
+    let (_, _, q) = raw(reqwest::Method::GET, &format!("{}/queues/prod/jobs", api(&b)), GUEST, None).await;
+    assert_eq!(q["policy"], "cap");
+    let (_, _, v) = raw(reqwest::Method::GET, &format!("{}/vhosts/prod", api(&b)), GUEST, None).await;
+    assert_eq!(v["description"], "production");
+    drop(c);
+    // An operator changes the password; a restart with the same file keeps the change.
+    let (s, _, _) = raw(
+        reqwest::Method::PUT,
+        &format!("{}/users/app", api(&b)),
+        GUEST,
+        Some(r#"{"password":"changed","tags":"management"}"#),
+    )
+    .await;
+    assert_eq!(s, 204);
+    b.stop().await;
+    let b = start(file.clone(), data.clone()).await;
+    Connection::connect(&amqp_url(&b, "app", "changed", "prod"), ConnectionProperties::default())
+        .await
+        .expect("the existing user was left alone");
+    b.stop().await;
+    // A file that does not parse stops the start.
+    std::fs::write(&file, "{not json").unwrap();
+    assert!(warren_broker::start({
+        let mut c = Config::for_tests();
+        c.load_definitions = Some(file.clone());
+        c
+    })
+    .await
+    .is_err());
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(data);
 }
