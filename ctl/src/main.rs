@@ -17,10 +17,12 @@ struct Cli {
     #[arg(long, global = true, env = "WARRENCTL_URL", default_value = "http://localhost:15672")]
     url: String,
     /// User for the API (needs the administrator tag for most commands).
-    #[arg(long, short = 'u', global = true, env = "WARRENCTL_USER", default_value = "guest")]
+    // Ids distinct from the subcommands' own `name` and `password` arguments (clap shares
+    // global arguments with subcommands by id).
+    #[arg(long = "username", short = 'u', id = "api_username", global = true, env = "WARRENCTL_USER", default_value = "guest")]
     username: String,
-    #[arg(long, global = true, env = "WARRENCTL_PASSWORD", default_value = "guest")]
-    password: String,
+    #[arg(long = "password", id = "api_password", global = true, env = "WARRENCTL_PASSWORD", default_value = "guest")]
+    api_password: String,
     /// Virtual host for commands that work in one.
     #[arg(short = 'p', long = "vhost", global = true, default_value = "/")]
     vhost: String,
@@ -56,7 +58,7 @@ enum Command {
         description: Option<String>,
         #[arg(long)]
         tags: Option<String>,
-        #[arg(long)]
+        #[arg(long = "default-queue-type")]
         default_queue_type: Option<String>,
     },
     DeleteVhost { name: String },
@@ -69,6 +71,35 @@ enum Command {
     /// Sets a vhost limit: max-connections or max-queues, as JSON ('{"max-queues": 10}').
     SetVhostLimits { definition: String },
     ClearVhostLimits,
+    /// Sets a policy in the vhost (-p): NAME PATTERN DEFINITION (JSON).
+    SetPolicy {
+        name: String,
+        pattern: String,
+        definition: String,
+        #[arg(long, default_value_t = 0)]
+        priority: i64,
+        /// queues, exchanges or all.
+        #[arg(long = "apply-to", default_value = "all")]
+        apply_to: String,
+    },
+    ClearPolicy { name: String },
+    ListPolicies,
+    /// Sets an operator policy in the vhost (-p): NAME PATTERN DEFINITION (JSON).
+    SetOperatorPolicy {
+        name: String,
+        pattern: String,
+        definition: String,
+        #[arg(long, default_value_t = 0)]
+        priority: i64,
+        #[arg(long = "apply-to", default_value = "queues")]
+        apply_to: String,
+    },
+    ClearOperatorPolicy { name: String },
+    ListOperatorPolicies,
+    /// Imports a definitions file (RabbitMQ's JSON format); "-" reads standard input.
+    ImportDefinitions { file: String },
+    /// Exports the node's definitions to a file; "-" writes standard output.
+    ExportDefinitions { file: String },
     ListQueues { columns: Vec<String> },
     ListExchanges { columns: Vec<String> },
     ListBindings { columns: Vec<String> },
@@ -80,9 +111,9 @@ enum Command {
     PurgeQueue { queue: String },
     DeleteQueue {
         queue: String,
-        #[arg(long)]
+        #[arg(long = "if-unused")]
         if_unused: bool,
-        #[arg(long)]
+        #[arg(long = "if-empty")]
         if_empty: bool,
     },
     /// The node's status: versions, listeners, memory, disk, file descriptors.
@@ -244,7 +275,7 @@ fn run(cli: &Cli) -> Result<()> {
             .build()?,
         base: cli.url.clone(),
         user: cli.username.clone(),
-        pass: cli.password.clone(),
+        pass: cli.api_password.clone(),
     };
     let out = Out { cli };
     let vh = enc(&cli.vhost);
@@ -367,6 +398,81 @@ fn run(cli: &Cli) -> Result<()> {
                 for k in m.keys() {
                     api.delete(&format!("/vhost-limits/{vh}/{}", enc(k)))?;
                 }
+            }
+        }
+        Command::SetPolicy {
+            name,
+            pattern,
+            definition,
+            priority,
+            apply_to,
+        }
+        | Command::SetOperatorPolicy {
+            name,
+            pattern,
+            definition,
+            priority,
+            apply_to,
+        } => {
+            let kind = if matches!(cli.command, Command::SetPolicy { .. }) {
+                "policies"
+            } else {
+                "operator-policies"
+            };
+            out.info(&format!(
+                "Setting policy \"{name}\" for pattern \"{pattern}\" to \"{definition}\" with priority \"{priority}\" for vhost \"{}\" ...",
+                cli.vhost
+            ));
+            let def: Value = serde_json::from_str(definition)
+                .map_err(|e| anyhow!("the definition is not JSON: {e}"))?;
+            api.put(
+                &format!("/{kind}/{vh}/{}", enc(name)),
+                json!({"pattern": pattern, "definition": def, "priority": priority, "apply-to": apply_to}),
+            )?;
+        }
+        Command::ClearPolicy { name } | Command::ClearOperatorPolicy { name } => {
+            let kind = if matches!(cli.command, Command::ClearPolicy { .. }) {
+                "policies"
+            } else {
+                "operator-policies"
+            };
+            out.info(&format!("Clearing policy \"{name}\" on vhost \"{}\" ...", cli.vhost));
+            api.delete(&format!("/{kind}/{vh}/{}", enc(name)))?;
+        }
+        Command::ListPolicies | Command::ListOperatorPolicies => {
+            let kind = if matches!(cli.command, Command::ListPolicies) {
+                "policies"
+            } else {
+                "operator-policies"
+            };
+            out.info(&format!("Listing policies for vhost \"{}\" ...", cli.vhost));
+            out.table(
+                &api.get(&format!("/{kind}/{vh}"))?,
+                &cols(&[], &["vhost", "name", "pattern", "apply-to", "definition", "priority"]),
+            );
+        }
+        Command::ImportDefinitions { file } => {
+            out.info(&format!("Importing definitions in JSON from a file at \"{file}\" ..."));
+            let text = if file == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                s
+            } else {
+                std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?
+            };
+            let d: Value =
+                serde_json::from_str(&text).map_err(|e| anyhow!("{file} is not JSON: {e}"))?;
+            api.send(reqwest::Method::POST, "/definitions", Some(d), &[])?;
+            out.info("Definitions imported.");
+        }
+        Command::ExportDefinitions { file } => {
+            let d = api.get("/definitions")?;
+            let text = serde_json::to_string_pretty(&d)?;
+            if file == "-" {
+                println!("{text}");
+            } else {
+                out.info(&format!("Exporting definitions in JSON to a file at \"{file}\" ..."));
+                std::fs::write(file, text).with_context(|| format!("cannot write {file}"))?;
             }
         }
         Command::ListQueues { columns } => {
