@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
@@ -79,6 +79,11 @@ struct Conn {
     caps: ClientCaps,
     user: String,
     mechanism: String,
+    /// The verified client certificate's CN (AMQPS with a client certificate): offered as
+    /// SASL EXTERNAL.
+    peer_cn: Option<String>,
+    /// The login is SASL EXTERNAL: the certificate is the credential.
+    external: bool,
     ctx: Option<ConnCtx>,
     channels: HashMap<u16, Channel>,
     close_deadline: Option<Instant>,
@@ -138,27 +143,59 @@ impl Drop for WriterGuard {
 
 /// Serves one client socket until it closes.
 pub async fn run(socket: TcpStream, peer: SocketAddr, broker: Arc<Broker>) {
+    let _ = socket.set_nodelay(true);
+    let local = socket.local_addr().unwrap_or(peer);
+    // The TCP halves need no lock between them (the TLS ones do).
+    let (rd, wr) = socket.into_split();
+    serve_counted(rd, wr, peer, local, broker, None).await
+}
+
+/// Serves one client over TLS (AMQPS) until it closes.
+pub async fn run_tls(
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    broker: Arc<Broker>,
+) {
+    let tls = crate::tls::TlsInfo::of(stream.get_ref().1);
+    let (rd, wr) = tokio::io::split(stream);
+    serve_counted(rd, wr, peer, local, broker, Some(tls)).await
+}
+
+async fn serve_counted<R, W>(
+    rd: R,
+    wr: W,
+    peer: SocketAddr,
+    local: SocketAddr,
+    broker: Arc<Broker>,
+    tls: Option<crate::tls::TlsInfo>,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let _counted = broker.count_connection();
     let id = broker.next_connection_id();
-    let local = socket.local_addr().unwrap_or(peer);
     // Listed by the management API until this task ends (also by a panic).
-    let registered = broker.connections.register(id, peer, local, false);
+    let registered = broker.connections.register(id, peer, local, tls.is_some());
     broker.stats.connection_created.inc();
     let span = tracing::info_span!("conn", id, %peer);
-    serve(socket, peer, broker, id, registered.info.clone())
+    serve(rd, wr, peer, broker, id, registered.info.clone(), tls)
         .instrument(span)
         .await
 }
 
-async fn serve(
-    socket: TcpStream,
+async fn serve<R, W>(
+    mut rd: R,
+    mut wr: W,
     peer: SocketAddr,
     broker: Arc<Broker>,
     id: u64,
     info: Arc<ConnInfo>,
-) {
-    let _ = socket.set_nodelay(true);
-    let (mut rd, mut wr) = socket.into_split();
+    tls: Option<crate::tls::TlsInfo>,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
 
     // Protocol header.
@@ -218,6 +255,8 @@ async fn serve(
         cleaned: false,
         writer_gone,
         full_outboxes: Vec::new(),
+        peer_cn: tls.and_then(|t| t.peer_cn),
+        external: false,
         info,
         broker,
     };
@@ -232,7 +271,7 @@ async fn serve(
 impl Conn {
     async fn read_loop(
         &mut self,
-        rd: &mut tokio::net::tcp::OwnedReadHalf,
+        rd: &mut (impl AsyncRead + Unpin),
         mut buf: BytesMut,
         handshake_deadline: tokio::time::Instant,
     ) {
@@ -331,7 +370,7 @@ impl Conn {
     }
 
     /// After a framing error: send what is queued, then wait briefly for the peer to go.
-    async fn drain_until_closed(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf) {
+    async fn drain_until_closed(&mut self, rd: &mut (impl AsyncRead + Unpin)) {
         let mut sink = [0u8; 4096];
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             while let Ok(n) = rd.read(&mut sink).await {
@@ -415,7 +454,11 @@ impl Conn {
                 version_major: 0,
                 version_minor: 9,
                 server_properties: props,
-                mechanisms: LongString::from("PLAIN AMQPLAIN"),
+                mechanisms: LongString::from(if self.peer_cn.is_some() {
+                    "EXTERNAL PLAIN AMQPLAIN"
+                } else {
+                    "PLAIN AMQPLAIN"
+                }),
                 locales: LongString::from("en_US"),
             })),
         );
@@ -569,6 +612,17 @@ impl Conn {
             session.auth_mechanism = s.mechanism.as_str().to_string();
             session.client_properties = s.client_properties.clone();
         });
+        if self.mechanism == "EXTERNAL" {
+            let Some(cn) = self.peer_cn.clone() else {
+                warn!("login refused: EXTERNAL without a verified client certificate");
+                return Ok(Flow::Stop);
+            };
+            self.external = true;
+            return Ok(Flow::Login(sasl::Credentials {
+                username: cn,
+                password: String::new(),
+            }));
+        }
         match sasl::parse_response(&self.mechanism, s.response.as_bytes()) {
             Ok(creds) => Ok(Flow::Login(creds)),
             // RabbitMQ logs these and drops the socket without a close frame.
@@ -581,11 +635,16 @@ impl Conn {
 
     /// The second half of connection.start-ok: the credentials against the stored user.
     async fn login(&mut self, creds: sasl::Credentials) -> AmqpResult<Flow> {
-        if let Err(e) = self
-            .broker
-            .authenticate(&creds.username, &creds.password, self.peer.ip())
-            .await
-        {
+        let checked = if self.external {
+            self.broker
+                .authenticate_external(&creds.username, self.peer.ip())
+                .await
+        } else {
+            self.broker
+                .authenticate(&creds.username, &creds.password, self.peer.ip())
+                .await
+        };
+        if let Err(e) = checked {
             let why = match e {
                 LoginError::UnknownUser => format!("user '{}' does not exist", creds.username),
                 LoginError::BadPassword => {
@@ -929,9 +988,9 @@ fn frame_ids(frame: &Frame) -> (u16, u16) {
     }
 }
 
-async fn write_loop(
+async fn write_loop<W: AsyncWrite + Unpin>(
     _guard: WriterGuard,
-    mut wr: OwnedWriteHalf,
+    mut wr: W,
     outbox: Arc<Outbox>,
     frame_max: Arc<AtomicU32>,
     heartbeat: Arc<AtomicU16>,
@@ -1020,7 +1079,7 @@ async fn write_loop(
 }
 
 async fn write_batch(
-    wr: &mut OwnedWriteHalf,
+    wr: &mut (impl AsyncWrite + Unpin),
     batch: &mut WriteBatch,
     info: &ConnInfo,
 ) -> std::io::Result<()> {

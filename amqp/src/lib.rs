@@ -7,5 +7,6 @@ pub mod channel;
 pub mod connection;
 pub mod outbox;
 pub mod server;
+pub mod tls;
 
 pub use server::{serve, start, Running};

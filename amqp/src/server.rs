@@ -57,6 +57,16 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Serves AMQP on `listeners` until `broker.shutdown` is cancelled, then waits for connections
 /// to close (they send 320 CONNECTION_FORCED).
 pub async fn serve(listeners: Vec<TcpListener>, broker: Arc<Broker>) {
+    serve_all(listeners, Vec::new(), None, broker).await
+}
+
+/// Serves AMQP on `listeners` and AMQPS on `tls_listeners` (with `acceptor`) until shutdown.
+pub async fn serve_all(
+    listeners: Vec<TcpListener>,
+    tls_listeners: Vec<TcpListener>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    broker: Arc<Broker>,
+) {
     let tracker = TaskTracker::new();
     // Sockets beyond --max-connections are still accepted (up to a margin) so that each is
     // answered with RabbitMQ's 530 at connection.open rather than left in the backlog.
@@ -66,10 +76,22 @@ pub async fn serve(listeners: Vec<TcpListener>, broker: Arc<Broker>) {
     for listener in listeners {
         accepting.spawn(accept_loop(
             listener,
+            None,
             broker.clone(),
             limit.clone(),
             tracker.clone(),
         ));
+    }
+    if let Some(acceptor) = acceptor {
+        for listener in tls_listeners {
+            accepting.spawn(accept_loop(
+                listener,
+                Some(acceptor.clone()),
+                broker.clone(),
+                limit.clone(),
+                tracker.clone(),
+            ));
+        }
     }
     while accepting.join_next().await.is_some() {}
     tracker.close();
@@ -78,6 +100,7 @@ pub async fn serve(listeners: Vec<TcpListener>, broker: Arc<Broker>) {
 
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     broker: Arc<Broker>,
     limit: Arc<Semaphore>,
     tracker: TaskTracker,
@@ -99,8 +122,25 @@ async fn accept_loop(
             Ok((socket, peer)) => {
                 backoff = Duration::from_millis(5);
                 let broker = broker.clone();
+                let tls = tls.clone();
                 tracker.spawn(async move {
-                    connection::run(socket, peer, broker).await;
+                    match tls {
+                        None => connection::run(socket, peer, broker).await,
+                        Some(acceptor) => {
+                            let _ = socket.set_nodelay(true);
+                            let local = socket.local_addr().unwrap_or(peer);
+                            let limit = Duration::from_secs(broker.config.handshake_timeout);
+                            match tokio::time::timeout(limit, acceptor.accept(socket)).await {
+                                Ok(Ok(stream)) => {
+                                    connection::run_tls(stream, peer, local, broker).await
+                                }
+                                Ok(Err(e)) => {
+                                    tracing::info!(%peer, error = %e, "TLS handshake failed")
+                                }
+                                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                            }
+                        }
+                    }
                     drop(permit);
                 });
             }
@@ -114,9 +154,32 @@ async fn accept_loop(
 }
 
 /// Serves until shutdown, then commits what the store writer holds and closes the store.
-async fn serve_and_close(listeners: Vec<TcpListener>, broker: Arc<Broker>) {
-    serve(listeners, broker.clone()).await;
+async fn serve_and_close(
+    listeners: Vec<TcpListener>,
+    tls_listeners: Vec<TcpListener>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    broker: Arc<Broker>,
+) {
+    serve_all(listeners, tls_listeners, acceptor, broker.clone()).await;
     broker.persist.close().await;
+}
+
+/// The AMQPS listeners and their acceptor, as the settings ask (none without --amqps-listen).
+pub fn bind_tls(
+    config: &Config,
+) -> std::io::Result<(Vec<TcpListener>, Option<tokio_rustls::TlsAcceptor>)> {
+    if config.amqps_listen.0.is_empty() {
+        return Ok((Vec::new(), None));
+    }
+    let Some(tls) = crate::tls::server_config(config)? else {
+        return Err(std::io::Error::other(
+            "--amqps-listen needs --tls-cert and --tls-key",
+        ));
+    };
+    Ok((
+        bind(&config.amqps_listen.0)?,
+        Some(tokio_rustls::TlsAcceptor::from(tls)),
+    ))
 }
 
 /// A broker running in-process (for tests and embedding): its address and a handle to stop it.
@@ -126,6 +189,8 @@ pub struct Running {
     /// Every listener's address.
     pub addrs: Vec<std::net::SocketAddr>,
     pub broker: Arc<Broker>,
+    /// The first AMQPS listener's address, when there is one.
+    pub amqps: Option<std::net::SocketAddr>,
     /// The management API's address, when it listens (set by the broker crate's `start`).
     pub http: Option<std::net::SocketAddr>,
     /// The Prometheus endpoint's address, when it listens.
@@ -156,15 +221,23 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     let addr = *addrs
         .first()
         .ok_or_else(|| std::io::Error::other("no --amqp-listen address"))?;
+    let (tls_listeners, acceptor) = bind_tls(&config)?;
+    let amqps = tls_listeners.first().map(|l| l.local_addr()).transpose()?;
     let broker = Broker::open(config)
         .await
         .map_err(|e| std::io::Error::other(format!("cannot open the store: {e}")))?;
     broker.start_sampler();
-    let task = tokio::spawn(serve_and_close(listeners, broker.clone()));
+    let task = tokio::spawn(serve_and_close(
+        listeners,
+        tls_listeners,
+        acceptor,
+        broker.clone(),
+    ));
     Ok(Running {
         addr,
         addrs,
         broker,
+        amqps,
         http: None,
         prometheus: None,
         task,

@@ -26,6 +26,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for l in &listeners {
         tracing::info!(addr = %l.local_addr()?, "Warren {} listening for AMQP 0-9-1", env!("CARGO_PKG_VERSION"));
     }
+    let (tls_listeners, acceptor) = warren_broker::server::bind_tls(&config)
+        .map_err(|e| anyhow::anyhow!("cannot listen for AMQPS: {e}"))?;
+    for l in &tls_listeners {
+        tracing::info!(addr = %l.local_addr()?, "listening for AMQP 0-9-1 over TLS");
+    }
     let (http, prometheus) = warren_broker::bind_http(&config)
         .map_err(|e| anyhow::anyhow!("cannot listen: {e}"))?;
     for l in &http {
@@ -46,7 +51,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot load definitions: {e}"))?;
     warren_broker::serve_http(&broker, &amqp, http, prometheus)?;
-    let server = tokio::spawn(warren_broker::serve(listeners, broker.clone()));
+    let server = tokio::spawn(warren_broker::server::serve_all(
+        listeners,
+        tls_listeners,
+        acceptor,
+        broker.clone(),
+    ));
     shutdown_signal().await;
     tracing::info!("shutting down: closing connections with 320 CONNECTION_FORCED");
     broker.shutdown.cancel();

@@ -233,6 +233,22 @@ impl Broker {
         Ok(())
     }
 
+    /// SASL EXTERNAL: the verified certificate names the user, who must exist (no password
+    /// is checked), with the same loopback rule.
+    pub async fn authenticate_external(&self, user: &str, peer: IpAddr) -> Result<(), LoginError> {
+        self.users
+            .user(user)
+            .await
+            .map_err(|e| LoginError::StoreUnavailable(e.to_string()))?
+            .ok_or(LoginError::UnknownUser)?;
+        if !peer.to_canonical().is_loopback()
+            && self.config.loopback_users.iter().any(|u| u == user)
+        {
+            return Err(LoginError::LoopbackOnly);
+        }
+        Ok(())
+    }
+
     /// connection.open: the user needs permissions in the vhost (any, as RabbitMQ checks);
     /// what they are is checked per method through the returned `Access`.
     pub async fn vhost_access(

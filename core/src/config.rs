@@ -20,6 +20,24 @@ pub struct Config {
     )]
     pub amqp_listen: Vec<SocketAddr>,
 
+    /// Addresses for AMQP over TLS (AMQPS; RabbitMQ's 5671), comma-separated; off by default.
+    /// Needs --tls-cert and --tls-key.
+    #[arg(long, env = "WARREN_AMQPS_LISTEN", default_value = "", value_parser = parse_listen)]
+    pub amqps_listen: Listen,
+
+    /// The server's certificate chain (PEM) for AMQPS.
+    #[arg(long, env = "WARREN_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The server's private key (PEM) for AMQPS.
+    #[arg(long, env = "WARREN_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// CA certificates (PEM) that client certificates are verified against; a client with a
+    /// verified certificate may log in with SASL EXTERNAL as the certificate's CN.
+    #[arg(long, env = "WARREN_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+
     /// Addresses for the management HTTP API (RabbitMQ's 15672), comma-separated; "" turns
     /// it off.
     #[arg(long, env = "WARREN_HTTP_LISTEN", default_value = "[::]:15672", value_parser = parse_listen)]

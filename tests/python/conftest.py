@@ -38,9 +38,14 @@ class BrokerInfo:
     """Where the broker under test listens, and how to talk to it."""
 
     def __init__(self, host, port, username="guest", password="guest",
-                 vhost="/", process=None, log_path=None, http_port=None):
+                 vhost="/", process=None, log_path=None, http_port=None,
+                 amqps_port=None, tls_dir=None):
         self.host = host
         self.port = port
+        # AMQPS (None when the broker under test has none known) and the directory holding
+        # ca.pem, client-guest.pem and client-guest.key generated for it.
+        self.amqps_port = amqps_port
+        self.tls_dir = tls_dir
         # The management API's port (None when the broker under test has none known).
         self.http_port = http_port
         self.username = username
@@ -102,6 +107,28 @@ def _find_binary():
     )
 
 
+def _make_pki(d):
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate with
+    CN=guest, made with the openssl command line at test time."""
+    d.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, cwd=str(d),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=warren test CA", "-keyout", "ca.key", "-out", "ca.pem")
+    (d / "server.ext").write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name, cn, ext in (("server", "localhost", "server.ext"),
+                          ("client-guest", "guest", "client.ext")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=" + cn,
+                "-keyout", name + ".key", "-out", name + ".csr")
+        openssl("x509", "-req", "-in", name + ".csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", name + ".pem")
+
+
 def _free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -140,18 +167,25 @@ def broker(tmp_path_factory):
     data_dir.mkdir()
     log_path = workdir / "broker.log"
     host, port, http_port = "127.0.0.1", _free_port(), _free_port()
+    amqps_port = _free_port()
+    tls_dir = workdir / "tls"
+    _make_pki(tls_dir)
 
     cmd = [str(binary), "--amqp-listen", "%s:%d" % (host, port),
            "--data-dir", str(data_dir),
            "--http-listen", "%s:%d" % (host, http_port),
-           "--prometheus-listen", "%s:%d" % (host, _free_port())]
+           "--prometheus-listen", "%s:%d" % (host, _free_port()),
+           "--amqps-listen", "%s:%d" % (host, amqps_port),
+           "--tls-cert", str(tls_dir / "server.pem"),
+           "--tls-key", str(tls_dir / "server.key"),
+           "--tls-ca", str(tls_dir / "ca.pem")]
     env = dict(os.environ)
     env.setdefault("RUST_BACKTRACE", "1")
     log_file = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
                             stderr=subprocess.STDOUT, cwd=str(workdir), env=env)
     info = BrokerInfo(host, port, process=proc, log_path=log_path,
-                      http_port=http_port)
+                      http_port=http_port, amqps_port=amqps_port, tls_dir=tls_dir)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
