@@ -113,6 +113,9 @@ struct Paged {
 
 #[derive(Default)]
 struct State {
+    /// The arguments in effect, as `Queue::args` holds them: read here on the message path
+    /// (under the lock already held) instead of through the `ArcSwap`.
+    args: Arc<QueueArgs>,
     ready: VecDeque<Entry>,
     paged: Paged,
     next_seq: u64,
@@ -252,7 +255,8 @@ pub enum Got {
 
 impl Queue {
     pub fn new(vhost: &str, spec: QueueSpec, id: i64, persist: Arc<Persistence>) -> Arc<Self> {
-        let args = ArcSwap::from_pointee(QueueArgs::parse(&spec.arguments));
+        let parsed = Arc::new(QueueArgs::parse(&spec.arguments));
+        let args = ArcSwap::new(parsed.clone());
         Arc::new(Queue {
             spec,
             args,
@@ -263,6 +267,7 @@ impl Queue {
             persist,
             router: OnceLock::new(),
             state: Mutex::new(State {
+                args: parsed,
                 last_used: Some(Instant::now()),
                 ..State::default()
             }),
@@ -340,8 +345,10 @@ impl Queue {
             }
             *cur = view;
         }
-        self.args.store(Arc::new(QueueArgs::parse(&e.arguments)));
+        let args = Arc::new(QueueArgs::parse(&e.arguments));
         let mut g = self.lock();
+        self.args.store(args.clone());
+        g.args = args;
         if g.deleted {
             return;
         }
@@ -500,7 +507,7 @@ impl Queue {
     }
 
     fn full_for(&self, g: &State, len: u64) -> bool {
-        let args = self.args();
+        let args = &g.args;
         args.max_length.is_some_and(|m| g.ready_count() + 1 > m)
             || args
                 .max_length_bytes
@@ -508,9 +515,9 @@ impl Queue {
     }
 
     /// The deadline a message gets in this queue: the lower of the queue's and its own TTL.
-    fn deadline(&self, msg: &Message) -> u64 {
+    fn deadline(args: &QueueArgs, msg: &Message) -> u64 {
         let own = msg.expiration().ok().flatten();
-        match (self.args().message_ttl, own) {
+        match (args.message_ttl, own) {
             (None, None) => NEVER,
             (a, b) => {
                 let ttl = a.unwrap_or(u64::MAX).min(b.unwrap_or(u64::MAX));
@@ -520,7 +527,7 @@ impl Queue {
     }
 
     fn insert_ready(&self, g: &mut State, e: Entry) {
-        if self.args().max_priority == 0 && g.ready.back().is_none_or(|b| b.seq < e.seq) {
+        if g.args.max_priority == 0 && g.ready.back().is_none_or(|b| b.seq < e.seq) {
             g.ready.push_back(e);
         } else {
             let k = e.key();
@@ -541,8 +548,8 @@ impl Queue {
             return Enqueued::Deleted;
         }
         let len = msg.body.len() as u64;
-        if self.args().overflow != Overflow::DropHead && self.full_for(g, len) {
-            if self.args().overflow == Overflow::RejectPublishDlx {
+        if g.args.overflow != Overflow::DropHead && self.full_for(g, len) {
+            if g.args.overflow == Overflow::RejectPublishDlx {
                 g.dead.push(Dead {
                     entry: Entry {
                         seq: 0,
@@ -588,8 +595,8 @@ impl Queue {
                 return Enqueued::Stored { ticket, durable };
             }
         }
-        let prio = msg.priority().min(self.args().max_priority);
-        let expires = self.deadline(msg);
+        let prio = msg.priority().min(g.args.max_priority);
+        let expires = Self::deadline(&g.args, msg);
         self.insert_ready(
             g,
             Entry {
@@ -633,7 +640,7 @@ impl Queue {
         g.bytes = g
             .bytes
             .saturating_sub(msg.as_ref().map_or(0, |m| m.body.len() as u64));
-        if self.args().dead_letter_exchange.is_some() {
+        if g.args.dead_letter_exchange.is_some() {
             g.dead.push(Dead {
                 entry: e,
                 msg,
@@ -659,12 +666,12 @@ impl Queue {
 
     /// Drop-head: drops the oldest while the queue is over its limits.
     fn enforce_limits(&self, g: &mut State) {
-        if self.args().overflow != Overflow::DropHead || !self.args().bounded() {
+        if g.args.overflow != Overflow::DropHead || !g.args.bounded() {
             return;
         }
         loop {
-            let over_len = self.args().max_length.is_some_and(|m| g.ready_count() > m);
-            let over_bytes = self.args().max_length_bytes.is_some_and(|m| g.bytes > m);
+            let over_len = g.args.max_length.is_some_and(|m| g.ready_count() > m);
+            let over_bytes = g.args.max_length_bytes.is_some_and(|m| g.bytes > m);
             if !over_len && !over_bytes {
                 return;
             }
@@ -685,7 +692,7 @@ impl Queue {
         if n == 0 {
             return None;
         }
-        if self.args().single_active_consumer {
+        if g.args.single_active_consumer {
             let c = g.consumers[0].clone();
             return match c.reserve() {
                 Ok(()) => Some(c),
@@ -784,7 +791,7 @@ impl Queue {
     /// Arms the consumer-timeout check (`x-consumer-timeout`) after a delivery that waits
     /// for an ack.
     fn arm_consumer_timeout(self: &Arc<Self>, g: &mut State) {
-        let Some(timeout) = self.args().consumer_timeout else {
+        let Some(timeout) = g.args.consumer_timeout else {
             return;
         };
         if g.timeout_at != 0 {
@@ -1166,7 +1173,7 @@ impl Queue {
         } else {
             Removed::Removed
         };
-        if pos == 0 && self.args().single_active_consumer && !g.consumers.is_empty() {
+        if pos == 0 && g.args.single_active_consumer && !g.consumers.is_empty() {
             self.dispatch_locked(&mut g);
         }
         self.unlock(g);
@@ -1353,7 +1360,8 @@ impl Queue {
                 continue;
             };
             let redelivered = seq <= g.delivered_before;
-            let (expires, prio) = (self.deadline(&m), m.priority().min(self.args().max_priority));
+            let args = self.args();
+            let (expires, prio) = (Self::deadline(&args, &m), m.priority().min(args.max_priority));
             let e = Entry {
                 seq,
                 id: m.id,
