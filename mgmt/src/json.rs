@@ -272,39 +272,103 @@ fn put_path(m: &mut Map<String, Value>, parts: &[&str], x: Value) {
 }
 
 /// Answers a list as RabbitMQ does. `items` are (name, make) pairs so that only the page's
-/// items are rendered when no sort or filter needs every item's JSON: with 100,000 queues, a
-/// page by name renders 500 of them.
-pub fn answer<F>(q: &ListQuery, mut items: Vec<(String, F)>) -> ApiResult<Value>
+/// items are rendered when no sort or filter needs every item's JSON.
+pub fn answer<F>(q: &ListQuery, items: Vec<(String, F)>) -> ApiResult<Value>
 where
     F: FnOnce() -> Value,
 {
+    answer_by(q, items, |(n, _)| n.as_str(), |(_, f)| f(), |_, _| None)
+}
+
+/// `answer` over any items: `name` gives an item's name (for the filter and the default sort),
+/// `render` its JSON. Sorted by name (the default), only the positions up to the page's end are
+/// selected (in linear time) and sorted, through indices, and only the page's items are
+/// rendered: with 100,000 queues a page of 500 renders 500.
+pub fn answer_by<T>(
+    q: &ListQuery,
+    mut items: Vec<T>,
+    name: impl Fn(&T) -> &str,
+    render: impl Fn(T) -> Value,
+    sort_value: impl Fn(&T, &str) -> Option<Value>,
+) -> ApiResult<Value> {
     let total = items.len();
     if let Some(keep) = q.name_filter()? {
-        items.retain(|(n, _)| keep(n));
+        items.retain(|t| keep(name(t)));
     }
     let filtered = items.len();
     let sort_by_name = q.sort.as_deref().is_none_or(|s| s == "name");
     let (page_items, paged): (Vec<Value>, bool) = if sort_by_name {
-        items.sort_by(|a, b| a.0.cmp(&b.0));
-        if q.sort_reverse {
-            items.reverse();
-        }
-        match q.page {
-            Some(page) => {
-                let start = (page - 1).saturating_mul(q.page_size);
-                let v = items
-                    .into_iter()
-                    .skip(start)
-                    .take(q.page_size)
-                    .map(|(_, f)| f())
-                    .collect();
-                (v, true)
+        // Ties (the same name in several vhosts) keep the items' order.
+        let by_name = |a: &usize, b: &usize| {
+            let o = name(&items[*a]).cmp(name(&items[*b])).then(a.cmp(b));
+            if q.sort_reverse {
+                o.reverse()
+            } else {
+                o
             }
-            None => (items.into_iter().map(|(_, f)| f()).collect(), false),
+        };
+        let mut idx: Vec<usize> = (0..filtered).collect();
+        let (start, end) = match q.page {
+            Some(page) => {
+                let start = (page - 1).saturating_mul(q.page_size).min(filtered);
+                (start, start.saturating_add(q.page_size).min(filtered))
+            }
+            None => (0, filtered),
+        };
+        if end < filtered && end > 0 {
+            idx.select_nth_unstable_by(end - 1, by_name);
+            idx.truncate(end);
         }
+        idx.sort_unstable_by(by_name);
+        let chosen: Vec<usize> = idx[start.min(idx.len())..].to_vec();
+        let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
+        let v = chosen
+            .into_iter()
+            .filter_map(|i| slots.get_mut(i).and_then(Option::take))
+            .map(&render)
+            .collect();
+        (v, q.page.is_some())
+    } else if let Some(key) = q
+        .sort
+        .clone()
+        .filter(|k| items.first().is_some_and(|t| sort_value(t, k).is_some()))
+    {
+        // The caller reads this field without rendering: sort on it, render the page only.
+        let keyed: Vec<(Value, T)> = items
+            .into_iter()
+            .map(|t| (sort_value(&t, &key).unwrap_or(Value::Null), t))
+            .collect();
+        let mut idx: Vec<usize> = (0..keyed.len()).collect();
+        idx.sort_by(|a, b| {
+            let o = compare(Some(&keyed[*a].0), Some(&keyed[*b].0))
+                .then_with(|| name(&keyed[*a].1).cmp(name(&keyed[*b].1)));
+            if q.sort_reverse {
+                o.reverse()
+            } else {
+                o
+            }
+        });
+        let (start, end) = match q.page {
+            Some(page) => {
+                let start = (page - 1).saturating_mul(q.page_size).min(idx.len());
+                (start, start.saturating_add(q.page_size).min(idx.len()))
+            }
+            None => (0, idx.len()),
+        };
+        let chosen: Vec<usize> = idx[start..end].to_vec();
+        let mut slots: Vec<Option<T>> = keyed.into_iter().map(|(_, t)| Some(t)).collect();
+        let v = chosen
+            .into_iter()
+            .filter_map(|i| slots.get_mut(i).and_then(Option::take))
+            .map(&render)
+            .collect();
+        (v, q.page.is_some())
     } else {
         let key = q.sort.clone().unwrap_or_default();
-        let mut all: Vec<(String, Value)> = items.into_iter().map(|(n, f)| (n, f())).collect();
+        let mut all: Vec<(String, Value)> = items
+            .into_iter()
+            .map(|t| (name(&t).to_string(), render(t)))
+            .collect();
         all.sort_by(|a, b| {
             compare(at_path(&a.1, &key), at_path(&b.1, &key)).then_with(|| a.0.cmp(&b.0))
         });
@@ -396,6 +460,23 @@ mod tests {
                 (name, move || json!({"name": n2, "messages": i % 7}))
             })
             .collect()
+    }
+
+    #[test]
+    fn sorting_on_a_field_read_without_rendering_matches_rendered_sorting() {
+        let items: Vec<(String, u64)> = (0..50).map(|i| (format!("q{i:02}"), (i * 7) % 11)).collect();
+        let render = |(n, m): (String, u64)| json!({"name": n, "messages": m});
+        let fast = |t: &(String, u64), k: &str| (k == "messages").then(|| json!(t.1));
+        for rev in ["false", "true"] {
+            let lq = q(&[("page", "2"), ("page_size", "7"), ("sort", "messages"), ("sort_reverse", rev)]);
+            let a = answer_by(&lq, items.clone(), |t| t.0.as_str(), render, fast).unwrap();
+            let b = answer_by(&lq, items.clone(), |t| t.0.as_str(), render, |_, _| None).unwrap();
+            assert_eq!(a, b);
+        }
+        // Sorted by name, a page is the same whether selected or fully sorted.
+        let lq = q(&[("page", "3"), ("page_size", "9"), ("sort_reverse", "true")]);
+        let a = answer_by(&lq, items.clone(), |t| t.0.as_str(), render, |_, _| None).unwrap();
+        assert_eq!(a["items"][0]["name"], "q31");
     }
 
     #[test]

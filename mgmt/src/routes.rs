@@ -822,30 +822,20 @@ async fn exchanges(
     vhost: Option<Path<String>>,
     q: Q,
 ) -> ApiResult<Response> {
-    let mut items = Vec::new();
-    for v in scope(&st, &caller, vhost.as_deref().map(String::as_str))? {
-        for x in v.exchanges() {
-            let vname = v.name.clone();
-            // Sorted by vhost then name when several vhosts are listed.
-            items.push((format!("{}\u{0}{}", v.name, x.name), move || {
-                views::exchange(&x, &vname)
-            }));
-        }
-    }
-    list(&q, strip_vhost_keys(items))
-}
-
-/// List keys carry "vhost\0name" for ordering; the name filter applies to the name only.
-fn strip_vhost_keys<F>(items: Vec<(String, F)>) -> Vec<(String, F)> {
-    let mut items = items;
-    items.sort_by(|a, b| a.0.cmp(&b.0));
-    items
-        .into_iter()
-        .map(|(k, f)| {
-            let name = k.split_once('\u{0}').map(|(_, n)| n.to_string()).unwrap_or(k);
-            (name, f)
-        })
-        .collect()
+    let lq = ListQuery::parse(&q.0)?;
+    let items: Vec<(String, Arc<warren_core::exchange::Exchange>)> =
+        scope(&st, &caller, vhost.as_deref().map(String::as_str))?
+            .iter()
+            .flat_map(|v| v.exchanges().into_iter().map(|x| (v.name.clone(), x)))
+            .collect();
+    let out = crate::json::answer_by(
+        &lq,
+        items,
+        |(_, x)| x.name.as_str(),
+        |(v, x)| views::exchange(&x, &v),
+        |_, _| None,
+    )?;
+    ok_json(out)
 }
 
 /// "amq.default" names the default exchange in paths.
@@ -970,23 +960,42 @@ async fn queues(
     vhost: Option<Path<String>>,
     q: Q,
 ) -> ApiResult<Response> {
-    let unacked = Arc::new(st.admin.unacked_by_queue());
-    let node = Arc::new(views::node_name());
-    let mut items = Vec::new();
-    for v in scope(&st, &caller, vhost.as_deref().map(String::as_str))? {
-        for qu in v.queues() {
-            let unacked = unacked.clone();
-            let node = node.clone();
-            items.push((format!("{}\u{0}{}", v.name, qu.name()), move || {
-                let n = unacked
-                    .get(&(Arc::as_ptr(&qu) as usize))
-                    .copied()
-                    .unwrap_or(0);
-                views::queue(&qu, n, &node)
-            }));
-        }
-    }
-    list(&q, strip_vhost_keys(items))
+    let lq = ListQuery::parse(&q.0)?;
+    let unacked = st.admin.unacked_by_queue();
+    let node = views::node_name();
+    // In vhost order (the vhosts are sorted): ties in name keep it.
+    let items: Vec<Arc<warren_core::queue::Queue>> = scope(&st, &caller, vhost.as_deref().map(String::as_str))?
+        .iter()
+        .flat_map(|v| v.queues())
+        .collect();
+    let out = crate::json::answer_by(
+        &lq,
+        items,
+        |qu| qu.name(),
+        |qu| {
+            let n = unacked.get(&(Arc::as_ptr(&qu) as usize)).copied().unwrap_or(0);
+            views::queue(&qu, n, &node)
+        },
+        |qu, key| {
+            // The fields lists are most often sorted by, read without rendering the queue.
+            let unacked_n = || unacked.get(&(Arc::as_ptr(qu) as usize)).copied().unwrap_or(0);
+            let (ready, consumers) = || -> (u64, u64) {
+                let (r, c) = qu.counts();
+                (r as u64, c as u64)
+            }();
+            Some(match key {
+                "messages" => json!(ready + unacked_n()),
+                "messages_ready" => json!(ready),
+                "messages_unacknowledged" => json!(unacked_n()),
+                "consumers" => json!(consumers),
+                "vhost" => json!(qu.vhost),
+                "durable" => json!(qu.spec.durable),
+                "auto_delete" => json!(qu.spec.auto_delete),
+                _ => return None,
+            })
+        },
+    )?;
+    ok_json(out)
 }
 
 async fn queue(
