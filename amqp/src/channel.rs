@@ -1025,9 +1025,10 @@ impl Channel {
                 }
                 if self.tx.is_none() {
                     self.tx = Some(Tx::default());
-                    self.handle
-                        .mode
-                        .store(warren_core::delivery::MODE_TX, std::sync::atomic::Ordering::Relaxed);
+                    self.handle.mode.store(
+                        warren_core::delivery::MODE_TX,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                 }
                 self.reply(AMQPClass::Tx(T::SelectOk(tx::SelectOk {})));
             }

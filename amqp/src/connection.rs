@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
@@ -26,9 +26,9 @@ use warren_protocol::{
 };
 
 use crate::channel::{Channel, ConnCtx};
-use warren_core::connections::ConnInfo;
 use crate::outbox::{Outbox, Outgoing};
 use warren_core::broker::{Broker, LoginError};
+use warren_core::connections::ConnInfo;
 use warren_core::error::{AmqpError, AmqpResult};
 
 /// Time we wait for close-ok after sending connection.close.
@@ -715,7 +715,9 @@ impl Conn {
         self.decoder.set_frame_max(t.frame_max);
         self.heartbeat.store(t.heartbeat, Ordering::Relaxed);
         self.info.frame_max.store(t.frame_max, Ordering::Relaxed);
-        self.info.channel_max.store(t.channel_max, Ordering::Relaxed);
+        self.info
+            .channel_max
+            .store(t.channel_max, Ordering::Relaxed);
         self.info.heartbeat.store(t.heartbeat, Ordering::Relaxed);
         self.phase = Phase::Open;
         Ok(Flow::Continue)
@@ -736,7 +738,10 @@ impl Conn {
         };
         let max = vhost.max_connections.load(Ordering::Relaxed);
         if max >= 0 && self.broker.connections.in_vhost(name).len() as i64 >= max {
-            warn!(vhost = name, max, "vhost connection limit reached; connection refused");
+            warn!(
+                vhost = name,
+                max, "vhost connection limit reached; connection refused"
+            );
             return Err(AmqpError::not_allowed(format!(
                 "access to vhost '{name}' refused for user '{}': connection limit ({max}) is \
                  reached",

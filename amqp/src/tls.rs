@@ -91,7 +91,9 @@ impl TlsInfo {
         TlsInfo {
             peer_cn: peer_common_name(conn),
             protocol: conn.protocol_version().map(|v| format!("{v:?}")),
-            cipher: conn.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())),
+            cipher: conn
+                .negotiated_cipher_suite()
+                .map(|c| format!("{:?}", c.suite())),
         }
     }
 }

@@ -6,8 +6,8 @@
 pub use warren_amqp::{channel, connection, outbox, server};
 pub use warren_amqp::{serve, Running};
 pub use warren_core::{
-    admin, args, auth, broker, config, connections, deadletter, delay, delivery, error,
-    exchange, headers, message, persist, queue, replyto, stats, topic, vhost, Config,
+    admin, args, auth, broker, config, connections, deadletter, delay, delivery, error, exchange,
+    headers, message, persist, queue, replyto, stats, topic, vhost, Config,
 };
 pub use warren_mgmt as mgmt;
 
@@ -66,9 +66,8 @@ pub async fn load_definitions(broker: &std::sync::Arc<broker::Broker>) -> std::i
     let text = std::fs::read_to_string(&path).map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))
     })?;
-    let d: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        std::io::Error::other(format!("{} is not JSON: {e}", path.display()))
-    })?;
+    let d: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| std::io::Error::other(format!("{} is not JSON: {e}", path.display())))?;
     let admin = admin::Admin::new(broker.clone());
     warren_mgmt::definitions::import(
         &admin,

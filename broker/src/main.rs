@@ -31,8 +31,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for l in &tls_listeners {
         tracing::info!(addr = %l.local_addr()?, "listening for AMQP 0-9-1 over TLS");
     }
-    let (http, prometheus) = warren_broker::bind_http(&config)
-        .map_err(|e| anyhow::anyhow!("cannot listen: {e}"))?;
+    let (http, prometheus) =
+        warren_broker::bind_http(&config).map_err(|e| anyhow::anyhow!("cannot listen: {e}"))?;
     for l in &http {
         tracing::info!(addr = %l.local_addr()?, "management API listening");
     }

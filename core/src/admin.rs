@@ -16,9 +16,9 @@ use warren_storage::{
 
 use crate::auth::Access;
 use crate::broker::Broker;
+use crate::delivery::{ChannelHandle, DeliverySink};
 use crate::error::AmqpError;
 use crate::exchange::Exchange;
-use crate::delivery::{ChannelHandle, DeliverySink};
 use crate::message::Message;
 use crate::queue::{Enqueued, Got as QueueGot, Queue};
 use crate::vhost::{ExchangeDeclare, QueueDeclare, VHost, VhostMeta};
@@ -196,11 +196,7 @@ impl Admin {
                 false
             }
             None => {
-                let v = VHost::new(
-                    name,
-                    self.broker.persist.clone(),
-                    self.broker.stats.clone(),
-                );
+                let v = VHost::new(name, self.broker.persist.clone(), self.broker.stats.clone());
                 v.set_meta(meta);
                 self.broker.insert_vhost(v);
                 true
@@ -254,7 +250,9 @@ impl Admin {
     /// Creates or replaces a user. Returns whether it was created.
     pub async fn put_user(&self, name: &str, hash: Vec<u8>, tags: &[String]) -> AdminResult<bool> {
         if name.is_empty() || name.len() > 255 {
-            return Err(AdminError::BadRequest("user names are 1 to 255 bytes".into()));
+            return Err(AdminError::BadRequest(
+                "user names are 1 to 255 bytes".into(),
+            ));
         }
         let created = self.user(name).await?.is_none();
         self.store(Op::PutUser(UserRecord {
@@ -288,9 +286,9 @@ impl Admin {
     }
 
     fn check_regex(re: &str) -> AdminResult<()> {
-        regex::Regex::new(re)
-            .map(|_| ())
-            .map_err(|_| AdminError::BadRequest(format!("cannot compile regular expression '{re}'")))
+        regex::Regex::new(re).map(|_| ()).map_err(|_| {
+            AdminError::BadRequest(format!("cannot compile regular expression '{re}'"))
+        })
     }
 
     /// Sets a user's permissions in a vhost. Returns whether they are new.
@@ -314,7 +312,14 @@ impl Admin {
     }
 
     pub async fn delete_permission(&self, vhost: &str, user: &str) -> AdminResult<()> {
-        if self.broker.persist.store.permission(vhost, user).await?.is_none() {
+        if self
+            .broker
+            .persist
+            .store
+            .permission(vhost, user)
+            .await?
+            .is_none()
+        {
             return Err(AdminError::NotFound);
         }
         self.store(Op::DeletePermission {
@@ -352,7 +357,12 @@ impl Admin {
         user: &str,
         exchange: Option<&str>,
     ) -> AdminResult<()> {
-        let held = self.broker.persist.store.topic_permissions(vhost, user).await?;
+        let held = self
+            .broker
+            .persist
+            .store
+            .topic_permissions(vhost, user)
+            .await?;
         if !held
             .iter()
             .any(|t| exchange.is_none_or(|x| t.exchange == x))
@@ -401,7 +411,12 @@ impl Admin {
         Ok(created)
     }
 
-    pub async fn clear_parameter(&self, vhost: &str, component: &str, name: &str) -> AdminResult<()> {
+    pub async fn clear_parameter(
+        &self,
+        vhost: &str,
+        component: &str,
+        name: &str,
+    ) -> AdminResult<()> {
         let v = self.vhost(vhost)?;
         if v.parameter(component, name).is_none() {
             return Err(AdminError::NotFound);
@@ -469,7 +484,12 @@ impl Admin {
         Ok(created)
     }
 
-    pub async fn delete_exchange(&self, vhost: &str, name: &str, if_unused: bool) -> AdminResult<()> {
+    pub async fn delete_exchange(
+        &self,
+        vhost: &str,
+        name: &str,
+        if_unused: bool,
+    ) -> AdminResult<()> {
         let v = self.vhost(vhost)?;
         if v.exchange(name).is_none() {
             return Err(AdminError::NotFound);
@@ -480,7 +500,12 @@ impl Admin {
 
     /// Declares a queue as a client would (no owner: never exclusive). Returns whether it was
     /// created.
-    pub async fn declare_queue(&self, vhost: &str, user: &str, d: QueueDeclare) -> AdminResult<bool> {
+    pub async fn declare_queue(
+        &self,
+        vhost: &str,
+        user: &str,
+        d: QueueDeclare,
+    ) -> AdminResult<bool> {
         let v = self.vhost(vhost)?;
         if d.exclusive {
             return Err(AdminError::BadRequest(
@@ -562,16 +587,13 @@ impl Admin {
         arguments: &FieldTable,
     ) -> AdminResult<()> {
         let v = self.vhost(vhost)?;
-        let found = self
-            .bindings(vhost)
-            .into_iter()
-            .any(|b| {
-                b.source == source
-                    && b.destination == destination
-                    && (b.destination_type == "exchange") == to_exchange
-                    && b.routing_key == key
-                    && b.arguments == *arguments
-            });
+        let found = self.bindings(vhost).into_iter().any(|b| {
+            b.source == source
+                && b.destination == destination
+                && (b.destination_type == "exchange") == to_exchange
+                && b.routing_key == key
+                && b.arguments == *arguments
+        });
         if !found {
             return Err(AdminError::NotFound);
         }
@@ -654,7 +676,9 @@ impl Admin {
         let v = self.vhost(vhost)?;
         let x = v.publish_exchange(exchange)?;
         if routing_key.len() > 255 {
-            return Err(AdminError::BadRequest("routing_key longer than 255 bytes".into()));
+            return Err(AdminError::BadRequest(
+                "routing_key longer than 255 bytes".into(),
+            ));
         }
         let persist = &self.broker.persist;
         let header = warren_protocol::encode::content_header_payload(
@@ -685,7 +709,11 @@ impl Admin {
         x.stats.publish_in.inc();
         let mut ticket = 0;
         let mut routed = false;
-        match x.delay.get().and_then(|d| crate::delay::delay_of(&msg).map(|ms| (d, ms))) {
+        match x
+            .delay
+            .get()
+            .and_then(|d| crate::delay::delay_of(&msg).map(|ms| (d, ms)))
+        {
             Some((d, ms)) => {
                 ticket = d.hold(&msg, ms);
                 routed = true;

@@ -13,8 +13,8 @@ pub use crate::auth::LoginError;
 use crate::auth::Users;
 use crate::config::Config;
 use crate::connections::Registry;
-use crate::stats::GlobalStats;
 use crate::persist::Persistence;
+use crate::stats::GlobalStats;
 use crate::vhost::VHost;
 
 pub struct Broker {

@@ -243,7 +243,10 @@ mod tests {
         let local: SocketAddr = "[::1]:5672".parse().unwrap();
         let g = r.register(7, peer, local, false);
         assert_eq!(g.info.name, "127.0.0.1:5000 -> [::1]:5672");
-        assert_eq!(r.by_name("127.0.0.1:5000 -> [::1]:5672").map(|c| c.id), Some(7));
+        assert_eq!(
+            r.by_name("127.0.0.1:5000 -> [::1]:5672").map(|c| c.id),
+            Some(7)
+        );
         assert!(r.in_vhost("/").is_empty());
         g.info.update_session(|s| {
             s.vhost = "/".into();

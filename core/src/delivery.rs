@@ -144,7 +144,6 @@ impl ChannelHandle {
         }
     }
 
-
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every update to State is a single map operation; a poisoned lock holds consistent data.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -187,12 +186,20 @@ impl ChannelHandle {
         }
         g.next_tag += 1;
         let tag = g.next_tag;
-        let counters = [&self.stats.redeliver, &self.global.redeliver, &queue.stats.redeliver];
+        let counters = [
+            &self.stats.redeliver,
+            &self.global.redeliver,
+            &queue.stats.redeliver,
+        ];
         if entry.redelivered {
             counters.iter().for_each(|c| c.inc());
         }
         let counters = match (consumer.is_some(), ack) {
-            (true, true) => [&self.stats.deliver, &self.global.deliver, &queue.stats.deliver],
+            (true, true) => [
+                &self.stats.deliver,
+                &self.global.deliver,
+                &queue.stats.deliver,
+            ],
             (true, false) => [
                 &self.stats.deliver_no_ack,
                 &self.global.deliver_no_ack,

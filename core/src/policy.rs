@@ -48,7 +48,11 @@ const QUEUE_KEYS: &[(&str, &str, bool)] = &[
     ("consumer-timeout", "x-consumer-timeout", true),
     ("overflow", "x-overflow", false),
     ("dead-letter-exchange", "x-dead-letter-exchange", false),
-    ("dead-letter-routing-key", "x-dead-letter-routing-key", false),
+    (
+        "dead-letter-routing-key",
+        "x-dead-letter-routing-key",
+        false,
+    ),
     ("queue-mode", "x-queue-mode", false),
 ];
 
@@ -70,7 +74,9 @@ fn check_value(key: &str, v: &Value) -> Result<(), String> {
         let min = if key == "expires" { 1 } else { 0 };
         return match v.as_i64() {
             Some(n) if n >= min => Ok(()),
-            _ => Err(format!("{key} must be an integer of at least {min}, not {v}")),
+            _ => Err(format!(
+                "{key} must be an integer of at least {min}, not {v}"
+            )),
         };
     }
     match (key, v.as_str()) {
@@ -81,7 +87,9 @@ fn check_value(key: &str, v: &Value) -> Result<(), String> {
         ("queue-mode", Some("default" | "lazy")) => Ok(()),
         ("queue-mode", _) => Err(format!("queue-mode must be default or lazy, not {v}")),
         (_, Some(s)) if s.len() <= 255 => Ok(()),
-        _ => Err(format!("{key} must be a string of at most 255 bytes, not {v}")),
+        _ => Err(format!(
+            "{key} must be a string of at most 255 bytes, not {v}"
+        )),
     }
 }
 
@@ -98,7 +106,9 @@ impl Policy {
         let re = regex::RegexBuilder::new(pattern)
             .size_limit(1 << 20)
             .build()
-            .map_err(|e| format!("Validation failed\n\n{pattern} is not a valid regular expression: {e}\n"))?;
+            .map_err(|e| {
+                format!("Validation failed\n\n{pattern} is not a valid regular expression: {e}\n")
+            })?;
         let apply_to = match m.get("apply-to").and_then(Value::as_str).unwrap_or("all") {
             "queues" | "classic_queues" | "quorum_queues" => ApplyTo::Queues,
             "exchanges" => ApplyTo::Exchanges,
@@ -114,7 +124,9 @@ impl Policy {
             Some(v) => v
                 .as_i64()
                 .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                .ok_or_else(|| format!("Validation failed\n\npriority must be an integer, not {v}\n"))?,
+                .ok_or_else(|| {
+                    format!("Validation failed\n\npriority must be an integer, not {v}\n")
+                })?,
         };
         let Some(definition) = m.get("definition").and_then(Value::as_object) else {
             return Err("Validation failed\n\ndefinition must be an object\n".into());
@@ -180,7 +192,11 @@ pub fn select<'a>(policies: &'a [Policy], name: &str, queue: bool) -> Option<&'a
     policies
         .iter()
         .filter(|p| p.applies(name, queue))
-        .max_by(|a, b| a.priority.cmp(&b.priority).then_with(|| b.name.cmp(&a.name)))
+        .max_by(|a, b| {
+            a.priority
+                .cmp(&b.priority)
+                .then_with(|| b.name.cmp(&a.name))
+        })
 }
 
 /// What applies to one object: the policy and operator policy names and the arguments it ends
@@ -259,12 +275,13 @@ pub fn alternate_for_exchange(declared: &FieldTable, policy: Option<&Policy>) ->
     declared
         .inner()
         .get("alternate-exchange")
-        .and_then(crate::args::as_str).or_else(|| {
-        policy
-            .and_then(|p| p.definition.get("alternate-exchange"))
-            .and_then(Value::as_str)
-            .map(str::to_string)
-    })
+        .and_then(crate::args::as_str)
+        .or_else(|| {
+            policy
+                .and_then(|p| p.definition.get("alternate-exchange"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
 }
 
 #[cfg(test)]
@@ -278,26 +295,65 @@ mod tests {
 
     #[test]
     fn validation_refuses_unknown_keys_bad_values_and_patterns() {
-        let e = Policy::parse("x", &json!({"pattern": ".*", "definition": {"ha-mode": "all"}}), false)
-            .unwrap_err();
+        let e = Policy::parse(
+            "x",
+            &json!({"pattern": ".*", "definition": {"ha-mode": "all"}}),
+            false,
+        )
+        .unwrap_err();
         assert!(e.contains("are not recognised policy settings"), "{e}");
-        assert!(Policy::parse("x", &json!({"pattern": "(", "definition": {"max-length": 1}}), false).is_err());
-        assert!(Policy::parse("x", &json!({"pattern": ".*", "definition": {"max-length": -1}}), false).is_err());
-        assert!(Policy::parse("x", &json!({"pattern": ".*", "definition": {"overflow": "nope"}}), false).is_err());
+        assert!(Policy::parse(
+            "x",
+            &json!({"pattern": "(", "definition": {"max-length": 1}}),
+            false
+        )
+        .is_err());
+        assert!(Policy::parse(
+            "x",
+            &json!({"pattern": ".*", "definition": {"max-length": -1}}),
+            false
+        )
+        .is_err());
+        assert!(Policy::parse(
+            "x",
+            &json!({"pattern": ".*", "definition": {"overflow": "nope"}}),
+            false
+        )
+        .is_err());
         assert!(Policy::parse("x", &json!({"pattern": ".*", "definition": {}}), false).is_err());
-        assert!(Policy::parse("x", &json!({"pattern": ".*", "definition": {"dead-letter-exchange": "d"}}), true).is_err());
+        assert!(Policy::parse(
+            "x",
+            &json!({"pattern": ".*", "definition": {"dead-letter-exchange": "d"}}),
+            true
+        )
+        .is_err());
         assert!(Policy::parse("x", &json!({"pattern": ".*", "definition": {"max-length": 5}, "apply-to": "queues", "priority": 3}), true).is_ok());
     }
 
     #[test]
     fn highest_priority_wins_and_apply_to_is_respected() {
         let ps = vec![
-            p("low", json!({"pattern": "^q", "definition": {"max-length": 1}, "priority": 1})),
-            p("high", json!({"pattern": "^q", "definition": {"max-length": 2}, "priority": 5, "apply-to": "queues"})),
-            p("xs", json!({"pattern": ".*", "definition": {"alternate-exchange": "ae"}, "priority": 9, "apply-to": "exchanges"})),
+            p(
+                "low",
+                json!({"pattern": "^q", "definition": {"max-length": 1}, "priority": 1}),
+            ),
+            p(
+                "high",
+                json!({"pattern": "^q", "definition": {"max-length": 2}, "priority": 5, "apply-to": "queues"}),
+            ),
+            p(
+                "xs",
+                json!({"pattern": ".*", "definition": {"alternate-exchange": "ae"}, "priority": 9, "apply-to": "exchanges"}),
+            ),
         ];
-        assert_eq!(select(&ps, "q1", true).map(|p| p.name.as_str()), Some("high"));
-        assert_eq!(select(&ps, "q1", false).map(|p| p.name.as_str()), Some("xs"));
+        assert_eq!(
+            select(&ps, "q1", true).map(|p| p.name.as_str()),
+            Some("high")
+        );
+        assert_eq!(
+            select(&ps, "q1", false).map(|p| p.name.as_str()),
+            Some("xs")
+        );
         assert_eq!(select(&ps, "other", true).map(|p| p.name.as_str()), None);
         assert!(select(&ps, "amq.direct", false).is_none());
     }
@@ -306,20 +362,47 @@ mod tests {
     fn merge_lowest_limit_wins_and_arguments_win_for_dead_lettering() {
         let mut declared = FieldTable::default();
         declared.insert("x-max-length".into(), AMQPValue::LongLongInt(10));
-        declared.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("mine".into()));
-        let pol = p("p", json!({"pattern": ".*", "definition": {
-            "max-length": 20, "message-ttl": 5000, "dead-letter-exchange": "theirs", "overflow": "reject-publish"}}));
-        let op = Policy::parse("o", &json!({"pattern": ".*", "definition": {"message-ttl": 1000, "max-length": 5}}), true).unwrap();
+        declared.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("mine".into()),
+        );
+        let pol = p(
+            "p",
+            json!({"pattern": ".*", "definition": {
+            "max-length": 20, "message-ttl": 5000, "dead-letter-exchange": "theirs", "overflow": "reject-publish"}}),
+        );
+        let op = Policy::parse(
+            "o",
+            &json!({"pattern": ".*", "definition": {"message-ttl": 1000, "max-length": 5}}),
+            true,
+        )
+        .unwrap();
         let e = for_queue(&declared, Some(&pol), Some(&op));
         let a = e.arguments.inner();
         assert_eq!(a.get("x-max-length"), Some(&AMQPValue::LongLongInt(5)));
         assert_eq!(a.get("x-message-ttl"), Some(&AMQPValue::LongLongInt(1000)));
-        assert_eq!(a.get("x-dead-letter-exchange"), Some(&AMQPValue::LongString("mine".into())));
-        assert_eq!(a.get("x-overflow"), Some(&AMQPValue::LongString("reject-publish".into())));
+        assert_eq!(
+            a.get("x-dead-letter-exchange"),
+            Some(&AMQPValue::LongString("mine".into()))
+        );
+        assert_eq!(
+            a.get("x-overflow"),
+            Some(&AMQPValue::LongString("reject-publish".into()))
+        );
         assert_eq!(e.definition.get("max-length"), Some(&json!(5)));
         assert_eq!(e.policy.as_deref(), Some("p"));
         assert_eq!(e.operator_policy.as_deref(), Some("o"));
-        let e = for_queue(&declared, Some(&p("big", json!({"pattern": ".*", "definition": {"max-length": 100}}))), None);
-        assert_eq!(e.arguments.inner().get("x-max-length"), Some(&AMQPValue::LongLongInt(10)));
+        let e = for_queue(
+            &declared,
+            Some(&p(
+                "big",
+                json!({"pattern": ".*", "definition": {"max-length": 100}}),
+            )),
+            None,
+        );
+        assert_eq!(
+            e.arguments.inner().get("x-max-length"),
+            Some(&AMQPValue::LongLongInt(10))
+        );
     }
 }

@@ -326,7 +326,10 @@ impl Queue {
 
     /// The policies that apply now.
     pub fn policy(&self) -> PolicyView {
-        self.policy.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// A policy was set, changed or removed: the queue takes the merged arguments. Limits are
@@ -401,7 +404,11 @@ impl Queue {
                 .filter(|c| c.active.load(std::sync::atomic::Ordering::Relaxed))
                 .count(),
             bytes: g.bytes,
-            idle_since: if g.consumers.is_empty() { g.last_used } else { None },
+            idle_since: if g.consumers.is_empty() {
+                g.last_used
+            } else {
+                None
+            },
             consumer_list: g.consumers.clone(),
             deleted: g.deleted,
         }
@@ -509,9 +516,7 @@ impl Queue {
     fn full_for(&self, g: &State, len: u64) -> bool {
         let args = &g.args;
         args.max_length.is_some_and(|m| g.ready_count() + 1 > m)
-            || args
-                .max_length_bytes
-                .is_some_and(|m| g.bytes + len > m)
+            || args.max_length_bytes.is_some_and(|m| g.bytes + len > m)
     }
 
     /// The deadline a message gets in this queue: the lower of the queue's and its own TTL.
@@ -1361,7 +1366,10 @@ impl Queue {
             };
             let redelivered = seq <= g.delivered_before;
             let args = self.args();
-            let (expires, prio) = (Self::deadline(&args, &m), m.priority().min(args.max_priority));
+            let (expires, prio) = (
+                Self::deadline(&args, &m),
+                m.priority().min(args.max_priority),
+            );
             let e = Entry {
                 seq,
                 id: m.id,

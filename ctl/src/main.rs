@@ -11,17 +11,39 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
-#[command(name = "warrenctl", version, about = "Manage a Warren node (rabbitmqctl's commands, over the HTTP API)")]
+#[command(
+    name = "warrenctl",
+    version,
+    about = "Manage a Warren node (rabbitmqctl's commands, over the HTTP API)"
+)]
 struct Cli {
     /// The management API's base URL.
-    #[arg(long, global = true, env = "WARRENCTL_URL", default_value = "http://localhost:15672")]
+    #[arg(
+        long,
+        global = true,
+        env = "WARRENCTL_URL",
+        default_value = "http://localhost:15672"
+    )]
     url: String,
     /// User for the API (needs the administrator tag for most commands).
     // Ids distinct from the subcommands' own `name` and `password` arguments (clap shares
     // global arguments with subcommands by id).
-    #[arg(long = "username", short = 'u', id = "api_username", global = true, env = "WARRENCTL_USER", default_value = "guest")]
+    #[arg(
+        long = "username",
+        short = 'u',
+        id = "api_username",
+        global = true,
+        env = "WARRENCTL_USER",
+        default_value = "guest"
+    )]
     username: String,
-    #[arg(long = "password", id = "api_password", global = true, env = "WARRENCTL_PASSWORD", default_value = "guest")]
+    #[arg(
+        long = "password",
+        id = "api_password",
+        global = true,
+        env = "WARRENCTL_PASSWORD",
+        default_value = "guest"
+    )]
     api_password: String,
     /// Virtual host for commands that work in one.
     #[arg(short = 'p', long = "vhost", global = true, default_value = "/")]
@@ -46,11 +68,22 @@ struct Cli {
 #[command(rename_all = "snake_case")]
 enum Command {
     /// Creates a user (no tags).
-    AddUser { name: String, password: String },
-    DeleteUser { name: String },
-    ChangePassword { name: String, password: String },
+    AddUser {
+        name: String,
+        password: String,
+    },
+    DeleteUser {
+        name: String,
+    },
+    ChangePassword {
+        name: String,
+        password: String,
+    },
     /// Replaces a user's tags (none clears them).
-    SetUserTags { name: String, tags: Vec<String> },
+    SetUserTags {
+        name: String,
+        tags: Vec<String>,
+    },
     ListUsers,
     AddVhost {
         name: String,
@@ -61,15 +94,30 @@ enum Command {
         #[arg(long = "default-queue-type")]
         default_queue_type: Option<String>,
     },
-    DeleteVhost { name: String },
-    ListVhosts { columns: Vec<String> },
+    DeleteVhost {
+        name: String,
+    },
+    ListVhosts {
+        columns: Vec<String>,
+    },
     /// Sets a user's configure, write and read patterns in the vhost (-p).
-    SetPermissions { user: String, configure: String, write: String, read: String },
-    ClearPermissions { user: String },
+    SetPermissions {
+        user: String,
+        configure: String,
+        write: String,
+        read: String,
+    },
+    ClearPermissions {
+        user: String,
+    },
     ListPermissions,
-    ListUserPermissions { user: String },
+    ListUserPermissions {
+        user: String,
+    },
     /// Sets a vhost limit: max-connections or max-queues, as JSON ('{"max-queues": 10}').
-    SetVhostLimits { definition: String },
+    SetVhostLimits {
+        definition: String,
+    },
     ClearVhostLimits,
     /// Sets a policy in the vhost (-p): NAME PATTERN DEFINITION (JSON).
     SetPolicy {
@@ -82,7 +130,9 @@ enum Command {
         #[arg(long = "apply-to", default_value = "all")]
         apply_to: String,
     },
-    ClearPolicy { name: String },
+    ClearPolicy {
+        name: String,
+    },
     ListPolicies,
     /// Sets an operator policy in the vhost (-p): NAME PATTERN DEFINITION (JSON).
     SetOperatorPolicy {
@@ -94,21 +144,44 @@ enum Command {
         #[arg(long = "apply-to", default_value = "queues")]
         apply_to: String,
     },
-    ClearOperatorPolicy { name: String },
+    ClearOperatorPolicy {
+        name: String,
+    },
     ListOperatorPolicies,
     /// Imports a definitions file (RabbitMQ's JSON format); "-" reads standard input.
-    ImportDefinitions { file: String },
+    ImportDefinitions {
+        file: String,
+    },
     /// Exports the node's definitions to a file; "-" writes standard output.
-    ExportDefinitions { file: String },
-    ListQueues { columns: Vec<String> },
-    ListExchanges { columns: Vec<String> },
-    ListBindings { columns: Vec<String> },
-    ListConnections { columns: Vec<String> },
-    ListChannels { columns: Vec<String> },
-    ListConsumers { columns: Vec<String> },
+    ExportDefinitions {
+        file: String,
+    },
+    ListQueues {
+        columns: Vec<String>,
+    },
+    ListExchanges {
+        columns: Vec<String>,
+    },
+    ListBindings {
+        columns: Vec<String>,
+    },
+    ListConnections {
+        columns: Vec<String>,
+    },
+    ListChannels {
+        columns: Vec<String>,
+    },
+    ListConsumers {
+        columns: Vec<String>,
+    },
     /// Closes a connection (by name, as list_connections shows it) with 320 and `reason`.
-    CloseConnection { name: String, reason: String },
-    PurgeQueue { queue: String },
+    CloseConnection {
+        name: String,
+        reason: String,
+    },
+    PurgeQueue {
+        queue: String,
+    },
     DeleteQueue {
         queue: String,
         #[arg(long = "if-unused")]
@@ -166,7 +239,11 @@ impl Api {
                 .and_then(Value::as_str)
                 .map(str::to_string)
                 .unwrap_or_else(|| v.to_string());
-            bail!("{} {}: {reason}", status.as_u16(), status.canonical_reason().unwrap_or(""));
+            bail!(
+                "{} {}: {reason}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            );
         }
         Ok(v)
     }
@@ -285,7 +362,10 @@ fn run(cli: &Cli) -> Result<()> {
             if api.get(&format!("/users/{}", enc(name))).is_ok() {
                 bail!("user \"{name}\" already exists");
             }
-            api.put(&format!("/users/{}", enc(name)), json!({"password": password, "tags": ""}))?;
+            api.put(
+                &format!("/users/{}", enc(name)),
+                json!({"password": password, "tags": ""}),
+            )?;
         }
         Command::DeleteUser { name } => {
             out.info(&format!("Deleting user \"{name}\" ..."));
@@ -300,7 +380,10 @@ fn run(cli: &Cli) -> Result<()> {
             )?;
         }
         Command::SetUserTags { name, tags } => {
-            out.info(&format!("Setting tags for user \"{name}\" to [{}] ...", tags.join(", ")));
+            out.info(&format!(
+                "Setting tags for user \"{name}\" to [{}] ...",
+                tags.join(", ")
+            ));
             let u = api.get(&format!("/users/{}", enc(name)))?;
             api.put(
                 &format!("/users/{}", enc(name)),
@@ -365,7 +448,10 @@ fn run(cli: &Cli) -> Result<()> {
             api.delete(&format!("/permissions/{vh}/{}", enc(user)))?;
         }
         Command::ListPermissions => {
-            out.info(&format!("Listing permissions for vhost \"{}\" ...", cli.vhost));
+            out.info(&format!(
+                "Listing permissions for vhost \"{}\" ...",
+                cli.vhost
+            ));
             out.table(
                 &api.get(&format!("/vhosts/{vh}/permissions"))?,
                 &cols(&[], &["user", "configure", "write", "read"]),
@@ -382,9 +468,14 @@ fn run(cli: &Cli) -> Result<()> {
             out.info(&format!("Applying limits to vhost \"{}\" ...", cli.vhost));
             let def: Value = serde_json::from_str(definition)
                 .map_err(|e| anyhow!("the definition is not JSON: {e}"))?;
-            let m = def.as_object().ok_or_else(|| anyhow!("the definition must be an object"))?;
+            let m = def
+                .as_object()
+                .ok_or_else(|| anyhow!("the definition must be an object"))?;
             for (k, v) in m {
-                api.put(&format!("/vhost-limits/{vh}/{}", enc(k)), json!({"value": v}))?;
+                api.put(
+                    &format!("/vhost-limits/{vh}/{}", enc(k)),
+                    json!({"value": v}),
+                )?;
             }
         }
         Command::ClearVhostLimits => {
@@ -436,7 +527,10 @@ fn run(cli: &Cli) -> Result<()> {
             } else {
                 "operator-policies"
             };
-            out.info(&format!("Clearing policy \"{name}\" on vhost \"{}\" ...", cli.vhost));
+            out.info(&format!(
+                "Clearing policy \"{name}\" on vhost \"{}\" ...",
+                cli.vhost
+            ));
             api.delete(&format!("/{kind}/{vh}/{}", enc(name)))?;
         }
         Command::ListPolicies | Command::ListOperatorPolicies => {
@@ -448,11 +542,23 @@ fn run(cli: &Cli) -> Result<()> {
             out.info(&format!("Listing policies for vhost \"{}\" ...", cli.vhost));
             out.table(
                 &api.get(&format!("/{kind}/{vh}"))?,
-                &cols(&[], &["vhost", "name", "pattern", "apply-to", "definition", "priority"]),
+                &cols(
+                    &[],
+                    &[
+                        "vhost",
+                        "name",
+                        "pattern",
+                        "apply-to",
+                        "definition",
+                        "priority",
+                    ],
+                ),
             );
         }
         Command::ImportDefinitions { file } => {
-            out.info(&format!("Importing definitions in JSON from a file at \"{file}\" ..."));
+            out.info(&format!(
+                "Importing definitions in JSON from a file at \"{file}\" ..."
+            ));
             let text = if file == "-" {
                 let mut s = String::new();
                 std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
@@ -471,7 +577,9 @@ fn run(cli: &Cli) -> Result<()> {
             if file == "-" {
                 println!("{text}");
             } else {
-                out.info(&format!("Exporting definitions in JSON to a file at \"{file}\" ..."));
+                out.info(&format!(
+                    "Exporting definitions in JSON to a file at \"{file}\" ..."
+                ));
                 std::fs::write(file, text).with_context(|| format!("cannot write {file}"))?;
             }
         }
@@ -517,7 +625,10 @@ fn run(cli: &Cli) -> Result<()> {
             out.info("Listing channels ...");
             out.table(
                 &api.get("/channels")?,
-                &cols(columns, &["name", "user", "consumer_count", "messages_unacknowledged"]),
+                &cols(
+                    columns,
+                    &["name", "user", "consumer_count", "messages_unacknowledged"],
+                ),
             );
         }
         Command::ListConsumers { columns } => {
@@ -526,7 +637,15 @@ fn run(cli: &Cli) -> Result<()> {
                 &api.get(&format!("/consumers/{vh}"))?,
                 &cols(
                     columns,
-                    &["queue.name", "channel_details.name", "consumer_tag", "ack_required", "prefetch_count", "active", "arguments"],
+                    &[
+                        "queue.name",
+                        "channel_details.name",
+                        "consumer_tag",
+                        "ack_required",
+                        "prefetch_count",
+                        "active",
+                        "arguments",
+                    ],
                 ),
             );
         }
@@ -540,7 +659,10 @@ fn run(cli: &Cli) -> Result<()> {
             )?;
         }
         Command::PurgeQueue { queue } => {
-            out.info(&format!("Purging queue '{queue}' in vhost '{}' ...", cli.vhost));
+            out.info(&format!(
+                "Purging queue '{queue}' in vhost '{}' ...",
+                cli.vhost
+            ));
             api.delete(&format!("/queues/{vh}/{}/contents", enc(queue)))?;
         }
         Command::DeleteQueue {
@@ -548,7 +670,10 @@ fn run(cli: &Cli) -> Result<()> {
             if_unused,
             if_empty,
         } => {
-            out.info(&format!("Deleting queue '{queue}' on vhost '{}' ...", cli.vhost));
+            out.info(&format!(
+                "Deleting queue '{queue}' on vhost '{}' ...",
+                cli.vhost
+            ));
             api.delete(&format!(
                 "/queues/{vh}/{}?if-unused={if_unused}&if-empty={if_empty}",
                 enc(queue)
@@ -566,16 +691,29 @@ fn run(cli: &Cli) -> Result<()> {
             println!("Runtime\n");
             println!("Product name: {}", cell(o.get("product_name")));
             println!("Product version: {}", cell(o.get("product_version")));
-            println!("RabbitMQ version (compatible): {}", cell(o.get("rabbitmq_version")));
+            println!(
+                "RabbitMQ version (compatible): {}",
+                cell(o.get("rabbitmq_version"))
+            );
             println!("Node name: {node}");
-            println!("Uptime (seconds): {}", n["uptime"].as_u64().unwrap_or(0) / 1000);
+            println!(
+                "Uptime (seconds): {}",
+                n["uptime"].as_u64().unwrap_or(0) / 1000
+            );
             println!("\nMemory\n");
             println!("Resident memory (bytes): {}", cell(n.get("mem_used")));
-            println!("Memory high watermark (bytes): {}", cell(n.get("mem_limit")));
+            println!(
+                "Memory high watermark (bytes): {}",
+                cell(n.get("mem_limit"))
+            );
             println!("\nFree Disk Space\n");
             println!("Free disk space (bytes): {}", cell(n.get("disk_free")));
             println!("\nFile Descriptors\n");
-            println!("Used: {}, limit: {}", cell(n.get("fd_used")), cell(n.get("fd_total")));
+            println!(
+                "Used: {}, limit: {}",
+                cell(n.get("fd_used")),
+                cell(n.get("fd_total"))
+            );
             println!("\nListeners\n");
             for l in o["listeners"].as_array().cloned().unwrap_or_default() {
                 println!(
@@ -596,7 +734,9 @@ fn run(cli: &Cli) -> Result<()> {
             );
         }
         Command::Ping => {
-            out.info("Will ping the node. This only checks if the node is running and its API answers.");
+            out.info(
+                "Will ping the node. This only checks if the node is running and its API answers.",
+            );
             api.get("/health/checks/alarms")?;
             out.info("Ping succeeded");
         }

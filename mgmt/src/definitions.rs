@@ -125,8 +125,7 @@ pub async fn export(admin: &Admin, vhost: Option<&str>) -> Result<Value, AdminEr
             .filter(|bd| !bd.source.is_empty())
         {
             if bd.destination_type == "queue"
-                && v
-                    .queue(&bd.destination)
+                && v.queue(&bd.destination)
                     .is_some_and(|q| q.spec.exclusive_owner.is_some())
             {
                 continue;
@@ -184,7 +183,14 @@ pub async fn export(admin: &Admin, vhost: Option<&str>) -> Result<Value, AdminEr
         );
         out.insert(
             "permissions".into(),
-            Value::Array(admin.permissions().await?.iter().map(crate::views::permission).collect()),
+            Value::Array(
+                admin
+                    .permissions()
+                    .await?
+                    .iter()
+                    .map(crate::views::permission)
+                    .collect(),
+            ),
         );
         out.insert(
             "topic_permissions".into(),
@@ -269,10 +275,20 @@ pub async fn import(
             let want = match algo {
                 "rabbit_password_hashing_sha256" => 36,
                 "rabbit_password_hashing_sha512" => 68,
-                other => return Err(err("user", name, format!("hashing algorithm {other} is not supported"))),
+                other => {
+                    return Err(err(
+                        "user",
+                        name,
+                        format!("hashing algorithm {other} is not supported"),
+                    ))
+                }
             };
             if !bytes.is_empty() && bytes.len() != want {
-                return Err(err("user", name, "password_hash has the wrong length for its algorithm"));
+                return Err(err(
+                    "user",
+                    name,
+                    "password_hash has the wrong length for its algorithm",
+                ));
             }
             bytes
         };
@@ -288,7 +304,10 @@ pub async fn import(
         }
         let md = v.get("metadata").unwrap_or(v);
         let meta = VhostMeta {
-            description: s(md, "description").or(s(v, "description")).unwrap_or("").to_string(),
+            description: s(md, "description")
+                .or(s(v, "description"))
+                .unwrap_or("")
+                .to_string(),
             tags: tags(md.get("tags").or(v.get("tags"))),
             default_queue_type: s(md, "default_queue_type")
                 .or(s(v, "default_queue_type"))
@@ -305,12 +324,18 @@ pub async fn import(
     for p in list(d, "permissions") {
         let rec = PermissionRecord {
             vhost: vh(p),
-            user: s(p, "user").ok_or("a permission without a user")?.to_string(),
+            user: s(p, "user")
+                .ok_or("a permission without a user")?
+                .to_string(),
             configure: s(p, "configure").unwrap_or("").to_string(),
             write: s(p, "write").unwrap_or("").to_string(),
             read: s(p, "read").unwrap_or("").to_string(),
         };
-        if keep && perms.iter().any(|x| x.vhost == rec.vhost && x.user == rec.user) {
+        if keep
+            && perms
+                .iter()
+                .any(|x| x.vhost == rec.vhost && x.user == rec.user)
+        {
             continue;
         }
         let who = format!("{}@{}", rec.user, rec.vhost);
@@ -323,7 +348,9 @@ pub async fn import(
     for p in list(d, "topic_permissions") {
         let rec = TopicPermissionRecord {
             vhost: vh(p),
-            user: s(p, "user").ok_or("a topic permission without a user")?.to_string(),
+            user: s(p, "user")
+                .ok_or("a topic permission without a user")?
+                .to_string(),
             exchange: s(p, "exchange").unwrap_or("amq.topic").to_string(),
             write: s(p, "write").unwrap_or("").to_string(),
             read: s(p, "read").unwrap_or("").to_string(),

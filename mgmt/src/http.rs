@@ -348,7 +348,9 @@ pub fn bool_field(m: &serde_json::Map<String, Value>, key: &str, default: bool) 
         Some(Value::Bool(b)) => Ok(*b),
         Some(Value::String(s)) if s == "true" => Ok(true),
         Some(Value::String(s)) if s == "false" => Ok(false),
-        Some(_) => Err(ApiError::bad_request(format!("{key} must be true or false"))),
+        Some(_) => Err(ApiError::bad_request(format!(
+            "{key} must be true or false"
+        ))),
     }
 }
 

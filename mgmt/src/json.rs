@@ -90,7 +90,9 @@ pub fn details(rate: f64) -> Value {
 
 /// `message_stats` from counters: each counter and its `*_details`, plus `deliver_get` (all
 /// deliveries and gets) as RabbitMQ adds it.
-pub fn message_stats(each: impl FnOnce(&mut dyn FnMut(&'static str, &warren_core::stats::Counter))) -> Value {
+pub fn message_stats(
+    each: impl FnOnce(&mut dyn FnMut(&'static str, &warren_core::stats::Counter)),
+) -> Value {
     let mut m = Map::new();
     let (mut dg, mut dg_rate) = (0u64, 0f64);
     each(&mut |k, c| {
@@ -464,11 +466,18 @@ mod tests {
 
     #[test]
     fn sorting_on_a_field_read_without_rendering_matches_rendered_sorting() {
-        let items: Vec<(String, u64)> = (0..50).map(|i| (format!("q{i:02}"), (i * 7) % 11)).collect();
+        let items: Vec<(String, u64)> = (0..50)
+            .map(|i| (format!("q{i:02}"), (i * 7) % 11))
+            .collect();
         let render = |(n, m): (String, u64)| json!({"name": n, "messages": m});
         let fast = |t: &(String, u64), k: &str| (k == "messages").then(|| json!(t.1));
         for rev in ["false", "true"] {
-            let lq = q(&[("page", "2"), ("page_size", "7"), ("sort", "messages"), ("sort_reverse", rev)]);
+            let lq = q(&[
+                ("page", "2"),
+                ("page_size", "7"),
+                ("sort", "messages"),
+                ("sort_reverse", rev),
+            ]);
             let a = answer_by(&lq, items.clone(), |t| t.0.as_str(), render, fast).unwrap();
             let b = answer_by(&lq, items.clone(), |t| t.0.as_str(), render, |_, _| None).unwrap();
             assert_eq!(a, b);
@@ -487,7 +496,13 @@ mod tests {
         assert_eq!(a["item_count"], 10);
         assert_eq!(a["items"][0]["name"], "q010");
         let a = answer(
-            &q(&[("page", "1"), ("name", "q01"), ("sort", "messages"), ("sort_reverse", "true"), ("columns", "name")]),
+            &q(&[
+                ("page", "1"),
+                ("name", "q01"),
+                ("sort", "messages"),
+                ("sort_reverse", "true"),
+                ("columns", "name"),
+            ]),
             items(25),
         )
         .unwrap();
@@ -495,14 +510,24 @@ mod tests {
         assert_eq!(a["items"][0], json!({"name": "q013"}));
         assert!(answer(&q(&[("page", "9")]), items(25)).is_err());
         assert!(ListQuery::parse(
-            &[("page".to_string(), "1".to_string()), ("page_size".to_string(), "501".to_string())].into()
+            &[
+                ("page".to_string(), "1".to_string()),
+                ("page_size".to_string(), "501".to_string())
+            ]
+            .into()
         )
         .is_err());
         let plain = answer(&q(&[]), items(3)).unwrap();
         assert_eq!(plain.as_array().map(|a| a.len()), Some(3));
-        let re = answer(&q(&[("page", "1"), ("name", "^q00[12]$"), ("use_regex", "true")]), items(25)).unwrap();
+        let re = answer(
+            &q(&[("page", "1"), ("name", "^q00[12]$"), ("use_regex", "true")]),
+            items(25),
+        )
+        .unwrap();
         assert_eq!(re["filtered_count"], 2);
-        assert!(q(&[("page", "1"), ("name", "("), ("use_regex", "true")]).name_filter().is_err());
+        assert!(q(&[("page", "1"), ("name", "("), ("use_regex", "true")])
+            .name_filter()
+            .is_err());
         // Without page, name and page_size are ignored (RabbitMQ's rule).
         let all = answer(&q(&[("name", "q001"), ("page_size", "600")]), items(25)).unwrap();
         assert_eq!(all.as_array().map(|a| a.len()), Some(25));

@@ -48,8 +48,7 @@ fn strip_trailing_slash(mut req: Request) -> Request {
 
 /// Serves the management API on `listener` until `shutdown`.
 pub async fn serve_api(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken) {
-    let app = routes::router(state)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
+    let app = routes::router(state).layer(axum::extract::DefaultBodyLimit::max(MAX_BODY));
     let app = app.map_request(strip_trailing_slash);
     let service =
         axum::ServiceExt::<Request>::into_make_service_with_connect_info::<SocketAddr>(app);
@@ -62,7 +61,11 @@ pub async fn serve_api(listener: TcpListener, state: Arc<AppState>, shutdown: Ca
 }
 
 /// Serves the Prometheus endpoints on `listener` until `shutdown`.
-pub async fn serve_metrics(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken) {
+pub async fn serve_metrics(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) {
     let app = metrics::router(state);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

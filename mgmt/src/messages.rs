@@ -15,7 +15,11 @@ fn short(key: &str, v: &Value) -> ApiResult<warren_protocol::ShortString> {
     let s = match v {
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
-        _ => return Err(ApiError::bad_request(format!("property {key} must be a string"))),
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "property {key} must be a string"
+            )))
+        }
     };
     checked(s).ok_or_else(|| ApiError::bad_request(format!("property {key} longer than 255 bytes")))
 }
@@ -37,30 +41,30 @@ pub fn properties_from_json(v: Option<&Value>) -> ApiResult<AMQPProperties> {
         if x.is_null() {
             continue;
         }
-        p = match k.as_str() {
-            "content_type" => p.with_content_type(short(k, x)?),
-            "content_encoding" => p.with_content_encoding(short(k, x)?),
-            "headers" => p.with_headers(json_to_table(x)?),
-            "delivery_mode" => p.with_delivery_mode(octet(k, x)?),
-            "priority" => p.with_priority(octet(k, x)?),
-            "correlation_id" => p.with_correlation_id(short(k, x)?),
-            "reply_to" => p.with_reply_to(short(k, x)?),
-            "expiration" => p.with_expiration(short(k, x)?),
-            "message_id" => p.with_message_id(short(k, x)?),
-            "timestamp" => p.with_timestamp(
-                x.as_u64()
-                    .ok_or_else(|| ApiError::bad_request("property timestamp must be an integer"))?,
-            ),
-            "type" => p.with_type(short(k, x)?),
-            "user_id" => p.with_user_id(short(k, x)?),
-            "app_id" => p.with_app_id(short(k, x)?),
-            "cluster_id" => p.with_cluster_id(short(k, x)?),
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "unknown message property {other}"
-                )))
-            }
-        };
+        p =
+            match k.as_str() {
+                "content_type" => p.with_content_type(short(k, x)?),
+                "content_encoding" => p.with_content_encoding(short(k, x)?),
+                "headers" => p.with_headers(json_to_table(x)?),
+                "delivery_mode" => p.with_delivery_mode(octet(k, x)?),
+                "priority" => p.with_priority(octet(k, x)?),
+                "correlation_id" => p.with_correlation_id(short(k, x)?),
+                "reply_to" => p.with_reply_to(short(k, x)?),
+                "expiration" => p.with_expiration(short(k, x)?),
+                "message_id" => p.with_message_id(short(k, x)?),
+                "timestamp" => p.with_timestamp(x.as_u64().ok_or_else(|| {
+                    ApiError::bad_request("property timestamp must be an integer")
+                })?),
+                "type" => p.with_type(short(k, x)?),
+                "user_id" => p.with_user_id(short(k, x)?),
+                "app_id" => p.with_app_id(short(k, x)?),
+                "cluster_id" => p.with_cluster_id(short(k, x)?),
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "unknown message property {other}"
+                    )))
+                }
+            };
     }
     Ok(p)
 }
@@ -131,7 +135,12 @@ pub async fn publish(
     Ok(admin.publish(vhost, exchange, key, props, body).await?)
 }
 
-pub async fn get(admin: &Admin, vhost: &str, queue: &str, m: &Map<String, Value>) -> ApiResult<Value> {
+pub async fn get(
+    admin: &Admin,
+    vhost: &str,
+    queue: &str,
+    m: &Map<String, Value>,
+) -> ApiResult<Value> {
     let count = match m.get("count") {
         None => 1,
         Some(v) => v
@@ -144,9 +153,7 @@ pub async fn get(admin: &Admin, vhost: &str, queue: &str, m: &Map<String, Value>
         Some("ack_requeue_false") => GetMode::AckRequeueFalse,
         Some("reject_requeue_true") => GetMode::RejectRequeueTrue,
         Some("reject_requeue_false") => GetMode::RejectRequeueFalse,
-        Some(other) => {
-            return Err(ApiError::bad_request(format!("Invalid ackmode: {other}")))
-        }
+        Some(other) => return Err(ApiError::bad_request(format!("Invalid ackmode: {other}"))),
         None => {
             return Err(ApiError::bad_request(
                 "Validation failed\n\nmandatory field ackmode missing\n",
@@ -171,9 +178,7 @@ pub async fn get(admin: &Admin, vhost: &str, queue: &str, m: &Map<String, Value>
                 as usize,
         ),
     };
-    let got = admin
-        .get(vhost, queue, count.min(10_000), mode)
-        .await?;
+    let got = admin.get(vhost, queue, count.min(10_000), mode).await?;
     let items = got
         .iter()
         .map(|g| {

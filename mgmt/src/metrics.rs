@@ -88,7 +88,10 @@ fn queue_rows(st: &AppState) -> Vec<QueueRow> {
                 vhost: v.name.clone(),
                 name: q.name().to_string(),
                 ready: s.ready,
-                unacked: unacked.get(&(Arc::as_ptr(&q) as usize)).copied().unwrap_or(0),
+                unacked: unacked
+                    .get(&(Arc::as_ptr(&q) as usize))
+                    .copied()
+                    .unwrap_or(0),
                 consumers: s.consumers as u64,
                 bytes: s.bytes,
                 in_memory: s.in_memory,
@@ -124,7 +127,11 @@ fn identity(o: &mut Out, st: &AppState) {
         ),
         1.0,
     );
-    o.family("rabbitmq_build_info", "untyped", "RabbitMQ & Erlang/OTP version info");
+    o.family(
+        "rabbitmq_build_info",
+        "untyped",
+        "RabbitMQ & Erlang/OTP version info",
+    );
     o.sample(
         "rabbitmq_build_info",
         &format!(
@@ -151,21 +158,69 @@ fn node_metrics(o: &mut Out, st: &AppState, per_object: bool) {
         }
     }
     let counters: [(&str, &str, u64); 7] = [
-        ("rabbitmq_connections_opened_total", "Total number of connections opened", g.connection_created.get()),
-        ("rabbitmq_connections_closed_total", "Total number of connections closed or terminated", g.connection_closed.get()),
-        ("rabbitmq_channels_opened_total", "Total number of channels opened", g.channel_created.get()),
-        ("rabbitmq_channels_closed_total", "Total number of channels closed", g.channel_closed.get()),
-        ("rabbitmq_queues_declared_total", "Total number of queues declared", g.queue_declared.get()),
-        ("rabbitmq_queues_created_total", "Total number of queues created", g.queue_created.get()),
-        ("rabbitmq_queues_deleted_total", "Total number of queues deleted", g.queue_deleted.get()),
+        (
+            "rabbitmq_connections_opened_total",
+            "Total number of connections opened",
+            g.connection_created.get(),
+        ),
+        (
+            "rabbitmq_connections_closed_total",
+            "Total number of connections closed or terminated",
+            g.connection_closed.get(),
+        ),
+        (
+            "rabbitmq_channels_opened_total",
+            "Total number of channels opened",
+            g.channel_created.get(),
+        ),
+        (
+            "rabbitmq_channels_closed_total",
+            "Total number of channels closed",
+            g.channel_closed.get(),
+        ),
+        (
+            "rabbitmq_queues_declared_total",
+            "Total number of queues declared",
+            g.queue_declared.get(),
+        ),
+        (
+            "rabbitmq_queues_created_total",
+            "Total number of queues created",
+            g.queue_created.get(),
+        ),
+        (
+            "rabbitmq_queues_deleted_total",
+            "Total number of queues deleted",
+            g.queue_deleted.get(),
+        ),
     ];
     for (n, h, v) in counters {
         o.one(n, "counter", h, v as f64);
     }
-    o.one("rabbitmq_connections", "gauge", "Connections currently open", conns.len() as f64);
-    o.one("rabbitmq_channels", "gauge", "Channels currently open", channels as f64);
-    o.one("rabbitmq_consumers", "gauge", "Consumers currently connected", consumers as f64);
-    o.one("rabbitmq_queues", "gauge", "Queues available", queues as f64);
+    o.one(
+        "rabbitmq_connections",
+        "gauge",
+        "Connections currently open",
+        conns.len() as f64,
+    );
+    o.one(
+        "rabbitmq_channels",
+        "gauge",
+        "Channels currently open",
+        channels as f64,
+    );
+    o.one(
+        "rabbitmq_consumers",
+        "gauge",
+        "Consumers currently connected",
+        consumers as f64,
+    );
+    o.one(
+        "rabbitmq_queues",
+        "gauge",
+        "Queues available",
+        queues as f64,
+    );
     let proto = "protocol=\"amqp091\"";
     let global: [(&str, &str, u64); 14] = [
         ("rabbitmq_global_messages_received_total", "Total number of messages received from publishers", g.publish.get()),
@@ -187,22 +242,90 @@ fn node_metrics(o: &mut Out, st: &AppState, per_object: bool) {
         o.family(n, "counter", h);
         o.sample(n, proto, v as f64);
     }
-    o.family("rabbitmq_global_publishers", "gauge", "Current number of publishers");
+    o.family(
+        "rabbitmq_global_publishers",
+        "gauge",
+        "Current number of publishers",
+    );
     o.sample("rabbitmq_global_publishers", proto, conns.len() as f64);
-    o.family("rabbitmq_global_consumers", "gauge", "Current number of consumers");
+    o.family(
+        "rabbitmq_global_consumers",
+        "gauge",
+        "Current number of consumers",
+    );
     o.sample("rabbitmq_global_consumers", proto, consumers as f64);
-    o.one("rabbitmq_process_resident_memory_bytes", "gauge", "Memory used in bytes", sys.rss_bytes as f64);
-    o.one("rabbitmq_resident_memory_limit_bytes", "gauge", "Memory high watermark in bytes", sys.mem_limit as f64);
-    o.one("rabbitmq_process_open_fds", "gauge", "Open file descriptors", sys.fds_used as f64);
-    o.one("rabbitmq_process_max_fds", "gauge", "Open file descriptors limit", sys.fds_total as f64);
-    o.one("rabbitmq_process_open_tcp_sockets", "gauge", "Open TCP sockets", conns.len() as f64);
-    o.one("rabbitmq_process_max_tcp_sockets", "gauge", "Open TCP sockets limit", sys.fds_total as f64);
-    o.one("rabbitmq_disk_space_available_bytes", "gauge", "Disk space available in bytes", sys.disk_free as f64);
-    o.one("rabbitmq_disk_space_available_limit_bytes", "gauge", "Free disk space low watermark in bytes", crate::system::DISK_FREE_LIMIT as f64);
-    o.one("rabbitmq_alarms_file_descriptor_limit", "gauge", "is 1 if file descriptor limit alarm is in effect", 0.0);
-    o.one("rabbitmq_alarms_free_disk_space_watermark", "gauge", "is 1 if free disk space watermark alarm is in effect", 0.0);
-    o.one("rabbitmq_alarms_memory_used_watermark", "gauge", "is 1 if VM memory watermark alarm is in effect", 0.0);
-    o.one("rabbitmq_erlang_uptime_seconds", "gauge", "Node uptime", b.started.elapsed().as_secs_f64());
+    o.one(
+        "rabbitmq_process_resident_memory_bytes",
+        "gauge",
+        "Memory used in bytes",
+        sys.rss_bytes as f64,
+    );
+    o.one(
+        "rabbitmq_resident_memory_limit_bytes",
+        "gauge",
+        "Memory high watermark in bytes",
+        sys.mem_limit as f64,
+    );
+    o.one(
+        "rabbitmq_process_open_fds",
+        "gauge",
+        "Open file descriptors",
+        sys.fds_used as f64,
+    );
+    o.one(
+        "rabbitmq_process_max_fds",
+        "gauge",
+        "Open file descriptors limit",
+        sys.fds_total as f64,
+    );
+    o.one(
+        "rabbitmq_process_open_tcp_sockets",
+        "gauge",
+        "Open TCP sockets",
+        conns.len() as f64,
+    );
+    o.one(
+        "rabbitmq_process_max_tcp_sockets",
+        "gauge",
+        "Open TCP sockets limit",
+        sys.fds_total as f64,
+    );
+    o.one(
+        "rabbitmq_disk_space_available_bytes",
+        "gauge",
+        "Disk space available in bytes",
+        sys.disk_free as f64,
+    );
+    o.one(
+        "rabbitmq_disk_space_available_limit_bytes",
+        "gauge",
+        "Free disk space low watermark in bytes",
+        crate::system::DISK_FREE_LIMIT as f64,
+    );
+    o.one(
+        "rabbitmq_alarms_file_descriptor_limit",
+        "gauge",
+        "is 1 if file descriptor limit alarm is in effect",
+        0.0,
+    );
+    o.one(
+        "rabbitmq_alarms_free_disk_space_watermark",
+        "gauge",
+        "is 1 if free disk space watermark alarm is in effect",
+        0.0,
+    );
+    o.one(
+        "rabbitmq_alarms_memory_used_watermark",
+        "gauge",
+        "is 1 if VM memory watermark alarm is in effect",
+        0.0,
+    );
+    o.one(
+        "rabbitmq_erlang_uptime_seconds",
+        "gauge",
+        "Node uptime",
+        b.started.elapsed().as_secs_f64(),
+    );
     if per_object {
         // Per connection instead, in `connection_metrics`.
         return;
@@ -212,22 +335,62 @@ fn node_metrics(o: &mut Out, st: &AppState, per_object: bool) {
         rx += c.stats.recv_oct.get();
         tx += c.stats.send_oct.get();
     }
-    o.one("rabbitmq_connection_incoming_bytes_total", "counter", "Total number of bytes received on a connection", rx as f64);
-    o.one("rabbitmq_connection_outgoing_bytes_total", "counter", "Total number of bytes sent on a connection", tx as f64);
+    o.one(
+        "rabbitmq_connection_incoming_bytes_total",
+        "counter",
+        "Total number of bytes received on a connection",
+        rx as f64,
+    );
+    o.one(
+        "rabbitmq_connection_outgoing_bytes_total",
+        "counter",
+        "Total number of bytes sent on a connection",
+        tx as f64,
+    );
 }
 
 /// Queue families: `labels` gives each row's label set ("" to sum rows into one sample).
 fn queue_metrics(o: &mut Out, rows: &[QueueRow], per_object: bool) {
     type Get = fn(&QueueRow) -> u64;
     let gauges: [(&str, &str, Get); 8] = [
-        ("rabbitmq_queue_messages_ready", "Messages ready to be delivered to consumers", |r| r.ready),
-        ("rabbitmq_queue_messages_unacked", "Messages delivered to consumers but not yet acknowledged", |r| r.unacked),
-        ("rabbitmq_queue_messages", "Sum of ready and unacknowledged messages - total queue depth", |r| r.ready + r.unacked),
-        ("rabbitmq_queue_messages_bytes", "Size in bytes of ready and unacknowledged messages", |r| r.bytes),
-        ("rabbitmq_queue_messages_ready_bytes", "Size in bytes of ready messages", |r| r.bytes),
-        ("rabbitmq_queue_messages_ram", "Ready and unacknowledged messages stored in memory", |r| r.in_memory + r.unacked),
-        ("rabbitmq_queue_messages_paged_out", "Messages paged out to disk", |r| r.paged),
-        ("rabbitmq_queue_consumers", "Consumers on a queue", |r| r.consumers),
+        (
+            "rabbitmq_queue_messages_ready",
+            "Messages ready to be delivered to consumers",
+            |r| r.ready,
+        ),
+        (
+            "rabbitmq_queue_messages_unacked",
+            "Messages delivered to consumers but not yet acknowledged",
+            |r| r.unacked,
+        ),
+        (
+            "rabbitmq_queue_messages",
+            "Sum of ready and unacknowledged messages - total queue depth",
+            |r| r.ready + r.unacked,
+        ),
+        (
+            "rabbitmq_queue_messages_bytes",
+            "Size in bytes of ready and unacknowledged messages",
+            |r| r.bytes,
+        ),
+        (
+            "rabbitmq_queue_messages_ready_bytes",
+            "Size in bytes of ready messages",
+            |r| r.bytes,
+        ),
+        (
+            "rabbitmq_queue_messages_ram",
+            "Ready and unacknowledged messages stored in memory",
+            |r| r.in_memory + r.unacked,
+        ),
+        (
+            "rabbitmq_queue_messages_paged_out",
+            "Messages paged out to disk",
+            |r| r.paged,
+        ),
+        ("rabbitmq_queue_consumers", "Consumers on a queue", |r| {
+            r.consumers
+        }),
     ];
     for (name, help, f) in gauges {
         o.family(name, "gauge", help);
@@ -241,21 +404,37 @@ fn queue_metrics(o: &mut Out, rows: &[QueueRow], per_object: bool) {
     }
     for i in 0..8 {
         let Some(key) = rows.first().map(|r| r.stats[i].0).or_else(|| {
-            ["published", "delivered", "delivered_consume_manual_ack", "delivered_consume_auto_ack",
-             "delivered_get_manual_ack", "delivered_get_auto_ack", "get_empty", "redelivered"]
-                .get(i)
-                .copied()
+            [
+                "published",
+                "delivered",
+                "delivered_consume_manual_ack",
+                "delivered_consume_auto_ack",
+                "delivered_get_manual_ack",
+                "delivered_get_auto_ack",
+                "get_empty",
+                "redelivered",
+            ]
+            .get(i)
+            .copied()
         }) else {
             continue;
         };
         let name = format!("rabbitmq_queue_messages_{key}_total");
-        o.family(&name, "counter", &format!("Total number of messages {key} on a queue"));
+        o.family(
+            &name,
+            "counter",
+            &format!("Total number of messages {key} on a queue"),
+        );
         if per_object {
             for r in rows {
                 o.sample(&name, &qlabels(r), r.stats[i].1 as f64);
             }
         } else {
-            o.sample(&name, "", rows.iter().map(|r| r.stats[i].1).sum::<u64>() as f64);
+            o.sample(
+                &name,
+                "",
+                rows.iter().map(|r| r.stats[i].1).sum::<u64>() as f64,
+            );
         }
     }
 }
@@ -265,7 +444,9 @@ fn qlabels(r: &QueueRow) -> String {
 }
 
 async fn aggregated(State(st): State<Arc<AppState>>) -> Response {
-    let mut o = Out { s: String::with_capacity(16 << 10) };
+    let mut o = Out {
+        s: String::with_capacity(16 << 10),
+    };
     identity(&mut o, &st);
     node_metrics(&mut o, &st, false);
     queue_metrics(&mut o, &queue_rows(&st), false);
@@ -287,22 +468,50 @@ async fn per_object(State(st): State<Arc<AppState>>) -> Response {
 fn connection_metrics(o: &mut Out, st: &AppState) {
     let conns = st.admin.broker.connections.all();
     let fams: [(&str, &str, fn(&warren_core::connections::ConnInfo) -> u64); 4] = [
-        ("rabbitmq_connection_incoming_bytes_total", "Total number of bytes received on a connection", |c| c.stats.recv_oct.get()),
-        ("rabbitmq_connection_outgoing_bytes_total", "Total number of bytes sent on a connection", |c| c.stats.send_oct.get()),
-        ("rabbitmq_connection_incoming_packets_total", "Total number of packets received on a connection", |c| c.stats.recv_cnt.get()),
-        ("rabbitmq_connection_outgoing_packets_total", "Total number of packets sent on a connection", |c| c.stats.send_cnt.get()),
+        (
+            "rabbitmq_connection_incoming_bytes_total",
+            "Total number of bytes received on a connection",
+            |c| c.stats.recv_oct.get(),
+        ),
+        (
+            "rabbitmq_connection_outgoing_bytes_total",
+            "Total number of bytes sent on a connection",
+            |c| c.stats.send_oct.get(),
+        ),
+        (
+            "rabbitmq_connection_incoming_packets_total",
+            "Total number of packets received on a connection",
+            |c| c.stats.recv_cnt.get(),
+        ),
+        (
+            "rabbitmq_connection_outgoing_packets_total",
+            "Total number of packets sent on a connection",
+            |c| c.stats.send_cnt.get(),
+        ),
     ];
     for (name, help, f) in fams {
         o.family(name, "counter", help);
         for c in &conns {
-            o.sample(name, &format!("connection=\"{}\"", esc(&c.name)), f(c) as f64);
+            o.sample(
+                name,
+                &format!("connection=\"{}\"", esc(&c.name)),
+                f(c) as f64,
+            );
         }
     }
-    o.family("rabbitmq_channel_messages_unacked", "gauge", "Delivered but not yet acknowledged messages");
+    o.family(
+        "rabbitmq_channel_messages_unacked",
+        "gauge",
+        "Delivered but not yet acknowledged messages",
+    );
     for c in &conns {
         for ch in c.channels() {
             let label = format!("channel=\"{}\"", esc(&crate::views::channel_name(c, &ch)));
-            o.sample("rabbitmq_channel_messages_unacked", &label, ch.sizes().1 as f64);
+            o.sample(
+                "rabbitmq_channel_messages_unacked",
+                &label,
+                ch.sizes().1 as f64,
+            );
         }
     }
 }
@@ -316,7 +525,9 @@ async fn detailed(
     let mut families = Vec::new();
     let mut vhosts = Vec::new();
     for pair in raw.unwrap_or_default().split('&') {
-        let Some((k, v)) = pair.split_once('=') else { continue };
+        let Some((k, v)) = pair.split_once('=') else {
+            continue;
+        };
         let v = percent_encoding::percent_decode_str(v)
             .decode_utf8_lossy()
             .to_string();

@@ -29,13 +29,22 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/overview", get(overview))
         .route("/api/whoami", get(whoami))
         .route("/api/extensions", get(|| async { Json(json!([])) }))
-        .route("/api/auth", get(|| async { Json(json!({"oauth_enabled": false})) }))
+        .route(
+            "/api/auth",
+            get(|| async { Json(json!({"oauth_enabled": false})) }),
+        )
         .route("/api/nodes", get(nodes))
         .route("/api/nodes/{node}", get(node))
         .route("/api/vhosts", get(vhosts))
-        .route("/api/vhosts/{vhost}", get(vhost).put(put_vhost).delete(delete_vhost))
+        .route(
+            "/api/vhosts/{vhost}",
+            get(vhost).put(put_vhost).delete(delete_vhost),
+        )
         .route("/api/vhosts/{vhost}/permissions", get(vhost_permissions))
-        .route("/api/vhosts/{vhost}/topic-permissions", get(vhost_topic_permissions))
+        .route(
+            "/api/vhosts/{vhost}/topic-permissions",
+            get(vhost_topic_permissions),
+        )
         .route("/api/vhosts/{vhost}/connections", get(vhost_connections))
         .route("/api/vhosts/{vhost}/channels", get(vhost_channels))
         .route("/api/vhost-limits", get(vhost_limits))
@@ -45,15 +54,26 @@ pub fn router(state: Arc<AppState>) -> Router {
             axum::routing::put(put_vhost_limit).delete(delete_vhost_limit),
         )
         .route("/api/users", get(users))
-        .route("/api/users/without-permissions", get(users_without_permissions))
+        .route(
+            "/api/users/without-permissions",
+            get(users_without_permissions),
+        )
         .route("/api/users/bulk-delete", post(users_bulk_delete))
-        .route("/api/users/{user}", get(user).put(put_user).delete(delete_user))
+        .route(
+            "/api/users/{user}",
+            get(user).put(put_user).delete(delete_user),
+        )
         .route("/api/users/{user}/permissions", get(user_permissions))
-        .route("/api/users/{user}/topic-permissions", get(user_topic_permissions))
+        .route(
+            "/api/users/{user}/topic-permissions",
+            get(user_topic_permissions),
+        )
         .route("/api/permissions", get(permissions))
         .route(
             "/api/permissions/{vhost}/{user}",
-            get(permission).put(put_permission).delete(delete_permission),
+            get(permission)
+                .put(put_permission)
+                .delete(delete_permission),
         )
         .route("/api/topic-permissions", get(topic_permissions))
         .route(
@@ -68,7 +88,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/exchanges/{vhost}/{name}",
             get(exchange).put(put_exchange).delete(delete_exchange),
         )
-        .route("/api/exchanges/{vhost}/{name}/bindings/source", get(exchange_bindings_source))
+        .route(
+            "/api/exchanges/{vhost}/{name}/bindings/source",
+            get(exchange_bindings_source),
+        )
         .route(
             "/api/exchanges/{vhost}/{name}/bindings/destination",
             get(exchange_bindings_destination),
@@ -76,19 +99,31 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/exchanges/{vhost}/{name}/publish", post(publish))
         .route("/api/queues", get(queues))
         .route("/api/queues/{vhost}", get(queues))
-        .route("/api/queues/{vhost}/{name}", get(queue).put(put_queue).delete(delete_queue))
+        .route(
+            "/api/queues/{vhost}/{name}",
+            get(queue).put(put_queue).delete(delete_queue),
+        )
         .route("/api/queues/{vhost}/{name}/bindings", get(queue_bindings))
-        .route("/api/queues/{vhost}/{name}/contents", axum::routing::delete(purge))
+        .route(
+            "/api/queues/{vhost}/{name}/contents",
+            axum::routing::delete(purge),
+        )
         .route("/api/queues/{vhost}/{name}/get", post(get_messages))
         .route("/api/bindings", get(bindings))
         .route("/api/bindings/{vhost}", get(bindings))
-        .route("/api/bindings/{vhost}/e/{source}/{kind}/{dest}", get(bindings_between).post(add_binding))
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{kind}/{dest}",
+            get(bindings_between).post(add_binding),
+        )
         .route(
             "/api/bindings/{vhost}/e/{source}/{kind}/{dest}/{props}",
             get(binding).delete(delete_binding),
         )
         .route("/api/connections", get(connections))
-        .route("/api/connections/{name}", get(connection).delete(close_connection))
+        .route(
+            "/api/connections/{name}",
+            get(connection).delete(close_connection),
+        )
         .route("/api/connections/{name}/channels", get(connection_channels))
         .route("/api/channels", get(channels))
         .route("/api/channels/{name}", get(channel))
@@ -106,7 +141,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/operator-policies/{vhost}/{name}",
             get(op_policy).put(put_op_policy).delete(delete_op_policy),
         )
-        .route("/api/definitions", get(get_definitions).post(post_definitions))
+        .route(
+            "/api/definitions",
+            get(get_definitions).post(post_definitions),
+        )
         .route(
             "/api/definitions/{vhost}",
             get(get_vhost_definitions).post(post_vhost_definitions),
@@ -122,9 +160,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/health/checks/local-alarms", get(health_ok))
         .route("/api/health/checks/virtual-hosts", get(health_ok))
         .route("/api/health/checks/node-is-quorum-critical", get(health_ok))
-        .route("/api/health/checks/node-is-mirror-sync-critical", get(health_ok))
-        .route("/api/health/checks/port-listener/{port}", get(port_listener))
-        .route("/api/health/checks/protocol-listener/{proto}", get(protocol_listener))
+        .route(
+            "/api/health/checks/node-is-mirror-sync-critical",
+            get(health_ok),
+        )
+        .route(
+            "/api/health/checks/port-listener/{port}",
+            get(port_listener),
+        )
+        .route(
+            "/api/health/checks/protocol-listener/{proto}",
+            get(protocol_listener),
+        )
         .route("/api/aliveness-test/{vhost}", get(aliveness))
         .fallback(not_found)
         .with_state(state)
@@ -157,10 +204,22 @@ fn rendered(items: Vec<Value>, key: &str) -> Vec<(String, impl FnOnce() -> Value
 // ----- overview, whoami, nodes -----
 
 const EXCHANGE_TYPES: &[(&str, &str)] = &[
-    ("direct", "AMQP direct exchange, as per the AMQP specification"),
-    ("fanout", "AMQP fanout exchange, as per the AMQP specification"),
-    ("headers", "AMQP headers exchange, as per the AMQP specification"),
-    ("topic", "AMQP topic exchange, as per the AMQP specification"),
+    (
+        "direct",
+        "AMQP direct exchange, as per the AMQP specification",
+    ),
+    (
+        "fanout",
+        "AMQP fanout exchange, as per the AMQP specification",
+    ),
+    (
+        "headers",
+        "AMQP headers exchange, as per the AMQP specification",
+    ),
+    (
+        "topic",
+        "AMQP topic exchange, as per the AMQP specification",
+    ),
     ("x-delayed-message", "Delayed Message Exchange"),
 ];
 
@@ -236,7 +295,10 @@ async fn overview(State(st): St, caller: Caller) -> ApiResult<Response> {
         m.remove("get_empty");
         m.remove("get_empty_details");
         m.insert("get_empty".into(), json!(g.get_empty.get()));
-        m.insert("get_empty_details".into(), crate::json::details(g.get_empty.rate()));
+        m.insert(
+            "get_empty_details".into(),
+            crate::json::details(g.get_empty.rate()),
+        );
     }
     let churn = crate::json::message_stats(|f| {
         g.each(|k, c| {
@@ -412,18 +474,30 @@ async fn put_vhost(
     Ok(created_or_updated(created))
 }
 
-async fn delete_vhost(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {
+async fn delete_vhost(
+    State(st): St,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
     caller.require_admin()?;
     st.admin.delete_vhost(&name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn vhost_permissions(State(st): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
+async fn vhost_permissions(
+    State(st): St,
+    caller: Caller,
+    Path(v): Path<String>,
+) -> ApiResult<Response> {
     caller.require_admin()?;
     st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
     let items = st.admin.permissions().await?;
     ok_json(Value::Array(
-        items.iter().filter(|p| p.vhost == v).map(views::permission).collect(),
+        items
+            .iter()
+            .filter(|p| p.vhost == v)
+            .map(views::permission)
+            .collect(),
     ))
 }
 
@@ -464,7 +538,11 @@ async fn vhost_limits(State(st): St, caller: Caller) -> ApiResult<Response> {
     ok_json(Value::Array(items))
 }
 
-async fn vhost_limits_of(State(st): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
+async fn vhost_limits_of(
+    State(st): St,
+    caller: Caller,
+    Path(v): Path<String>,
+) -> ApiResult<Response> {
     let vh = st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
     caller.check_vhost(&v)?;
     ok_json(Value::Array(limits_json(&vh).into_iter().collect()))
@@ -487,7 +565,9 @@ async fn put_vhost_limit(
     }
     let m = object(&body)?;
     let Some(value) = m.get("value").and_then(Value::as_i64) else {
-        return Err(ApiError::bad_request("Validation failed\n\nvalue must be an integer\n"));
+        return Err(ApiError::bad_request(
+            "Validation failed\n\nvalue must be an integer\n",
+        ));
     };
     let mut limits: Map<String, Value> = vh
         .parameter("vhost-limits", "limits")
@@ -495,7 +575,12 @@ async fn put_vhost_limit(
         .unwrap_or_default();
     limits.insert(name, json!(value));
     st.admin
-        .set_parameter(&v, "vhost-limits", "limits", Value::Object(limits).to_string())
+        .set_parameter(
+            &v,
+            "vhost-limits",
+            "limits",
+            Value::Object(limits).to_string(),
+        )
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -515,10 +600,17 @@ async fn delete_vhost_limit(
         return Err(ApiError::not_found());
     }
     if limits.is_empty() {
-        st.admin.clear_parameter(&v, "vhost-limits", "limits").await?;
+        st.admin
+            .clear_parameter(&v, "vhost-limits", "limits")
+            .await?;
     } else {
         st.admin
-            .set_parameter(&v, "vhost-limits", "limits", Value::Object(limits).to_string())
+            .set_parameter(
+                &v,
+                "vhost-limits",
+                "limits",
+                Value::Object(limits).to_string(),
+            )
             .await?;
     }
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -529,7 +621,10 @@ async fn delete_vhost_limit(
 async fn users(State(st): St, caller: Caller, q: Q) -> ApiResult<Response> {
     caller.require_admin()?;
     let items = st.admin.users().await?;
-    list(&q, rendered(items.iter().map(views::user).collect(), "name"))
+    list(
+        &q,
+        rendered(items.iter().map(views::user).collect(), "name"),
+    )
 }
 
 async fn users_without_permissions(State(st): St, caller: Caller) -> ApiResult<Response> {
@@ -547,7 +642,11 @@ async fn users_without_permissions(State(st): St, caller: Caller) -> ApiResult<R
 
 async fn user(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {
     caller.require_admin()?;
-    let u = st.admin.user(&name).await?.ok_or_else(ApiError::not_found)?;
+    let u = st
+        .admin
+        .user(&name)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     ok_json(views::user(&u))
 }
 
@@ -624,7 +723,11 @@ async fn put_user(
     Ok(created_or_updated(created))
 }
 
-async fn delete_user(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {
+async fn delete_user(
+    State(st): St,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
     caller.require_admin()?;
     st.admin.delete_user(&name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -645,12 +748,20 @@ async fn users_bulk_delete(State(st): St, caller: Caller, body: Bytes) -> ApiRes
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn user_permissions(State(st): St, caller: Caller, Path(u): Path<String>) -> ApiResult<Response> {
+async fn user_permissions(
+    State(st): St,
+    caller: Caller,
+    Path(u): Path<String>,
+) -> ApiResult<Response> {
     caller.require_admin()?;
     st.admin.user(&u).await?.ok_or_else(ApiError::not_found)?;
     let items = st.admin.permissions().await?;
     ok_json(Value::Array(
-        items.iter().filter(|p| p.user == u).map(views::permission).collect(),
+        items
+            .iter()
+            .filter(|p| p.user == u)
+            .map(views::permission)
+            .collect(),
     ))
 }
 
@@ -732,7 +843,9 @@ async fn delete_permission(
 async fn topic_permissions(State(st): St, caller: Caller) -> ApiResult<Response> {
     caller.require_admin()?;
     let items = st.admin.topic_permissions().await?;
-    ok_json(Value::Array(items.iter().map(views::topic_permission).collect()))
+    ok_json(Value::Array(
+        items.iter().map(views::topic_permission).collect(),
+    ))
 }
 
 async fn topic_permission(
@@ -915,10 +1028,16 @@ async fn exchange_bindings_source(
 ) -> ApiResult<Response> {
     caller.check_vhost(&v)?;
     let name = exchange_name(&name).to_string();
-    st.admin.exchange(&v, &name).ok_or_else(ApiError::not_found)?;
+    st.admin
+        .exchange(&v, &name)
+        .ok_or_else(ApiError::not_found)?;
     let items = st.admin.bindings(&v);
     ok_json(Value::Array(
-        items.iter().filter(|b| b.source == name).map(views::binding).collect(),
+        items
+            .iter()
+            .filter(|b| b.source == name)
+            .map(views::binding)
+            .collect(),
     ))
 }
 
@@ -929,7 +1048,9 @@ async fn exchange_bindings_destination(
 ) -> ApiResult<Response> {
     caller.check_vhost(&v)?;
     let name = exchange_name(&name).to_string();
-    st.admin.exchange(&v, &name).ok_or_else(ApiError::not_found)?;
+    st.admin
+        .exchange(&v, &name)
+        .ok_or_else(ApiError::not_found)?;
     let items = st.admin.bindings(&v);
     ok_json(Value::Array(
         items
@@ -964,21 +1085,30 @@ async fn queues(
     let unacked = st.admin.unacked_by_queue();
     let node = views::node_name();
     // In vhost order (the vhosts are sorted): ties in name keep it.
-    let items: Vec<Arc<warren_core::queue::Queue>> = scope(&st, &caller, vhost.as_deref().map(String::as_str))?
-        .iter()
-        .flat_map(|v| v.queues())
-        .collect();
+    let items: Vec<Arc<warren_core::queue::Queue>> =
+        scope(&st, &caller, vhost.as_deref().map(String::as_str))?
+            .iter()
+            .flat_map(|v| v.queues())
+            .collect();
     let out = crate::json::answer_by(
         &lq,
         items,
         |qu| qu.name(),
         |qu| {
-            let n = unacked.get(&(Arc::as_ptr(&qu) as usize)).copied().unwrap_or(0);
+            let n = unacked
+                .get(&(Arc::as_ptr(&qu) as usize))
+                .copied()
+                .unwrap_or(0);
             views::queue(&qu, n, &node)
         },
         |qu, key| {
             // The fields lists are most often sorted by, read without rendering the queue.
-            let unacked_n = || unacked.get(&(Arc::as_ptr(qu) as usize)).copied().unwrap_or(0);
+            let unacked_n = || {
+                unacked
+                    .get(&(Arc::as_ptr(qu) as usize))
+                    .copied()
+                    .unwrap_or(0)
+            };
             let (ready, consumers) = || -> (u64, u64) {
                 let (r, c) = qu.counts();
                 (r as u64, c as u64)
@@ -1150,7 +1280,9 @@ async fn bindings_between(
     caller.check_vhost(&v)?;
     let to_exchange = dest_kind(&kind)?;
     let source = exchange_name(&source).to_string();
-    st.admin.exchange(&v, &source).ok_or_else(ApiError::not_found)?;
+    st.admin
+        .exchange(&v, &source)
+        .ok_or_else(ApiError::not_found)?;
     let exists = if to_exchange {
         st.admin.exchange(&v, &dest).is_some()
     } else {
@@ -1279,7 +1411,11 @@ async fn connections(State(st): St, caller: Caller, q: Q) -> ApiResult<Response>
     list(&q, rendered(items, "name"))
 }
 
-async fn vhost_connections(State(st): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
+async fn vhost_connections(
+    State(st): St,
+    caller: Caller,
+    Path(v): Path<String>,
+) -> ApiResult<Response> {
     st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
     caller.check_vhost(&v)?;
     let node = views::node_name();
@@ -1303,7 +1439,11 @@ fn find_connection(
         .ok_or_else(ApiError::not_found)
 }
 
-async fn connection(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {
+async fn connection(
+    State(st): St,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
     let c = find_connection(&st, &caller, &name)?;
     ok_json(views::connection(&c, &views::node_name()))
 }
@@ -1356,7 +1496,11 @@ async fn channels(State(st): St, caller: Caller, q: Q) -> ApiResult<Response> {
     list(&q, rendered(all_channels(&st, &caller, None), "name"))
 }
 
-async fn vhost_channels(State(st): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
+async fn vhost_channels(
+    State(st): St,
+    caller: Caller,
+    Path(v): Path<String>,
+) -> ApiResult<Response> {
     st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
     caller.check_vhost(&v)?;
     ok_json(Value::Array(all_channels(&st, &caller, Some(&v))))
@@ -1413,7 +1557,12 @@ fn policy_json(vhost: &str, p: &warren_core::policy::Policy) -> Value {
     v
 }
 
-fn list_policies(st: &AppState, caller: &Caller, vhost: Option<&str>, operator: bool) -> ApiResult<Value> {
+fn list_policies(
+    st: &AppState,
+    caller: &Caller,
+    vhost: Option<&str>,
+    operator: bool,
+) -> ApiResult<Value> {
     let mut out = Vec::new();
     for v in scope(st, caller, vhost)? {
         let mut ps = v.policies(operator);
@@ -1423,7 +1572,13 @@ fn list_policies(st: &AppState, caller: &Caller, vhost: Option<&str>, operator: 
     Ok(Value::Array(out))
 }
 
-fn get_policy(st: &AppState, caller: &Caller, v: &str, name: &str, operator: bool) -> ApiResult<Response> {
+fn get_policy(
+    st: &AppState,
+    caller: &Caller,
+    v: &str,
+    name: &str,
+    operator: bool,
+) -> ApiResult<Response> {
     let vh = st.admin.find_vhost(v).ok_or_else(ApiError::not_found)?;
     caller.check_vhost(v)?;
     vh.policies(operator)
@@ -1461,7 +1616,13 @@ async fn store_policy(
     Ok(created_or_updated(created))
 }
 
-async fn remove_policy(st: &AppState, caller: &Caller, v: &str, name: &str, operator: bool) -> ApiResult<Response> {
+async fn remove_policy(
+    st: &AppState,
+    caller: &Caller,
+    v: &str,
+    name: &str,
+    operator: bool,
+) -> ApiResult<Response> {
     if operator {
         caller.require_admin()?;
     } else {
@@ -1486,7 +1647,11 @@ async fn policies_in(State(st): St, caller: Caller, Path(v): Path<String>) -> Ap
     ok_json(list_policies(&st, &caller, Some(&v), false)?)
 }
 
-async fn policy(State(st): St, caller: Caller, Path((v, n)): Path<(String, String)>) -> ApiResult<Response> {
+async fn policy(
+    State(st): St,
+    caller: Caller,
+    Path((v, n)): Path<(String, String)>,
+) -> ApiResult<Response> {
     get_policy(&st, &caller, &v, &n, false)
 }
 
@@ -1499,7 +1664,11 @@ async fn put_policy(
     store_policy(&st, &caller, &v, &n, &body, false).await
 }
 
-async fn delete_policy(State(st): St, caller: Caller, Path((v, n)): Path<(String, String)>) -> ApiResult<Response> {
+async fn delete_policy(
+    State(st): St,
+    caller: Caller,
+    Path((v, n)): Path<(String, String)>,
+) -> ApiResult<Response> {
     remove_policy(&st, &caller, &v, &n, false).await
 }
 
@@ -1507,11 +1676,19 @@ async fn op_policies(State(st): St, caller: Caller) -> ApiResult<Response> {
     ok_json(list_policies(&st, &caller, None, true)?)
 }
 
-async fn op_policies_in(State(st): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
+async fn op_policies_in(
+    State(st): St,
+    caller: Caller,
+    Path(v): Path<String>,
+) -> ApiResult<Response> {
     ok_json(list_policies(&st, &caller, Some(&v), true)?)
 }
 
-async fn op_policy(State(st): St, caller: Caller, Path((v, n)): Path<(String, String)>) -> ApiResult<Response> {
+async fn op_policy(
+    State(st): St,
+    caller: Caller,
+    Path((v, n)): Path<(String, String)>,
+) -> ApiResult<Response> {
     get_policy(&st, &caller, &v, &n, true)
 }
 
@@ -1524,7 +1701,11 @@ async fn put_op_policy(
     store_policy(&st, &caller, &v, &n, &body, true).await
 }
 
-async fn delete_op_policy(State(st): St, caller: Caller, Path((v, n)): Path<(String, String)>) -> ApiResult<Response> {
+async fn delete_op_policy(
+    State(st): St,
+    caller: Caller,
+    Path((v, n)): Path<(String, String)>,
+) -> ApiResult<Response> {
     remove_policy(&st, &caller, &v, &n, true).await
 }
 
@@ -1570,8 +1751,7 @@ async fn import_definitions(
     if let Some(v) = vhost {
         st.admin.find_vhost(v).ok_or_else(ApiError::not_found)?;
     }
-    let d: Value =
-        serde_json::from_slice(body).map_err(|_| ApiError::bad_request("not_json"))?;
+    let d: Value = serde_json::from_slice(body).map_err(|_| ApiError::bad_request("not_json"))?;
     crate::definitions::import(
         &st.admin,
         &d,
@@ -1620,7 +1800,11 @@ async fn global_parameters(State(st): St, caller: Caller) -> ApiResult<Response>
     ))
 }
 
-async fn global_parameter(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {
+async fn global_parameter(
+    State(st): St,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
     caller.require_admin()?;
     st.admin
         .global_parameters()
@@ -1639,7 +1823,9 @@ async fn put_global_parameter(
     caller.require_admin()?;
     let m = object(&body)?;
     let Some(value) = m.get("value") else {
-        return Err(ApiError::bad_request("Validation failed\n\nmandatory field value missing\n"));
+        return Err(ApiError::bad_request(
+            "Validation failed\n\nmandatory field value missing\n",
+        ));
     };
     let created = st
         .admin
@@ -1672,9 +1858,15 @@ fn health_failed(reason: String) -> Response {
         .into_response()
 }
 
-async fn port_listener(State(st): St, _caller: Caller, Path(port): Path<String>) -> ApiResult<Response> {
+async fn port_listener(
+    State(st): St,
+    _caller: Caller,
+    Path(port): Path<String>,
+) -> ApiResult<Response> {
     let Ok(p) = port.parse::<u16>() else {
-        return Err(ApiError::bad_request(format!("{port} is not a valid port number")));
+        return Err(ApiError::bad_request(format!(
+            "{port} is not a valid port number"
+        )));
     };
     if st.listeners.iter().any(|(_, a)| a.port() == p) {
         ok_json(json!({"status": "ok", "port": p}))

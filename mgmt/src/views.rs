@@ -70,7 +70,11 @@ pub fn queue(q: &Arc<Queue>, unacked: u64, node: &str) -> Value {
     let exclusive = q.spec.exclusive_owner.is_some();
     // Warren delivers whenever a consumer has credit: utilisation is 1 with consumers, 0
     // without (RabbitMQ 3.13+ shows 0 rather than null there).
-    let consumer_utilisation = if s.consumers > 0 { json!(1.0) } else { json!(0.0) };
+    let consumer_utilisation = if s.consumers > 0 {
+        json!(1.0)
+    } else {
+        json!(0.0)
+    };
     let qtype = if args.quorum { "quorum" } else { "classic" };
     // Entries in memory cost about their struct; bodies are shared with the body cache.
     let memory = s.in_memory * 96 + s.bytes.min(s.bytes * s.in_memory / s.ready.max(1));
@@ -114,7 +118,11 @@ pub fn queue(q: &Arc<Queue>, unacked: u64, node: &str) -> Value {
 }
 
 pub fn exchange(x: &Exchange, vhost: &str) -> Value {
-    let name = if x.name.is_empty() { "" } else { x.name.as_str() };
+    let name = if x.name.is_empty() {
+        ""
+    } else {
+        x.name.as_str()
+    };
     json!({
         "name": name,
         "vhost": vhost,

@@ -27,9 +27,9 @@ use bytes::Bytes;
 
 use crate::plan::{Plan, PlannedInsert};
 use crate::{
-    BindingRecord, DestinationKind, ExchangeRecord, MessageRow, MessageStore, MetaStore, Op,
-    PermissionRecord, QueueRecord, QueueSummary, Recovered, Snapshot, StoreError, StoredEntry,
-    TopicPermissionRecord, UserRecord, VhostRecord, ParameterRecord, GlobalParameterRecord,
+    BindingRecord, DestinationKind, ExchangeRecord, GlobalParameterRecord, MessageRow,
+    MessageStore, MetaStore, Op, ParameterRecord, PermissionRecord, QueueRecord, QueueSummary,
+    Recovered, Snapshot, StoreError, StoredEntry, TopicPermissionRecord, UserRecord, VhostRecord,
 };
 
 /// The in-memory store. `Clone` shares the data (it is an `Arc`).
@@ -1046,7 +1046,12 @@ mod tests {
         writeln!(out, "users {:?}", s.has_users().await.unwrap()).unwrap();
         writeln!(out, "all users {:?}", s.list_users().await.unwrap()).unwrap();
         writeln!(out, "all perms {:?}", s.list_permissions().await.unwrap()).unwrap();
-        writeln!(out, "all topic {:?}", s.list_topic_permissions().await.unwrap()).unwrap();
+        writeln!(
+            out,
+            "all topic {:?}",
+            s.list_topic_permissions().await.unwrap()
+        )
+        .unwrap();
         for user in USERS {
             writeln!(out, "{:?}", s.user(user).await.unwrap()).unwrap();
             for vhost in VHOSTS {

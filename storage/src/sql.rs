@@ -15,9 +15,9 @@ use sqlx::{AnyPool, Executor, QueryBuilder, Row};
 
 use crate::plan::{Plan, PlannedInsert};
 use crate::{
-    BindingRecord, DestinationKind, ExchangeRecord, MessageRow, MessageStore, MetaStore, Op,
-    PermissionRecord, QueueRecord, QueueSummary, Recovered, Snapshot, StoreError, StoredEntry,
-    TopicPermissionRecord, UserRecord, VhostRecord, ParameterRecord, GlobalParameterRecord,
+    BindingRecord, DestinationKind, ExchangeRecord, GlobalParameterRecord, MessageRow,
+    MessageStore, MetaStore, Op, ParameterRecord, PermissionRecord, QueueRecord, QueueSummary,
+    Recovered, Snapshot, StoreError, StoredEntry, TopicPermissionRecord, UserRecord, VhostRecord,
 };
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");

@@ -242,10 +242,18 @@ async fn vhosts_and_parameters<S: MetaStore + MessageStore>(s: &S) {
     assert_eq!(m.global_parameters, vec![]);
     assert_eq!(m.exchanges, vec![]);
     assert_eq!(s.permission("v1", "guest").await.unwrap(), None);
-    assert_eq!(s.permission("v2", "guest").await.unwrap(), Some(perm("v2", "guest")));
+    assert_eq!(
+        s.permission("v2", "guest").await.unwrap(),
+        Some(perm("v2", "guest"))
+    );
     let listed: Vec<_> = s.list_permissions().await.unwrap();
     assert_eq!(listed.iter().filter(|p| p.vhost == "v2").count(), 1);
-    assert!(s.list_users().await.unwrap().iter().any(|u| u.name == "Guest"));
+    assert!(s
+        .list_users()
+        .await
+        .unwrap()
+        .iter()
+        .any(|u| u.name == "Guest"));
     apply(
         s,
         vec![
@@ -262,7 +270,13 @@ async fn vhosts_and_parameters<S: MetaStore + MessageStore>(s: &S) {
     assert_eq!(s.permission("/", "guest").await.unwrap(), None);
     assert_eq!(s.topic_permissions("/", "guest").await.unwrap(), vec![]);
     assert!(s.list_topic_permissions().await.unwrap().is_empty());
-    let names: Vec<_> = s.list_users().await.unwrap().into_iter().map(|u| u.name).collect();
+    let names: Vec<_> = s
+        .list_users()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.name)
+        .collect();
     assert_eq!(names, vec!["Guest".to_string()]);
     assert_eq!(s.load_meta().await.unwrap().vhosts, vec![default_vhost()]);
 }

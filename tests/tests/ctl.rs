@@ -15,8 +15,14 @@ use warren_broker::Running;
 fn warrenctl() -> PathBuf {
     let p = std::env::var_os("WARRENCTL_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/warrenctl"));
-    assert!(p.exists(), "{} missing: build the workspace first", p.display());
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/warrenctl")
+        });
+    assert!(
+        p.exists(),
+        "{} missing: build the workspace first",
+        p.display()
+    );
     p
 }
 
@@ -58,10 +64,28 @@ async fn rabbitmqctl_commands_work_over_the_api() {
     let (code, _, err) = run(vec!["add_user", "carol", "pw"]);
     assert_ne!(code, 0, "adding an existing user fails");
     assert!(err.contains("already exists"), "{err}");
-    assert_eq!(run(vec!["set_user_tags", "carol", "management", "monitoring"]).0, 0);
-    assert_eq!(run(vec!["set_permissions", "-p", "ctl-v", "carol", ".*", ".*", ".*"]).0, 0);
+    assert_eq!(
+        run(vec!["set_user_tags", "carol", "management", "monitoring"]).0,
+        0
+    );
+    assert_eq!(
+        run(vec![
+            "set_permissions",
+            "-p",
+            "ctl-v",
+            "carol",
+            ".*",
+            ".*",
+            ".*"
+        ])
+        .0,
+        0
+    );
     let (_, out, _) = run(vec!["-q", "list_users"]);
-    let carol = out.lines().find(|l| l.starts_with("carol\t")).expect("carol listed");
+    let carol = out
+        .lines()
+        .find(|l| l.starts_with("carol\t"))
+        .expect("carol listed");
     assert_eq!(carol, "carol\tmanagement,monitoring");
     let (_, out, _) = run(vec!["-q", "--formatter", "json", "list_vhosts"]);
     let v: Value = serde_json::from_str(out.trim()).unwrap();
@@ -73,18 +97,42 @@ async fn rabbitmqctl_commands_work_over_the_api() {
         .expect("carol logs in");
     let ch = c.create_channel().await.unwrap();
     declare(&ch, "ctl-q").await;
-    let (_, out, _) = run(vec!["-q", "-p", "ctl-v", "list_queues", "name", "messages", "durable"]);
+    let (_, out, _) = run(vec![
+        "-q",
+        "-p",
+        "ctl-v",
+        "list_queues",
+        "name",
+        "messages",
+        "durable",
+    ]);
     assert_eq!(out, "name\tmessages\tdurable\nctl-q\t0\tfalse\n");
     assert_eq!(run(vec!["change_password", "carol", "pw2"]).0, 0);
     assert_eq!(
-        run(vec!["set_policy", "-p", "ctl-v", "cap", "^ctl", r#"{"max-length":1}"#, "--apply-to", "queues"]).0,
+        run(vec![
+            "set_policy",
+            "-p",
+            "ctl-v",
+            "cap",
+            "^ctl",
+            r#"{"max-length":1}"#,
+            "--apply-to",
+            "queues"
+        ])
+        .0,
         0
     );
     let (_, out, _) = run(vec!["-q", "-p", "ctl-v", "list_policies"]);
     assert!(out.contains("cap\t^ctl\tqueues"), "{out}");
     let (_, out, _) = run(vec!["-q", "--no-table-headers", "list_connections", "user"]);
     assert_eq!(out, "carol\n");
-    let (code, out, _) = run(vec!["-q", "--formatter", "json", "list_connections", "name"]);
+    let (code, out, _) = run(vec![
+        "-q",
+        "--formatter",
+        "json",
+        "list_connections",
+        "name",
+    ]);
     assert_eq!(code, 0);
     let conns: Value = serde_json::from_str(out.trim()).unwrap();
     let name = conns[0]["name"].as_str().unwrap().to_string();
@@ -106,7 +154,11 @@ async fn rabbitmqctl_commands_work_over_the_api() {
     let (code, _, _) = tokio::task::block_in_place(|| ctl(b2, &["export_definitions", &f]));
     assert_eq!(code, 0);
     let d: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-    assert!(d["queues"].as_array().unwrap().iter().any(|q| q["name"] == "ctl-q"));
+    assert!(d["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|q| q["name"] == "ctl-q"));
     assert_eq!(run(vec!["delete_queue", "-p", "ctl-v", "ctl-q"]).0, 0);
     let (code, _, _) = tokio::task::block_in_place(|| ctl(b2, &["import_definitions", &f]));
     assert_eq!(code, 0);

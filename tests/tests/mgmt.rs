@@ -112,15 +112,28 @@ async fn vhosts_users_and_permissions_made_by_the_api_work_over_amqp() {
     let v = rc.get_vhost("v1").await.unwrap();
     assert_eq!(v.name, "v1");
     assert_eq!(v.description.as_deref(), Some("first"));
-    let names: Vec<String> = rc.list_vhosts().await.unwrap().into_iter().map(|v| v.name).collect();
+    let names: Vec<String> = rc
+        .list_vhosts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
     assert_eq!(names, vec!["/".to_string(), "v1".to_string()]);
 
     let h = hash("s3cret");
-    rc.create_user(&user_params("alice", &h, "monitoring")).await.unwrap();
+    rc.create_user(&user_params("alice", &h, "monitoring"))
+        .await
+        .unwrap();
     let alice = rc.get_user("alice").await.unwrap();
     assert_eq!(alice.name, "alice");
     assert_eq!(alice.password_hash, h);
-    assert!(rc.list_users().await.unwrap().iter().any(|u| u.name == "alice"));
+    assert!(rc
+        .list_users()
+        .await
+        .unwrap()
+        .iter()
+        .any(|u| u.name == "alice"));
     assert!(rc
         .list_users_without_permissions()
         .await
@@ -148,7 +161,10 @@ async fn vhosts_users_and_permissions_made_by_the_api_work_over_amqp() {
     })
     .await
     .unwrap();
-    assert_eq!(rc.list_topic_permissions_of("alice").await.unwrap().len(), 1);
+    assert_eq!(
+        rc.list_topic_permissions_of("alice").await.unwrap().len(),
+        1
+    );
 
     // The user the API made logs in over AMQP, into the vhost the API made, with the
     // permissions the API set.
@@ -162,7 +178,11 @@ async fn vhosts_users_and_permissions_made_by_the_api_work_over_amqp() {
     declare(&ch, "alice.q").await;
     let ch2 = conn.create_channel().await.unwrap();
     let e = ch2
-        .queue_declare("bob.q".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .queue_declare(
+            "bob.q".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap_err();
     assert_eq!(code(&e), 403);
@@ -172,13 +192,24 @@ async fn vhosts_users_and_permissions_made_by_the_api_work_over_amqp() {
     // A monitoring user reads the API; it cannot manage users.
     let mon = Client::new(api(&b), "alice".to_string(), "s3cret".to_string());
     assert_eq!(mon.list_queues().await.unwrap().len(), 1);
-    let (status, _, body) = raw(reqwest::Method::GET, &format!("{}/users", api(&b)), Some(("alice", "s3cret")), None).await;
+    let (status, _, body) = raw(
+        reqwest::Method::GET,
+        &format!("{}/users", api(&b)),
+        Some(("alice", "s3cret")),
+        None,
+    )
+    .await;
     assert_eq!(status, 401);
-    assert_eq!(body, json!({"error": "not_authorised", "reason": "Not administrator user"}));
+    assert_eq!(
+        body,
+        json!({"error": "not_authorised", "reason": "Not administrator user"})
+    );
 
     // A password change through the API takes effect for the next login.
     let h2 = hash("changed");
-    rc.create_user(&user_params("alice", &h2, "monitoring")).await.unwrap();
+    rc.create_user(&user_params("alice", &h2, "monitoring"))
+        .await
+        .unwrap();
     let e = Connection::connect(
         &amqp_url(&b, "alice", "s3cret", "v1"),
         ConnectionProperties::default(),
@@ -215,9 +246,12 @@ async fn deleting_a_vhost_closes_its_connections_and_removes_its_entities() {
     .await
     .unwrap();
     rc.grant_full_permissions("guest", "gone").await.unwrap();
-    let conn = Connection::connect(&amqp_url(&b, "guest", "guest", "gone"), ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = Connection::connect(
+        &amqp_url(&b, "guest", "guest", "gone"),
+        ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.queue_declare(
         "durable.q".into(),
@@ -284,9 +318,14 @@ async fn topology_messages_and_bindings_through_the_api() {
     let bs = rc.list_queue_bindings("/", "api.q").await.unwrap();
     // The default exchange's implicit binding, then ours.
     assert_eq!(bs.len(), 2);
-    assert!(bs.iter().any(|x| x.source == "api.x" && x.routing_key == "a.#"));
+    assert!(bs
+        .iter()
+        .any(|x| x.source == "api.x" && x.routing_key == "a.#"));
     assert_eq!(
-        rc.list_exchange_bindings_with_source("/", "api.x").await.unwrap().len(),
+        rc.list_exchange_bindings_with_source("/", "api.x")
+            .await
+            .unwrap()
+            .len(),
         1
     );
 
@@ -303,14 +342,23 @@ async fn topology_messages_and_bindings_through_the_api() {
     let q = rc.get_queue_info("/", "api.q").await.unwrap();
     assert_eq!(q.message_count, 1);
     assert!(q.durable);
-    let got = rc.get_messages("/", "api.q", 5, "ack_requeue_true").await.unwrap();
+    let got = rc
+        .get_messages("/", "api.q", 5, "ack_requeue_true")
+        .await
+        .unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].payload, "hello");
     assert_eq!(got[0].routing_key, "a.b");
     // Requeued: still there, and redelivered next time.
-    let got = rc.get_messages("/", "api.q", 5, "ack_requeue_false").await.unwrap();
+    let got = rc
+        .get_messages("/", "api.q", 5, "ack_requeue_false")
+        .await
+        .unwrap();
     assert!(got[0].redelivered);
-    assert_eq!(rc.get_queue_info("/", "api.q").await.unwrap().message_count, 0);
+    assert_eq!(
+        rc.get_queue_info("/", "api.q").await.unwrap().message_count,
+        0
+    );
 
     // The same over AMQP: what the API declared works for clients.
     let (_c, ch) = channel(&b).await;
@@ -333,7 +381,10 @@ async fn topology_messages_and_bindings_through_the_api() {
     }
     assert_eq!(n, 1);
     rc.purge_queue("/", "api.q").await.unwrap();
-    assert_eq!(rc.get_queue_info("/", "api.q").await.unwrap().message_count, 0);
+    assert_eq!(
+        rc.get_queue_info("/", "api.q").await.unwrap().message_count,
+        0
+    );
 
     rc.delete_exchange("/", "api.x", false).await.unwrap();
     assert!(rc.get_exchange_info("/", "api.x").await.is_err());
@@ -351,7 +402,9 @@ async fn connections_channels_and_consumers_are_listed_and_closed() {
     declare(&ch, "cq").await;
     ch.basic_qos(7, Default::default()).await.unwrap();
     let _consumer = consume(&ch, "cq", false).await;
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     ch.basic_publish(
         "".into(),
         "cq".into(),
@@ -378,11 +431,23 @@ async fn connections_channels_and_consumers_are_listed_and_closed() {
     assert_eq!(consumers[0].queue.name, "cq");
 
     // Counters: the publish reached the channel, the queue and the node.
-    let (_, _, q) = raw(reqwest::Method::GET, &format!("{}/queues/%2F/cq", api(&b)), GUEST, None).await;
+    let (_, _, q) = raw(
+        reqwest::Method::GET,
+        &format!("{}/queues/%2F/cq", api(&b)),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(q["message_stats"]["publish"], 1);
     assert_eq!(q["message_stats"]["deliver"], 1);
     assert_eq!(q["messages_unacknowledged"], 1);
-    let (_, _, o) = raw(reqwest::Method::GET, &format!("{}/overview", api(&b)), GUEST, None).await;
+    let (_, _, o) = raw(
+        reqwest::Method::GET,
+        &format!("{}/overview", api(&b)),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(o["message_stats"]["publish"], 1);
     assert_eq!(o["message_stats"]["confirm"], 1);
     assert_eq!(o["object_totals"]["consumers"], 1);
@@ -398,7 +463,9 @@ async fn connections_channels_and_consumers_are_listed_and_closed() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    rc.close_connection(&raw_name, Some("maintenance"), false).await.unwrap();
+    rc.close_connection(&raw_name, Some("maintenance"), false)
+        .await
+        .unwrap();
     let (code, text) = read_until_close(&mut s).await;
     assert_eq!(code, 320);
     assert_eq!(text, "CONNECTION_FORCED - maintenance");
@@ -422,7 +489,9 @@ async fn rates_are_counter_growth_per_second() {
     let b = broker_http().await;
     let (_c, ch) = channel(&b).await;
     declare(&ch, "rq").await;
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     for _ in 0..1000 {
         ch.basic_publish(
             "".into(),
@@ -436,13 +505,31 @@ async fn rates_are_counter_growth_per_second() {
     }
     ch.wait_for_confirms().await.unwrap();
     b.broker.sample_rates(5.0);
-    let (_, _, q) = raw(reqwest::Method::GET, &format!("{}/queues/%2F/rq", api(&b)), GUEST, None).await;
+    let (_, _, q) = raw(
+        reqwest::Method::GET,
+        &format!("{}/queues/%2F/rq", api(&b)),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(q["message_stats"]["publish_details"]["rate"], 200.0);
     assert_eq!(q["messages_details"]["rate"], 200.0);
-    let (_, _, o) = raw(reqwest::Method::GET, &format!("{}/overview", api(&b)), GUEST, None).await;
+    let (_, _, o) = raw(
+        reqwest::Method::GET,
+        &format!("{}/overview", api(&b)),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(o["message_stats"]["publish_details"]["rate"], 200.0);
     b.broker.sample_rates(5.0);
-    let (_, _, q) = raw(reqwest::Method::GET, &format!("{}/queues/%2F/rq", api(&b)), GUEST, None).await;
+    let (_, _, q) = raw(
+        reqwest::Method::GET,
+        &format!("{}/queues/%2F/rq", api(&b)),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(q["message_stats"]["publish_details"]["rate"], 0.0);
     assert_eq!(q["message_stats"]["publish"], 1000);
     b.stop().await;
@@ -457,35 +544,89 @@ async fn status_codes_headers_and_error_bodies_are_rabbitmqs() {
     assert_eq!(s, 401);
     assert!(h["www-authenticate"].to_str().unwrap().starts_with("Basic"));
     assert_eq!(body, json!(""));
-    let (s, h, body) = raw(M::GET, &format!("{a}/overview"), Some(("guest", "nope")), None).await;
+    let (s, h, body) = raw(
+        M::GET,
+        &format!("{a}/overview"),
+        Some(("guest", "nope")),
+        None,
+    )
+    .await;
     assert_eq!(s, 401);
     assert!(h.contains_key("www-authenticate"));
-    assert_eq!(body, json!({"error": "not_authorized", "reason": "Login failed"}));
+    assert_eq!(
+        body,
+        json!({"error": "not_authorized", "reason": "Login failed"})
+    );
     // Reserved names are an access refusal: 401 "Access refused.", as RabbitMQ.
     let (s, _, body) = raw(M::PUT, &format!("{a}/queues/%2F/amq.x"), GUEST, Some("{}")).await;
-    assert_eq!((s, body), (401, json!({"error": "not_authorised", "reason": "Access refused."})));
+    assert_eq!(
+        (s, body),
+        (
+            401,
+            json!({"error": "not_authorised", "reason": "Access refused."})
+        )
+    );
     let (s, _, body) = raw(M::GET, &format!("{a}/queues/%2F/nope"), GUEST, None).await;
     assert_eq!(s, 404);
-    assert_eq!(body, json!({"error": "Object Not Found", "reason": "Not Found"}));
+    assert_eq!(
+        body,
+        json!({"error": "Object Not Found", "reason": "Not Found"})
+    );
     let (s, _, _) = raw(M::GET, &format!("{a}/queues/novhost"), GUEST, None).await;
     assert_eq!(s, 404);
-    let (s, _, body) = raw(M::PUT, &format!("{a}/queues/%2F/bad"), GUEST, Some("{not json")).await;
+    let (s, _, body) = raw(
+        M::PUT,
+        &format!("{a}/queues/%2F/bad"),
+        GUEST,
+        Some("{not json"),
+    )
+    .await;
     assert_eq!(s, 400);
     assert_eq!(body["error"], "bad_request");
-    let (s, _, body) = raw(M::GET, &format!("{a}/queues?page=1&page_size=501"), GUEST, None).await;
+    let (s, _, body) = raw(
+        M::GET,
+        &format!("{a}/queues?page=1&page_size=501"),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(s, 400);
     assert_eq!(body["error"], "invalid_pagination_parameters");
     // Without page, page_size is ignored, as RabbitMQ does.
     let (s, _, _) = raw(M::GET, &format!("{a}/queues?page_size=501"), GUEST, None).await;
     assert_eq!(s, 200);
-    let (s, _, _) = raw(M::GET, &format!("{a}/queues?page=1&name=(&use_regex=true"), GUEST, None).await;
+    let (s, _, _) = raw(
+        M::GET,
+        &format!("{a}/queues?page=1&name=(&use_regex=true"),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(s, 400);
     // PUT: 201 on create, 204 on update; a trailing slash is the same route.
-    let (s, _, _) = raw(M::PUT, &format!("{a}/queues/%2F/tq"), GUEST, Some("{\"durable\":false}")).await;
+    let (s, _, _) = raw(
+        M::PUT,
+        &format!("{a}/queues/%2F/tq"),
+        GUEST,
+        Some("{\"durable\":false}"),
+    )
+    .await;
     assert_eq!(s, 201);
-    let (s, _, _) = raw(M::PUT, &format!("{a}/queues/%2F/tq"), GUEST, Some("{\"durable\":false}")).await;
+    let (s, _, _) = raw(
+        M::PUT,
+        &format!("{a}/queues/%2F/tq"),
+        GUEST,
+        Some("{\"durable\":false}"),
+    )
+    .await;
     assert_eq!(s, 204);
-    let (s, _, body) = raw(M::PUT, &format!("{a}/queues/%2F/tq"), GUEST, Some("{\"durable\":true}")).await;
+    let (s, _, body) = raw(
+        M::PUT,
+        &format!("{a}/queues/%2F/tq"),
+        GUEST,
+        Some("{\"durable\":true}"),
+    )
+    .await;
     assert_eq!(s, 400, "an inequivalent redeclare is refused: {body}");
     assert_eq!(
         body["reason"],
@@ -505,21 +646,51 @@ async fn status_codes_headers_and_error_bodies_are_rabbitmqs() {
     assert_eq!(s, 201);
     let loc = h["location"].to_str().unwrap().to_string();
     assert_eq!(loc, "tq/k%201", "relative, as RabbitMQ's");
-    let (_, _, bs) = raw(M::GET, &format!("{a}/bindings/%2F/e/amq.direct/q/tq"), GUEST, None).await;
+    let (_, _, bs) = raw(
+        M::GET,
+        &format!("{a}/bindings/%2F/e/amq.direct/q/tq"),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(bs[0]["properties_key"], "k%201");
-    let (s, _, _) = raw(M::DELETE, &format!("{a}/bindings/%2F/e/amq.direct/q/tq/k%201"), GUEST, None).await;
+    let (s, _, _) = raw(
+        M::DELETE,
+        &format!("{a}/bindings/%2F/e/amq.direct/q/tq/k%201"),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(s, 204);
-    let (s, _, _) = raw(M::DELETE, &format!("{a}/bindings/%2F/e/amq.direct/q/tq/k%201"), GUEST, None).await;
+    let (s, _, _) = raw(
+        M::DELETE,
+        &format!("{a}/bindings/%2F/e/amq.direct/q/tq/k%201"),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(s, 404);
     // The default exchange is amq.default in paths.
-    let (s, _, x) = raw(M::GET, &format!("{a}/exchanges/%2F/amq.default"), GUEST, None).await;
+    let (s, _, x) = raw(
+        M::GET,
+        &format!("{a}/exchanges/%2F/amq.default"),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(s, 200);
     assert_eq!(x["name"], "");
     // Pagination.
     for i in 0..7 {
         raw(M::PUT, &format!("{a}/queues/%2F/p{i}"), GUEST, Some("{}")).await;
     }
-    let (_, _, page) = raw(M::GET, &format!("{a}/queues?page=2&page_size=3&name=p"), GUEST, None).await;
+    let (_, _, page) = raw(
+        M::GET,
+        &format!("{a}/queues?page=2&page_size=3&name=p"),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(page["total_count"], 8);
     assert_eq!(page["filtered_count"], 7);
     assert_eq!(page["page_count"], 3);
@@ -537,12 +708,30 @@ async fn status_codes_headers_and_error_bodies_are_rabbitmqs() {
     let (s, _, body) = raw(M::GET, &format!("{a}/health/checks/alarms"), GUEST, None).await;
     assert_eq!((s, body), (200, json!({"status": "ok"})));
     let port = b.addr.port();
-    let (s, _, _) = raw(M::GET, &format!("{a}/health/checks/port-listener/{port}"), GUEST, None).await;
+    let (s, _, _) = raw(
+        M::GET,
+        &format!("{a}/health/checks/port-listener/{port}"),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(s, 200);
-    let (s, _, body) = raw(M::GET, &format!("{a}/health/checks/port-listener/1"), GUEST, None).await;
+    let (s, _, body) = raw(
+        M::GET,
+        &format!("{a}/health/checks/port-listener/1"),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(s, 503);
     assert_eq!(body["status"], "failed");
-    let (s, _, _) = raw(M::GET, &format!("{a}/health/checks/protocol-listener/amqp"), GUEST, None).await;
+    let (s, _, _) = raw(
+        M::GET,
+        &format!("{a}/health/checks/protocol-listener/amqp"),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(s, 200);
     let (s, _, body) = raw(M::GET, &format!("{a}/aliveness-test/%2F"), GUEST, None).await;
     assert_eq!((s, body), (200, json!({"status": "ok"})));
@@ -554,16 +743,35 @@ async fn vhost_limits_are_enforced() {
     let b = broker_http().await;
     let a = api(&b);
     use reqwest::Method as M;
-    let (s, _, _) = raw(M::PUT, &format!("{a}/vhost-limits/%2F/max-queues"), GUEST, Some("{\"value\":1}")).await;
+    let (s, _, _) = raw(
+        M::PUT,
+        &format!("{a}/vhost-limits/%2F/max-queues"),
+        GUEST,
+        Some("{\"value\":1}"),
+    )
+    .await;
     assert_eq!(s, 204);
-    let (s, _, _) = raw(M::PUT, &format!("{a}/vhost-limits/%2F/max-connections"), GUEST, Some("{\"value\":1}")).await;
+    let (s, _, _) = raw(
+        M::PUT,
+        &format!("{a}/vhost-limits/%2F/max-connections"),
+        GUEST,
+        Some("{\"value\":1}"),
+    )
+    .await;
     assert_eq!(s, 204);
     let (_, _, l) = raw(M::GET, &format!("{a}/vhost-limits/%2F"), GUEST, None).await;
-    assert_eq!(l, json!([{"vhost": "/", "value": {"max-queues": 1, "max-connections": 1}}]));
+    assert_eq!(
+        l,
+        json!([{"vhost": "/", "value": {"max-queues": 1, "max-connections": 1}}])
+    );
     let (_c, ch) = channel(&b).await;
     declare(&ch, "one").await;
     let e = ch
-        .queue_declare("two".into(), QueueDeclareOptions::default(), FieldTable::default())
+        .queue_declare(
+            "two".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap_err();
     assert_eq!(code(&e), 406);
@@ -571,7 +779,13 @@ async fn vhost_limits_are_enforced() {
         .await
         .unwrap_err();
     assert_eq!(code(&e), 530);
-    let (s, _, _) = raw(M::DELETE, &format!("{a}/vhost-limits/%2F/max-connections"), GUEST, None).await;
+    let (s, _, _) = raw(
+        M::DELETE,
+        &format!("{a}/vhost-limits/%2F/max-connections"),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(s, 204);
     Connection::connect(&b.url(), ConnectionProperties::default())
         .await
@@ -593,7 +807,10 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
                 ["counter", "gauge", "untyped", "histogram", "summary"].contains(&kind.as_str()),
                 "{line}"
             );
-            assert!(types.insert(name.clone(), kind).is_none(), "family {name} twice");
+            assert!(
+                types.insert(name.clone(), kind).is_none(),
+                "family {name} twice"
+            );
             continue;
         }
         if line.starts_with('#') || line.is_empty() {
@@ -602,7 +819,8 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
         let (key, value) = line.rsplit_once(' ').unwrap();
         let name = key.split('{').next().unwrap();
         assert!(
-            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
             "bad name in {line}"
         );
         assert!(types.contains_key(name), "sample before its TYPE: {line}");
@@ -611,8 +829,13 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
                 assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
             }
         }
-        let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line}"));
-        assert!(out.insert(key.to_string(), v).is_none(), "duplicate sample {key}");
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        assert!(
+            out.insert(key.to_string(), v).is_none(),
+            "duplicate sample {key}"
+        );
     }
     out
 }
@@ -636,7 +859,12 @@ async fn prometheus_metrics_have_rabbitmq_names_and_parse() {
     let base = format!("http://{}", b.prometheus.unwrap());
     let mut m = HashMap::new();
     for _ in 0..50 {
-        let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+        let text = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         m = parse_prometheus(&text);
         if m.get("rabbitmq_queue_messages_ready") == Some(&3.0) {
             break;
@@ -647,14 +875,30 @@ async fn prometheus_metrics_have_rabbitmq_names_and_parse() {
     assert_eq!(m["rabbitmq_connections"], 1.0);
     assert_eq!(m["rabbitmq_channels"], 1.0);
     assert_eq!(m["rabbitmq_queues"], 1.0);
-    assert_eq!(m["rabbitmq_global_messages_received_total{protocol=\"amqp091\"}"], 3.0);
-    assert!(m.keys().any(|k| k.starts_with("rabbitmq_identity_info{rabbitmq_node=")));
+    assert_eq!(
+        m["rabbitmq_global_messages_received_total{protocol=\"amqp091\"}"],
+        3.0
+    );
+    assert!(m
+        .keys()
+        .any(|k| k.starts_with("rabbitmq_identity_info{rabbitmq_node=")));
     assert!(m.keys().any(|k| k.starts_with("rabbitmq_build_info{")));
     assert!(m["rabbitmq_process_resident_memory_bytes"] > 0.0);
-    let text = reqwest::get(format!("{base}/metrics/per-object")).await.unwrap().text().await.unwrap();
+    let text = reqwest::get(format!("{base}/metrics/per-object"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let m = parse_prometheus(&text);
-    assert_eq!(m["rabbitmq_queue_messages_ready{vhost=\"/\",queue=\"mq\"}"], 3.0);
-    assert_eq!(m["rabbitmq_queue_messages_published_total{vhost=\"/\",queue=\"mq\"}"], 3.0);
+    assert_eq!(
+        m["rabbitmq_queue_messages_ready{vhost=\"/\",queue=\"mq\"}"],
+        3.0
+    );
+    assert_eq!(
+        m["rabbitmq_queue_messages_published_total{vhost=\"/\",queue=\"mq\"}"],
+        3.0
+    );
     let text = reqwest::get(format!(
         "{base}/metrics/detailed?family=queue_coarse_metrics&family=queue_consumer_count"
     ))
@@ -664,9 +908,17 @@ async fn prometheus_metrics_have_rabbitmq_names_and_parse() {
     .await
     .unwrap();
     let m = parse_prometheus(&text);
-    assert_eq!(m["rabbitmq_detailed_queue_messages_ready{vhost=\"/\",queue=\"mq\"}"], 3.0);
-    assert_eq!(m["rabbitmq_detailed_queue_consumers{vhost=\"/\",queue=\"mq\"}"], 0.0);
-    assert!(!m.keys().any(|k| k.starts_with("rabbitmq_detailed_queue_messages_published")));
+    assert_eq!(
+        m["rabbitmq_detailed_queue_messages_ready{vhost=\"/\",queue=\"mq\"}"],
+        3.0
+    );
+    assert_eq!(
+        m["rabbitmq_detailed_queue_consumers{vhost=\"/\",queue=\"mq\"}"],
+        0.0
+    );
+    assert!(!m
+        .keys()
+        .any(|k| k.starts_with("rabbitmq_detailed_queue_messages_published")));
     b.stop().await;
 }
 
@@ -678,7 +930,10 @@ async fn policies_apply_to_existing_and_new_queues_and_merge_as_rabbitmq() {
     let (_c, ch) = channel(&b).await;
     // A queue with its own max-length 10 and dead-letter exchange, declared before any policy.
     let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongLongInt(10));
+    args.insert(
+        "x-max-length".into(),
+        lapin::types::AMQPValue::LongLongInt(10),
+    );
     args.insert(
         "x-dead-letter-exchange".into(),
         lapin::types::AMQPValue::LongString("mine".into()),
@@ -687,9 +942,15 @@ async fn policies_apply_to_existing_and_new_queues_and_merge_as_rabbitmq() {
         .await
         .unwrap();
     for i in 0..8u8 {
-        ch.basic_publish("".into(), "pol.a".into(), BasicPublishOptions::default(), &[i], BasicProperties::default())
-            .await
-            .unwrap();
+        ch.basic_publish(
+            "".into(),
+            "pol.a".into(),
+            BasicPublishOptions::default(),
+            &[i],
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
     }
     let (s, _, _) = raw(
         M::PUT,
@@ -706,7 +967,17 @@ async fn policies_apply_to_existing_and_new_queues_and_merge_as_rabbitmq() {
     assert_eq!(q["messages"], 5);
     assert_eq!(q["effective_policy_definition"]["max-length"], 5);
     // The queue's own dead-letter exchange wins over the policy's.
-    assert_eq!(b.broker.vhost("/").unwrap().queue("pol.a").unwrap().args().dead_letter_exchange.as_deref(), Some("mine"));
+    assert_eq!(
+        b.broker
+            .vhost("/")
+            .unwrap()
+            .queue("pol.a")
+            .unwrap()
+            .args()
+            .dead_letter_exchange
+            .as_deref(),
+        Some("mine")
+    );
     // An operator policy with a lower limit wins over both.
     let (s, _, _) = raw(
         M::PUT,
@@ -729,21 +1000,42 @@ async fn policies_apply_to_existing_and_new_queues_and_merge_as_rabbitmq() {
     .await;
     assert_eq!(s, 201);
     declare(&ch, "ttl.q").await;
-    ch.basic_publish("".into(), "ttl.q".into(), BasicPublishOptions::default(), b"x", BasicProperties::default())
-        .await
-        .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "ttl.q".into(),
+        BasicPublishOptions::default(),
+        b"x",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, _, q) = raw(M::GET, &format!("{a}/queues/%2F/ttl.q"), GUEST, None).await;
     assert_eq!(q["policy"], "short");
     assert_eq!(q["messages"], 0, "expired by the policy's TTL");
     // Removing the policy restores the queue's own arguments.
-    let (s, _, _) = raw(M::DELETE, &format!("{a}/operator-policies/%2F/cap"), GUEST, None).await;
+    let (s, _, _) = raw(
+        M::DELETE,
+        &format!("{a}/operator-policies/%2F/cap"),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(s, 204);
     let (s, _, _) = raw(M::DELETE, &format!("{a}/policies/%2F/limits"), GUEST, None).await;
     assert_eq!(s, 204);
     let (_, _, q) = raw(M::GET, &format!("{a}/queues/%2F/pol.a"), GUEST, None).await;
     assert_eq!(q["policy"], Value::Null);
-    assert_eq!(b.broker.vhost("/").unwrap().queue("pol.a").unwrap().args().max_length, Some(10));
+    assert_eq!(
+        b.broker
+            .vhost("/")
+            .unwrap()
+            .queue("pol.a")
+            .unwrap()
+            .args()
+            .max_length,
+        Some(10)
+    );
     // Listing and validation.
     let (_, _, l) = raw(M::GET, &format!("{a}/policies"), GUEST, None).await;
     assert_eq!(l.as_array().map(|l| l.len()), Some(1));
@@ -758,7 +1050,10 @@ async fn policies_apply_to_existing_and_new_queues_and_merge_as_rabbitmq() {
     )
     .await;
     assert_eq!(s, 400);
-    assert!(body["reason"].as_str().unwrap().contains("are not recognised policy settings"));
+    assert!(body["reason"]
+        .as_str()
+        .unwrap()
+        .contains("are not recognised policy settings"));
     let (s, _, _) = raw(
         M::PUT,
         &format!("{a}/policies/%2F/bad"),
@@ -810,9 +1105,24 @@ async fn policies_survive_a_restart() {
         c.http_listen = warren_broker::config::parse_listen("127.0.0.1:0").unwrap();
     })
     .await;
-    let (_, _, q) = raw(reqwest::Method::GET, &format!("{}/queues/%2F/d.q", api(&b)), GUEST, None).await;
+    let (_, _, q) = raw(
+        reqwest::Method::GET,
+        &format!("{}/queues/%2F/d.q", api(&b)),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(q["policy"], "keep");
-    assert_eq!(b.broker.vhost("/").unwrap().queue("d.q").unwrap().args().max_length, Some(2));
+    assert_eq!(
+        b.broker
+            .vhost("/")
+            .unwrap()
+            .queue("d.q")
+            .unwrap()
+            .args()
+            .max_length,
+        Some(2)
+    );
     b.stop().await;
 }
 
@@ -826,40 +1136,91 @@ async fn definitions_from_rabbitmq_import_and_round_trip() {
     let a = api(&b);
     use reqwest::Method as M;
     let file = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/rabbitmq-3.10-definitions.json"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/rabbitmq-3.10-definitions.json"),
     )
     .unwrap();
     let (s, _, body) = raw(M::POST, &format!("{a}/definitions"), GUEST, Some(&file)).await;
     assert_eq!(s, 204, "{body}");
     // alice's password is "secret" in the RabbitMQ that exported the file.
-    let c = Connection::connect(&amqp_url(&b, "alice", "secret", "/"), ConnectionProperties::default())
-        .await
-        .expect("a user imported from RabbitMQ logs in");
+    let c = Connection::connect(
+        &amqp_url(&b, "alice", "secret", "/"),
+        ConnectionProperties::default(),
+    )
+    .await
+    .expect("a user imported from RabbitMQ logs in");
     drop(c);
     let rc = client(&b);
-    assert_eq!(rc.get_queue_info("/", "q1").await.unwrap().arguments.0.get("x-message-ttl"), Some(&json!(3600000)));
+    assert_eq!(
+        rc.get_queue_info("/", "q1")
+            .await
+            .unwrap()
+            .arguments
+            .0
+            .get("x-message-ttl"),
+        Some(&json!(3600000))
+    );
     let (_, _, q1) = raw(M::GET, &format!("{a}/queues/%2F/q1"), GUEST, None).await;
     assert_eq!(q1["policy"], "p1");
     assert_eq!(q1["operator_policy"], "op1");
     let (_, _, l) = raw(M::GET, &format!("{a}/vhost-limits/v1"), GUEST, None).await;
     assert_eq!(l[0]["value"]["max-connections"], 10);
-    assert_eq!(rc.list_exchange_bindings_with_source("/", "ex1").await.unwrap().len(), 2);
+    assert_eq!(
+        rc.list_exchange_bindings_with_source("/", "ex1")
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 
     let (s, _, exported) = raw(M::GET, &format!("{a}/definitions"), GUEST, None).await;
     assert_eq!(s, 200);
-    for key in ["users", "vhosts", "permissions", "topic_permissions", "parameters",
-                "global_parameters", "policies", "queues", "exchanges", "bindings"] {
+    for key in [
+        "users",
+        "vhosts",
+        "permissions",
+        "topic_permissions",
+        "parameters",
+        "global_parameters",
+        "policies",
+        "queues",
+        "exchanges",
+        "bindings",
+    ] {
         assert!(exported[key].is_array(), "{key} missing");
     }
     let b2 = broker_http().await;
-    let (s, _, body) = raw(M::POST, &format!("{}/definitions", api(&b2)), GUEST, Some(&exported.to_string())).await;
+    let (s, _, body) = raw(
+        M::POST,
+        &format!("{}/definitions", api(&b2)),
+        GUEST,
+        Some(&exported.to_string()),
+    )
+    .await;
     assert_eq!(s, 204, "{body}");
     let (_, _, again) = raw(M::GET, &format!("{}/definitions", api(&b2)), GUEST, None).await;
-    for key in ["vhosts", "permissions", "topic_permissions", "parameters", "policies", "queues", "exchanges", "bindings"] {
-        assert_eq!(again[key], exported[key], "{key} differs after a round trip");
+    for key in [
+        "vhosts",
+        "permissions",
+        "topic_permissions",
+        "parameters",
+        "policies",
+        "queues",
+        "exchanges",
+        "bindings",
+    ] {
+        assert_eq!(
+            again[key], exported[key],
+            "{key} differs after a round trip"
+        );
     }
     let names = |v: &Value| -> Vec<String> {
-        let mut n: Vec<String> = v.as_array().unwrap().iter().map(|u| u["name"].as_str().unwrap().to_string()).collect();
+        let mut n: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["name"].as_str().unwrap().to_string())
+            .collect();
         n.sort();
         n
     };
@@ -877,7 +1238,10 @@ async fn definitions_from_rabbitmq_import_and_round_trip() {
     )
     .await;
     assert_eq!(s, 400);
-    assert!(body["reason"].as_str().unwrap().contains("queue 'bad'"), "{body}");
+    assert!(
+        body["reason"].as_str().unwrap().contains("queue 'bad'"),
+        "{body}"
+    );
     b.stop().await;
     b2.stop().await;
 }
@@ -912,16 +1276,37 @@ async fn load_definitions_at_start_creates_only_what_is_missing() {
         })
     };
     let b = start(file.clone(), data.clone()).await;
-    let c = Connection::connect(&amqp_url(&b, "app", "app-pw", "prod"), ConnectionProperties::default())
-        .await
-        .expect("the user the file defines logs in");
+    let c = Connection::connect(
+        &amqp_url(&b, "app", "app-pw", "prod"),
+        ConnectionProperties::default(),
+    )
+    .await
+    .expect("the user the file defines logs in");
     let ch = c.create_channel().await.unwrap();
-    ch.basic_publish("work".into(), "jobs".into(), BasicPublishOptions::default(), b"j", BasicProperties::default())
-        .await
-        .unwrap();
-    let (_, _, q) = raw(reqwest::Method::GET, &format!("{}/queues/prod/jobs", api(&b)), GUEST, None).await;
+    ch.basic_publish(
+        "work".into(),
+        "jobs".into(),
+        BasicPublishOptions::default(),
+        b"j",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let (_, _, q) = raw(
+        reqwest::Method::GET,
+        &format!("{}/queues/prod/jobs", api(&b)),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(q["policy"], "cap");
-    let (_, _, v) = raw(reqwest::Method::GET, &format!("{}/vhosts/prod", api(&b)), GUEST, None).await;
+    let (_, _, v) = raw(
+        reqwest::Method::GET,
+        &format!("{}/vhosts/prod", api(&b)),
+        GUEST,
+        None,
+    )
+    .await;
     assert_eq!(v["description"], "production");
     drop(c);
     // An operator changes the password; a restart with the same file keeps the change.
@@ -935,9 +1320,12 @@ async fn load_definitions_at_start_creates_only_what_is_missing() {
     assert_eq!(s, 204);
     b.stop().await;
     let b = start(file.clone(), data.clone()).await;
-    Connection::connect(&amqp_url(&b, "app", "changed", "prod"), ConnectionProperties::default())
-        .await
-        .expect("the existing user was left alone");
+    Connection::connect(
+        &amqp_url(&b, "app", "changed", "prod"),
+        ConnectionProperties::default(),
+    )
+    .await
+    .expect("the existing user was left alone");
     b.stop().await;
     // A file that does not parse stops the start.
     std::fs::write(&file, "{not json").unwrap();

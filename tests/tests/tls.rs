@@ -31,7 +31,9 @@ impl Pki {
         std::fs::create_dir_all(&dir).unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, "warren test CA");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "warren test CA");
         let key = KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
         let ca_pem = cert.pem();
@@ -104,14 +106,23 @@ async fn tls_broker(pki: &Pki, with_ca: bool) -> warren_broker::Running {
 
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
-async fn connect_tls(b: &warren_broker::Running, cfg: Arc<rustls::ClientConfig>) -> std::io::Result<Tls> {
+async fn connect_tls(
+    b: &warren_broker::Running,
+    cfg: Arc<rustls::ClientConfig>,
+) -> std::io::Result<Tls> {
     let tcp = tokio::net::TcpStream::connect(b.amqps.unwrap()).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
 }
 
 /// Reads frames until `want` matches one; returns it.
-async fn read_until<T>(s: &mut Tls, buf: &mut bytes::BytesMut, mut want: impl FnMut(&Frame) -> Option<T>) -> T {
+async fn read_until<T>(
+    s: &mut Tls,
+    buf: &mut bytes::BytesMut,
+    mut want: impl FnMut(&Frame) -> Option<T>,
+) -> T {
     let d = Decoder::new(0);
     loop {
         while let Some(f) = d.decode(buf).unwrap() {
@@ -129,21 +140,32 @@ async fn read_until<T>(s: &mut Tls, buf: &mut bytes::BytesMut, mut want: impl Fn
 
 /// Runs the AMQP handshake over TLS with `mechanism`; returns the mechanisms the server
 /// offered and the outcome (open-ok or the close's code and text).
-async fn handshake(s: &mut Tls, mechanism: &str, response: &[u8]) -> (String, Result<(), (u16, String)>) {
+async fn handshake(
+    s: &mut Tls,
+    mechanism: &str,
+    response: &[u8],
+) -> (String, Result<(), (u16, String)>) {
     s.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
     let mut buf = bytes::BytesMut::new();
     let mechs = read_until(s, &mut buf, |f| match f {
-        Frame::Method { class: AMQPClass::Connection(connection::AMQPMethod::Start(st)), .. } => {
-            Some(String::from_utf8_lossy(st.mechanisms.as_bytes()).into_owned())
-        }
+        Frame::Method {
+            class: AMQPClass::Connection(connection::AMQPMethod::Start(st)),
+            ..
+        } => Some(String::from_utf8_lossy(st.mechanisms.as_bytes()).into_owned()),
         _ => None,
     })
     .await;
     let mut v = Vec::new();
     let mut caps = warren_protocol::FieldTable::default();
-    caps.insert("authentication_failure_close".into(), warren_protocol::AMQPValue::Boolean(true));
+    caps.insert(
+        "authentication_failure_close".into(),
+        warren_protocol::AMQPValue::Boolean(true),
+    );
     let mut props = warren_protocol::FieldTable::default();
-    props.insert("capabilities".into(), warren_protocol::AMQPValue::FieldTable(caps));
+    props.insert(
+        "capabilities".into(),
+        warren_protocol::AMQPValue::FieldTable(caps),
+    );
     for m in [
         connection::AMQPMethod::StartOk(connection::StartOk {
             client_properties: props,
@@ -151,17 +173,27 @@ async fn handshake(s: &mut Tls, mechanism: &str, response: &[u8]) -> (String, Re
             response: LongString::from(response),
             locale: "en_US".into(),
         }),
-        connection::AMQPMethod::TuneOk(connection::TuneOk { channel_max: 2047, frame_max: 131072, heartbeat: 0 }),
-        connection::AMQPMethod::Open(connection::Open { virtual_host: "/".into() }),
+        connection::AMQPMethod::TuneOk(connection::TuneOk {
+            channel_max: 2047,
+            frame_max: 131072,
+            heartbeat: 0,
+        }),
+        connection::AMQPMethod::Open(connection::Open {
+            virtual_host: "/".into(),
+        }),
     ] {
         encode_frame(&mut v, 0, &AMQPClass::Connection(m)).unwrap();
     }
     s.write_all(&v).await.unwrap();
     let outcome = read_until(s, &mut buf, |f| match f {
-        Frame::Method { class: AMQPClass::Connection(connection::AMQPMethod::OpenOk(_)), .. } => Some(Ok(())),
-        Frame::Method { class: AMQPClass::Connection(connection::AMQPMethod::Close(c)), .. } => {
-            Some(Err((c.reply_code, c.reply_text.to_string())))
-        }
+        Frame::Method {
+            class: AMQPClass::Connection(connection::AMQPMethod::OpenOk(_)),
+            ..
+        } => Some(Ok(())),
+        Frame::Method {
+            class: AMQPClass::Connection(connection::AMQPMethod::Close(c)),
+            ..
+        } => Some(Err((c.reply_code, c.reply_text.to_string()))),
         _ => None,
     })
     .await;
@@ -185,13 +217,17 @@ async fn amqps_with_plain_and_external_logins() {
     assert!(b.broker.connections.all().iter().any(|c| c.tls));
     // A client certificate with CN=guest: EXTERNAL logs in as guest, with no password.
     let (cert, key) = pki.issue("guest", &[]);
-    let mut s = connect_tls(&b, client_config(&pki, Some((&cert, &key)))).await.unwrap();
+    let mut s = connect_tls(&b, client_config(&pki, Some((&cert, &key))))
+        .await
+        .unwrap();
     let (mechs, outcome) = handshake(&mut s, "EXTERNAL", b"").await;
     assert_eq!(mechs, "EXTERNAL PLAIN AMQPLAIN");
     assert_eq!(outcome, Ok(()));
     // CN=nobody names no user: refused with 403.
     let (cert, key) = pki.issue("nobody", &[]);
-    let mut s = connect_tls(&b, client_config(&pki, Some((&cert, &key)))).await.unwrap();
+    let mut s = connect_tls(&b, client_config(&pki, Some((&cert, &key))))
+        .await
+        .unwrap();
     let (_, outcome) = handshake(&mut s, "EXTERNAL", b"").await;
     assert_eq!(outcome.unwrap_err().0, 403);
     // A certificate from another CA fails the TLS handshake.
@@ -223,7 +259,10 @@ async fn amqps_settings_are_checked_at_start() {
         c
     })
     .await;
-    assert!(r.is_err(), "--amqps-listen without a certificate is refused");
+    assert!(
+        r.is_err(),
+        "--amqps-listen without a certificate is refused"
+    );
     let pki = Pki::new("bad");
     let missing = pki.dir.join("missing.pem");
     let r = warren_broker::start({

@@ -164,4 +164,3 @@ pub async fn read_until_close(s: &mut TcpStream) -> (u16, String) {
         assert!(n > 0, "socket closed before connection.close");
     }
 }
-
