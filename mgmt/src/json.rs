@@ -138,6 +138,9 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// A list's `name` filter.
+pub type NameFilter = Box<dyn Fn(&str) -> bool + Send>;
+
 /// RabbitMQ's list query parameters.
 #[derive(Debug, Default, Clone)]
 pub struct ListQuery {
@@ -201,7 +204,7 @@ impl ListQuery {
     }
 
     /// The name filter as a predicate (a substring, or a regex with `use_regex=true`).
-    pub fn name_filter(&self) -> ApiResult<Option<Box<dyn Fn(&str) -> bool + Send>>> {
+    pub fn name_filter(&self) -> ApiResult<Option<NameFilter>> {
         let Some(n) = &self.name else {
             return Ok(None);
         };
@@ -283,9 +286,10 @@ where
 }
 
 /// `answer` over any items: `name` gives an item's name (for the filter and the default sort),
-/// `render` its JSON. Sorted by name (the default), only the positions up to the page's end are
-/// selected (in linear time) and sorted, through indices, and only the page's items are
-/// rendered: with 100,000 queues a page of 500 renders 500.
+/// `render` its JSON, and `sort_value` the value of a sort field when the caller can read it
+/// without rendering (None: every item is rendered to sort). The order is computed over
+/// indices; only the positions up to the page's end are selected (in linear time) and sorted,
+/// and only the page's items are rendered: with 100,000 queues a page of 500 renders 500.
 pub fn answer_by<T>(
     q: &ListQuery,
     mut items: Vec<T>,
@@ -298,100 +302,69 @@ pub fn answer_by<T>(
         items.retain(|t| keep(name(t)));
     }
     let filtered = items.len();
-    let sort_by_name = q.sort.as_deref().is_none_or(|s| s == "name");
-    let (page_items, paged): (Vec<Value>, bool) = if sort_by_name {
-        // Ties (the same name in several vhosts) keep the items' order.
-        let by_name = |a: &usize, b: &usize| {
-            let o = name(&items[*a]).cmp(name(&items[*b])).then(a.cmp(b));
-            if q.sort_reverse {
-                o.reverse()
-            } else {
-                o
-            }
-        };
-        let mut idx: Vec<usize> = (0..filtered).collect();
-        let (start, end) = match q.page {
-            Some(page) => {
-                let start = (page - 1).saturating_mul(q.page_size).min(filtered);
-                (start, start.saturating_add(q.page_size).min(filtered))
-            }
-            None => (0, filtered),
-        };
-        if end < filtered && end > 0 {
-            idx.select_nth_unstable_by(end - 1, by_name);
-            idx.truncate(end);
-        }
-        idx.sort_unstable_by(by_name);
-        let chosen: Vec<usize> = idx[start.min(idx.len())..].to_vec();
-        let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
-        let v = chosen
-            .into_iter()
-            .filter_map(|i| slots.get_mut(i).and_then(Option::take))
-            .map(&render)
-            .collect();
-        (v, q.page.is_some())
-    } else if let Some(key) = q
-        .sort
-        .clone()
-        .filter(|k| items.first().is_some_and(|t| sort_value(t, k).is_some()))
-    {
-        // The caller reads this field without rendering: sort on it, render the page only.
-        let keyed: Vec<(Value, T)> = items
-            .into_iter()
-            .map(|t| (sort_value(&t, &key).unwrap_or(Value::Null), t))
-            .collect();
-        let mut idx: Vec<usize> = (0..keyed.len()).collect();
-        idx.sort_by(|a, b| {
-            let o = compare(Some(&keyed[*a].0), Some(&keyed[*b].0))
-                .then_with(|| name(&keyed[*a].1).cmp(name(&keyed[*b].1)));
-            if q.sort_reverse {
-                o.reverse()
-            } else {
-                o
-            }
-        });
-        let (start, end) = match q.page {
-            Some(page) => {
-                let start = (page - 1).saturating_mul(q.page_size).min(idx.len());
-                (start, start.saturating_add(q.page_size).min(idx.len()))
-            }
-            None => (0, idx.len()),
-        };
-        let chosen: Vec<usize> = idx[start..end].to_vec();
-        let mut slots: Vec<Option<T>> = keyed.into_iter().map(|(_, t)| Some(t)).collect();
-        let v = chosen
-            .into_iter()
-            .filter_map(|i| slots.get_mut(i).and_then(Option::take))
-            .map(&render)
-            .collect();
-        (v, q.page.is_some())
-    } else {
-        let key = q.sort.clone().unwrap_or_default();
-        let mut all: Vec<(String, Value)> = items
-            .into_iter()
-            .map(|t| (name(&t).to_string(), render(t)))
-            .collect();
-        all.sort_by(|a, b| {
-            compare(at_path(&a.1, &key), at_path(&b.1, &key)).then_with(|| a.0.cmp(&b.0))
-        });
-        if q.sort_reverse {
-            all.reverse();
-        }
-        match q.page {
-            Some(page) => {
-                let start = (page - 1).saturating_mul(q.page_size);
-                (
-                    all.into_iter()
-                        .skip(start)
-                        .take(q.page_size)
-                        .map(|(_, v)| v)
-                        .collect(),
-                    true,
-                )
-            }
-            None => (all.into_iter().map(|(_, v)| v).collect(), false),
+    let field = q.sort.as_deref().filter(|s| *s != "name");
+    // Sort keys besides the name: read directly, or from the rendered item (kept for the page).
+    let mut rendered: Vec<Option<Value>> = Vec::new();
+    let keys: Vec<Value> = match field {
+        None => Vec::new(),
+        Some(f) if items.first().is_some_and(|t| sort_value(t, f).is_some()) => items
+            .iter()
+            .map(|t| sort_value(t, f).unwrap_or(Value::Null))
+            .collect(),
+        Some(f) => {
+            let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
+            rendered = slots.iter_mut().filter_map(Option::take).map(&render).map(Some).collect();
+            items = Vec::new();
+            rendered
+                .iter()
+                .map(|v| v.as_ref().and_then(|v| at_path(v, f)).cloned().unwrap_or(Value::Null))
+                .collect()
         }
     };
+    let label = |i: usize| -> &str {
+        match (items.get(i), rendered.get(i)) {
+            (Some(t), _) => name(t),
+            (None, Some(Some(v))) => v.get("name").and_then(Value::as_str).unwrap_or(""),
+            _ => "",
+        }
+    };
+    // Ties keep the items' order (the same name in several vhosts, in vhost order).
+    let order = |a: &usize, b: &usize| {
+        let o = match keys.is_empty() {
+            true => std::cmp::Ordering::Equal,
+            false => compare(keys.get(*a), keys.get(*b)),
+        }
+        .then_with(|| label(*a).cmp(label(*b)))
+        .then(a.cmp(b));
+        if q.sort_reverse {
+            o.reverse()
+        } else {
+            o
+        }
+    };
+    let (start, end) = match q.page {
+        Some(page) => {
+            let start = (page - 1).saturating_mul(q.page_size).min(filtered);
+            (start, start.saturating_add(q.page_size).min(filtered))
+        }
+        None => (0, filtered),
+    };
+    let mut idx: Vec<usize> = (0..filtered).collect();
+    if end < filtered && end > 0 {
+        idx.select_nth_unstable_by(end - 1, order);
+        idx.truncate(end);
+    }
+    idx.sort_unstable_by(order);
+    let chosen: Vec<usize> = idx.get(start..).unwrap_or_default().to_vec();
+    let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
+    let page_items: Vec<Value> = chosen
+        .into_iter()
+        .filter_map(|i| match rendered.get_mut(i) {
+            Some(v) => v.take(),
+            None => slots.get_mut(i).and_then(Option::take).map(&render),
+        })
+        .collect();
+    let paged = q.page.is_some();
     let page_items: Vec<Value> = match &q.columns {
         Some(c) => page_items
             .into_iter()

@@ -615,6 +615,34 @@ impl SqlStore {
     }
 }
 
+fn user_row(r: &AnyRow) -> Result<UserRecord, sqlx::Error> {
+    Ok(UserRecord {
+        name: r.try_get("name")?,
+        password_hash: r.try_get("password_hash")?,
+        tags: r.try_get("tags")?,
+    })
+}
+
+fn permission_row(r: &AnyRow) -> Result<PermissionRecord, sqlx::Error> {
+    Ok(PermissionRecord {
+        vhost: r.try_get("vhost")?,
+        user: r.try_get("user_name")?,
+        configure: r.try_get("configure_re")?,
+        write: r.try_get("write_re")?,
+        read: r.try_get("read_re")?,
+    })
+}
+
+fn topic_permission_row(r: &AnyRow) -> Result<TopicPermissionRecord, sqlx::Error> {
+    Ok(TopicPermissionRecord {
+        vhost: r.try_get("vhost")?,
+        user: r.try_get("user_name")?,
+        exchange: r.try_get("exchange")?,
+        write: r.try_get("write_re")?,
+        read: r.try_get("read_re")?,
+    })
+}
+
 impl MetaStore for SqlStore {
     async fn has_users(&self) -> Result<bool, StoreError> {
         let row = sqlx::query("SELECT COUNT(*) FROM users")
@@ -630,15 +658,7 @@ impl MetaStore for SqlStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)?;
-        row.map(|r| {
-            Ok(UserRecord {
-                name: r.try_get("name")?,
-                password_hash: r.try_get("password_hash")?,
-                tags: r.try_get("tags")?,
-            })
-        })
-        .transpose()
-        .map_err(unavailable)
+        row.as_ref().map(user_row).transpose().map_err(unavailable)
     }
 
     async fn permission(
@@ -655,17 +675,10 @@ impl MetaStore for SqlStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(unavailable)?;
-        row.map(|r| {
-            Ok(PermissionRecord {
-                vhost: r.try_get("vhost")?,
-                user: r.try_get("user_name")?,
-                configure: r.try_get("configure_re")?,
-                write: r.try_get("write_re")?,
-                read: r.try_get("read_re")?,
-            })
-        })
-        .transpose()
-        .map_err(unavailable)
+        row.as_ref()
+            .map(permission_row)
+            .transpose()
+            .map_err(unavailable)
     }
 
     async fn topic_permissions(
@@ -682,16 +695,8 @@ impl MetaStore for SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(TopicPermissionRecord {
-                    vhost: r.try_get("vhost")?,
-                    user: r.try_get("user_name")?,
-                    exchange: r.try_get("exchange")?,
-                    write: r.try_get("write_re")?,
-                    read: r.try_get("read_re")?,
-                })
-            })
+        rows.iter()
+            .map(topic_permission_row)
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(unavailable)
     }
@@ -701,14 +706,8 @@ impl MetaStore for SqlStore {
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(UserRecord {
-                    name: r.try_get("name")?,
-                    password_hash: r.try_get("password_hash")?,
-                    tags: r.try_get("tags")?,
-                })
-            })
+        rows.iter()
+            .map(user_row)
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(unavailable)
     }
@@ -721,16 +720,8 @@ impl MetaStore for SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(PermissionRecord {
-                    vhost: r.try_get("vhost")?,
-                    user: r.try_get("user_name")?,
-                    configure: r.try_get("configure_re")?,
-                    write: r.try_get("write_re")?,
-                    read: r.try_get("read_re")?,
-                })
-            })
+        rows.iter()
+            .map(permission_row)
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(unavailable)
     }
@@ -743,16 +734,8 @@ impl MetaStore for SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(TopicPermissionRecord {
-                    vhost: r.try_get("vhost")?,
-                    user: r.try_get("user_name")?,
-                    exchange: r.try_get("exchange")?,
-                    write: r.try_get("write_re")?,
-                    read: r.try_get("read_re")?,
-                })
-            })
+        rows.iter()
+            .map(topic_permission_row)
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(unavailable)
     }
