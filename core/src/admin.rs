@@ -242,9 +242,18 @@ impl Admin {
 
     /// Checks a login (Basic auth of the HTTP API): the user's record if the password
     /// matches.
-    pub async fn login(&self, name: &str, password: &str) -> AdminResult<Option<Arc<UserRecord>>> {
-        let user = self.broker.users.user(name).await?;
-        Ok(user.filter(|u| crate::auth::password_matches(&u.password_hash, password)))
+    /// Checks a login from `peer` as an AMQP login is checked (password, loopback users).
+    pub async fn login(
+        &self,
+        name: &str,
+        password: &str,
+        peer: std::net::IpAddr,
+    ) -> AdminResult<Option<Arc<UserRecord>>> {
+        match self.broker.authenticate(name, password, peer).await {
+            Ok(()) => Ok(self.broker.users.user(name).await?),
+            Err(crate::auth::LoginError::StoreUnavailable(e)) => Err(AdminError::Store(e)),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Creates or replaces a user. Returns whether it was created.
@@ -527,18 +536,10 @@ impl Admin {
     ) -> AdminResult<()> {
         let v = self.vhost(vhost)?;
         let q = v.queue(name).ok_or(AdminError::NotFound)?;
-        let view = q.view();
-        if if_unused && view.consumers > 0 {
-            return Err(AdminError::BadRequest(format!(
-                "queue '{name}' in vhost '{vhost}' in use"
-            )));
-        }
-        if if_empty && view.ready > 0 {
-            return Err(AdminError::BadRequest(format!(
-                "queue '{name}' in vhost '{vhost}' not empty"
-            )));
-        }
-        v.remove_queue(&q)?;
+        // The AMQP method's checks and texts; an operator may delete another's exclusive queue.
+        let owner = q.spec.exclusive_owner.unwrap_or(0);
+        let (_, consumers) = v.delete_queue(owner, name, if_unused, if_empty)?;
+        Queue::cancel_consumers(consumers);
         self.committed().await
     }
 

@@ -224,7 +224,12 @@ impl Broker {
         if !crate::auth::password_matches(&record.password_hash, pass) {
             return Err(LoginError::BadPassword);
         }
-        // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d: compare the IPv4 address.
+        self.check_loopback(user, peer)
+    }
+
+    /// `--loopback-users` log in from this host only. A dual-stack listener sees IPv4 peers as
+    /// ::ffff:a.b.c.d: the IPv4 address is compared.
+    fn check_loopback(&self, user: &str, peer: IpAddr) -> Result<(), LoginError> {
         if !peer.to_canonical().is_loopback()
             && self.config.loopback_users.iter().any(|u| u == user)
         {
@@ -241,12 +246,7 @@ impl Broker {
             .await
             .map_err(|e| LoginError::StoreUnavailable(e.to_string()))?
             .ok_or(LoginError::UnknownUser)?;
-        if !peer.to_canonical().is_loopback()
-            && self.config.loopback_users.iter().any(|u| u == user)
-        {
-            return Err(LoginError::LoopbackOnly);
-        }
-        Ok(())
+        self.check_loopback(user, peer)
     }
 
     /// connection.open: the user needs permissions in the vhost (any, as RabbitMQ checks);

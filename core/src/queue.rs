@@ -207,7 +207,6 @@ pub struct QueueState {
     pub in_memory: u64,
     /// Unused since (no consumer), for `idle_since`.
     pub idle_since: Option<Instant>,
-    pub consumer_list: Vec<Arc<Consumer>>,
     pub deleted: bool,
 }
 
@@ -409,9 +408,13 @@ impl Queue {
             } else {
                 None
             },
-            consumer_list: g.consumers.clone(),
             deleted: g.deleted,
         }
+    }
+
+    /// The queue's consumers, in their delivery order.
+    pub fn consumers(&self) -> Vec<Arc<Consumer>> {
+        self.lock().consumers.clone()
     }
 
     pub fn is_deleted(&self) -> bool {

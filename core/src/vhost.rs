@@ -282,6 +282,15 @@ impl VHost {
         self.watch_expiry(q);
     }
 
+    /// A new or recovered exchange: its policy applies, then it is routable.
+    fn install_exchange(&self, x: Arc<Exchange>) {
+        self.apply_policy_to_exchange(&x);
+        self.exchanges
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(x.name.clone(), x);
+    }
+
     fn apply_policy_to_exchange(&self, x: &Arc<Exchange>) {
         let g = self.policies.read().unwrap_or_else(|e| e.into_inner());
         let p = policy::select(&g.0, &x.name, false);
@@ -458,11 +467,7 @@ impl VHost {
                 let _ = x.delay.set(Delayer::start(&me, &x, None));
             }
         }
-        self.apply_policy_to_exchange(&x);
-        self.exchanges
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(d.name.clone(), x);
+        self.install_exchange(x);
         Ok(())
     }
 
@@ -992,11 +997,7 @@ impl VHost {
                     let _ = x.delay.set(Delayer::start(&me, &x, held));
                 }
             }
-            self.apply_policy_to_exchange(&x);
-            self.exchanges
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(r.name.clone(), x);
+            self.install_exchange(x);
         }
         for r in snap.queues.iter().filter(|r| r.vhost == self.name) {
             if let Some(x) = r.name.strip_prefix(delay::HIDDEN_PREFIX) {

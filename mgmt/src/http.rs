@@ -270,29 +270,20 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         let Some((name, pass)) = credentials(parts) else {
             return Err(ApiError::no_credentials());
         };
-        // loopback_users (guest by default) log in from this host only, over HTTP as over AMQP.
+        // loopback_users (guest by default) log in from this host only, over HTTP as over AMQP;
+        // without the peer's address the login is treated as remote.
         let peer = parts
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0.ip().to_canonical());
-        let loopback_only = state
-            .admin
-            .broker
-            .config
-            .loopback_users
-            .iter()
-            .any(|u| *u == name);
-        if loopback_only && !peer.is_some_and(|ip| ip.is_loopback()) {
-            tracing::warn!(user = %name, ?peer, "HTTP access denied: user can only log in via localhost");
-            return Err(ApiError::login_failed());
-        }
+            .map(|c| c.0.ip())
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         let user = state
             .admin
-            .login(&name, &pass)
+            .login(&name, &pass, peer)
             .await
             .map_err(ApiError::from)?;
         let Some(user) = user else {
-            tracing::warn!(user = %name, "HTTP access denied: invalid credentials");
+            tracing::warn!(user = %name, %peer, "HTTP access denied: login failed");
             return Err(ApiError::login_failed());
         };
         let tags = warren_core::broker::split_tags(&user.tags);

@@ -313,11 +313,21 @@ pub fn answer_by<T>(
             .collect(),
         Some(f) => {
             let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
-            rendered = slots.iter_mut().filter_map(Option::take).map(&render).map(Some).collect();
+            rendered = slots
+                .iter_mut()
+                .filter_map(Option::take)
+                .map(&render)
+                .map(Some)
+                .collect();
             items = Vec::new();
             rendered
                 .iter()
-                .map(|v| v.as_ref().and_then(|v| at_path(v, f)).cloned().unwrap_or(Value::Null))
+                .map(|v| {
+                    v.as_ref()
+                        .and_then(|v| at_path(v, f))
+                        .cloned()
+                        .unwrap_or(Value::Null)
+                })
                 .collect()
         }
     };

@@ -4,11 +4,10 @@
 //! `/metrics/detailed?family=...` (only the requested families, per object). Rendered straight
 //! from the counters, in one pass over the objects, without a stats process.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use axum::extract::{Query, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -74,8 +73,21 @@ struct QueueRow {
     bytes: u64,
     in_memory: u64,
     paged: u64,
-    stats: [(&'static str, u64); 8],
+    /// In `QUEUE_COUNTERS` order.
+    stats: [u64; 8],
 }
+
+/// The per-queue counter families: `rabbitmq_queue_messages_<name>_total`.
+const QUEUE_COUNTERS: [&str; 8] = [
+    "published",
+    "delivered",
+    "delivered_consume_manual_ack",
+    "delivered_consume_auto_ack",
+    "delivered_get_manual_ack",
+    "delivered_get_auto_ack",
+    "get_empty",
+    "redelivered",
+];
 
 fn queue_rows(st: &AppState) -> Vec<QueueRow> {
     let unacked = st.admin.unacked_by_queue();
@@ -97,14 +109,14 @@ fn queue_rows(st: &AppState) -> Vec<QueueRow> {
                 in_memory: s.in_memory,
                 paged: s.paged,
                 stats: [
-                    ("published", qs.publish.get()),
-                    ("delivered", qs.deliver.get() + qs.deliver_no_ack.get()),
-                    ("delivered_consume_manual_ack", qs.deliver.get()),
-                    ("delivered_consume_auto_ack", qs.deliver_no_ack.get()),
-                    ("delivered_get_manual_ack", qs.get.get()),
-                    ("delivered_get_auto_ack", qs.get_no_ack.get()),
-                    ("get_empty", qs.get_empty.get()),
-                    ("redelivered", qs.redeliver.get()),
+                    qs.publish.get(),
+                    qs.deliver.get() + qs.deliver_no_ack.get(),
+                    qs.deliver.get(),
+                    qs.deliver_no_ack.get(),
+                    qs.get.get(),
+                    qs.get_no_ack.get(),
+                    qs.get_empty.get(),
+                    qs.redeliver.get(),
                 ],
             });
         }
@@ -351,6 +363,12 @@ fn node_metrics(o: &mut Out, st: &AppState, per_object: bool) {
 
 /// Queue families: `labels` gives each row's label set ("" to sum rows into one sample).
 fn queue_metrics(o: &mut Out, rows: &[QueueRow], per_object: bool) {
+    // Each row's label set, formatted once for all its families.
+    let labels: Vec<String> = if per_object {
+        rows.iter().map(qlabels).collect()
+    } else {
+        Vec::new()
+    };
     type Get = fn(&QueueRow) -> u64;
     let gauges: [(&str, &str, Get); 8] = [
         (
@@ -395,30 +413,14 @@ fn queue_metrics(o: &mut Out, rows: &[QueueRow], per_object: bool) {
     for (name, help, f) in gauges {
         o.family(name, "gauge", help);
         if per_object {
-            for r in rows {
-                o.sample(name, &qlabels(r), f(r) as f64);
+            for (r, l) in rows.iter().zip(&labels) {
+                o.sample(name, l, f(r) as f64);
             }
         } else {
             o.sample(name, "", rows.iter().map(f).sum::<u64>() as f64);
         }
     }
-    for i in 0..8 {
-        let Some(key) = rows.first().map(|r| r.stats[i].0).or_else(|| {
-            [
-                "published",
-                "delivered",
-                "delivered_consume_manual_ack",
-                "delivered_consume_auto_ack",
-                "delivered_get_manual_ack",
-                "delivered_get_auto_ack",
-                "get_empty",
-                "redelivered",
-            ]
-            .get(i)
-            .copied()
-        }) else {
-            continue;
-        };
+    for (i, key) in QUEUE_COUNTERS.iter().enumerate() {
         let name = format!("rabbitmq_queue_messages_{key}_total");
         o.family(
             &name,
@@ -426,14 +428,14 @@ fn queue_metrics(o: &mut Out, rows: &[QueueRow], per_object: bool) {
             &format!("Total number of messages {key} on a queue"),
         );
         if per_object {
-            for r in rows {
-                o.sample(&name, &qlabels(r), r.stats[i].1 as f64);
+            for (r, l) in rows.iter().zip(&labels) {
+                o.sample(&name, l, r.stats[i] as f64);
             }
         } else {
             o.sample(
                 &name,
                 "",
-                rows.iter().map(|r| r.stats[i].1).sum::<u64>() as f64,
+                rows.iter().map(|r| r.stats[i]).sum::<u64>() as f64,
             );
         }
     }
@@ -465,9 +467,16 @@ async fn per_object(State(st): State<Arc<AppState>>) -> Response {
     text(o.s)
 }
 
+/// A metric family read off each connection: (name, help, reader).
+type ConnFamily = (
+    &'static str,
+    &'static str,
+    fn(&warren_core::connections::ConnInfo) -> u64,
+);
+
 fn connection_metrics(o: &mut Out, st: &AppState) {
     let conns = st.admin.broker.connections.all();
-    let fams: [(&str, &str, fn(&warren_core::connections::ConnInfo) -> u64); 4] = [
+    let fams: [ConnFamily; 4] = [
         (
             "rabbitmq_connection_incoming_bytes_total",
             "Total number of bytes received on a connection",
@@ -516,11 +525,7 @@ fn connection_metrics(o: &mut Out, st: &AppState) {
     }
 }
 
-async fn detailed(
-    State(st): State<Arc<AppState>>,
-    RawQuery(raw): RawQuery,
-    _q: Query<HashMap<String, String>>,
-) -> Response {
+async fn detailed(State(st): State<Arc<AppState>>, RawQuery(raw): RawQuery) -> Response {
     // family=a&family=b (repeated) and vhost=... filters, as rabbitmq_prometheus takes them.
     let mut families = Vec::new();
     let mut vhosts = Vec::new();

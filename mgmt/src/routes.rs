@@ -423,8 +423,7 @@ async fn vhosts(State(st): St, caller: Caller, q: Q) -> ApiResult<Response> {
 }
 
 async fn vhost(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {
-    let v = st.admin.find_vhost(&name).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(&name)?;
+    let v = usable_vhost(&st, &caller, &name)?;
     ok_json(views::vhost(&v, &st.admin.unacked_by_queue()))
 }
 
@@ -543,8 +542,7 @@ async fn vhost_limits_of(
     caller: Caller,
     Path(v): Path<String>,
 ) -> ApiResult<Response> {
-    let vh = st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(&v)?;
+    let vh = usable_vhost(&st, &caller, &v)?;
     ok_json(Value::Array(limits_json(&vh).into_iter().collect()))
 }
 
@@ -908,6 +906,17 @@ async fn delete_topic_permission(
 
 // ----- exchanges -----
 
+/// The vhost a request names: 404 when it does not exist, 401 when the caller may not use it.
+fn usable_vhost(
+    st: &AppState,
+    caller: &Caller,
+    v: &str,
+) -> ApiResult<Arc<warren_core::vhost::VHost>> {
+    let vh = st.admin.find_vhost(v).ok_or_else(ApiError::not_found)?;
+    caller.check_vhost(v)?;
+    Ok(vh)
+}
+
 /// The vhosts a list covers: the one in the path (404 if missing) or all the caller sees.
 fn scope(
     st: &AppState,
@@ -915,11 +924,7 @@ fn scope(
     vhost: Option<&str>,
 ) -> ApiResult<Vec<Arc<warren_core::vhost::VHost>>> {
     match vhost {
-        Some(v) => {
-            let vh = st.admin.find_vhost(v).ok_or_else(ApiError::not_found)?;
-            caller.check_vhost(v)?;
-            Ok(vec![vh])
-        }
+        Some(v) => Ok(vec![usable_vhost(st, caller, v)?]),
         None => Ok(st
             .admin
             .vhosts()
@@ -965,13 +970,7 @@ async fn exchange(
     caller: Caller,
     Path((v, name)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    caller.check_vhost(&v).or_else(|e| {
-        if st.admin.find_vhost(&v).is_none() {
-            Err(ApiError::not_found())
-        } else {
-            Err(e)
-        }
-    })?;
+    usable_vhost(&st, &caller, &v)?;
     let x = st
         .admin
         .exchange(&v, exchange_name(&name))
@@ -985,8 +984,7 @@ async fn put_exchange(
     Path((v, name)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(&v)?;
+    usable_vhost(&st, &caller, &v)?;
     let m = object(&body)?;
     // As RabbitMQ, the AMQP method's defaults apply: type direct, not durable.
     let kind = str_field(&m, "type").unwrap_or("direct");
@@ -1012,8 +1010,7 @@ async fn delete_exchange(
     Path((v, name)): Path<(String, String)>,
     q: Q,
 ) -> ApiResult<Response> {
-    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(&v)?;
+    usable_vhost(&st, &caller, &v)?;
     let if_unused = q.0.get("if-unused").is_some_and(|x| x == "true");
     st.admin
         .delete_exchange(&v, exchange_name(&name), if_unused)
@@ -1083,6 +1080,12 @@ async fn queues(
 ) -> ApiResult<Response> {
     let lq = ListQuery::parse(&q.0)?;
     let unacked = st.admin.unacked_by_queue();
+    let held = |qu: &Arc<warren_core::queue::Queue>| {
+        unacked
+            .get(&(Arc::as_ptr(qu) as usize))
+            .copied()
+            .unwrap_or(0)
+    };
     let node = views::node_name();
     // In vhost order (the vhosts are sorted): ties in name keep it.
     let items: Vec<Arc<warren_core::queue::Queue>> =
@@ -1094,30 +1097,15 @@ async fn queues(
         &lq,
         items,
         |qu| qu.name(),
-        |qu| {
-            let n = unacked
-                .get(&(Arc::as_ptr(&qu) as usize))
-                .copied()
-                .unwrap_or(0);
-            views::queue(&qu, n, &node)
-        },
+        |qu| views::queue(&qu, held(&qu), &node),
         |qu, key| {
             // The fields lists are most often sorted by, read without rendering the queue.
-            let unacked_n = || {
-                unacked
-                    .get(&(Arc::as_ptr(qu) as usize))
-                    .copied()
-                    .unwrap_or(0)
-            };
-            let (ready, consumers) = || -> (u64, u64) {
-                let (r, c) = qu.counts();
-                (r as u64, c as u64)
-            }();
+            let ready = || qu.counts().0 as u64;
             Some(match key {
-                "messages" => json!(ready + unacked_n()),
-                "messages_ready" => json!(ready),
-                "messages_unacknowledged" => json!(unacked_n()),
-                "consumers" => json!(consumers),
+                "messages" => json!(ready() + held(qu)),
+                "messages_ready" => json!(ready()),
+                "messages_unacknowledged" => json!(held(qu)),
+                "consumers" => json!(qu.counts().1),
                 "vhost" => json!(qu.vhost),
                 "durable" => json!(qu.spec.durable),
                 "auto_delete" => json!(qu.spec.auto_delete),
@@ -1133,8 +1121,7 @@ async fn queue(
     caller: Caller,
     Path((v, name)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(&v)?;
+    usable_vhost(&st, &caller, &v)?;
     let qu = st.admin.queue(&v, &name).ok_or_else(ApiError::not_found)?;
     let n = st
         .admin
@@ -1151,8 +1138,7 @@ async fn put_queue(
     Path((v, name)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(&v)?;
+    usable_vhost(&st, &caller, &v)?;
     let m = object(&body)?;
     if name.is_empty() || name.len() > 255 {
         return Err(ApiError::bad_request("queue names are 1 to 255 bytes"));
@@ -1182,8 +1168,7 @@ async fn delete_queue(
     Path((v, name)): Path<(String, String)>,
     q: Q,
 ) -> ApiResult<Response> {
-    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(&v)?;
+    usable_vhost(&st, &caller, &v)?;
     let flag = |k: &str| q.0.get(k).is_some_and(|x| x == "true");
     st.admin
         .delete_queue(&v, &name, flag("if-unused"), flag("if-empty"))
@@ -1213,8 +1198,7 @@ async fn purge(
     caller: Caller,
     Path((v, name)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(&v)?;
+    usable_vhost(&st, &caller, &v)?;
     st.admin.purge_queue(&v, &name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -1225,8 +1209,7 @@ async fn get_messages(
     Path((v, name)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(&v)?;
+    usable_vhost(&st, &caller, &v)?;
     let m = object(&body)?;
     let out = crate::messages::get(&st.admin, &v, &name, &m).await?;
     ok_json(out)
@@ -1303,11 +1286,9 @@ async fn add_binding(
     State(st): St,
     caller: Caller,
     Path((v, source, kind, dest)): Path<(String, String, String, String)>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(&v)?;
+    usable_vhost(&st, &caller, &v)?;
     let to_exchange = dest_kind(&kind)?;
     let m = object(&body)?;
     let key = str_field(&m, "routing_key").unwrap_or("").to_string();
@@ -1319,7 +1300,6 @@ async fn add_binding(
     // RabbitMQ answers with the new binding's address relative to the request's own:
     // "<destination>/<properties key>".
     let props = views::properties_key(&key, &arguments);
-    let _ = headers;
     let location = format!(
         "{}/{}",
         percent_encoding::utf8_percent_encode(&dest, SEGMENT),
@@ -1416,8 +1396,7 @@ async fn vhost_connections(
     caller: Caller,
     Path(v): Path<String>,
 ) -> ApiResult<Response> {
-    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(&v)?;
+    usable_vhost(&st, &caller, &v)?;
     let node = views::node_name();
     ok_json(Value::Array(
         visible_connections(&st, &caller)
@@ -1501,8 +1480,7 @@ async fn vhost_channels(
     caller: Caller,
     Path(v): Path<String>,
 ) -> ApiResult<Response> {
-    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(&v)?;
+    usable_vhost(&st, &caller, &v)?;
     ok_json(Value::Array(all_channels(&st, &caller, Some(&v))))
 }
 
@@ -1532,7 +1510,7 @@ async fn consumers(
         let mut qs = v.queues();
         qs.sort_by(|a, b| a.name().cmp(b.name()));
         for qu in qs {
-            for cons in qu.view().consumer_list {
+            for cons in qu.consumers() {
                 let Some(c) = conns.get(&cons.channel.conn_id) else {
                     continue;
                 };
@@ -1579,8 +1557,7 @@ fn get_policy(
     name: &str,
     operator: bool,
 ) -> ApiResult<Response> {
-    let vh = st.admin.find_vhost(v).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(v)?;
+    let vh = usable_vhost(st, caller, v)?;
     vh.policies(operator)
         .iter()
         .find(|p| p.name == name)
@@ -1601,8 +1578,7 @@ async fn store_policy(
     } else {
         caller.require_policymaker()?;
     }
-    st.admin.find_vhost(v).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(v)?;
+    usable_vhost(st, caller, v)?;
     let m = object(body)?;
     let component = if operator {
         warren_core::vhost::OPERATOR_POLICY
@@ -1628,8 +1604,7 @@ async fn remove_policy(
     } else {
         caller.require_policymaker()?;
     }
-    st.admin.find_vhost(v).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(v)?;
+    usable_vhost(st, caller, v)?;
     let component = if operator {
         warren_core::vhost::OPERATOR_POLICY
     } else {
@@ -1901,8 +1876,7 @@ async fn protocol_listener(
 }
 
 async fn aliveness(State(st): St, caller: Caller, Path(v): Path<String>) -> ApiResult<Response> {
-    st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
-    caller.check_vhost(&v)?;
+    usable_vhost(&st, &caller, &v)?;
     match crate::messages::aliveness(&st.admin, &v).await {
         Ok(()) => ok_json(json!({"status": "ok"})),
         Err(e) => Ok(health_failed(e)),

@@ -20,14 +20,18 @@ use warren_storage::{PermissionRecord, TopicPermissionRecord, UserRecord};
 
 use crate::json::{details, message_stats, rabbit_time, table_to_json};
 
-/// This node's name, as RabbitMQ's `rabbit@host`.
+/// This node's name, as RabbitMQ's `rabbit@host` (the host name is read once).
 pub fn node_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_string());
-    format!("warren@{host}")
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_string());
+        format!("warren@{host}")
+    })
+    .clone()
 }
 
 /// How the management API names a vhost in a binding's `properties_key` and paths.
