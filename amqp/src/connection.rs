@@ -176,7 +176,9 @@ async fn serve_counted<R, W>(
     let _counted = broker.count_connection();
     let id = broker.next_connection_id();
     // Listed by the management API until this task ends (also by a panic).
-    let registered = broker.connections.register(id, peer, local, tls.is_some());
+    let registered = broker
+        .connections
+        .register(id, peer, local, tls.is_some(), &broker.shutdown);
     broker.stats.connection_created.inc();
     let span = tracing::info_span!("conn", id, %peer);
     serve(rd, wr, peer, broker, id, registered.info.clone(), tls)
@@ -276,7 +278,6 @@ impl Conn {
         handshake_deadline: tokio::time::Instant,
     ) {
         let mut last_read = Instant::now();
-        let shutdown = self.broker.shutdown.clone();
         let store = self.broker.persist.writer.clone();
         let mut committed = store.subscribe();
         let writer_gone = self.writer_gone.clone();
@@ -354,16 +355,17 @@ impl Conn {
                 _ = committed.changed(), if self.confirms_waiting() => {
                     self.flush_confirms();
                 }
+                // One token for both: the broker's shutdown (its parent) and an operator's
+                // close, which leaves its reason.
                 _ = info.close_requested(), if self.phase != Phase::Closing => {
-                    let reason = info.close_reason().unwrap_or_default();
-                    info!(%reason, "connection closed by an operator");
+                    let reason = match info.close_reason() {
+                        Some(reason) => {
+                            info!(%reason, "connection closed by an operator");
+                            reason
+                        }
+                        None => "broker forced connection closure with reason 'shutdown'".into(),
+                    };
                     self.connection_error(AmqpError::new(reply::CONNECTION_FORCED, reason));
-                }
-                _ = shutdown.cancelled(), if self.phase != Phase::Closing => {
-                    self.connection_error(AmqpError::new(
-                        reply::CONNECTION_FORCED,
-                        "broker forced connection closure with reason 'shutdown'",
-                    ));
                 }
             }
         }

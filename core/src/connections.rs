@@ -94,7 +94,7 @@ impl ConnInfo {
         self.close.cancel();
     }
 
-    /// Resolves once a close was requested.
+    /// Resolves once a close was requested or the broker shuts down (then without a reason).
     pub fn close_requested(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.close.cancelled()
     }
@@ -139,12 +139,15 @@ impl Drop for Registered {
 }
 
 impl Registry {
+    /// Registers a connection; its close token is a child of `shutdown`, so one wait covers
+    /// both an operator's close and the broker's shutdown.
     pub fn register(
         self: &Arc<Self>,
         id: u64,
         peer: SocketAddr,
         local: SocketAddr,
         tls: bool,
+        shutdown: &CancellationToken,
     ) -> Registered {
         let info = Arc::new(ConnInfo {
             id,
@@ -159,7 +162,7 @@ impl Registry {
             stats: ConnStats::default(),
             session: Mutex::new(Session::default()),
             channels: Mutex::new(BTreeMap::new()),
-            close: CancellationToken::new(),
+            close: shutdown.child_token(),
             close_reason: Mutex::new(None),
         });
         self.conns
@@ -241,7 +244,8 @@ mod tests {
         let r = Arc::new(Registry::default());
         let peer: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
         let local: SocketAddr = "[::1]:5672".parse().unwrap();
-        let g = r.register(7, peer, local, false);
+        let shutdown = CancellationToken::new();
+        let g = r.register(7, peer, local, false, &shutdown);
         assert_eq!(g.info.name, "127.0.0.1:5000 -> [::1]:5672");
         assert_eq!(
             r.by_name("127.0.0.1:5000 -> [::1]:5672").map(|c| c.id),
