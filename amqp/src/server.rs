@@ -193,6 +193,8 @@ pub struct Running {
     pub amqps: Option<std::net::SocketAddr>,
     /// The management API's address, when it listens (set by the broker crate's `start`).
     pub http: Option<std::net::SocketAddr>,
+    /// The management API's HTTPS address, when it listens.
+    pub https: Option<std::net::SocketAddr>,
     /// The Prometheus endpoint's address, when it listens.
     pub prometheus: Option<std::net::SocketAddr>,
     task: tokio::task::JoinHandle<()>,
@@ -239,6 +241,7 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
         broker,
         amqps,
         http: None,
+        https: None,
         prometheus: None,
         task,
     })

@@ -13,45 +13,86 @@ pub use warren_mgmt as mgmt;
 
 use std::net::SocketAddr;
 
-/// Binds the HTTP listeners a config asks for: (management, prometheus).
-pub fn bind_http(
-    config: &Config,
-) -> std::io::Result<(Vec<tokio::net::TcpListener>, Vec<tokio::net::TcpListener>)> {
-    Ok((
-        server::bind(&config.http_listen.0)?,
-        server::bind(&config.prometheus_listen.0)?,
-    ))
+/// The HTTP listeners a config asks for, bound: the management API over HTTP and over TLS,
+/// and the Prometheus endpoint.
+pub struct HttpListeners {
+    pub http: Vec<tokio::net::TcpListener>,
+    pub https: Vec<tokio::net::TcpListener>,
+    pub prometheus: Vec<tokio::net::TcpListener>,
+    /// The TLS acceptor for `https` (None when there is no HTTPS listener).
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
-/// Serves the management API and the Prometheus endpoint on the given listeners until the
-/// broker shuts down. `amqp` lists the AMQP listeners, for the API's `listeners`.
+impl HttpListeners {
+    /// Every bound listener with RabbitMQ's protocol name, for logs and the API's `listeners`.
+    pub fn addrs(&self) -> std::io::Result<Vec<(&'static str, SocketAddr)>> {
+        let mut out = Vec::new();
+        for (proto, ls) in [
+            ("http", &self.http),
+            ("https", &self.https),
+            ("prometheus", &self.prometheus),
+        ] {
+            for l in ls {
+                out.push((proto, l.local_addr()?));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Binds the HTTP listeners a config asks for. HTTPS uses the same certificate, key and CA
+/// as AMQPS (`--tls-cert`, `--tls-key`, `--tls-ca`), offering HTTP/1.1 by ALPN.
+pub fn bind_http(config: &Config) -> std::io::Result<HttpListeners> {
+    let tls = if config.https_listen.0.is_empty() {
+        None
+    } else {
+        let Some(tls) = warren_amqp::tls::server_config(config)? else {
+            return Err(std::io::Error::other(
+                "--https-listen needs --tls-cert and --tls-key",
+            ));
+        };
+        let mut tls = (*tls).clone();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls)))
+    };
+    Ok(HttpListeners {
+        http: server::bind(&config.http_listen.0)?,
+        https: server::bind(&config.https_listen.0)?,
+        prometheus: server::bind(&config.prometheus_listen.0)?,
+        tls,
+    })
+}
+
+/// Serves the management API (HTTP and HTTPS) and the Prometheus endpoint on the given
+/// listeners until the broker shuts down. `amqp` lists the AMQP listeners with their protocol
+/// names ("amqp", "amqp/ssl"), for the API's `listeners` and health checks.
 pub fn serve_http(
     broker: &std::sync::Arc<broker::Broker>,
-    amqp: &[SocketAddr],
-    http: Vec<tokio::net::TcpListener>,
-    prometheus: Vec<tokio::net::TcpListener>,
+    amqp: &[(&'static str, SocketAddr)],
+    listeners: HttpListeners,
 ) -> std::io::Result<()> {
-    let mut listeners: Vec<(&'static str, SocketAddr)> =
-        amqp.iter().map(|a| ("amqp", *a)).collect();
-    for l in &http {
-        listeners.push(("http", l.local_addr()?));
+    let mut all = amqp.to_vec();
+    all.extend(listeners.addrs()?);
+    let state = warren_mgmt::state(admin::Admin::new(broker.clone()), all);
+    let shutdown = &broker.shutdown;
+    for l in listeners.http {
+        tokio::spawn(warren_mgmt::serve_api(l, state.clone(), shutdown.clone()));
     }
-    for l in &prometheus {
-        listeners.push(("prometheus", l.local_addr()?));
+    if let Some(tls) = listeners.tls {
+        for l in listeners.https {
+            tokio::spawn(warren_mgmt::serve_api_tls(
+                l,
+                tls.clone(),
+                state.clone(),
+                shutdown.clone(),
+            ));
+        }
     }
-    let state = warren_mgmt::state(admin::Admin::new(broker.clone()), listeners);
-    for l in http {
-        tokio::spawn(warren_mgmt::serve_api(
-            l,
-            state.clone(),
-            broker.shutdown.clone(),
-        ));
-    }
-    for l in prometheus {
+    for l in listeners.prometheus {
         tokio::spawn(warren_mgmt::serve_metrics(
             l,
             state.clone(),
-            broker.shutdown.clone(),
+            shutdown.clone(),
         ));
     }
     Ok(())
@@ -85,14 +126,21 @@ pub async fn load_definitions(broker: &std::sync::Arc<broker::Broker>) -> std::i
 /// Starts a broker in-process: AMQP on `config.amqp_listen`, and the management API and
 /// Prometheus endpoint where the config asks for them (port 0 for ephemeral ports).
 pub async fn start(config: Config) -> std::io::Result<Running> {
-    let (http, prometheus) = bind_http(&config)?;
+    let http = bind_http(&config)?;
     let mut running = warren_amqp::start(config).await?;
     if let Err(e) = load_definitions(&running.broker).await {
         running.stop().await;
         return Err(e);
     }
-    running.http = http.first().map(|l| l.local_addr()).transpose()?;
-    running.prometheus = prometheus.first().map(|l| l.local_addr()).transpose()?;
-    serve_http(&running.broker, &running.addrs, http, prometheus)?;
+    running.http = http.http.first().map(|l| l.local_addr()).transpose()?;
+    running.https = http.https.first().map(|l| l.local_addr()).transpose()?;
+    running.prometheus = http
+        .prometheus
+        .first()
+        .map(|l| l.local_addr())
+        .transpose()?;
+    let mut amqp: Vec<_> = running.addrs.iter().map(|a| ("amqp", *a)).collect();
+    amqp.extend(running.amqps.map(|a| ("amqp/ssl", a)));
+    serve_http(&running.broker, &amqp, http)?;
     Ok(running)
 }

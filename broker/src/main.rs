@@ -31,18 +31,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for l in &tls_listeners {
         tracing::info!(addr = %l.local_addr()?, "listening for AMQP 0-9-1 over TLS");
     }
-    let (http, prometheus) =
-        warren_broker::bind_http(&config).map_err(|e| anyhow::anyhow!("cannot listen: {e}"))?;
-    for l in &http {
-        tracing::info!(addr = %l.local_addr()?, "management API listening");
+    let http = warren_broker::bind_http(&config)
+        .map_err(|e| anyhow::anyhow!("cannot listen for HTTP: {e}"))?;
+    for (proto, addr) in http.addrs()? {
+        match proto {
+            "prometheus" => tracing::info!(%addr, "Prometheus metrics listening"),
+            "https" => tracing::info!(%addr, "management API listening over TLS"),
+            _ => tracing::info!(%addr, "management API listening"),
+        }
     }
-    for l in &prometheus {
-        tracing::info!(addr = %l.local_addr()?, "Prometheus metrics listening");
+    let mut amqp = Vec::new();
+    for l in &listeners {
+        amqp.push(("amqp", l.local_addr()?));
     }
-    let amqp = listeners
-        .iter()
-        .map(|l| l.local_addr())
-        .collect::<std::io::Result<Vec<_>>>()?;
+    for l in &tls_listeners {
+        amqp.push(("amqp/ssl", l.local_addr()?));
+    }
     let broker = Broker::open(config)
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))?;
@@ -50,7 +54,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     warren_broker::load_definitions(&broker)
         .await
         .map_err(|e| anyhow::anyhow!("cannot load definitions: {e}"))?;
-    warren_broker::serve_http(&broker, &amqp, http, prometheus)?;
+    warren_broker::serve_http(&broker, &amqp, http)?;
     let server = tokio::spawn(warren_broker::server::serve_all(
         listeners,
         tls_listeners,

@@ -25,11 +25,11 @@ pub struct Config {
     #[arg(long, env = "WARREN_AMQPS_LISTEN", default_value = "", value_parser = parse_listen)]
     pub amqps_listen: Listen,
 
-    /// The server's certificate chain (PEM) for AMQPS.
+    /// The server's certificate chain (PEM) for AMQPS and HTTPS.
     #[arg(long, env = "WARREN_TLS_CERT")]
     pub tls_cert: Option<std::path::PathBuf>,
 
-    /// The server's private key (PEM) for AMQPS.
+    /// The server's private key (PEM) for AMQPS and HTTPS.
     #[arg(long, env = "WARREN_TLS_KEY")]
     pub tls_key: Option<std::path::PathBuf>,
 
@@ -42,6 +42,11 @@ pub struct Config {
     /// it off.
     #[arg(long, env = "WARREN_HTTP_LISTEN", default_value = "[::]:15672", value_parser = parse_listen)]
     pub http_listen: Listen,
+
+    /// Addresses for the management HTTP API over TLS (RabbitMQ's `management.ssl`, 15671 by
+    /// convention), comma-separated; off by default. Uses --tls-cert, --tls-key and --tls-ca.
+    #[arg(long, env = "WARREN_HTTPS_LISTEN", default_value = "", value_parser = parse_listen)]
+    pub https_listen: Listen,
 
     /// Addresses for the Prometheus endpoint (RabbitMQ's 15692), comma-separated; "" turns it
     /// off.

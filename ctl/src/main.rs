@@ -57,6 +57,10 @@ struct Cli {
     /// Leave out the header row of tables.
     #[arg(long, global = true)]
     no_table_headers: bool,
+    /// CA certificate (PEM) that an https:// URL's server certificate is verified against,
+    /// beside the system's roots.
+    #[arg(long, global = true, env = "WARRENCTL_CACERT")]
+    cacert: Option<std::path::PathBuf>,
     /// Seconds to wait for an answer.
     #[arg(long, short = 't', global = true, default_value_t = 60)]
     timeout: u64,
@@ -346,10 +350,18 @@ fn binding_rows(v: Value) -> Value {
 }
 
 fn run(cli: &Cli) -> Result<()> {
+    let mut http =
+        reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(cli.timeout));
+    if let Some(path) = &cli.cacert {
+        let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("{}: not a PEM certificate", path.display()))?
+        {
+            http = http.add_root_certificate(cert);
+        }
+    }
     let api = Api {
-        http: reqwest::blocking::Client::builder()
-            .timeout(std::time::Duration::from_secs(cli.timeout))
-            .build()?,
+        http: http.build()?,
         base: cli.url.clone(),
         user: cli.username.clone(),
         pass: cli.api_password.clone(),

@@ -39,12 +39,13 @@ class BrokerInfo:
 
     def __init__(self, host, port, username="guest", password="guest",
                  vhost="/", process=None, log_path=None, http_port=None,
-                 amqps_port=None, tls_dir=None):
+                 amqps_port=None, tls_dir=None, https_port=None):
         self.host = host
         self.port = port
         # AMQPS (None when the broker under test has none known) and the directory holding
         # ca.pem, client-guest.pem and client-guest.key generated for it.
         self.amqps_port = amqps_port
+        self.https_port = https_port
         self.tls_dir = tls_dir
         # The management API's port (None when the broker under test has none known).
         self.http_port = http_port
@@ -167,7 +168,7 @@ def broker(tmp_path_factory):
     data_dir.mkdir()
     log_path = workdir / "broker.log"
     host, port, http_port = "127.0.0.1", _free_port(), _free_port()
-    amqps_port = _free_port()
+    amqps_port, https_port = _free_port(), _free_port()
     tls_dir = workdir / "tls"
     _make_pki(tls_dir)
 
@@ -176,6 +177,7 @@ def broker(tmp_path_factory):
            "--http-listen", "%s:%d" % (host, http_port),
            "--prometheus-listen", "%s:%d" % (host, _free_port()),
            "--amqps-listen", "%s:%d" % (host, amqps_port),
+           "--https-listen", "%s:%d" % (host, https_port),
            "--tls-cert", str(tls_dir / "server.pem"),
            "--tls-key", str(tls_dir / "server.key"),
            "--tls-ca", str(tls_dir / "ca.pem")]
@@ -185,7 +187,8 @@ def broker(tmp_path_factory):
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
                             stderr=subprocess.STDOUT, cwd=str(workdir), env=env)
     info = BrokerInfo(host, port, process=proc, log_path=log_path,
-                      http_port=http_port, amqps_port=amqps_port, tls_dir=tls_dir)
+                      http_port=http_port, amqps_port=amqps_port, tls_dir=tls_dir,
+                      https_port=https_port)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:

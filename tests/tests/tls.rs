@@ -1,6 +1,6 @@
 //! AMQPS: AMQP over TLS with certificates generated at test time (rcgen): the handshake, a
 //! PLAIN login over TLS, SASL EXTERNAL as the client certificate's CN, and a client whose
-//! certificate no CA vouches for.
+//! certificate no CA vouches for; the management API over HTTPS with the same certificate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -275,4 +275,150 @@ async fn amqps_settings_are_checked_at_start() {
     .await;
     assert!(r.is_err(), "an unreadable certificate is refused");
     cleanup(&pki.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_api_over_https() {
+    let pki = Pki::new("https");
+    let (cert, key) = pki.issue("localhost", &["localhost", "127.0.0.1"]);
+    let cert = pki.write("server.pem", &cert);
+    let key = pki.write("server.key", &key);
+    let b = broker_with({
+        let (cert, key) = (cert.clone(), key.clone());
+        move |c| {
+            c.amqps_listen = warren_broker::config::parse_listen("127.0.0.1:0").unwrap();
+            c.https_listen = warren_broker::config::parse_listen("127.0.0.1:0").unwrap();
+            c.tls_cert = Some(cert);
+            c.tls_key = Some(key);
+        }
+    })
+    .await;
+    let https = b.https.expect("an HTTPS listener");
+    let base = format!("https://localhost:{}/api", https.port());
+    let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .resolve("localhost", https)
+        .build()
+        .unwrap();
+
+    // guest logs in from loopback over HTTPS as over HTTP.
+    let r = client
+        .get(format!("{base}/whoami"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let who: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(who["name"], "guest");
+
+    // The listeners list and the health check name the TLS listeners by RabbitMQ's protocols.
+    let overview: serde_json::Value = client
+        .get(format!("{base}/overview"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let protocols: Vec<&str> = overview["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["protocol"].as_str())
+        .collect();
+    assert!(protocols.contains(&"https"), "{protocols:?}");
+    assert!(protocols.contains(&"amqp/ssl"), "{protocols:?}");
+    for proto in ["https", "amqps"] {
+        let r = client
+            .get(format!("{base}/health/checks/protocol-listener/{proto}"))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{proto}");
+    }
+
+    // Bad credentials over HTTPS get RabbitMQ's 401 body.
+    let r = client
+        .get(format!("{base}/overview"))
+        .basic_auth("guest", Some("wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // A client that does not trust the CA fails the handshake; plain HTTP to the TLS port gets
+    // no HTTP answer; neither stops the listener.
+    let untrusting = reqwest::Client::builder()
+        .resolve("localhost", https)
+        .build()
+        .unwrap();
+    assert!(untrusting
+        .get(format!("{base}/overview"))
+        .send()
+        .await
+        .is_err());
+    let plain = reqwest::Client::new()
+        .get(format!("http://{https}/api/overview"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await;
+    assert!(plain.map(|r| r.status() != 200).unwrap_or(true));
+    let mut idle = tokio::net::TcpStream::connect(https).await.unwrap();
+    idle.write_all(b"\x16\x03\x01").await.unwrap(); // a handshake that never finishes
+    let r = client
+        .get(format!("{base}/overview"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a stalled handshake delays no one else");
+    drop(idle);
+
+    // warrenctl reaches it with --cacert.
+    let ca_path = pki.dir.join("ca.pem");
+    let ctl = std::env::var_os("WARRENCTL_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/warrenctl")
+        });
+    let url = format!("https://localhost:{}", https.port());
+    // "localhost" may resolve to ::1 first, where nothing listens; warrenctl then tries 127.0.0.1.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&ctl)
+            .arg("--url")
+            .arg(url)
+            .arg("--cacert")
+            .arg(&ca_path)
+            .arg("list_vhosts")
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "warrenctl over HTTPS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains('/'));
+    b.stop().await;
+    cleanup(&pki.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_needs_a_certificate() {
+    let r = warren_broker::start({
+        let mut c = warren_broker::Config::for_tests();
+        c.https_listen = warren_broker::config::parse_listen("127.0.0.1:0").unwrap();
+        c
+    })
+    .await;
+    assert!(
+        r.is_err(),
+        "--https-listen without a certificate is refused"
+    );
 }
