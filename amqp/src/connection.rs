@@ -28,7 +28,7 @@ use warren_protocol::{
 use crate::channel::{Channel, ConnCtx};
 use crate::outbox::{Outbox, Outgoing};
 use warren_core::broker::{Broker, LoginError};
-use warren_core::connections::ConnInfo;
+use warren_core::connections::{ConnInfo, Hold};
 use warren_core::error::{AmqpError, AmqpResult};
 
 /// Time we wait for close-ok after sending connection.close.
@@ -89,6 +89,8 @@ struct Conn {
     close_deadline: Option<Instant>,
     /// Times this publisher was held for the store (the first is logged as a warning).
     holds: u64,
+    /// Publishes counted on this connection's channels at the last alarm check.
+    publishes_seen: u64,
     /// `cleanup` ran (the normal end); otherwise `Drop` runs it.
     cleaned: bool,
     /// Cancelled when the writer task ends abnormally (a panic): the reader stops too.
@@ -254,6 +256,7 @@ async fn serve<R, W>(
         channels: HashMap::new(),
         close_deadline: None,
         holds: 0,
+        publishes_seen: 0,
         cleaned: false,
         writer_gone,
         full_outboxes: Vec::new(),
@@ -307,7 +310,16 @@ impl Conn {
             self.flush_confirms();
             if store.over_limit() && self.channels.values().any(|c| c.stored_publishes) {
                 self.hold_publisher(&store).await;
+                last_read = Instant::now();
             }
+            // A resource alarm blocks a connection once it publishes (as RabbitMQ's
+            // "blocking" then "blocked"): one that only consumes and acks goes on.
+            let published = self.publishes();
+            if published > self.publishes_seen && self.broker.alarms.state().any() {
+                self.hold_for_alarm(&store).await;
+                last_read = Instant::now();
+            }
+            self.publishes_seen = published;
             if self.wait_for_room().await {
                 // Not reading was our choice: the peer's silence meanwhile is not missed
                 // heartbeats.
@@ -901,6 +913,63 @@ impl Conn {
         self.channels.values().any(|c| c.confirms_waiting())
     }
 
+    /// basic.publish frames this connection's channels have taken.
+    fn publishes(&self) -> u64 {
+        self.channels
+            .values()
+            .map(|c| c.handle.stats.publish.get())
+            .sum()
+    }
+
+    /// A memory or disk alarm is in effect and this connection published: stop reading its
+    /// socket until every alarm clears, telling a client that understands it with
+    /// connection.blocked (RabbitMQ's reason text) and connection.unblocked. Confirms keep
+    /// flowing; an operator's close or the broker's shutdown ends the wait.
+    async fn hold_for_alarm(&mut self, store: &Arc<warren_storage::Writer>) {
+        let mut alarms = self.broker.alarms.subscribe();
+        let state = *alarms.borrow_and_update();
+        if !state.any() {
+            return;
+        }
+        let notify = self.caps.connection_blocked;
+        if notify {
+            self.send(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Blocked(connection::Blocked {
+                    reason: state.reason().into(),
+                })),
+            );
+        }
+        self.info.set_hold(Hold::Blocked);
+        info!(
+            reason = state.reason(),
+            "publisher blocked by a resource alarm"
+        );
+        let mut committed = store.subscribe();
+        let info = self.info.clone();
+        let writer_gone = self.writer_gone.clone();
+        loop {
+            tokio::select! {
+                r = alarms.changed() => {
+                    if r.is_err() || !alarms.borrow_and_update().any() {
+                        break;
+                    }
+                }
+                _ = committed.changed() => self.flush_confirms(),
+                _ = info.close_requested() => break,
+                _ = writer_gone.cancelled() => break,
+            }
+        }
+        self.info.set_hold(Hold::None);
+        if notify {
+            self.send(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Unblocked(connection::Unblocked {})),
+            );
+        }
+        info!("publisher unblocked");
+    }
+
     /// The store is behind: stop reading this publisher's socket (TCP pushes back) until it
     /// catches up, telling a client that understands it with connection.blocked / unblocked.
     /// Confirms keep flowing meanwhile.
@@ -927,6 +996,7 @@ impl Conn {
             );
         }
         self.holds += 1;
+        self.info.set_hold(Hold::Flow);
         let mut committed = store.subscribe();
         loop {
             tokio::select! {
@@ -941,6 +1011,7 @@ impl Conn {
                 AMQPClass::Connection(connection::AMQPMethod::Unblocked(connection::Unblocked {})),
             );
         }
+        self.info.set_hold(Hold::None);
         info!("publisher released");
     }
 

@@ -26,6 +26,8 @@ pub struct Broker {
     pub connections: Arc<Registry>,
     /// Node-wide counters.
     pub stats: Arc<GlobalStats>,
+    /// The memory and disk alarms (publishers are blocked while one is in effect).
+    pub alarms: Arc<crate::alarms::Alarms>,
     /// Global runtime parameters (name -> JSON text).
     pub(crate) globals: RwLock<std::collections::BTreeMap<String, String>>,
     /// When the broker started.
@@ -92,8 +94,11 @@ impl Broker {
             }
             tracing::info!(user = %config.default_user, "empty store: created the default user");
         }
+        let alarms = Arc::new(crate::alarms::Alarms::new(&config));
+        alarms.check(&config.data_dir);
         Ok(Arc::new(Broker {
             config,
+            alarms,
             persist,
             vhosts: RwLock::new(vhosts),
             connections: Arc::default(),
@@ -171,8 +176,11 @@ impl Broker {
         m
     }
 
-    /// Samples rates every `stats::RATE_INTERVAL` until shutdown.
+    /// Samples rates every `stats::RATE_INTERVAL` and checks the resource alarms every
+    /// `alarms::CHECK_INTERVAL`, until shutdown.
     pub fn start_sampler(self: &Arc<Self>) {
+        self.alarms
+            .start_monitor(self.config.data_dir.clone(), self.shutdown.clone());
         let me = Arc::downgrade(self);
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {

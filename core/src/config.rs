@@ -95,6 +95,22 @@ pub struct Config {
     #[arg(long, env = "WARREN_STORE_HOLD_BYTES", default_value = "32MiB", value_parser = parse_size)]
     pub store_hold_bytes: u64,
 
+    /// The memory alarm's threshold as a fraction of the host's memory (RabbitMQ's
+    /// `vm_memory_high_watermark.relative`): while the process's resident memory is above it,
+    /// publishing connections are blocked.
+    #[arg(long, env = "WARREN_VM_MEMORY_HIGH_WATERMARK", default_value_t = 0.4, value_parser = parse_fraction)]
+    pub vm_memory_high_watermark: f64,
+
+    /// The memory alarm's threshold in bytes (RabbitMQ's `vm_memory_high_watermark.absolute`);
+    /// overrides the fraction.
+    #[arg(long, env = "WARREN_VM_MEMORY_HIGH_WATERMARK_ABSOLUTE", value_parser = parse_size)]
+    pub vm_memory_high_watermark_absolute: Option<u64>,
+
+    /// The disk alarm's threshold (RabbitMQ's `disk_free_limit.absolute`): while the free space
+    /// under the data directory is below it, publishing connections are blocked.
+    #[arg(long, env = "WARREN_DISK_FREE_LIMIT", default_value = "50MB", value_parser = parse_size)]
+    pub disk_free_limit: u64,
+
     /// The user created at start (RabbitMQ's default_user).
     #[arg(long, env = "WARREN_DEFAULT_USER", default_value = "guest")]
     pub default_user: String,
@@ -272,6 +288,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!(
+            "'{s}' is not a fraction between 0 and 1 (RabbitMQ's default is 0.4)"
+        )),
+    }
 }
 
 fn parse_message_size(s: &str) -> Result<u64, String> {

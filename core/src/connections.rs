@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU32};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tokio_util::sync::CancellationToken;
@@ -26,6 +26,17 @@ pub struct Session {
     pub open: bool,
 }
 
+/// Why a connection's socket is not being read, as the management API's `state` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Hold {
+    None = 0,
+    /// Held until the store catches up (RabbitMQ's credit-flow state, "flow").
+    Flow = 1,
+    /// Blocked by a resource alarm ("blocked").
+    Blocked = 2,
+}
+
 /// One client connection as the management API sees it.
 #[derive(Debug)]
 pub struct ConnInfo {
@@ -41,6 +52,7 @@ pub struct ConnInfo {
     pub channel_max: AtomicU16,
     pub heartbeat: AtomicU16,
     pub stats: ConnStats,
+    hold: AtomicU8,
     session: Mutex<Session>,
     channels: Mutex<BTreeMap<u16, Arc<ChannelHandle>>>,
     close: CancellationToken,
@@ -62,6 +74,18 @@ impl ConnInfo {
 
     fn channels_lock(&self) -> MutexGuard<'_, BTreeMap<u16, Arc<ChannelHandle>>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_hold(&self, h: Hold) {
+        self.hold.store(h as u8, Ordering::Relaxed);
+    }
+
+    pub fn hold(&self) -> Hold {
+        match self.hold.load(Ordering::Relaxed) {
+            1 => Hold::Flow,
+            2 => Hold::Blocked,
+            _ => Hold::None,
+        }
     }
 
     pub fn session(&self) -> Session {
@@ -160,6 +184,7 @@ impl Registry {
             channel_max: AtomicU16::new(0),
             heartbeat: AtomicU16::new(0),
             stats: ConnStats::default(),
+            hold: AtomicU8::new(Hold::None as u8),
             session: Mutex::new(Session::default()),
             channels: Mutex::new(BTreeMap::new()),
             close: shutdown.child_token(),

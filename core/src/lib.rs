@@ -4,6 +4,7 @@
 //! `delivery::DeliverySink` and their vhost through `queue::Router`. See ARCHITECTURE.md.
 
 pub mod admin;
+pub mod alarms;
 pub mod args;
 pub mod auth;
 pub mod broker;
@@ -21,6 +22,7 @@ pub mod policy;
 pub mod queue;
 pub mod replyto;
 pub mod stats;
+pub mod system;
 pub mod topic;
 pub mod vhost;
 

@@ -9,7 +9,6 @@ pub mod json;
 pub mod messages;
 pub mod metrics;
 pub mod routes;
-pub mod system;
 pub mod views;
 
 use std::net::SocketAddr;

@@ -156,10 +156,19 @@ fn identity(o: &mut Out, st: &AppState) {
     );
 }
 
+fn flag(b: bool) -> f64 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
+}
+
 fn node_metrics(o: &mut Out, st: &AppState, per_object: bool) {
     let b = &st.admin.broker;
     let g = &b.stats;
-    let sys = crate::system::read_for(&b.config.data_dir);
+    let sys = warren_core::system::read_for(&b.config.data_dir);
+    let alarms = b.alarms.state();
     let conns = b.connections.all();
     let channels: usize = conns.iter().map(|c| c.channel_count()).sum();
     let (mut queues, mut consumers) = (0u64, 0u64);
@@ -276,7 +285,7 @@ fn node_metrics(o: &mut Out, st: &AppState, per_object: bool) {
         "rabbitmq_resident_memory_limit_bytes",
         "gauge",
         "Memory high watermark in bytes",
-        sys.mem_limit as f64,
+        b.alarms.memory_limit() as f64,
     );
     o.one(
         "rabbitmq_process_open_fds",
@@ -312,25 +321,25 @@ fn node_metrics(o: &mut Out, st: &AppState, per_object: bool) {
         "rabbitmq_disk_space_available_limit_bytes",
         "gauge",
         "Free disk space low watermark in bytes",
-        crate::system::DISK_FREE_LIMIT as f64,
+        b.alarms.disk_free_limit() as f64,
     );
     o.one(
         "rabbitmq_alarms_file_descriptor_limit",
         "gauge",
         "is 1 if file descriptor limit alarm is in effect",
-        0.0,
+        flag(sys.fds_total > 0 && sys.fds_used >= sys.fds_total),
     );
     o.one(
         "rabbitmq_alarms_free_disk_space_watermark",
         "gauge",
         "is 1 if free disk space watermark alarm is in effect",
-        0.0,
+        flag(alarms.disk),
     );
     o.one(
         "rabbitmq_alarms_memory_used_watermark",
         "gauge",
         "is 1 if VM memory watermark alarm is in effect",
-        0.0,
+        flag(alarms.memory),
     );
     o.one(
         "rabbitmq_erlang_uptime_seconds",

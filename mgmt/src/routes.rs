@@ -156,8 +156,8 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .put(put_global_parameter)
                 .delete(delete_global_parameter),
         )
-        .route("/api/health/checks/alarms", get(health_ok))
-        .route("/api/health/checks/local-alarms", get(health_ok))
+        .route("/api/health/checks/alarms", get(health_alarms))
+        .route("/api/health/checks/local-alarms", get(health_local_alarms))
         .route("/api/health/checks/virtual-hosts", get(health_ok))
         .route("/api/health/checks/node-is-quorum-critical", get(health_ok))
         .route(
@@ -352,7 +352,8 @@ async fn whoami(caller: Caller) -> ApiResult<Response> {
 
 fn node_json(st: &AppState) -> Value {
     let b = &st.admin.broker;
-    let sys = crate::system::read_for(&b.config.data_dir);
+    let sys = warren_core::system::read_for(&b.config.data_dir);
+    let alarms = b.alarms.state();
     json!({
         "name": views::node_name(),
         "type": "disc",
@@ -363,11 +364,11 @@ fn node_json(st: &AppState) -> Value {
         "processors": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "run_queue": 0,
         "mem_used": sys.rss_bytes,
-        "mem_limit": sys.mem_limit,
-        "mem_alarm": false,
+        "mem_limit": b.alarms.memory_limit(),
+        "mem_alarm": alarms.memory,
         "disk_free": sys.disk_free,
-        "disk_free_limit": crate::system::DISK_FREE_LIMIT,
-        "disk_free_alarm": false,
+        "disk_free_limit": b.alarms.disk_free_limit(),
+        "disk_free_alarm": alarms.disk,
         "fd_used": sys.fds_used,
         "fd_total": sys.fds_total,
         "sockets_used": b.connections.len(),
@@ -1823,6 +1824,37 @@ async fn delete_global_parameter(
 
 async fn health_ok(_caller: Caller) -> ApiResult<Response> {
     ok_json(json!({"status": "ok"}))
+}
+
+/// 503 with RabbitMQ's body while the memory or disk alarm is in effect.
+fn alarms_check(st: &AppState, scope: &str) -> ApiResult<Response> {
+    let state = st.admin.broker.alarms.state();
+    if !state.any() {
+        return ok_json(json!({"status": "ok"}));
+    }
+    let node = views::node_name();
+    let alarms: Vec<Value> = state
+        .resources()
+        .into_iter()
+        .map(|r| json!({"node": node, "resource": r}))
+        .collect();
+    Ok((
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({
+            "status": "failed",
+            "reason": format!("There are alarms in effect {scope}"),
+            "alarms": alarms,
+        })),
+    )
+        .into_response())
+}
+
+async fn health_alarms(State(st): St, _caller: Caller) -> ApiResult<Response> {
+    alarms_check(&st, "in the cluster")
+}
+
+async fn health_local_alarms(State(st): St, _caller: Caller) -> ApiResult<Response> {
+    alarms_check(&st, "on the node")
 }
 
 fn health_failed(reason: String) -> Response {

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 
 use warren_core::admin::BindingView;
-use warren_core::connections::ConnInfo;
+use warren_core::connections::{ConnInfo, Hold};
 use warren_core::delivery::{ChannelHandle, Consumer, MODE_CONFIRM, MODE_TX};
 use warren_core::exchange::Exchange;
 use warren_core::message::now_ms;
@@ -168,7 +168,12 @@ pub fn connection(c: &ConnInfo, node: &str) -> Value {
         "name": c.name,
         "node": node,
         "type": "network",
-        "state": if s.open { "running" } else { "starting" },
+        "state": match (s.open, c.hold()) {
+            (false, _) => "starting",
+            (true, Hold::None) => "running",
+            (true, Hold::Flow) => "flow",
+            (true, Hold::Blocked) => "blocked",
+        },
         "protocol": "AMQP 0-9-1",
         "user": s.user,
         "user_who_performed_action": s.user,

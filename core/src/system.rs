@@ -2,19 +2,18 @@
 //! free disk space under the data directory (read from /proc and statvfs; zero where the
 //! platform does not say).
 
-/// RabbitMQ's default `disk_free_limit` (50 MB).
-pub const DISK_FREE_LIMIT: u64 = 50_000_000;
-
 #[derive(Debug, Clone, Default)]
 pub struct System {
     pub rss_bytes: u64,
-    pub mem_limit: u64,
+    /// The host's memory (0 where the platform does not say).
+    pub mem_total: u64,
     pub fds_used: u64,
     pub fds_total: u64,
     pub disk_free: u64,
 }
 
-fn rss() -> u64 {
+/// The process's resident memory in bytes.
+pub fn rss() -> u64 {
     // /proc/self/statm: size resident shared ... in pages.
     let Ok(s) = std::fs::read_to_string("/proc/self/statm") else {
         return 0;
@@ -43,7 +42,8 @@ fn fds() -> (u64, u64) {
     (used, total)
 }
 
-fn mem_total() -> u64 {
+/// The host's memory in bytes.
+pub fn mem_total() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
@@ -56,7 +56,8 @@ fn mem_total() -> u64 {
         .unwrap_or(0)
 }
 
-fn disk_free(dir: &std::path::Path) -> u64 {
+/// Free space for this process under `dir` (or `/` while `dir` does not exist yet).
+pub fn disk_free(dir: &std::path::Path) -> u64 {
     let dir = if dir.exists() {
         dir
     } else {
@@ -73,8 +74,7 @@ pub fn read_for(data_dir: &std::path::Path) -> System {
     let (fds_used, fds_total) = fds();
     System {
         rss_bytes: rss(),
-        // RabbitMQ's default high watermark: 40% of the host's memory.
-        mem_limit: mem_total() * 2 / 5,
+        mem_total: mem_total(),
         fds_used,
         fds_total,
         disk_free: disk_free(data_dir),
