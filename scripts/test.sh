@@ -3,8 +3,8 @@
 # (the storage suite and crash tests on SQLite and on MariaDB included), then the pika suite
 # against the built `warren` binary. Installs and starts what it needs: a throwaway MariaDB
 # (scripts/mariadb.sh; Debian's mariadb-server is installed when missing) unless
-# WARREN_TEST_MYSQL_URL names a reachable server, and a Python venv with the pinned pika and
-# pytest. Brokers under test run on free ports with temporary data directories.
+# WARREN_TEST_MYSQL_URL names a reachable server, a Python venv with the pinned pika and
+# pytest, and rabbitmqadmin v2 (cargo install, a few minutes the first time). Brokers under test run on free ports with temporary data directories.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +23,14 @@ cargo build --workspace --all-targets
 
 echo "== cargo test"
 cargo test --workspace
+
+echo "== rabbitmqadmin v2 (RabbitMQ's CLI for the management API; built once into target/tools)"
+RABBITMQADMIN_VERSION=2.35.0
+tools="$PWD/target/tools"
+if ! "$tools/bin/rabbitmqadmin" --version 2>/dev/null | grep -qF "$RABBITMQADMIN_VERSION"; then
+    cargo install --locked --quiet rabbitmqadmin --version "$RABBITMQADMIN_VERSION" --root "$tools"
+fi
+export RABBITMQADMIN_BIN="$tools/bin/rabbitmqadmin"
 
 echo "== python tests (pika)"
 venv=target/pytest-venv

@@ -30,7 +30,7 @@ impl HttpListeners {
         for (proto, ls) in [
             ("http", &self.http),
             ("https", &self.https),
-            ("prometheus", &self.prometheus),
+            ("http/prometheus", &self.prometheus),
         ] {
             for l in ls {
                 out.push((proto, l.local_addr()?));

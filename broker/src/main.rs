@@ -35,7 +35,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen for HTTP: {e}"))?;
     for (proto, addr) in http.addrs()? {
         match proto {
-            "prometheus" => tracing::info!(%addr, "Prometheus metrics listening"),
+            "http/prometheus" => tracing::info!(%addr, "Prometheus metrics listening"),
             "https" => tracing::info!(%addr, "management API listening over TLS"),
             _ => tracing::info!(%addr, "management API listening"),
         }

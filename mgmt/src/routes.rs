@@ -1857,6 +1857,16 @@ async fn health_local_alarms(State(st): St, _caller: Caller) -> ApiResult<Respon
     alarms_check(&st, "on the node")
 }
 
+/// RabbitMQ's 503 for a listener health check: what is missing and what listens.
+fn no_listener(missing: Value, key: &str, present: Value) -> Response {
+    let mut body = serde_json::Map::new();
+    body.insert("status".into(), json!("failed"));
+    body.insert("reason".into(), json!("No active listener"));
+    body.insert("missing".into(), missing);
+    body.insert(key.into(), present);
+    (StatusCode::SERVICE_UNAVAILABLE, Json(Value::Object(body))).into_response()
+}
+
 fn health_failed(reason: String) -> Response {
     (
         StatusCode::SERVICE_UNAVAILABLE,
@@ -1878,10 +1888,13 @@ async fn port_listener(
     if st.listeners.iter().any(|(_, a)| a.port() == p) {
         ok_json(json!({"status": "ok", "port": p}))
     } else {
-        let ports: Vec<u16> = st.listeners.iter().map(|(_, a)| a.port()).collect();
-        Ok(health_failed(format!(
-            "No active listener on port {p}; active listeners are on ports {ports:?}"
-        )))
+        let mut ports: Vec<u16> = Vec::new();
+        for (_, a) in &st.listeners {
+            if !ports.contains(&a.port()) {
+                ports.push(a.port());
+            }
+        }
+        Ok(no_listener(json!(p), "ports", json!(ports)))
     }
 }
 
@@ -1890,20 +1903,25 @@ async fn protocol_listener(
     _caller: Caller,
     Path(proto): Path<String>,
 ) -> ApiResult<Response> {
-    let want = match proto.as_str() {
+    // RabbitMQ's aliases for its listener protocols.
+    let want = match proto.to_ascii_lowercase().as_str() {
         "amqp" | "amqp091" | "amqp0.9.1" | "amqp0-9-1" => "amqp",
-        "amqps" => "amqp/ssl",
-        "http" | "management" => "http",
-        "https" => "https",
-        "prometheus" => "prometheus",
-        other => other,
+        "amqps" | "amqp/ssl" | "amqp091/ssl" | "amqp0-9-1/ssl" => "amqp/ssl",
+        "http" | "http1" | "management" => "http",
+        "https" | "management/ssl" => "https",
+        "prometheus" | "http/prometheus" => "http/prometheus",
+        _ => "",
     };
     if st.listeners.iter().any(|(p, _)| *p == want) {
         ok_json(json!({"status": "ok", "protocol": proto}))
     } else {
-        Ok(health_failed(format!(
-            "No active listener for protocol {proto}"
-        )))
+        let mut protocols: Vec<&str> = Vec::new();
+        for (p, _) in &st.listeners {
+            if !protocols.contains(p) {
+                protocols.push(p);
+            }
+        }
+        Ok(no_listener(json!(proto), "protocols", json!(protocols)))
     }
 }
 

@@ -724,15 +724,34 @@ async fn status_codes_headers_and_error_bodies_are_rabbitmqs() {
     )
     .await;
     assert_eq!(s, 503);
-    assert_eq!(body["status"], "failed");
-    let (s, _, _) = raw(
+    assert_eq!(
+        body,
+        json!({"status": "failed", "reason": "No active listener", "missing": 1,
+               "ports": [port, b.http.unwrap().port(), b.prometheus.unwrap().port()]})
+    );
+    for proto in ["amqp", "amqp091", "http", "prometheus", "http/prometheus"] {
+        let (s, _, body) = raw(
+            M::GET,
+            &format!("{a}/health/checks/protocol-listener/{proto}"),
+            GUEST,
+            None,
+        )
+        .await;
+        assert_eq!((s, body), (200, json!({"status": "ok", "protocol": proto})));
+    }
+    let (s, _, body) = raw(
         M::GET,
-        &format!("{a}/health/checks/protocol-listener/amqp"),
+        &format!("{a}/health/checks/protocol-listener/mqtt"),
         GUEST,
         None,
     )
     .await;
-    assert_eq!(s, 200);
+    assert_eq!(s, 503);
+    assert_eq!(
+        body,
+        json!({"status": "failed", "reason": "No active listener", "missing": "mqtt",
+               "protocols": ["amqp", "http", "http/prometheus"]})
+    );
     let (s, _, body) = raw(M::GET, &format!("{a}/aliveness-test/%2F"), GUEST, None).await;
     assert_eq!((s, body), (200, json!({"status": "ok"})));
     b.stop().await;
