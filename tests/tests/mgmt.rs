@@ -732,7 +732,10 @@ async fn status_codes_headers_and_error_bodies_are_rabbitmqs() {
     for proto in ["amqp", "amqp091", "http", "prometheus", "http/prometheus"] {
         let (s, _, body) = raw(
             M::GET,
-            &format!("{a}/health/checks/protocol-listener/{proto}"),
+            &format!(
+                "{a}/health/checks/protocol-listener/{}",
+                proto.replace('/', "%2F")
+            ),
             GUEST,
             None,
         )
