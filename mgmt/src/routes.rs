@@ -149,6 +149,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/definitions/{vhost}",
             get(get_vhost_definitions).post(post_vhost_definitions),
         )
+        .route("/api/parameters", get(parameters))
+        .route("/api/parameters/{component}", get(parameters_of))
+        .route("/api/parameters/{component}/{vhost}", get(parameters_in))
+        .route(
+            "/api/parameters/{component}/{vhost}/{name}",
+            get(parameter).put(put_parameter).delete(delete_parameter),
+        )
         .route("/api/global-parameters", get(global_parameters))
         .route(
             "/api/global-parameters/{name}",
@@ -1754,6 +1761,159 @@ async fn post_vhost_definitions(
     body: Bytes,
 ) -> ApiResult<Response> {
     import_definitions(&st, &caller, Some(&v), &body).await
+}
+
+// ----- runtime parameters -----
+//
+// Warren's vhost-scoped parameter components are RabbitMQ's core ones: `policy` (listed by
+// /api/policies, not here, as RabbitMQ does), `operator_policy` and `vhost-limits`. Components
+// that come with plugins Warren does not have (federation, shovel) are refused on PUT as
+// RabbitMQ refuses them when the plugin is off.
+
+const LIMITS: &str = "vhost-limits";
+
+fn parameter_json(vhost: &str, component: &str, name: &str, value: &str) -> Value {
+    json!({
+        "value": serde_json::from_str::<Value>(value).unwrap_or(Value::Null),
+        "vhost": vhost,
+        "component": component,
+        "name": name,
+    })
+}
+
+fn list_parameters(
+    st: &AppState,
+    caller: &Caller,
+    component: Option<&str>,
+    vhost: Option<&str>,
+) -> ApiResult<Response> {
+    caller.require_policymaker()?;
+    let mut out = Vec::new();
+    for v in scope(st, caller, vhost)? {
+        let mut ps = v.parameters();
+        ps.sort();
+        out.extend(
+            ps.iter()
+                .filter(|(c, _, _)| c != warren_core::vhost::POLICY)
+                .filter(|(c, _, _)| component.is_none_or(|want| c == want))
+                .map(|(c, n, val)| parameter_json(&v.name, c, n, val)),
+        );
+    }
+    ok_json(Value::Array(out))
+}
+
+async fn parameters(State(st): St, caller: Caller) -> ApiResult<Response> {
+    list_parameters(&st, &caller, None, None)
+}
+
+async fn parameters_of(
+    State(st): St,
+    caller: Caller,
+    Path(component): Path<String>,
+) -> ApiResult<Response> {
+    list_parameters(&st, &caller, Some(&component), None)
+}
+
+async fn parameters_in(
+    State(st): St,
+    caller: Caller,
+    Path((component, v)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    list_parameters(&st, &caller, Some(&component), Some(&v))
+}
+
+async fn parameter(
+    State(st): St,
+    caller: Caller,
+    Path((component, v, name)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    caller.require_policymaker()?;
+    let vh = usable_vhost(&st, &caller, &v)?;
+    let value = vh
+        .parameter(&component, &name)
+        .ok_or_else(ApiError::not_found)?;
+    ok_json(parameter_json(&v, &component, &name, &value))
+}
+
+/// `{"value": {...}}` (RabbitMQ also accepts the value's own members at the top level).
+fn parameter_value(body: &[u8]) -> ApiResult<Map<String, Value>> {
+    let mut m = object(body)?;
+    match m.remove("value") {
+        Some(Value::Object(v)) => Ok(v),
+        Some(_) => Err(ApiError::bad_request(
+            "Validation failed\n\nvalue must be a JSON object\n",
+        )),
+        None => Err(ApiError::bad_request(
+            "Validation failed\n\nvalue not found\n",
+        )),
+    }
+}
+
+async fn put_parameter(
+    State(st): St,
+    caller: Caller,
+    Path((component, v, name)): Path<(String, String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    match component.as_str() {
+        warren_core::vhost::POLICY | warren_core::vhost::OPERATOR_POLICY => {
+            let value = Value::Object(parameter_value(&body)?).to_string();
+            let operator = component == warren_core::vhost::OPERATOR_POLICY;
+            store_policy(&st, &caller, &v, &name, value.as_bytes(), operator).await
+        }
+        LIMITS => {
+            caller.require_admin()?;
+            usable_vhost(&st, &caller, &v)?;
+            let value = parameter_value(&body)?;
+            for (k, x) in &value {
+                if !VHOST_LIMITS.contains(&k.as_str()) {
+                    return Err(ApiError::bad_request(format!(
+                        "Validation failed\n\nUnrecognised terms [{{<<\"{k}\">>,...}}] in limits\n"
+                    )));
+                }
+                if x.as_i64().is_none() {
+                    return Err(ApiError::bad_request(format!(
+                        "Validation failed\n\n{k} must be an integer\n"
+                    )));
+                }
+            }
+            let created = st
+                .admin
+                .set_parameter(&v, LIMITS, &name, Value::Object(value).to_string())
+                .await?;
+            Ok(created_or_updated(created))
+        }
+        other => {
+            caller.require_policymaker()?;
+            usable_vhost(&st, &caller, &v)?;
+            Err(ApiError::bad_request(format!(
+                "Validation failed\n\ncomponent {other} not found\n"
+            )))
+        }
+    }
+}
+
+async fn delete_parameter(
+    State(st): St,
+    caller: Caller,
+    Path((component, v, name)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    match component.as_str() {
+        warren_core::vhost::POLICY | warren_core::vhost::OPERATOR_POLICY => {
+            let operator = component == warren_core::vhost::OPERATOR_POLICY;
+            remove_policy(&st, &caller, &v, &name, operator).await
+        }
+        _ => {
+            if component == LIMITS {
+                caller.require_admin()?;
+            } else {
+                caller.require_policymaker()?;
+            }
+            usable_vhost(&st, &caller, &v)?;
+            st.admin.clear_parameter(&v, &component, &name).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+    }
 }
 
 // ----- global parameters -----

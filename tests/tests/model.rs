@@ -6,7 +6,9 @@
 //! through a fanout to two), basic.get and consumers with prefetch (manual acks), ack / nack
 //! (requeue) / reject (no requeue, dead-lettering from the queue that has a DLX), channel close
 //! (requeue), purge, drain, max-length drop-head with dead-lettering, TTL expiry into the
-//! dead-letter queue, a fence (a confirmed publish: everything before it is committed), a
+//! dead-letter queue, a policy set and cleared through the management API (max-length 4 on q1,
+//! lower than its argument, so the policy's limit wins and drop-head runs at once when it is
+//! set), a fence (a confirmed publish: everything before it is committed), a
 //! graceful restart (SIGTERM's path), a crash (the broker's runtime is dropped mid-flight: no
 //! shutdown code runs, only what the store committed survives), and a store outage.
 //!
@@ -47,6 +49,8 @@ const Q2: usize = 4;
 const NAMES: [&str; 5] = ["m.q0", "m.q1", "m.dlq", "m.tq", "m.q2"];
 /// q1's x-max-length (drop-head, dead-lettered to dlq).
 const Q1_MAX: usize = 8;
+/// The max-length of the policy the model sets on q1 and clears.
+const Q1_POLICY_MAX: usize = 4;
 /// q2's x-message-ttl (dead-lettered to dlq).
 const Q2_TTL_MS: u64 = 30;
 /// Channels that get and consume (each holds its own unacked deliveries).
@@ -66,6 +70,8 @@ enum Stop {
 
 struct Life {
     addr: SocketAddr,
+    /// The management API's address.
+    http: SocketAddr,
     stop: std::sync::mpsc::Sender<Stop>,
     thread: std::thread::JoinHandle<()>,
 }
@@ -83,7 +89,9 @@ impl Life {
             let running = rt
                 .block_on(warren_broker::start(config))
                 .expect("broker starts");
-            addr_tx.send(running.addr).unwrap();
+            addr_tx
+                .send((running.addr, running.http.expect("the API listens")))
+                .unwrap();
             match stop_rx.recv() {
                 Ok(Stop::Graceful) => rt.block_on(running.stop()),
                 Ok(Stop::Crash) | Err(_) => {
@@ -93,11 +101,12 @@ impl Life {
                 }
             }
         });
-        let addr = addr_rx
+        let (addr, http) = addr_rx
             .recv_timeout(Duration::from_secs(60))
             .expect("broker started");
         Life {
             addr,
+            http,
             stop: stop_tx,
             thread,
         }
@@ -156,6 +165,9 @@ struct Model {
     next_seq: u64,
     /// When q2 last got a message: dlq is observed only once they have expired.
     q2_last: Option<Instant>,
+    /// The max-length policy is set on q1 (stored before the API answered, so it survives
+    /// restarts and crashes).
+    q1_policy: bool,
 }
 
 impl Model {
@@ -209,10 +221,20 @@ impl Model {
         self.msgs[i].since_fence |= 1 << DLQ;
     }
 
-    /// q1's drop-head after a publish or a requeue (RabbitMQ runs it after both).
+    /// q1's limit: the lower of its argument and the policy's.
+    fn q1_max(&self) -> usize {
+        if self.q1_policy {
+            Q1_MAX.min(Q1_POLICY_MAX)
+        } else {
+            Q1_MAX
+        }
+    }
+
+    /// q1's drop-head after a publish, a requeue or a policy change (RabbitMQ runs it after
+    /// each).
     fn enforce_q1(&mut self) {
         let ready = self.ready(Q1);
-        for &i in ready.iter().take(ready.len().saturating_sub(Q1_MAX)) {
+        for &i in ready.iter().take(ready.len().saturating_sub(self.q1_max())) {
             self.dead_letter(i);
         }
     }
@@ -229,7 +251,7 @@ impl Model {
                     || (crash && m.since_fence & (1 << Q1) != 0)
             })
             .count()
-            > Q1_MAX
+            > self.q1_max()
     }
 
     /// q2's messages have expired into the dead-letter queue (their TTL has passed).
@@ -780,6 +802,41 @@ impl Run {
         }
     }
 
+    /// Sets or clears the max-length policy on q1 through the management API. The API
+    /// answers once the policy is stored and applied: q1's drop-head has run.
+    async fn policy(&mut self) {
+        let set = !self.model.q1_policy;
+        self.log
+            .push(if set { "policy set" } else { "policy clear" }.into());
+        let http = self.life.as_ref().unwrap().http;
+        let url = format!("http://{http}/api/policies/%2F/m-q1-limit");
+        let client = reqwest::Client::new();
+        let req = if set {
+            client.put(&url).json(&serde_json::json!({
+                "pattern": "^m\\.q1$",
+                "apply-to": "queues",
+                "definition": {"max-length": Q1_POLICY_MAX},
+            }))
+        } else {
+            client.delete(&url)
+        };
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            req.basic_auth("guest", Some("guest")).send(),
+        )
+        .await;
+        match r {
+            Ok(Ok(r)) if r.status().is_success() => {}
+            other => self.fail(format!("policy change failed: {other:?}")),
+        }
+        self.model.q1_policy = set;
+        if set {
+            self.model.enforce_q1();
+        }
+        self.check_count(Q1).await;
+        self.check_count(DLQ).await;
+    }
+
     async fn fence(&mut self) {
         self.log.push("fence".into());
         self.client().fence().await;
@@ -973,7 +1030,8 @@ impl Run {
                 let q = [Q0, Q1, DLQ, TQ][self.rng.random_range(0..4)];
                 self.drain(q).await;
             }
-            80..=87 => self.fence().await,
+            80..=85 => self.fence().await,
+            86..=87 => self.policy().await,
             88..=90 => self.restart(false).await,
             91..=95 => self.restart(true).await,
             _ => self.outage().await,
@@ -998,6 +1056,8 @@ async fn run_seed(seed: u64, steps: u64, storage: Option<String>) {
     config.storage = storage;
     // A small budget so that queues also page to the store.
     config.cache_memory = 64 * 1024;
+    // The management API, for the policy operation.
+    config.http_listen = warren_broker::config::parse_listen("127.0.0.1:0").unwrap();
     std::fs::create_dir_all(&config.data_dir).unwrap();
     let mut run = Run {
         seed,
