@@ -27,6 +27,7 @@ use warren_protocol::{
 
 use crate::channel::{Channel, ConnCtx};
 use crate::outbox::{Outbox, Outgoing};
+use warren_core::auth::UserLimits;
 use warren_core::broker::{Broker, LoginError};
 use warren_core::connections::{ConnInfo, Hold};
 use warren_core::error::{AmqpError, AmqpResult};
@@ -91,6 +92,8 @@ struct Conn {
     holds: u64,
     /// Publishes counted on this connection's channels at the last alarm check.
     publishes_seen: u64,
+    /// The user's max-channels limit, read at connection.open.
+    user_max_channels: Option<u64>,
     /// `cleanup` ran (the normal end); otherwise `Drop` runs it.
     cleaned: bool,
     /// Cancelled when the writer task ends abnormally (a panic): the reader stops too.
@@ -257,6 +260,7 @@ async fn serve<R, W>(
         close_deadline: None,
         holds: 0,
         publishes_seen: 0,
+        user_max_channels: None,
         cleaned: false,
         writer_gone,
         full_outboxes: Vec::new(),
@@ -789,6 +793,22 @@ impl Conn {
         let Some(vhost) = self.broker.vhost(&name) else {
             return Err(AmqpError::not_allowed(format!("vhost {name} not found")).at(10, 40));
         };
+        // RabbitMQ's user limits, read with the user's record (the data cache).
+        let limits = match self.broker.users.user(&self.user).await {
+            Ok(Some(u)) => UserLimits::parse(&u.limits),
+            _ => UserLimits::default(),
+        };
+        if let Some(max) = limits.max_connections {
+            if self.broker.connections.of_user(&self.user).len() as u64 >= max {
+                warn!(user = %self.user, max, "user connection limit reached; connection refused");
+                return Err(AmqpError::not_allowed(format!(
+                    "connection refused for user '{}': user connection limit ({max}) is reached",
+                    self.user
+                ))
+                .at(10, 40));
+            }
+        }
+        self.user_max_channels = limits.max_channels;
         let name = name.as_str();
         info!(user = %self.user, vhost = name, "connection open");
         self.info.update_session(|session| {
@@ -838,6 +858,23 @@ impl Conn {
                     self.channels.len(),
                     self.channel_max
                 )));
+            }
+            if let Some(max) = self.user_max_channels {
+                let open: usize = self
+                    .broker
+                    .connections
+                    .of_user(&self.user)
+                    .iter()
+                    .map(|c| c.channel_count())
+                    .sum();
+                if open as u64 >= max {
+                    warn!(user = %self.user, max, "user channel limit reached");
+                    return Err(AmqpError::not_allowed(format!(
+                        "number of channels opened for user '{}' has reached the maximum \
+                         allowed user limit of ({max})",
+                        self.user
+                    )));
+                }
             }
             let ch = Channel::new(id, ctx);
             self.info.add_channel(ch.handle.clone());

@@ -263,15 +263,56 @@ impl Admin {
                 "user names are 1 to 255 bytes".into(),
             ));
         }
-        let created = self.user(name).await?.is_none();
+        let existing = self.user(name).await?;
+        let created = existing.is_none();
         self.store(Op::PutUser(UserRecord {
             name: name.to_string(),
             password_hash: hash,
             tags: tags.join(","),
+            // A new password or new tags keep the user's limits.
+            limits: existing.map_or_else(|| "{}".to_string(), |u| u.limits),
         }))
         .await?;
         self.auth_changed();
         Ok(created)
+    }
+
+    /// A user's limits as stored (a JSON object, `{}` for none); NotFound for no such user.
+    pub async fn user_limits(
+        &self,
+        name: &str,
+    ) -> AdminResult<serde_json::Map<String, serde_json::Value>> {
+        let u = self.user(name).await?.ok_or(AdminError::NotFound)?;
+        Ok(serde_json::from_str(&u.limits).unwrap_or_default())
+    }
+
+    /// Sets (Some) or clears (None) one of a user's limits (`crate::auth::USER_LIMITS`).
+    /// It applies to connections and channels opened from then on.
+    pub async fn set_user_limit(
+        &self,
+        user: &str,
+        limit: &str,
+        value: Option<i64>,
+    ) -> AdminResult<()> {
+        if !crate::auth::USER_LIMITS.contains(&limit) {
+            return Err(AdminError::BadRequest(format!(
+                "unknown user limit {limit}"
+            )));
+        }
+        let mut u = self.user(user).await?.ok_or(AdminError::NotFound)?;
+        let mut limits: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&u.limits).unwrap_or_default();
+        let changed = match value {
+            Some(v) => limits.insert(limit.to_string(), v.into()) != Some(v.into()),
+            None => limits.remove(limit).is_some(),
+        };
+        if !changed {
+            return Ok(());
+        }
+        u.limits = serde_json::Value::Object(limits).to_string();
+        self.store(Op::PutUser(u)).await?;
+        self.auth_changed();
+        Ok(())
     }
 
     pub async fn delete_user(&self, name: &str) -> AdminResult<()> {

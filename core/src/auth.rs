@@ -247,6 +247,34 @@ impl Access {
     }
 }
 
+/// RabbitMQ's user limits, by name.
+pub const USER_LIMITS: &[&str] = &["max-connections", "max-channels"];
+
+/// A user's limits as the connection code applies them: None is no limit (RabbitMQ takes a
+/// negative value as no limit, and 0 as "none allowed").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserLimits {
+    pub max_connections: Option<u64>,
+    pub max_channels: Option<u64>,
+}
+
+impl UserLimits {
+    /// Reads a user record's `limits` (a JSON object); anything unreadable is no limit.
+    pub fn parse(text: &str) -> UserLimits {
+        let m: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(text).unwrap_or_default();
+        let get = |k: &str| {
+            m.get(k)
+                .and_then(serde_json::Value::as_i64)
+                .and_then(|n| u64::try_from(n).ok())
+        };
+        UserLimits {
+            max_connections: get("max-connections"),
+            max_channels: get("max-channels"),
+        }
+    }
+}
+
 /// The data cache: users and permissions as the store holds them, cached with negative
 /// answers too (a flood of logins with unknown names does not reach the database).
 /// Permissions are cached compiled (`Access`), topic permissions with them.
@@ -287,6 +315,7 @@ impl Users {
                 name: name.to_string(),
                 password_hash: hash_password(password),
                 tags: "administrator".to_string(),
+                limits: "{}".into(),
             }),
             Op::PutPermission(PermissionRecord {
                 vhost: "/".to_string(),

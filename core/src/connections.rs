@@ -241,6 +241,17 @@ impl Registry {
             .collect()
     }
 
+    /// The open connections of `user` (for user limits).
+    pub fn of_user(&self, user: &str) -> Vec<Arc<ConnInfo>> {
+        self.all()
+            .into_iter()
+            .filter(|c| {
+                let s = c.session_lock();
+                s.open && s.user == user
+            })
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.conns.read().unwrap_or_else(|e| e.into_inner()).len()
     }

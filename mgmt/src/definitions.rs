@@ -149,18 +149,7 @@ pub async fn export(admin: &Admin, vhost: Option<&str>) -> Result<Value, AdminEr
         let users = admin.users().await?;
         out.insert(
             "users".into(),
-            Value::Array(
-                users
-                    .iter()
-                    .map(|u| {
-                        let mut v = crate::views::user(u);
-                        if let Value::Object(m) = &mut v {
-                            m.insert("limits".into(), json!({}));
-                        }
-                        v
-                    })
-                    .collect(),
-            ),
+            Value::Array(users.iter().map(crate::views::user).collect()),
         );
         out.insert(
             "vhosts".into(),
@@ -296,6 +285,17 @@ pub async fn import(
             .put_user(name, hash, &tags(u.get("tags")))
             .await
             .map_err(|e| err("user", name, e))?;
+        // User limits, as RabbitMQ 3.x exports them (`"limits": {"max-connections": 5}`).
+        if let Some(Value::Object(limits)) = u.get("limits") {
+            for (k, v) in limits {
+                if let Some(n) = v.as_i64() {
+                    admin
+                        .set_user_limit(name, k, Some(n))
+                        .await
+                        .map_err(|e| err("user", name, e))?;
+                }
+            }
+        }
     }
     for v in list(d, "vhosts") {
         let name = s(v, "name").ok_or("a vhost without a name")?;

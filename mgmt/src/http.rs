@@ -17,6 +17,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub error: String,
     pub reason: String,
+    /// A reason RabbitMQ gives as a JSON term rather than text (it replaces `reason`).
+    pub reason_term: Option<Value>,
 }
 
 impl ApiError {
@@ -25,6 +27,7 @@ impl ApiError {
             status: StatusCode::NOT_FOUND,
             error: "Object Not Found".into(),
             reason: "Not Found".into(),
+            reason_term: None,
         }
     }
 
@@ -33,6 +36,7 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             error: "bad_request".into(),
             reason: reason.into(),
+            reason_term: None,
         }
     }
 
@@ -42,6 +46,7 @@ impl ApiError {
             status: StatusCode::UNAUTHORIZED,
             error: "not_authorized".into(),
             reason: "Login failed".into(),
+            reason_term: None,
         }
     }
 
@@ -51,6 +56,7 @@ impl ApiError {
             status: StatusCode::UNAUTHORIZED,
             error: String::new(),
             reason: String::new(),
+            reason_term: None,
         }
     }
 
@@ -61,6 +67,7 @@ impl ApiError {
             status: StatusCode::UNAUTHORIZED,
             error: "not_authorised".into(),
             reason: reason.into(),
+            reason_term: None,
         }
     }
 
@@ -69,6 +76,7 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             error: "invalid_pagination_parameters".into(),
             reason: reason.into(),
+            reason_term: None,
         }
     }
 
@@ -77,6 +85,7 @@ impl ApiError {
             status: StatusCode::FORBIDDEN,
             error: "not_authorized".into(),
             reason: reason.into(),
+            reason_term: None,
         }
     }
 
@@ -85,6 +94,27 @@ impl ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             error: "service_unavailable".into(),
             reason: reason.into(),
+            reason_term: None,
+        }
+    }
+
+    /// RabbitMQ's 404 for a PUT into a vhost that does not exist.
+    pub fn vhost_not_found() -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            error: "not_found".into(),
+            reason: "vhost_not_found".into(),
+            reason_term: None,
+        }
+    }
+
+    /// 400 with a JSON term as the reason (RabbitMQ's `["no_such_user", "bob"]`).
+    pub fn bad_request_term(term: Value) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            error: "bad_request".into(),
+            reason: String::new(),
+            reason_term: Some(term),
         }
     }
 
@@ -93,6 +123,7 @@ impl ApiError {
             status: StatusCode::METHOD_NOT_ALLOWED,
             error: "Method Not Allowed".into(),
             reason: "Method Not Allowed".into(),
+            reason_term: None,
         }
     }
 }
@@ -118,7 +149,10 @@ impl IntoResponse for ApiError {
         } else {
             (
                 self.status,
-                axum::Json(json!({"error": self.error, "reason": self.reason})),
+                axum::Json(json!({
+                    "error": self.error,
+                    "reason": self.reason_term.unwrap_or(Value::String(self.reason)),
+                })),
             )
                 .into_response()
         };

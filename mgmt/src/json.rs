@@ -395,6 +395,7 @@ pub fn answer_by<T>(
                 "Page out of range, page: {page} page size: {}, len: {filtered}",
                 q.page_size
             ),
+            reason_term: None,
         });
     }
     Ok(json!({

@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 use warren_core::vhost::{ExchangeDeclare, QueueDeclare, VhostMeta};
@@ -155,6 +155,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/api/parameters/{component}/{vhost}/{name}",
             get(parameter).put(put_parameter).delete(delete_parameter),
+        )
+        .route("/api/user-limits", get(user_limits))
+        .route("/api/user-limits/{user}", get(user_limits_of))
+        .route(
+            "/api/user-limits/{user}/{name}",
+            put(put_user_limit).delete(delete_user_limit),
         )
         .route("/api/global-parameters", get(global_parameters))
         .route(
@@ -556,6 +562,49 @@ async fn vhost_limits_of(
 
 const VHOST_LIMITS: &[&str] = &["max-connections", "max-queues"];
 
+/// How RabbitMQ prints a JSON value in its validation messages (as an Erlang term: a string
+/// is `<<"x">>`).
+fn erlang_term(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("<<\"{s}\">>"),
+        other => other.to_string(),
+    }
+}
+
+/// What is wrong with limits (vhost or user) by RabbitMQ's rules and texts: an unknown name,
+/// or a value that is not an integer. `what` names the kind ("limits", "user-limits").
+fn limits_problem(names: &[&str], limits: &Map<String, Value>, what: &str) -> Option<String> {
+    let unknown: Vec<String> = limits
+        .iter()
+        .filter(|(k, _)| !names.contains(&k.as_str()))
+        .map(|(k, v)| format!("{{<<\"{k}\">>,{}}}", erlang_term(v)))
+        .collect();
+    if !unknown.is_empty() {
+        return Some(format!(
+            "Unrecognised terms [{}] in {what}",
+            unknown.join(",")
+        ));
+    }
+    limits
+        .iter()
+        .find(|(_, v)| v.as_i64().is_none())
+        .map(|(k, v)| format!("{k} should be a number, actually was {}", erlang_term(v)))
+}
+
+/// RabbitMQ's management UI escapes some validation texts for HTML; its API returns them so.
+fn html_escaped(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The `value` member of a limit's body; RabbitMQ's 400 when it is missing.
+fn limit_value(body: &[u8]) -> ApiResult<Value> {
+    object(body)?
+        .remove("value")
+        .ok_or_else(|| ApiError::bad_request("[{key_missing,value}]"))
+}
+
 async fn put_vhost_limit(
     State(st): St,
     caller: Caller,
@@ -564,22 +613,18 @@ async fn put_vhost_limit(
 ) -> ApiResult<Response> {
     caller.require_admin()?;
     let vh = st.admin.find_vhost(&v).ok_or_else(ApiError::not_found)?;
-    if !VHOST_LIMITS.contains(&name.as_str()) {
+    let value = limit_value(&body)?;
+    let one = Map::from_iter([(name.clone(), value.clone())]);
+    if let Some(problem) = limits_problem(VHOST_LIMITS, &one, "limits") {
         return Err(ApiError::bad_request(format!(
-            "Validation failed\n\nUnrecognised terms [{{<<\"{name}\">>,...}}] in limits\n"
+            "Validation failed\n\n{problem}\n"
         )));
     }
-    let m = object(&body)?;
-    let Some(value) = m.get("value").and_then(Value::as_i64) else {
-        return Err(ApiError::bad_request(
-            "Validation failed\n\nvalue must be an integer\n",
-        ));
-    };
     let mut limits: Map<String, Value> = vh
         .parameter("vhost-limits", "limits")
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
-    limits.insert(name, json!(value));
+    limits.insert(name, value);
     st.admin
         .set_parameter(
             &v,
@@ -1392,9 +1437,10 @@ fn visible_connections(
 
 async fn connections(State(st): St, caller: Caller, q: Q) -> ApiResult<Response> {
     let node = views::node_name();
+    let alarm = st.admin.broker.alarms.state().any();
     let items = visible_connections(&st, &caller)
         .into_iter()
-        .map(|c| views::connection(&c, &node))
+        .map(|c| views::connection(&c, &node, alarm))
         .collect();
     list(&q, rendered(items, "name"))
 }
@@ -1406,11 +1452,12 @@ async fn vhost_connections(
 ) -> ApiResult<Response> {
     usable_vhost(&st, &caller, &v)?;
     let node = views::node_name();
+    let alarm = st.admin.broker.alarms.state().any();
     ok_json(Value::Array(
         visible_connections(&st, &caller)
             .into_iter()
             .filter(|c| c.session().vhost == v)
-            .map(|c| views::connection(&c, &node))
+            .map(|c| views::connection(&c, &node, alarm))
             .collect(),
     ))
 }
@@ -1432,7 +1479,8 @@ async fn connection(
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     let c = find_connection(&st, &caller, &name)?;
-    ok_json(views::connection(&c, &views::node_name()))
+    let alarm = st.admin.broker.alarms.state().any();
+    ok_json(views::connection(&c, &views::node_name(), alarm))
 }
 
 async fn close_connection(
@@ -1765,10 +1813,10 @@ async fn post_vhost_definitions(
 
 // ----- runtime parameters -----
 //
-// Warren's vhost-scoped parameter components are RabbitMQ's core ones: `policy` (listed by
-// /api/policies, not here, as RabbitMQ does), `operator_policy` and `vhost-limits`. Components
-// that come with plugins Warren does not have (federation, shovel) are refused on PUT as
-// RabbitMQ refuses them when the plugin is off.
+// Warren's vhost-scoped parameter components are RabbitMQ's core ones: `policy` (set through
+// /api/policies only, as RabbitMQ), `operator_policy` and `vhost-limits`. Components that come
+// with plugins Warren does not have (federation, shovel) are refused on PUT as RabbitMQ
+// refuses them when the plugin is off.
 
 const LIMITS: &str = "vhost-limits";
 
@@ -1787,14 +1835,16 @@ fn list_parameters(
     component: Option<&str>,
     vhost: Option<&str>,
 ) -> ApiResult<Response> {
-    caller.require_policymaker()?;
+    parameters_allowed(caller)?;
     let mut out = Vec::new();
     for v in scope(st, caller, vhost)? {
         let mut ps = v.parameters();
         ps.sort();
         out.extend(
             ps.iter()
-                .filter(|(c, _, _)| c != warren_core::vhost::POLICY)
+                // The full list leaves user policies out (they have /api/policies); asked
+                // for by component, they are listed.
+                .filter(|(c, _, _)| component.is_some() || c != warren_core::vhost::POLICY)
                 .filter(|(c, _, _)| component.is_none_or(|want| c == want))
                 .map(|(c, n, val)| parameter_json(&v.name, c, n, val)),
         );
@@ -1827,7 +1877,7 @@ async fn parameter(
     caller: Caller,
     Path((component, v, name)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
-    caller.require_policymaker()?;
+    parameters_allowed(&caller)?;
     let vh = usable_vhost(&st, &caller, &v)?;
     let value = vh
         .parameter(&component, &name)
@@ -1835,17 +1885,14 @@ async fn parameter(
     ok_json(parameter_json(&v, &component, &name, &value))
 }
 
-/// `{"value": {...}}` (RabbitMQ also accepts the value's own members at the top level).
-fn parameter_value(body: &[u8]) -> ApiResult<Map<String, Value>> {
-    let mut m = object(body)?;
-    match m.remove("value") {
-        Some(Value::Object(v)) => Ok(v),
-        Some(_) => Err(ApiError::bad_request(
-            "Validation failed\n\nvalue must be a JSON object\n",
-        )),
-        None => Err(ApiError::bad_request(
-            "Validation failed\n\nvalue not found\n",
-        )),
+/// Runtime parameters need the policymaker tag (RabbitMQ's text differs from /api/policies').
+fn parameters_allowed(caller: &Caller) -> ApiResult<()> {
+    if caller.can.policymaker {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized(
+            "User not authorised to access object",
+        ))
     }
 }
 
@@ -1855,42 +1902,45 @@ async fn put_parameter(
     Path((component, v, name)): Path<(String, String, String)>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    match component.as_str() {
-        warren_core::vhost::POLICY | warren_core::vhost::OPERATOR_POLICY => {
-            let value = Value::Object(parameter_value(&body)?).to_string();
-            let operator = component == warren_core::vhost::OPERATOR_POLICY;
-            store_policy(&st, &caller, &v, &name, value.as_bytes(), operator).await
+    parameters_allowed(&caller)?;
+    if st.admin.find_vhost(&v).is_none() {
+        return Err(ApiError::vhost_not_found());
+    }
+    caller.check_vhost(&v)?;
+    let value = limit_value(&body)?;
+    let text = match component.as_str() {
+        warren_core::vhost::POLICY => {
+            return Err(ApiError::bad_request(
+                "policies may not be set using this method",
+            ))
         }
+        warren_core::vhost::OPERATOR_POLICY => value.to_string(),
         LIMITS => {
-            caller.require_admin()?;
-            usable_vhost(&st, &caller, &v)?;
-            let value = parameter_value(&body)?;
-            for (k, x) in &value {
-                if !VHOST_LIMITS.contains(&k.as_str()) {
-                    return Err(ApiError::bad_request(format!(
-                        "Validation failed\n\nUnrecognised terms [{{<<\"{k}\">>,...}}] in limits\n"
-                    )));
-                }
-                if x.as_i64().is_none() {
-                    return Err(ApiError::bad_request(format!(
-                        "Validation failed\n\n{k} must be an integer\n"
-                    )));
-                }
+            let Value::Object(limits) = &value else {
+                return Err(ApiError::bad_request(
+                    "Validation failed\n\nlimits must be a JSON object\n",
+                ));
+            };
+            if name != "limits" {
+                return Err(ApiError::bad_request(
+                    "Validation failed\n\nvhost limits are one parameter named limits\n",
+                ));
             }
-            let created = st
-                .admin
-                .set_parameter(&v, LIMITS, &name, Value::Object(value).to_string())
-                .await?;
-            Ok(created_or_updated(created))
+            if let Some(problem) = limits_problem(VHOST_LIMITS, limits, "limits") {
+                return Err(ApiError::bad_request(html_escaped(&format!(
+                    "Validation failed\n\n{problem}\n"
+                ))));
+            }
+            value.to_string()
         }
         other => {
-            caller.require_policymaker()?;
-            usable_vhost(&st, &caller, &v)?;
-            Err(ApiError::bad_request(format!(
+            return Err(ApiError::bad_request(format!(
                 "Validation failed\n\ncomponent {other} not found\n"
             )))
         }
-    }
+    };
+    let created = st.admin.set_parameter(&v, &component, &name, text).await?;
+    Ok(created_or_updated(created))
 }
 
 async fn delete_parameter(
@@ -1898,22 +1948,80 @@ async fn delete_parameter(
     caller: Caller,
     Path((component, v, name)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
-    match component.as_str() {
-        warren_core::vhost::POLICY | warren_core::vhost::OPERATOR_POLICY => {
-            let operator = component == warren_core::vhost::OPERATOR_POLICY;
-            remove_policy(&st, &caller, &v, &name, operator).await
+    parameters_allowed(&caller)?;
+    usable_vhost(&st, &caller, &v)?;
+    st.admin.clear_parameter(&v, &component, &name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ----- user limits -----
+
+fn user_limits_json(user: &str, limits: Map<String, Value>) -> Option<Value> {
+    (!limits.is_empty()).then(|| json!({"user": user, "value": limits}))
+}
+
+async fn user_limits(State(st): St, caller: Caller) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let users = st.admin.users().await?;
+    ok_json(Value::Array(
+        users
+            .iter()
+            .filter_map(|u| {
+                user_limits_json(&u.name, serde_json::from_str(&u.limits).unwrap_or_default())
+            })
+            .collect(),
+    ))
+}
+
+async fn user_limits_of(
+    State(st): St,
+    caller: Caller,
+    Path(user): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let limits = st.admin.user_limits(&user).await?;
+    ok_json(Value::Array(
+        user_limits_json(&user, limits).into_iter().collect(),
+    ))
+}
+
+async fn put_user_limit(
+    State(st): St,
+    caller: Caller,
+    Path((user, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let value = limit_value(&body)?;
+    let one = Map::from_iter([(name.clone(), value.clone())]);
+    if let Some(problem) = limits_problem(warren_core::auth::USER_LIMITS, &one, "user-limits") {
+        return Err(ApiError::bad_request(problem));
+    }
+    let n = value.as_i64().unwrap_or(-1);
+    match st.admin.set_user_limit(&user, &name, Some(n)).await {
+        Err(warren_core::admin::AdminError::NotFound) => {
+            Err(ApiError::bad_request_term(json!(["no_such_user", user])))
         }
-        _ => {
-            if component == LIMITS {
-                caller.require_admin()?;
-            } else {
-                caller.require_policymaker()?;
-            }
-            usable_vhost(&st, &caller, &v)?;
-            st.admin.clear_parameter(&v, &component, &name).await?;
+        r => {
+            r?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
     }
+}
+
+async fn delete_user_limit(
+    State(st): St,
+    caller: Caller,
+    Path((user, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    // Clearing a limit that is not set is not an error (RabbitMQ answers 204).
+    if warren_core::auth::USER_LIMITS.contains(&name.as_str()) {
+        st.admin.set_user_limit(&user, &name, None).await?;
+    } else if st.admin.user(&user).await?.is_none() {
+        return Err(ApiError::not_found());
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 // ----- global parameters -----
@@ -2040,12 +2148,10 @@ async fn port_listener(
     _caller: Caller,
     Path(port): Path<String>,
 ) -> ApiResult<Response> {
-    let Ok(p) = port.parse::<u16>() else {
-        return Err(ApiError::bad_request(format!(
-            "{port} is not a valid port number"
-        )));
+    let Ok(p) = port.parse::<i64>() else {
+        return Err(ApiError::bad_request("Invalid port"));
     };
-    if st.listeners.iter().any(|(_, a)| a.port() == p) {
+    if st.listeners.iter().any(|(_, a)| i64::from(a.port()) == p) {
         ok_json(json!({"status": "ok", "port": p}))
     } else {
         let mut ports: Vec<u16> = Vec::new();
@@ -2073,7 +2179,8 @@ async fn protocol_listener(
         _ => "",
     };
     if st.listeners.iter().any(|(p, _)| *p == want) {
-        ok_json(json!({"status": "ok", "protocol": proto}))
+        // RabbitMQ answers with the protocol's own name, whichever alias was asked for.
+        ok_json(json!({"status": "ok", "protocol": want}))
     } else {
         let mut protocols: Vec<&str> = Vec::new();
         for (p, _) in &st.listeners {

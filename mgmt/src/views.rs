@@ -161,7 +161,9 @@ fn conn_details(c: &ConnInfo) -> Value {
     })
 }
 
-pub fn connection(c: &ConnInfo, node: &str) -> Value {
+/// A connection's JSON. `alarm`: a resource alarm is in effect, so a connection that is not
+/// (yet) blocked shows RabbitMQ's "blocking" (it will be blocked when it publishes).
+pub fn connection(c: &ConnInfo, node: &str, alarm: bool) -> Value {
     let s = c.session();
     let st = &c.stats;
     json!({
@@ -170,6 +172,7 @@ pub fn connection(c: &ConnInfo, node: &str) -> Value {
         "type": "network",
         "state": match (s.open, c.hold()) {
             (false, _) => "starting",
+            (true, Hold::None) if alarm => "blocking",
             (true, Hold::None) => "running",
             (true, Hold::Flow) => "flow",
             (true, Hold::Blocked) => "blocked",
@@ -305,7 +308,10 @@ pub fn user(u: &UserRecord) -> Value {
         "password_hash": base64::engine::general_purpose::STANDARD.encode(&u.password_hash),
         "hashing_algorithm": algo,
         "tags": warren_core::broker::split_tags(&u.tags),
-        "limits": {},
+        "limits": serde_json::from_str::<Value>(&u.limits)
+            .ok()
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({})),
     })
 }
 

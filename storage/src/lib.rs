@@ -75,6 +75,8 @@ pub struct UserRecord {
     pub password_hash: Vec<u8>,
     /// Comma-separated tags (administrator, monitoring, ...).
     pub tags: String,
+    /// RabbitMQ's user limits as a JSON object (`{"max-connections": 10}`); "{}" is none.
+    pub limits: String,
 }
 
 /// A user's permissions in one vhost: configure, write and read regular expressions.

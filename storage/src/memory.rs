@@ -934,6 +934,7 @@ mod tests {
                 name: user,
                 password_hash: vec![r.below(256) as u8, 0, 255],
                 tags: r.pick(&["", "administrator"]).to_string(),
+                limits: "{}".into(),
             }),
             8 => Op::PutPermission(PermissionRecord {
                 vhost,

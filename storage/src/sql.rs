@@ -278,12 +278,15 @@ async fn meta_op(tx: &mut Tx<'_>, op: &Op) -> Result<(), sqlx::Error> {
                 .await?;
         }
         Op::PutUser(u) => {
-            sqlx::query("REPLACE INTO users (name, password_hash, tags) VALUES (?, ?, ?)")
-                .bind(u.name.clone())
-                .bind(u.password_hash.clone())
-                .bind(u.tags.clone())
-                .execute(&mut **tx)
-                .await?;
+            sqlx::query(
+                "REPLACE INTO users (name, password_hash, tags, limits) VALUES (?, ?, ?, ?)",
+            )
+            .bind(u.name.clone())
+            .bind(u.password_hash.clone())
+            .bind(u.tags.clone())
+            .bind(u.limits.clone())
+            .execute(&mut **tx)
+            .await?;
         }
         Op::PutPermission(p) => {
             sqlx::query(
@@ -620,6 +623,7 @@ fn user_row(r: &AnyRow) -> Result<UserRecord, sqlx::Error> {
         name: r.try_get("name")?,
         password_hash: r.try_get("password_hash")?,
         tags: r.try_get("tags")?,
+        limits: r.try_get("limits")?,
     })
 }
 
@@ -653,7 +657,7 @@ impl MetaStore for SqlStore {
     }
 
     async fn user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
-        let row = sqlx::query("SELECT name, password_hash, tags FROM users WHERE name = ?")
+        let row = sqlx::query("SELECT name, password_hash, tags, limits FROM users WHERE name = ?")
             .bind(name.to_string())
             .fetch_optional(&self.pool)
             .await
@@ -702,7 +706,7 @@ impl MetaStore for SqlStore {
     }
 
     async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
-        let rows = sqlx::query("SELECT name, password_hash, tags FROM users ORDER BY name")
+        let rows = sqlx::query("SELECT name, password_hash, tags, limits FROM users ORDER BY name")
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;

@@ -95,6 +95,7 @@ async fn users_and_permissions<S: MetaStore + MessageStore>(s: &S) {
         name: name.to_string(),
         password_hash: hash.to_vec(),
         tags: "administrator".to_string(),
+        limits: "{}".into(),
     };
     let perm = |vhost: &str, user: &str, read: &str| PermissionRecord {
         vhost: vhost.to_string(),
@@ -121,6 +122,16 @@ async fn users_and_permissions<S: MetaStore + MessageStore>(s: &S) {
     );
     assert_eq!(s.user("Guest").await.unwrap(), Some(user("Guest", &[9])));
     assert_eq!(s.user("GUEST").await.unwrap(), None);
+    // User limits are part of the record: stored, read back, replaced with it.
+    let limited = UserRecord {
+        limits: r#"{"max-connections":2}"#.to_string(),
+        ..user("Guest", &[9])
+    };
+    apply(s, vec![Op::PutUser(limited.clone())]).await;
+    assert_eq!(s.user("Guest").await.unwrap(), Some(limited.clone()));
+    assert!(s.list_users().await.unwrap().contains(&limited));
+    apply(s, vec![Op::PutUser(user("Guest", &[9]))]).await;
+    assert_eq!(s.user("Guest").await.unwrap(), Some(user("Guest", &[9])));
     assert_eq!(
         s.permission("/", "guest").await.unwrap(),
         Some(perm("/", "guest", "^amq\\."))

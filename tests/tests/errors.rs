@@ -295,6 +295,7 @@ async fn stored_users_and_vhost_access() {
                 name: name.to_string(),
                 password_hash: warren_broker::auth::hash_password(pass),
                 tags: String::new(),
+                limits: "{}".into(),
             })
         };
         let ops = vec![

@@ -729,7 +729,14 @@ async fn status_codes_headers_and_error_bodies_are_rabbitmqs() {
         json!({"status": "failed", "reason": "No active listener", "missing": 1,
                "ports": [port, b.http.unwrap().port(), b.prometheus.unwrap().port()]})
     );
-    for proto in ["amqp", "amqp091", "http", "prometheus", "http/prometheus"] {
+    for (proto, name) in [
+        ("amqp", "amqp"),
+        ("amqp091", "amqp"),
+        ("AMQP", "amqp"),
+        ("http", "http"),
+        ("prometheus", "http/prometheus"),
+        ("http/prometheus", "http/prometheus"),
+    ] {
         let (s, _, body) = raw(
             M::GET,
             &format!(
@@ -740,7 +747,25 @@ async fn status_codes_headers_and_error_bodies_are_rabbitmqs() {
             None,
         )
         .await;
-        assert_eq!((s, body), (200, json!({"status": "ok", "protocol": proto})));
+        assert_eq!((s, body), (200, json!({"status": "ok", "protocol": name})));
+    }
+    for (bad, status) in [("abc", 400), ("99999", 503), ("-1", 503)] {
+        let (s, _, body) = raw(
+            M::GET,
+            &format!("{a}/health/checks/port-listener/{bad}"),
+            GUEST,
+            None,
+        )
+        .await;
+        assert_eq!(s, status, "{bad}: {body}");
+        if status == 400 {
+            assert_eq!(
+                body,
+                json!({"error": "bad_request", "reason": "Invalid port"})
+            );
+        } else {
+            assert_eq!(body["missing"], json!(bad.parse::<i64>().unwrap()));
+        }
     }
     let (s, _, body) = raw(
         M::GET,
@@ -1360,4 +1385,296 @@ async fn load_definitions_at_start_creates_only_what_is_missing() {
     .is_err());
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_dir_all(data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_parameters_api_as_rabbitmq() {
+    let b = broker_http().await;
+    let a = api(&b);
+    use reqwest::Method as M;
+    let put = |path: &str, body: &str| {
+        let url = format!("{a}{path}");
+        let body = body.to_string();
+        async move { raw(M::PUT, &url, GUEST, Some(&body)).await }
+    };
+    let (s, _, _) = put(
+        "/policies/%2F/p1",
+        r#"{"pattern":"^q","definition":{"max-length":5}}"#,
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, _, _) = put(
+        "/parameters/operator_policy/%2F/op1",
+        r#"{"value":{"pattern":"^q","definition":{"max-length-bytes":1048576},"priority":0,"apply-to":"queues"}}"#,
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, _, _) = put(
+        "/parameters/vhost-limits/%2F/limits",
+        r#"{"value":{"max-queues":100}}"#,
+    )
+    .await;
+    assert_eq!(s, 201);
+    // The full list leaves user policies out; by component they are listed.
+    let (s, _, all) = raw(M::GET, &format!("{a}/parameters"), GUEST, None).await;
+    assert_eq!(s, 200);
+    let components: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["component"].as_str().unwrap())
+        .collect();
+    assert_eq!(components, vec!["operator_policy", "vhost-limits"]);
+    let (_, _, one) = raw(
+        M::GET,
+        &format!("{a}/parameters/vhost-limits/%2F/limits"),
+        GUEST,
+        None,
+    )
+    .await;
+    assert_eq!(
+        one,
+        json!({"value": {"max-queues": 100}, "vhost": "/", "component": "vhost-limits", "name": "limits"})
+    );
+    let (_, _, pols) = raw(M::GET, &format!("{a}/parameters/policy"), GUEST, None).await;
+    assert_eq!(pols[0]["name"], "p1");
+    let (_, _, none) = raw(M::GET, &format!("{a}/parameters/foo"), GUEST, None).await;
+    assert_eq!(none, json!([]));
+    let (_, _, limits) = raw(M::GET, &format!("{a}/vhost-limits/%2F"), GUEST, None).await;
+    assert_eq!(
+        limits,
+        json!([{"vhost": "/", "value": {"max-queues": 100}}])
+    );
+
+    // RabbitMQ's refusals, texts included.
+    for (path, body, want) in [
+        (
+            "/parameters/federation-upstream/%2F/up1",
+            r#"{"value":{"uri":"amqp://x"}}"#,
+            json!({"error": "bad_request", "reason": "Validation failed\n\ncomponent federation-upstream not found\n"}),
+        ),
+        (
+            "/parameters/policy/%2F/pp1",
+            r#"{"value":{"pattern":"x","definition":{}}}"#,
+            json!({"error": "bad_request", "reason": "policies may not be set using this method"}),
+        ),
+        (
+            "/parameters/vhost-limits/%2F/limits",
+            r#"{"valu":{}}"#,
+            json!({"error": "bad_request", "reason": "[{key_missing,value}]"}),
+        ),
+        (
+            "/parameters/vhost-limits/%2F/limits",
+            r#"{"value":{"max-bogus":5}}"#,
+            json!({"error": "bad_request", "reason": "Validation failed\n\nUnrecognised terms [{&lt;&lt;\"max-bogus\"&gt;&gt;,5}] in limits\n"}),
+        ),
+        (
+            "/parameters/vhost-limits/%2F/limits",
+            r#"{"value":{"max-connections":"five"}}"#,
+            json!({"error": "bad_request", "reason": "Validation failed\n\nmax-connections should be a number, actually was &lt;&lt;\"five\"&gt;&gt;\n"}),
+        ),
+        (
+            "/vhost-limits/%2F/max-queues",
+            r#"{"value":"x"}"#,
+            json!({"error": "bad_request", "reason": "Validation failed\n\nmax-queues should be a number, actually was <<\"x\">>\n"}),
+        ),
+        (
+            "/vhost-limits/%2F/max-foo",
+            r#"{"value":1}"#,
+            json!({"error": "bad_request", "reason": "Validation failed\n\nUnrecognised terms [{<<\"max-foo\">>,1}] in limits\n"}),
+        ),
+    ] {
+        let (s, _, body) = put(path, body).await;
+        assert_eq!((s, body), (400, want), "{path}");
+    }
+    let (s, _, body) = put(
+        "/parameters/vhost-limits/nosuchvhost/limits",
+        r#"{"value":{}}"#,
+    )
+    .await;
+    assert_eq!(
+        (s, body),
+        (
+            404,
+            json!({"error": "not_found", "reason": "vhost_not_found"})
+        )
+    );
+
+    // Monitoring users may not read parameters; policymakers may, and may set limits.
+    for (user, tags) in [("mon", "monitoring"), ("pol", "policymaker")] {
+        let (s, _, _) = put(
+            &format!("/users/{user}"),
+            &format!(r#"{{"password":"pw","tags":"{tags}"}}"#),
+        )
+        .await;
+        assert_eq!(s, 201);
+        put(
+            &format!("/permissions/%2F/{user}"),
+            r#"{"configure":".*","write":".*","read":".*"}"#,
+        )
+        .await;
+    }
+    let (s, _, body) = raw(
+        M::GET,
+        &format!("{a}/parameters"),
+        Some(("mon", "pw")),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, body),
+        (
+            401,
+            json!({"error": "not_authorised", "reason": "User not authorised to access object"})
+        )
+    );
+    let (s, _, _) = raw(
+        M::PUT,
+        &format!("{a}/parameters/vhost-limits/%2F/limits"),
+        Some(("pol", "pw")),
+        Some(r#"{"value":{"max-queues":50}}"#),
+    )
+    .await;
+    assert_eq!(s, 204);
+    let (s, _, _) = raw(
+        M::DELETE,
+        &format!("{a}/parameters/vhost-limits/%2F/limits"),
+        GUEST,
+        None,
+    )
+    .await;
+    assert_eq!(s, 204);
+    let (s, _, _) = raw(
+        M::DELETE,
+        &format!("{a}/parameters/vhost-limits/%2F/limits"),
+        GUEST,
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+    let (_, _, limits) = raw(M::GET, &format!("{a}/vhost-limits"), GUEST, None).await;
+    assert_eq!(limits, json!([]));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_limits_are_set_through_the_api_and_enforced() {
+    let b = broker_http().await;
+    let a = api(&b);
+    use reqwest::Method as M;
+    let put = |path: &str, body: &str| {
+        let url = format!("{a}{path}");
+        let body = body.to_string();
+        async move { raw(M::PUT, &url, GUEST, Some(&body)).await }
+    };
+    put("/users/lim", r#"{"password":"pw","tags":""}"#).await;
+    put(
+        "/permissions/%2F/lim",
+        r#"{"configure":".*","write":".*","read":".*"}"#,
+    )
+    .await;
+    let (_, _, none) = raw(M::GET, &format!("{a}/user-limits"), GUEST, None).await;
+    assert_eq!(none, json!([]));
+    for (path, body, want) in [
+        (
+            "/user-limits/lim/max-bogus",
+            r#"{"value":2}"#,
+            json!("Unrecognised terms [{<<\"max-bogus\">>,2}] in user-limits"),
+        ),
+        (
+            "/user-limits/lim/max-connections",
+            r#"{"value":"two"}"#,
+            json!("max-connections should be a number, actually was <<\"two\">>"),
+        ),
+        (
+            "/user-limits/lim/max-connections",
+            r#"{"value":2.5}"#,
+            json!("max-connections should be a number, actually was 2.5"),
+        ),
+        (
+            "/user-limits/lim/max-connections",
+            r#"{"valu":2}"#,
+            json!("[{key_missing,value}]"),
+        ),
+        (
+            "/user-limits/nobody/max-connections",
+            r#"{"value":2}"#,
+            json!(["no_such_user", "nobody"]),
+        ),
+    ] {
+        let (s, _, body) = put(path, body).await;
+        assert_eq!((s, &body["reason"]), (400, &want), "{path}: {body}");
+    }
+    let (s, _, _) = put("/user-limits/lim/max-connections", r#"{"value":1}"#).await;
+    assert_eq!(s, 204);
+    let (s, _, _) = put("/user-limits/lim/max-channels", r#"{"value":2}"#).await;
+    assert_eq!(s, 204);
+    // A new password keeps the limits.
+    put("/users/lim", r#"{"password":"pw2","tags":""}"#).await;
+    let (_, _, all) = raw(M::GET, &format!("{a}/user-limits"), GUEST, None).await;
+    assert_eq!(
+        all,
+        json!([{"user": "lim", "value": {"max-channels": 2, "max-connections": 1}}])
+    );
+    let (_, _, user) = raw(M::GET, &format!("{a}/users/lim"), GUEST, None).await;
+    assert_eq!(
+        user["limits"],
+        json!({"max-channels": 2, "max-connections": 1})
+    );
+    let (_, _, defs) = raw(M::GET, &format!("{a}/definitions"), GUEST, None).await;
+    let exported = defs["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "lim")
+        .unwrap()
+        .clone();
+    assert_eq!(exported["limits"]["max-connections"], 1);
+
+    // Enforced over AMQP with RabbitMQ's codes and texts.
+    let url = amqp_url(&b, "lim", "pw2", "/");
+    let c1 = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let e = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .err()
+        .expect("a second connection is refused");
+    assert_eq!(code(&e), 530);
+    assert_eq!(
+        text(&e),
+        "NOT_ALLOWED - connection refused for user 'lim': user connection limit (1) is reached"
+    );
+    let _ch1 = c1.create_channel().await.unwrap();
+    let _ch2 = c1.create_channel().await.unwrap();
+    let e = c1
+        .create_channel()
+        .await
+        .err()
+        .expect("a third channel is refused");
+    assert_eq!(code(&e), 530);
+    assert_eq!(
+        text(&e),
+        "NOT_ALLOWED - number of channels opened for user 'lim' has reached the maximum \
+         allowed user limit of (2)"
+    );
+    // Cleared: connections are taken again (clearing one that is not set is no error).
+    for l in ["max-connections", "max-channels", "max-channels"] {
+        let (s, _, _) = raw(M::DELETE, &format!("{a}/user-limits/lim/{l}"), GUEST, None).await;
+        assert_eq!(s, 204);
+    }
+    let c2 = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let c3 = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        c3.create_channel().await.unwrap();
+    }
+    let _ = c2.close(200, "done".into()).await;
+    let _ = c3.close(200, "done".into()).await;
+    let (_, _, none) = raw(M::GET, &format!("{a}/user-limits/lim"), GUEST, None).await;
+    assert_eq!(none, json!([]));
+    b.stop().await;
 }

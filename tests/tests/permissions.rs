@@ -25,6 +25,7 @@ async fn start_with_users() -> warren_broker::Running {
             name: name.to_string(),
             password_hash: warren_broker::auth::hash_password("pw"),
             tags: String::new(),
+            limits: "{}".into(),
         })
     };
     let perm = |name: &str, c: &str, w: &str, r: &str| {
