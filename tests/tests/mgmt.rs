@@ -1638,8 +1638,7 @@ async fn user_limits_are_set_through_the_api_and_enforced() {
         .unwrap();
     let e = Connection::connect(&url, ConnectionProperties::default())
         .await
-        .err()
-        .expect("a second connection is refused");
+        .expect_err("a second connection is refused");
     assert_eq!(code(&e), 530);
     assert_eq!(
         text(&e),
@@ -1650,8 +1649,7 @@ async fn user_limits_are_set_through_the_api_and_enforced() {
     let e = c1
         .create_channel()
         .await
-        .err()
-        .expect("a third channel is refused");
+        .expect_err("a third channel is refused");
     assert_eq!(code(&e), 530);
     assert_eq!(
         text(&e),
