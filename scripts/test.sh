@@ -8,6 +8,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Every temporary file of the run (test brokers' data directories, pytest's tmp_path) goes
+# under target/test-tmp, emptied before and after, so no run leaves data in /tmp.
+export TMPDIR="$PWD/target/test-tmp"
+rm -rf "$TMPDIR"
+mkdir -p "$TMPDIR"
+
 echo "== mariadb"
 WARREN_TEST_MYSQL_URL=$(scripts/mariadb.sh)
 export WARREN_TEST_MYSQL_URL
@@ -15,6 +21,7 @@ stop_mariadb() {
     if [ -f target/mariadb/pid ]; then
         kill "$(cat target/mariadb/pid)" 2>/dev/null || true
     fi
+    rm -rf "$TMPDIR"
 }
 trap stop_mariadb EXIT
 

@@ -662,6 +662,7 @@ impl Conn {
                 .authenticate(&creds.username, &creds.password, self.peer.ip())
                 .await
         };
+        self.broker.auth_attempts.amqp.record(checked.is_ok());
         if let Err(e) = checked {
             let why = match e {
                 LoginError::UnknownUser => format!("user '{}' does not exist", creds.username),

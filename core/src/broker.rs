@@ -26,6 +26,8 @@ pub struct Broker {
     pub connections: Arc<Registry>,
     /// Node-wide counters.
     pub stats: Arc<GlobalStats>,
+    /// Login attempts by protocol (AMQP and the management API).
+    pub auth_attempts: crate::stats::AuthAttempts,
     /// The memory and disk alarms (publishers are blocked while one is in effect).
     pub alarms: Arc<crate::alarms::Alarms>,
     /// Global runtime parameters (name -> JSON text).
@@ -98,6 +100,7 @@ impl Broker {
         alarms.check(&config.data_dir);
         Ok(Arc::new(Broker {
             config,
+            auth_attempts: Default::default(),
             alarms,
             persist,
             vhosts: RwLock::new(vhosts),

@@ -219,3 +219,51 @@ mod tests {
         assert_eq!(seen, vec![("publish_in", 3), ("publish_out", 0)]);
     }
 }
+
+/// One protocol's login attempts (RabbitMQ's auth attempt counters).
+#[derive(Debug, Default)]
+pub struct AuthCounts {
+    attempts: AtomicU64,
+    failed: AtomicU64,
+    succeeded: AtomicU64,
+}
+
+impl AuthCounts {
+    pub fn record(&self, ok: bool) {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        if ok {
+            self.succeeded.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (attempts, failed, succeeded)
+    pub fn get(&self) -> (u64, u64, u64) {
+        (
+            self.attempts.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            self.succeeded.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn reset(&self) {
+        self.attempts.store(0, Ordering::Relaxed);
+        self.failed.store(0, Ordering::Relaxed);
+        self.succeeded.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Login attempts by protocol, with RabbitMQ's protocol names.
+#[derive(Debug, Default)]
+pub struct AuthAttempts {
+    pub amqp: AuthCounts,
+    pub http: AuthCounts,
+}
+
+impl AuthAttempts {
+    /// Each protocol with RabbitMQ's name for it ("http", "amqp091").
+    pub fn each(&self) -> [(&'static str, &AuthCounts); 2] {
+        [("http", &self.http), ("amqp091", &self.amqp)]
+    }
+}

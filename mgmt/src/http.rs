@@ -311,17 +311,23 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.ip())
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-        let user = state
-            .admin
-            .login(&name, &pass, peer)
-            .await
-            .map_err(ApiError::from)?;
+        let attempts = &state.admin.broker.auth_attempts.http;
+        let user = match state.admin.login(&name, &pass, peer).await {
+            Ok(u) => u,
+            Err(e) => {
+                attempts.record(false);
+                return Err(ApiError::from(e));
+            }
+        };
         let Some(user) = user else {
+            attempts.record(false);
             tracing::warn!(user = %name, %peer, "HTTP access denied: login failed");
             return Err(ApiError::login_failed());
         };
         let tags = warren_core::broker::split_tags(&user.tags);
         let can = Tags::parse(&tags);
+        // As RabbitMQ, a login refused for want of the management tag is a failed attempt.
+        attempts.record(can.management);
         if !can.management {
             tracing::warn!(user = %name, "HTTP access denied: no management tag");
             return Err(ApiError::unauthorized("Not management user"));

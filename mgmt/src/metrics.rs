@@ -263,6 +263,30 @@ fn node_metrics(o: &mut Out, st: &AppState, per_object: bool) {
         o.family(n, "counter", h);
         o.sample(n, proto, v as f64);
     }
+    for (name, help, pick) in [
+        (
+            "rabbitmq_auth_attempts_total",
+            "Total number of authorization attempts",
+            0,
+        ),
+        (
+            "rabbitmq_auth_attempts_succeeded_total",
+            "Total number of successful authentication attempts",
+            2,
+        ),
+        (
+            "rabbitmq_auth_attempts_failed_total",
+            "Total number of failed authentication attempts",
+            1,
+        ),
+    ] {
+        o.family(name, "counter", help);
+        for (protocol, c) in b.auth_attempts.each() {
+            let (attempts, failed, succeeded) = c.get();
+            let v = [attempts, failed, succeeded][pick];
+            o.sample(name, &format!("protocol=\"{protocol}\""), v as f64);
+        }
+    }
     o.family(
         "rabbitmq_global_publishers",
         "gauge",

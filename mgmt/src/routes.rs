@@ -156,6 +156,15 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/parameters/{component}/{vhost}/{name}",
             get(parameter).put(put_parameter).delete(delete_parameter),
         )
+        .route(
+            "/api/auth/attempts/{node}",
+            get(auth_attempts).delete(reset_auth_attempts),
+        )
+        .route(
+            "/api/auth/attempts/{node}/source",
+            get(auth_attempts_by_source),
+        )
+        .route("/api/feature-flags", get(feature_flags))
         .route("/api/user-limits", get(user_limits))
         .route("/api/user-limits/{user}", get(user_limits_of))
         .route(
@@ -417,6 +426,111 @@ async fn node(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiRes
         return Err(ApiError::not_found());
     }
     ok_json(node_json(&st))
+}
+
+// ----- feature flags -----
+
+/// RabbitMQ 3.10's feature flags whose behaviour Warren has, always enabled (Warren has no
+/// mixed-version clusters to migrate). Those it does not have (quorum and stream queues,
+/// mirrored queue versions, maintenance mode) are not listed.
+const FEATURE_FLAGS: &[(&str, &str, &str)] = &[
+    (
+        "drop_unroutable_metric",
+        "Count unroutable publishes to be dropped in stats",
+        "rabbitmq_management_agent",
+    ),
+    (
+        "empty_basic_get_metric",
+        "Count AMQP `basic.get` on empty queues in stats",
+        "rabbitmq_management_agent",
+    ),
+    (
+        "implicit_default_bindings",
+        "Default bindings are now implicit, instead of being stored in the database",
+        "rabbit",
+    ),
+    (
+        "user_limits",
+        "Configure connection and channel limits for a user",
+        "rabbit",
+    ),
+    (
+        "virtual_host_metadata",
+        "Virtual host metadata (description, tags, etc)",
+        "rabbit",
+    ),
+];
+
+async fn feature_flags(caller: Caller) -> ApiResult<Response> {
+    caller.require_admin()?;
+    ok_json(Value::Array(
+        FEATURE_FLAGS
+            .iter()
+            .map(|(name, desc, by)| {
+                json!({"name": name, "desc": desc, "doc_url": "", "state": "enabled",
+                       "stability": "stable", "provided_by": by})
+            })
+            .collect(),
+    ))
+}
+
+// ----- authentication attempts -----
+
+fn this_node(name: &str) -> ApiResult<()> {
+    if name == views::node_name() {
+        Ok(())
+    } else {
+        Err(ApiError::not_found())
+    }
+}
+
+async fn auth_attempts(
+    State(st): St,
+    caller: Caller,
+    Path(n): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_monitor()?;
+    this_node(&n)?;
+    let items: Vec<Value> = st
+        .admin
+        .broker
+        .auth_attempts
+        .each()
+        .into_iter()
+        .filter_map(|(protocol, c)| {
+            let (attempts, failed, succeeded) = c.get();
+            (attempts > 0).then(|| {
+                json!({
+                    "protocol": protocol,
+                    "auth_attempts": attempts,
+                    "auth_attempts_failed": failed,
+                    "auth_attempts_succeeded": succeeded,
+                })
+            })
+        })
+        .collect();
+    ok_json(Value::Array(items))
+}
+
+/// Attempts by source address: RabbitMQ tracks them only with `track_auth_attempt_source`
+/// (off by default), and Warren does not track them, so the list is empty as RabbitMQ's is.
+async fn auth_attempts_by_source(caller: Caller, Path(n): Path<String>) -> ApiResult<Response> {
+    caller.require_monitor()?;
+    this_node(&n)?;
+    ok_json(json!([]))
+}
+
+async fn reset_auth_attempts(
+    State(st): St,
+    caller: Caller,
+    Path(n): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_monitor()?;
+    this_node(&n)?;
+    for (_, c) in st.admin.broker.auth_attempts.each() {
+        c.reset();
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 // ----- vhosts -----

@@ -1676,3 +1676,79 @@ async fn user_limits_are_set_through_the_api_and_enforced() {
     assert_eq!(none, json!([]));
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_attempts_are_counted_by_protocol() {
+    let b = broker_http().await;
+    let a = api(&b);
+    use reqwest::Method as M;
+    let (_, _, overview) = raw(M::GET, &format!("{a}/overview"), GUEST, None).await;
+    let node = overview["node"].as_str().unwrap().to_string();
+    let (s, _, _) = raw(
+        M::GET,
+        &format!("{a}/overview"),
+        Some(("guest", "wrong")),
+        None,
+    )
+    .await;
+    assert_eq!(s, 401);
+    Connection::connect(&b.url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let bad = format!("amqp://guest:wrong@{}/%2f", b.addr);
+    let e = Connection::connect(&bad, ConnectionProperties::default())
+        .await
+        .expect_err("a wrong password is refused");
+    assert_eq!(code(&e), 403);
+    let (s, _, body) = raw(M::GET, &format!("{a}/auth/attempts/{node}"), GUEST, None).await;
+    assert_eq!(s, 200);
+    // HTTP: the overview, the refused login and this request.
+    assert_eq!(
+        body,
+        json!([
+            {"protocol": "http", "auth_attempts": 3, "auth_attempts_failed": 1, "auth_attempts_succeeded": 2},
+            {"protocol": "amqp091", "auth_attempts": 2, "auth_attempts_failed": 1, "auth_attempts_succeeded": 1},
+        ])
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", b.prometheus.unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("rabbitmq_auth_attempts_failed_total{protocol=\"amqp091\"} 1"));
+    assert!(metrics.contains("rabbitmq_auth_attempts_total{protocol=\"http\"} 3"));
+    let (s, _, _) = raw(M::DELETE, &format!("{a}/auth/attempts/{node}"), GUEST, None).await;
+    assert_eq!(s, 204);
+    let (_, _, body) = raw(M::GET, &format!("{a}/auth/attempts/{node}"), GUEST, None).await;
+    assert_eq!(
+        body,
+        json!([{"protocol": "http", "auth_attempts": 1, "auth_attempts_failed": 0, "auth_attempts_succeeded": 1}])
+    );
+    let (_, _, body) = raw(
+        M::GET,
+        &format!("{a}/auth/attempts/{node}/source"),
+        GUEST,
+        None,
+    )
+    .await;
+    assert_eq!(body, json!([]));
+    let (s, _, _) = raw(
+        M::GET,
+        &format!("{a}/auth/attempts/rabbit@elsewhere"),
+        GUEST,
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+    let (_, _, flags) = raw(M::GET, &format!("{a}/feature-flags"), GUEST, None).await;
+    let names: Vec<&str> = flags
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"user_limits"), "{names:?}");
+    assert!(!names.contains(&"quorum_queue"), "{names:?}");
+    b.stop().await;
+}
