@@ -40,12 +40,13 @@ impl AlarmState {
 
     /// RabbitMQ's resource names, as the health checks list them.
     pub fn resources(&self) -> Vec<&'static str> {
+        // RabbitMQ lists disk before memory when both are in effect.
         let mut r = Vec::new();
-        if self.memory {
-            r.push("memory");
-        }
         if self.disk {
             r.push("disk space");
+        }
+        if self.memory {
+            r.push("memory");
         }
         r
     }
@@ -235,7 +236,7 @@ mod tests {
         assert_eq!(a.state().reason(), "low on memory");
         a.update(1001, 499);
         assert_eq!(a.state().reason(), "low on memory & low on disk");
-        assert_eq!(a.state().resources(), vec!["memory", "disk space"]);
+        assert_eq!(a.state().resources(), vec!["disk space", "memory"]);
         a.set_memory_limit(2000);
         a.update(1001, 499);
         assert_eq!(a.state().reason(), "low on disk");

@@ -35,6 +35,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/nodes", get(nodes))
         .route("/api/nodes/{node}", get(node))
+        .route("/api/nodes/{node}/memory", get(node_memory))
+        .route(
+            "/api/nodes/{node}/memory/relative",
+            get(node_memory_relative),
+        )
         .route("/api/vhosts", get(vhosts))
         .route(
             "/api/vhosts/{vhost}",
@@ -426,6 +431,94 @@ async fn node(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiRes
         return Err(ApiError::not_found());
     }
     ok_json(node_json(&st))
+}
+
+// ----- memory breakdown -----
+
+/// RabbitMQ's memory categories, in its order. Warren reports its resident memory with the
+/// bytes of messages held in memory as `binary` (where RabbitMQ keeps message bodies) and
+/// the rest as `other_proc`; it measures no other category, so they are 0.
+const MEMORY_KEYS: &[&str] = &[
+    "connection_readers",
+    "connection_writers",
+    "connection_channels",
+    "connection_other",
+    "queue_procs",
+    "queue_slave_procs",
+    "quorum_queue_procs",
+    "quorum_queue_dlx_procs",
+    "stream_queue_procs",
+    "stream_queue_replica_reader_procs",
+    "stream_queue_coordinator_procs",
+    "plugins",
+    "other_proc",
+    "metrics",
+    "mgmt_db",
+    "mnesia",
+    "quorum_ets",
+    "other_ets",
+    "binary",
+    "msg_index",
+    "code",
+    "atom",
+    "other_system",
+    "allocated_unused",
+    "reserved_unallocated",
+];
+
+fn memory_breakdown(st: &AppState) -> (u64, Vec<(&'static str, u64)>) {
+    let rss = warren_core::system::rss();
+    let messages = (st.admin.broker.persist.gauge.get() as u64).min(rss);
+    let parts = MEMORY_KEYS
+        .iter()
+        .map(|&k| {
+            let v = match k {
+                "binary" => messages,
+                "other_proc" => rss - messages,
+                _ => 0,
+            };
+            (k, v)
+        })
+        .collect();
+    (rss, parts)
+}
+
+async fn node_memory(State(st): St, caller: Caller, Path(n): Path<String>) -> ApiResult<Response> {
+    caller.require_monitor()?;
+    this_node(&n)?;
+    let (rss, parts) = memory_breakdown(&st);
+    let mut m: Map<String, Value> = parts
+        .into_iter()
+        .map(|(k, v)| (k.into(), json!(v)))
+        .collect();
+    m.insert("strategy".into(), json!("rss"));
+    m.insert(
+        "total".into(),
+        json!({"erlang": rss, "rss": rss, "allocated": rss}),
+    );
+    ok_json(json!({ "memory": m }))
+}
+
+async fn node_memory_relative(
+    State(st): St,
+    caller: Caller,
+    Path(n): Path<String>,
+) -> ApiResult<Response> {
+    caller.require_monitor()?;
+    this_node(&n)?;
+    let (rss, parts) = memory_breakdown(&st);
+    let mut m = Map::new();
+    m.insert("total".into(), json!(100));
+    for (k, v) in parts {
+        // Percent of the total, a category that has any memory at least 1 (as RabbitMQ).
+        let pct = if v == 0 || rss == 0 {
+            0
+        } else {
+            (v * 100 / rss).max(1)
+        };
+        m.insert(k.into(), json!(pct));
+    }
+    ok_json(json!({ "memory": m }))
 }
 
 // ----- feature flags -----

@@ -1750,5 +1750,22 @@ async fn auth_attempts_are_counted_by_protocol() {
         .collect();
     assert!(names.contains(&"user_limits"), "{names:?}");
     assert!(!names.contains(&"quorum_queue"), "{names:?}");
+    // The memory breakdown: RabbitMQ's categories, summing to the resident total.
+    let (s, _, mem) = raw(M::GET, &format!("{a}/nodes/{node}/memory"), GUEST, None).await;
+    assert_eq!(s, 200);
+    let m = mem["memory"].as_object().unwrap();
+    assert_eq!(m.len(), 27, "{m:?}");
+    assert_eq!(m["strategy"], "rss");
+    let sum: u64 = m.values().filter_map(Value::as_u64).sum();
+    assert_eq!(sum, m["total"]["rss"].as_u64().unwrap());
+    assert!(sum > 0);
+    let (_, _, rel) = raw(
+        M::GET,
+        &format!("{a}/nodes/{node}/memory/relative"),
+        GUEST,
+        None,
+    )
+    .await;
+    assert_eq!(rel["memory"]["total"], 100);
     b.stop().await;
 }
