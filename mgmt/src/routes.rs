@@ -435,7 +435,8 @@ async fn node(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiRes
 
 // ----- memory breakdown -----
 
-/// RabbitMQ's memory categories, in its order. Warren reports its resident memory with the
+/// RabbitMQ's memory categories, in its order (3.10's, with 4.x's `metadata_store` and
+/// `metadata_store_ets`, which rabbitmqadmin v2 requires). Warren reports its resident memory with the
 /// bytes of messages held in memory as `binary` (where RabbitMQ keeps message bodies) and
 /// the rest as `other_proc`; it measures no other category, so they are 0.
 const MEMORY_KEYS: &[&str] = &[
@@ -451,11 +452,13 @@ const MEMORY_KEYS: &[&str] = &[
     "stream_queue_replica_reader_procs",
     "stream_queue_coordinator_procs",
     "plugins",
+    "metadata_store",
     "other_proc",
     "metrics",
     "mgmt_db",
     "mnesia",
     "quorum_ets",
+    "metadata_store_ets",
     "other_ets",
     "binary",
     "msg_index",

@@ -94,6 +94,14 @@ def test_rabbitmqadmin_manages_the_broker(admin, api, broker, tmp_path):
     assert x in admin("--vhost", vhost, "list", "exchanges").stdout
     assert "k" in admin("--vhost", vhost, "list", "bindings").stdout
     admin("list", "nodes")
+    node = api("GET", "/overview").json()["node"]
+    admin("show", "memory_breakdown_in_bytes", "--node", node)
+    admin("auth_attempts", "stats", "--node", node)
+    admin("list", "feature_flags")
+    admin("list", "parameters")
+    admin("declare", "user_limit", "--user", user, "--name", "max-connections", "--value", "5")
+    assert "max-connections" in admin("list", "user_limits").stdout
+    assert api("GET", "/user-limits/" + user).json()[0]["value"]["max-connections"] == 5
     admin("list", "connections")
     admin("list", "channels")
     admin("health_check", "local_alarms")

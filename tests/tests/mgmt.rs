@@ -1754,7 +1754,7 @@ async fn auth_attempts_are_counted_by_protocol() {
     let (s, _, mem) = raw(M::GET, &format!("{a}/nodes/{node}/memory"), GUEST, None).await;
     assert_eq!(s, 200);
     let m = mem["memory"].as_object().unwrap();
-    assert_eq!(m.len(), 27, "{m:?}");
+    assert_eq!(m.len(), 29, "{m:?}");
     assert_eq!(m["strategy"], "rss");
     let sum: u64 = m.values().filter_map(Value::as_u64).sum();
     assert_eq!(sum, m["total"]["rss"].as_u64().unwrap());
