@@ -25,7 +25,7 @@ type St = State<Arc<AppState>>;
 type Q = Query<HashMap<String, String>>;
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/api/overview", get(overview))
         .route("/api/whoami", get(whoami))
         .route("/api/extensions", get(|| async { Json(json!([])) }))
@@ -201,7 +201,38 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/aliveness-test/{vhost}", get(aliveness))
         .fallback(not_found)
-        .with_state(state)
+        .with_state(state);
+    // Outside the routes, where a 405 already carries its `allow` header.
+    Router::new()
+        .fallback_service(api)
+        .layer(axum::middleware::from_fn(options))
+}
+
+/// OPTIONS as RabbitMQ answers it: 200, no login needed, `allow` listing the route's methods.
+/// The route is asked with a method no route has (PATCH), and its 405's `allow` is the answer.
+async fn options(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if req.method() != axum::http::Method::OPTIONS {
+        return next.run(req).await;
+    }
+    let (mut parts, body) = req.into_parts();
+    parts.method = axum::http::Method::PATCH;
+    let r = next
+        .run(axum::extract::Request::from_parts(parts, body))
+        .await;
+    if r.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return r;
+    }
+    let allow = r
+        .headers()
+        .get(axum::http::header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    (
+        StatusCode::OK,
+        [(axum::http::header::ALLOW, format!("{allow},OPTIONS"))],
+    )
+        .into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -1000,9 +1031,13 @@ async fn users_bulk_delete(State(st): St, caller: Caller, body: Bytes) -> ApiRes
     let Some(Value::Array(names)) = m.get("users") else {
         return Err(ApiError::bad_request("users must be a list of names"));
     };
+    // As RabbitMQ: users are deleted in order; an unknown one stops the request with 400.
     for n in names.iter().filter_map(Value::as_str) {
         match st.admin.delete_user(n).await {
-            Ok(()) | Err(warren_core::admin::AdminError::NotFound) => {}
+            Ok(()) => {}
+            Err(warren_core::admin::AdminError::NotFound) => {
+                return Err(ApiError::bad_request_term(json!(["no_such_user", n])));
+            }
             Err(e) => return Err(e.into()),
         }
     }

@@ -1769,3 +1769,59 @@ async fn auth_attempts_are_counted_by_protocol() {
     assert_eq!(rel["memory"]["total"], 100);
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_methods_and_bulk_delete_as_rabbitmq() {
+    let b = broker_http().await;
+    let a = api(&b);
+    use reqwest::Method as M;
+    // OPTIONS needs no login and lists the route's methods.
+    let r = reqwest::Client::new()
+        .request(M::OPTIONS, format!("{a}/queues/%2F/q1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let allow = r.headers()["allow"].to_str().unwrap().to_string();
+    for m in ["GET", "HEAD", "PUT", "DELETE", "OPTIONS"] {
+        assert!(allow.contains(m), "{allow}");
+    }
+    let (s, h, _) = raw(M::POST, &format!("{a}/overview"), GUEST, Some("{}")).await;
+    assert_eq!(s, 405);
+    assert!(h["allow"].to_str().unwrap().contains("GET"));
+    // Bulk delete: in order, an unknown user stops it with RabbitMQ's 400.
+    for u in ["carol", "dave"] {
+        raw(
+            M::PUT,
+            &format!("{a}/users/{u}"),
+            GUEST,
+            Some(r#"{"password":"pw","tags":""}"#),
+        )
+        .await;
+    }
+    let (s, _, body) = raw(
+        M::POST,
+        &format!("{a}/users/bulk-delete"),
+        GUEST,
+        Some(r#"{"users":["carol","nobody","dave"]}"#),
+    )
+    .await;
+    assert_eq!(
+        (s, body),
+        (
+            400,
+            json!({"error": "bad_request", "reason": ["no_such_user", "nobody"]})
+        )
+    );
+    let (s, _, _) = raw(M::GET, &format!("{a}/users/carol"), GUEST, None).await;
+    assert_eq!(s, 404);
+    let (s, _, _) = raw(
+        M::POST,
+        &format!("{a}/users/bulk-delete"),
+        GUEST,
+        Some(r#"{"users":["dave"]}"#),
+    )
+    .await;
+    assert_eq!(s, 204);
+    b.stop().await;
+}
