@@ -5,6 +5,7 @@
 //! fault-injection seam (`Faulty` wraps any store).
 //! The broker encodes AMQP tables and content headers itself, so this crate stays protocol-free.
 
+pub mod cluster;
 pub mod faults;
 pub mod memory;
 pub mod plan;
@@ -285,6 +286,11 @@ pub enum StoreError {
     Corrupt(String),
     #[error("bad storage setting: {0}")]
     Config(String),
+    /// Cluster mode: this node's incarnation is no longer the live one (another node took
+    /// over, or a newer process of the same name started). Nothing was written, and nothing
+    /// this store holds may be confirmed.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 /// Durable metadata: loaded at start; written through `Op`s.

@@ -37,10 +37,13 @@ pub enum Backend {
 }
 
 pub struct SqlStore {
-    pool: AnyPool,
+    pub(crate) pool: AnyPool,
     backend: Backend,
     /// SQLite syncs the commits that need it (see `Plan::needs_sync`).
     fsync: bool,
+    /// In cluster mode: the node whose liveness every transaction proves first
+    /// (`crate::cluster`).
+    pub(crate) fence: std::sync::OnceLock<crate::cluster::NodeId>,
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -51,7 +54,7 @@ impl std::fmt::Debug for SqlStore {
 
 /// Classifies a database error: transient ones (connection, I/O, pool, deadlock, lock wait,
 /// read-only, disk full) are retried; the data being refused is permanent.
-fn unavailable(e: sqlx::Error) -> StoreError {
+pub(crate) fn unavailable(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
             StoreError::Corrupt(e.to_string())
@@ -151,6 +154,7 @@ impl SqlStore {
             pool,
             backend,
             fsync,
+            fence: std::sync::OnceLock::new(),
         })
     }
 
@@ -864,6 +868,8 @@ impl MessageStore for SqlStore {
             conn.execute(sync).await.map_err(unavailable)?;
         }
         let mut tx = sqlx::Acquire::begin(&mut conn).await.map_err(unavailable)?;
+        // Dropping `tx` on a failed proof rolls it back: nothing of the plan is written.
+        self.prove_fence(&mut tx).await?;
         let t1 = t0.elapsed();
         apply_plan(&mut tx, self.backend, plan)
             .await
@@ -881,6 +887,7 @@ impl MessageStore for SqlStore {
 
     async fn recover(&self) -> Result<Recovered, StoreError> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        self.prove_fence(&mut tx).await?;
         for sql in [
             "DELETE FROM queue_messages WHERE queue_id NOT IN (SELECT id FROM queues)",
             "DELETE FROM queue_messages WHERE message_id IN \

@@ -7,7 +7,10 @@
 //! split: each op is committed on its own, and the tickets of the ops still refused are marked
 //! failed (`failed`), so their confirms become nacks; `committed()` moves past them. An op
 //! submitted after `close` gets `NEVER`, a ticket that is never committed. The bytes held by
-//! uncommitted ops are counted so publishers can be slowed (`over_limit`, `room`).
+//! uncommitted ops are counted so publishers can be slowed (`over_limit`, `room`). In cluster
+//! mode a commit refused with `StoreError::Fenced` stops the writer for good: it takes no more
+//! ops, its committed ticket never moves again (nothing it held is confirmed, nothing is nacked
+//! as if lost), and `fenced()` tells the node to stop.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -64,6 +67,8 @@ pub struct Writer {
     failed: Mutex<BTreeSet<u64>>,
     /// How many tickets ever failed: lets `failed` skip its lock in the common case.
     failures: AtomicU64,
+    /// A commit was refused with `StoreError::Fenced`: the writer has stopped.
+    fenced: AtomicBool,
 }
 
 impl std::fmt::Debug for Writer {
@@ -97,6 +102,7 @@ impl Writer {
             hold_limit: settings.hold_limit,
             failed: Mutex::new(BTreeSet::new()),
             failures: AtomicU64::new(0),
+            fenced: AtomicBool::new(false),
         });
         let task = tokio::spawn(run(store, settings, rx, committed_tx, writer.clone()));
         (writer, task)
@@ -195,6 +201,11 @@ impl Writer {
         }
     }
 
+    /// The writer stopped because this node was fenced (cluster mode).
+    pub fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
     /// Stops taking ops; the task commits what it has and ends.
     pub fn close(&self) {
         self.lock().tx = None;
@@ -232,11 +243,29 @@ async fn run<S: MessageStore>(
         let ops = batch.len();
         let plan = Plan::from_ops(batch.iter().map(|(_, op)| op));
         let started = Instant::now();
-        if let Err(e) = commit(&*store, &plan, &writer).await {
+        let first = commit(&*store, &plan, &writer).await;
+        if let Err(StoreError::Fenced(why)) = &first {
+            tracing::error!(
+                reason = %why,
+                ops,
+                "store writer fenced: another node owns the store; nothing it held is confirmed"
+            );
+            writer.fenced.store(true, Ordering::Release);
+            writer.close();
+            return;
+        }
+        if let Err(e) = first {
             // Refused for good: find the ops to blame, one transaction each.
             tracing::error!(error = %e, ops, "store refused a batch; committing its ops one by one");
             for (t, op) in batch.drain(..) {
-                if let Err(e) = commit(&*store, &Plan::from_ops([op]), &writer).await {
+                let r = commit(&*store, &Plan::from_ops([op]), &writer).await;
+                if matches!(r, Err(StoreError::Fenced(_))) {
+                    tracing::error!("store writer fenced while splitting a refused batch");
+                    writer.fenced.store(true, Ordering::Release);
+                    writer.close();
+                    return;
+                }
+                if let Err(e) = r {
                     tracing::error!(ticket = t, error = %e, "store refused an op; its publisher is nacked");
                     writer.mark_failed(t);
                 }
