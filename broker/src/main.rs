@@ -1,13 +1,16 @@
 //! The `warren` binary: parse settings, set up logging, open and recover the store, serve until
 //! SIGTERM or Ctrl-C, then close every connection with 320 CONNECTION_FORCED, commit what the
-//! store writer holds and exit 0.
+//! store writer holds and exit 0. In cluster mode (`--cluster-node`) it first joins the cluster
+//! and serves as a standby (proxying AMQP to the active node) until it takes the active role;
+//! as the active node, if it is fenced or loses its lease it closes every connection with 320
+//! and exits with `warren_cluster::EXIT_FENCED` (3).
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use warren_broker::{broker::Broker, Config};
 
 fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let mut config = Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -17,10 +20,18 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(config))
+    match runtime.block_on(run(&mut config))? {
+        Some(exit) => {
+            tracing::error!(?exit, "exiting: this node may no longer serve");
+            // The runtime's tasks are not waited for: nothing more may be committed.
+            runtime.shutdown_background();
+            std::process::exit(warren_cluster::EXIT_FENCED);
+        }
+        None => Ok(()),
+    }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: &mut Config) -> anyhow::Result<Option<warren_cluster::Exit>> {
     let listeners = warren_broker::server::bind(&config.amqp_listen)
         .map_err(|e| anyhow::anyhow!("cannot listen: {e}"))?;
     for l in &listeners {
@@ -47,7 +58,37 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for l in &tls_listeners {
         amqp.push(("amqp/ssl", l.local_addr()?));
     }
-    let broker = Broker::open(config)
+    // Cluster mode: a standby until this node takes the active role.
+    let node = match config.cluster_node.clone() {
+        None => None,
+        Some(_) => {
+            let advertised = match &config.cluster_advertise {
+                Some(a) => a.clone(),
+                None => amqp[0].1.to_string(),
+            };
+            let node = warren_cluster::Node::join(config, &advertised)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot join the cluster: {e}"))?;
+            let stop_proxy = tokio_util::sync::CancellationToken::new();
+            let became = tokio::select! {
+                r = node.become_active() => r,
+                _ = warren_cluster::proxy(
+                    &listeners,
+                    node.clone(),
+                    config.max_connections,
+                    stop_proxy.clone(),
+                ) => return Err(anyhow::anyhow!("the standby's proxy stopped")),
+                _ = shutdown_signal() => return Ok(None),
+            };
+            stop_proxy.cancel();
+            if let Err(exit) = became {
+                return Ok(Some(exit));
+            }
+            config.cluster_fence = Some(node.id().clone());
+            Some(node)
+        }
+    };
+    let broker = Broker::open(config.clone())
         .await
         .map_err(|e| anyhow::anyhow!("cannot open the store: {e}"))?;
     broker.start_sampler();
@@ -61,13 +102,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
         acceptor,
         broker.clone(),
     ));
-    shutdown_signal().await;
+    let exit = match &node {
+        None => {
+            shutdown_signal().await;
+            None
+        }
+        Some(node) => {
+            let writer = broker.persist.writer.clone();
+            tokio::select! {
+                _ = shutdown_signal() => None,
+                e = node.keep(move || writer.fenced(), broker.shutdown.clone()) => e,
+            }
+        }
+    };
     tracing::info!("shutting down: closing connections with 320 CONNECTION_FORCED");
     broker.shutdown.cancel();
     let _ = server.await;
-    broker.persist.close().await;
+    if exit.is_none() {
+        broker.persist.close().await;
+    }
     tracing::info!("stopped");
-    Ok(())
+    Ok(exit)
 }
 
 async fn shutdown_signal() {

@@ -111,6 +111,26 @@ pub struct Config {
     #[arg(long, env = "WARREN_DISK_FREE_LIMIT", default_value = "50MB", value_parser = parse_size)]
     pub disk_free_limit: u64,
 
+    /// Cluster mode (needs --storage mysql://...): this node's name among the Warren nodes
+    /// sharing the database. One node is active and serves; the others are standbys that proxy
+    /// AMQP connections to it and take over when its lease expires.
+    #[arg(long, env = "WARREN_CLUSTER_NODE")]
+    pub cluster_node: Option<String>,
+
+    /// Cluster mode: the lease a node renews on the database clock (every quarter of it).
+    #[arg(long, env = "WARREN_CLUSTER_LEASE_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(200..=600_000))]
+    pub cluster_lease_ms: u64,
+
+    /// Cluster mode: how other nodes reach this node's AMQP listener (host:port); the first
+    /// --amqp-listen address by default.
+    #[arg(long, env = "WARREN_CLUSTER_ADVERTISE")]
+    pub cluster_advertise: Option<String>,
+
+    /// Cluster mode: the identity the store proves in every transaction (set once this node
+    /// is active; not a flag).
+    #[arg(skip)]
+    pub cluster_fence: Option<warren_storage::cluster::NodeId>,
+
     /// The user created at start (RabbitMQ's default_user).
     #[arg(long, env = "WARREN_DEFAULT_USER", default_value = "guest")]
     pub default_user: String,

@@ -58,6 +58,11 @@ impl Persistence {
         }
         let url = config.storage_url();
         let sql = SqlStore::open(&url, config.sync == SyncMode::Confirm).await?;
+        // Cluster mode: the active node's every transaction, recovery's included, proves its
+        // lease first.
+        if let Some(me) = &config.cluster_fence {
+            sql.fence_with(me.clone())?;
+        }
         let faults = config.faults.clone().unwrap_or_default();
         let store = Arc::new(Faulty::new(sql, faults));
         let recovered = store.recover().await?;
