@@ -37,12 +37,12 @@ async fn run(config: &mut Config) -> anyhow::Result<Option<warren_cluster::Exit>
     for l in &listeners {
         tracing::info!(addr = %l.local_addr()?, "Warren {} listening for AMQP 0-9-1", env!("CARGO_PKG_VERSION"));
     }
-    let (tls_listeners, acceptor) = warren_broker::server::bind_tls(&config)
+    let (tls_listeners, acceptor) = warren_broker::server::bind_tls(config)
         .map_err(|e| anyhow::anyhow!("cannot listen for AMQPS: {e}"))?;
     for l in &tls_listeners {
         tracing::info!(addr = %l.local_addr()?, "listening for AMQP 0-9-1 over TLS");
     }
-    let http = warren_broker::bind_http(&config)
+    let http = warren_broker::bind_http(config)
         .map_err(|e| anyhow::anyhow!("cannot listen for HTTP: {e}"))?;
     for (proto, addr) in http.addrs()? {
         match proto {
