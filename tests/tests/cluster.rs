@@ -1,0 +1,438 @@
+//! Cluster step 1 against the built `warren` binary on the throwaway MariaDB: failover rounds
+//! (two nodes; a publisher with confirms through whichever node answers; SIGKILL of the active
+//! node mid-stream; every confirmed message must be delivered afterwards, and the time from the
+//! kill to the first confirm through the survivor is measured), a paused active node (SIGSTOP
+//! past its lease: the standby takes over; after SIGCONT the old node confirms nothing, writes
+//! nothing and exits with code 3), and SQLite refused at start.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_lite::StreamExt;
+use lapin::{
+    options::*, types::FieldTable, BasicProperties, Channel, Connection, ConnectionProperties,
+};
+use warren_storage::cluster::NodeId;
+use warren_storage::SqlStore;
+
+const LEASE_MS: u64 = 1000;
+const QUEUE: &str = "failover";
+
+fn warren_bin() -> PathBuf {
+    std::env::var_os("WARREN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/warren"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Node {
+    name: String,
+    port: u16,
+    child: Child,
+}
+
+impl Node {
+    fn start(name: &str, port: u16, db: &str, dir: &Path) -> Node {
+        let bin = warren_bin();
+        assert!(
+            bin.exists(),
+            "{} missing: build the workspace first",
+            bin.display()
+        );
+        let child = Command::new(bin)
+            .args(["--cluster-node", name, "--storage", db])
+            .arg("--cluster-lease-ms")
+            .arg(LEASE_MS.to_string())
+            .arg("--amqp-listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(dir.join(name))
+            .args(["--http-listen", "", "--prometheus-listen", ""])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn warren");
+        Node {
+            name: name.to_string(),
+            port,
+            child,
+        }
+    }
+
+    fn url(&self) -> String {
+        url(self.port)
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn url(port: u16) -> String {
+    format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+}
+
+/// The active node's name, once there is one (read from the database, as an operator would).
+async fn wait_active(db: &SqlStore, not: Option<&NodeId>, within: Duration) -> NodeId {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(a)) = db.active_node().await {
+            if Some(&a) != not {
+                return a;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no node became active in {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn channel(url: &str) -> Option<(Connection, Channel)> {
+    let c = tokio::time::timeout(
+        Duration::from_secs(3),
+        Connection::connect(url, ConnectionProperties::default()),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let ch = c.create_channel().await.ok()?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .ok()?;
+    ch.queue_declare(
+        QUEUE.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .ok()?;
+    Some((c, ch))
+}
+
+/// What the publisher saw: every confirmed number, and for each confirm when it arrived and
+/// when its connection was opened (a confirm the dying node sent just before the kill is not
+/// one through the survivor).
+#[derive(Default)]
+struct Confirms {
+    ids: BTreeSet<u64>,
+    times: Vec<(Instant, Instant)>,
+}
+
+/// Publishes numbered persistent messages with confirms through whichever port answers,
+/// reconnecting (and republishing what was not confirmed) when a connection dies, until
+/// `stop`. Returns the next number.
+async fn publish(
+    ports: Vec<u16>,
+    mut next: u64,
+    confirms: Arc<Mutex<Confirms>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> u64 {
+    let mut i = 0;
+    let mut unconfirmed: Vec<u64> = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let port = ports[i % ports.len()];
+        i += 1;
+        let opened = Instant::now();
+        let Some((_c, ch)) = channel(&url(port)).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        'conn: while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut batch = std::mem::take(&mut unconfirmed);
+            while batch.len() < 20 {
+                batch.push(next);
+                next += 1;
+            }
+            let mut pending = Vec::new();
+            for &n in &batch {
+                match ch
+                    .basic_publish(
+                        "".into(),
+                        QUEUE.into(),
+                        BasicPublishOptions::default(),
+                        n.to_string().as_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                {
+                    Ok(p) => pending.push((n, Some(p))),
+                    Err(_) => pending.push((n, None)),
+                }
+            }
+            let mut failed = false;
+            for (n, p) in pending {
+                let ok = match p {
+                    Some(p) => matches!(
+                        tokio::time::timeout(Duration::from_secs(10), p).await,
+                        Ok(Ok(c)) if c.is_ack()
+                    ),
+                    None => false,
+                };
+                if ok {
+                    let mut c = confirms.lock().unwrap();
+                    c.ids.insert(n);
+                    c.times.push((Instant::now(), opened));
+                } else {
+                    unconfirmed.push(n);
+                    failed = true;
+                }
+            }
+            if failed {
+                break 'conn;
+            }
+        }
+    }
+    next
+}
+
+/// Reads the queue empty through `port`: every number in it.
+async fn drain(port: u16) -> BTreeSet<u64> {
+    let (c, ch) = channel(&url(port)).await.expect("drain connection");
+    let mut consumer = ch
+        .basic_consume(
+            QUEUE.into(),
+            "drain".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut seen = BTreeSet::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
+    {
+        seen.insert(std::str::from_utf8(&d.data).unwrap().parse().unwrap());
+    }
+    let _ = c.close(200, "drained".into()).await;
+    seen
+}
+
+fn scratch_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "warren-cluster-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_rounds_lose_no_confirmed_message() {
+    let rounds: usize = std::env::var("WARREN_FAILOVER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let db_url = warren_storage::suite::mysql_scratch_url().await;
+    let db = SqlStore::open(&db_url, true).await.unwrap();
+    let dir = scratch_dir();
+    let ports = [free_port(), free_port()];
+    let mut nodes: Vec<Option<Node>> = vec![Some(Node::start("n1", ports[0], &db_url, &dir)), None];
+    let mut active = wait_active(&db, None, Duration::from_secs(30)).await;
+    nodes[1] = Some(Node::start("n2", ports[1], &db_url, &dir));
+    let confirms = Arc::new(Mutex::new(Confirms::default()));
+    let mut next = 0;
+    let mut failovers = Vec::new();
+    for round in 0..rounds {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let publisher = tokio::spawn(publish(
+            ports.to_vec(),
+            next,
+            confirms.clone(),
+            stop.clone(),
+        ));
+        // Let some confirms through, then kill the active node mid-stream.
+        let before = confirms.lock().unwrap().ids.len();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while confirms.lock().unwrap().ids.len() < before + 200 {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no confirms before the kill"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let idx = if active.name == "n1" { 0 } else { 1 };
+        let mut victim = nodes[idx].take().unwrap();
+        let killed_at = Instant::now();
+        victim.kill();
+        let survivor = wait_active(&db, Some(&active), Duration::from_secs(30)).await;
+        assert_ne!(survivor.name, victim.name);
+        // The first confirm after the kill, through the survivor.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let first = loop {
+            let t = confirms
+                .lock()
+                .unwrap()
+                .times
+                .iter()
+                .find(|&&(_, opened)| opened > killed_at)
+                .map(|&(t, _)| t);
+            if let Some(t) = t {
+                break t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no confirm after the kill"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        failovers.push(first - killed_at);
+        // A little more traffic through the survivor, then stop.
+        let after = confirms.lock().unwrap().ids.len();
+        while confirms.lock().unwrap().ids.len() < after + 50 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        next = publisher.await.unwrap();
+        // The killed node comes back as a standby.
+        nodes[idx] = Some(Node::start(&victim.name, victim.port, &db_url, &dir));
+        drop(victim);
+        active = survivor;
+    }
+    let idx = if active.name == "n1" { 0 } else { 1 };
+    let seen = drain(nodes[idx].as_ref().unwrap().port).await;
+    let confirmed = confirms.lock().unwrap().ids.clone();
+    let lost: Vec<&u64> = confirmed.difference(&seen).collect();
+    assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+    let mut sorted = failovers.clone();
+    sorted.sort();
+    let median = sorted[sorted.len() / 2];
+    eprintln!(
+        "failover rounds: {rounds}; kill to first confirm: median {median:?}, max {:?}, all {failovers:?}; {} confirmed, {} delivered, 0 lost",
+        sorted[sorted.len() - 1],
+        confirmed.len(),
+        seen.len()
+    );
+    assert!(
+        median < Duration::from_secs(5),
+        "median failover {median:?} is over 5 s"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_active_node_confirms_nothing_after_a_takeover_and_exits() {
+    let db_url = warren_storage::suite::mysql_scratch_url().await;
+    let db = SqlStore::open(&db_url, true).await.unwrap();
+    let dir = scratch_dir();
+    let (p1, p2) = (free_port(), free_port());
+    let mut n1 = Node::start("n1", p1, &db_url, &dir);
+    let first = wait_active(&db, None, Duration::from_secs(30)).await;
+    assert_eq!(first.name, "n1");
+    let _n2 = Node::start("n2", p2, &db_url, &dir);
+    // Ten confirmed messages straight to n1.
+    let (_c, ch) = channel(&n1.url()).await.expect("n1 answers");
+    for n in 0..10u64 {
+        let c = ch
+            .basic_publish(
+                "".into(),
+                QUEUE.into(),
+                BasicPublishOptions::default(),
+                n.to_string().as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(c.is_ack());
+    }
+    // Paused past its lease: n2 takes over.
+    n1.signal("STOP");
+    let second = wait_active(&db, Some(&first), Duration::from_secs(30)).await;
+    assert_eq!(second.name, "n2");
+    // Publishes sent to the paused n1 wait in its socket; after SIGCONT it must not confirm
+    // them, must not write them, and must exit with code 3.
+    let mut pending = Vec::new();
+    for n in 100..110u64 {
+        if let Ok(p) = ch
+            .basic_publish(
+                "".into(),
+                QUEUE.into(),
+                BasicPublishOptions::default(),
+                n.to_string().as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+        {
+            pending.push(p);
+        }
+    }
+    n1.signal("CONT");
+    for p in pending {
+        let r = tokio::time::timeout(Duration::from_secs(15), p).await;
+        assert!(
+            !matches!(r, Ok(Ok(ref c)) if c.is_ack()),
+            "the fenced node confirmed a publish: {r:?}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = n1.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the fenced node did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(3), "exit code of a fenced node");
+    let seen = drain(p2).await;
+    assert_eq!(seen, (0..10).collect::<BTreeSet<u64>>());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn cluster_mode_refuses_sqlite() {
+    let dir = scratch_dir();
+    let out = Command::new(warren_bin())
+        .args(["--cluster-node", "n1", "--amqp-listen", "127.0.0.1:0"])
+        .args(["--http-listen", "", "--prometheus-listen", ""])
+        .arg("--data-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--storage mysql"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
