@@ -3,8 +3,10 @@
 # (the storage suite and crash tests on SQLite and on MariaDB included), then the pika suite
 # against the built `warren` binary. Installs and starts what it needs: a throwaway MariaDB
 # (scripts/mariadb.sh; Debian's mariadb-server is installed when missing) unless
-# WARREN_TEST_MYSQL_URL names a reachable server, a Python venv with the pinned pika and
-# pytest, and rabbitmqadmin v2 (cargo install, a few minutes the first time). Brokers under test run on free ports with temporary data directories.
+# WARREN_TEST_MYSQL_URL names a reachable server, a 3-node MariaDB Galera cluster
+# (scripts/galera.sh, for the cluster tests), a Python venv with the pinned pika and pytest,
+# and rabbitmqadmin v2 (cargo install, a few minutes the first time). Brokers under test run
+# on free ports with temporary data directories.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,9 +23,14 @@ stop_mariadb() {
     if [ -f target/mariadb/pid ]; then
         kill "$(cat target/mariadb/pid)" 2>/dev/null || true
     fi
+    scripts/galera.sh stop || true
     rm -rf "$TMPDIR"
 }
 trap stop_mariadb EXIT
+
+echo "== galera (3 MariaDB nodes, for the cluster tests)"
+WARREN_TEST_GALERA_URLS=$(scripts/galera.sh | paste -sd, -)
+export WARREN_TEST_GALERA_URLS
 
 echo "== cargo build"
 cargo build --workspace --all-targets

@@ -21,7 +21,17 @@ use crate::{
 };
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
-static MYSQL_MIGRATIONS: Migrator = sqlx::migrate!("migrations/mysql");
+/// MySQL migrations run without sqlx's `GET_LOCK` (Galera refuses it) under `MigrationLease`.
+static MYSQL_MIGRATIONS: Migrator = {
+    let mut m = sqlx::migrate!("migrations/mysql");
+    m.locking = false;
+    m
+};
+
+/// How long a MySQL session may sit idle inside a write transaction before the server rolls it
+/// back (MariaDB's `idle_write_transaction_timeout`): a paused process cannot hold its row
+/// locks through a takeover for longer.
+const IDLE_WRITE_TRANSACTION_SECS: u32 = 2;
 
 /// Bodies larger than this are stored in chunks of this size.
 pub const CHUNK: usize = 1 << 20;
@@ -54,6 +64,56 @@ impl std::fmt::Debug for SqlStore {
 
 /// Classifies a database error: transient ones (connection, I/O, pool, deadlock, lock wait,
 /// read-only, disk full) are retried; the data being refused is permanent.
+/// Takes the MySQL migration lease (a row, not `GET_LOCK`, which Galera refuses): one process
+/// migrates at a time; a lease left by a process that died expires after a minute. Returns the
+/// holder token to release it with.
+async fn migration_lease(pool: &AnyPool) -> Result<String, StoreError> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS warren_migration_lease (\
+         id INT NOT NULL PRIMARY KEY, holder VARCHAR(64) NOT NULL, until DATETIME(6) NOT NULL\
+         ) ENGINE = InnoDB",
+    )
+    .execute(pool)
+    .await
+    .map_err(unavailable)?;
+    let holder = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        sqlx::query(
+            "INSERT INTO warren_migration_lease (id, holder, until) \
+             VALUES (1, ?, NOW(6) + INTERVAL 60 SECOND) \
+             ON DUPLICATE KEY UPDATE \
+             holder = IF(until < NOW(6), VALUES(holder), holder), \
+             until = IF(holder = VALUES(holder), VALUES(until), until)",
+        )
+        .bind(holder.clone())
+        .execute(pool)
+        .await
+        .map_err(unavailable)?;
+        let row = sqlx::query("SELECT holder FROM warren_migration_lease WHERE id = 1")
+            .fetch_optional(pool)
+            .await
+            .map_err(unavailable)?;
+        let current: Option<String> = row.map(|r| r.try_get(0)).transpose().map_err(unavailable)?;
+        if current.as_deref() == Some(holder.as_str()) {
+            return Ok(holder);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(StoreError::Unavailable(
+                "another process has been migrating the store for two minutes".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 pub(crate) fn unavailable(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
@@ -139,17 +199,51 @@ impl SqlStore {
                     .connect(&url)
                     .await
             }
-            Backend::Mysql => options.max_connections(8).connect(&url).await,
+            Backend::Mysql => {
+                options
+                    .max_connections(8)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            // MariaDB (Galera included) only: MySQL has neither variable, and
+                            // its error is ignored. On Galera, reads wait until the node has
+                            // applied every commit the cluster made before them.
+                            for set in [
+                                format!(
+                                    "SET SESSION idle_write_transaction_timeout = {IDLE_WRITE_TRANSACTION_SECS}"
+                                ),
+                                "SET SESSION wsrep_sync_wait = 1".to_string(),
+                            ] {
+                                if let Err(e) = conn.execute(sqlx::AssertSqlSafe(set)).await {
+                                    tracing::debug!(error = %e, "session setting not taken");
+                                }
+                            }
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await
+            }
         }
         .map_err(unavailable)?;
         let migrator = match backend {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::Mysql => &MYSQL_MIGRATIONS,
         };
-        migrator
+        let lease = match backend {
+            Backend::Mysql => Some(migration_lease(&pool).await?),
+            Backend::Sqlite => None,
+        };
+        let migrated = migrator
             .run(&pool)
             .await
-            .map_err(|e| StoreError::Unavailable(format!("migrations failed: {e}")))?;
+            .map_err(|e| StoreError::Unavailable(format!("migrations failed: {e}")));
+        if let Some(holder) = lease {
+            let _ = sqlx::query("DELETE FROM warren_migration_lease WHERE id = 1 AND holder = ?")
+                .bind(holder)
+                .execute(&pool)
+                .await;
+        }
+        migrated?;
         Ok(SqlStore {
             pool,
             backend,

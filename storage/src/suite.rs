@@ -60,13 +60,19 @@ pub fn message(id: i64, persistent: bool, body: Bytes) -> Arc<MessageRow> {
 /// A fresh database on the MySQL server named by `WARREN_TEST_MYSQL_URL`. Panics (fails the
 /// test) when the variable is unset: the test command always sets it.
 pub async fn mysql_scratch_url() -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
     let Ok(server) = std::env::var("WARREN_TEST_MYSQL_URL") else {
         panic!(
             "WARREN_TEST_MYSQL_URL is not set: run scripts/test.sh, which starts MariaDB, or point \
              it at a MySQL server (mysql://user:pass@host:port) where the user may create databases"
         );
     };
+    mysql_scratch_db(&server).await.0
+}
+
+/// A fresh database on the MySQL server at `server` (mysql://user:pass@host:port): its URL and
+/// its name (on a Galera cluster the database exists on every node under that name).
+pub async fn mysql_scratch_db(server: &str) -> (String, String) {
+    static N: AtomicU32 = AtomicU32::new(0);
     let server = server.trim_end_matches('/').to_string();
     let db = format!(
         "warren_test_{}_{}_{}",
@@ -84,7 +90,7 @@ pub async fn mysql_scratch_url() -> String {
         .await
         .unwrap();
     pool.close().await;
-    format!("{server}/{db}")
+    (format!("{server}/{db}"), db)
 }
 
 /// Users and permissions: replaced by name, names case-sensitive, looked up one at a time.

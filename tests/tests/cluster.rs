@@ -3,7 +3,8 @@
 //! node mid-stream; every confirmed message must be delivered afterwards, and the time from the
 //! kill to the first confirm through the survivor is measured), a paused active node (SIGSTOP
 //! past its lease: the standby takes over; after SIGCONT the old node confirms nothing, writes
-//! nothing and exits with code 3), and SQLite refused at start.
+//! nothing and exits with code 3), SQLite refused at start, and on a 3-node Galera cluster a
+//! failover round and the loss of the active node's database node under load.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
@@ -258,19 +259,35 @@ fn scratch_dir() -> PathBuf {
     d
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_rounds_lose_no_confirmed_message() {
-    let rounds: usize = std::env::var("WARREN_FAILOVER_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let db_url = warren_storage::suite::mysql_scratch_url().await;
-    let db = SqlStore::open(&db_url, true).await.unwrap();
+/// What each round kills.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kill {
+    /// SIGKILL the active Warren node (it comes back as a standby for the next round).
+    ActiveNode,
+    /// SIGKILL the database node the active Warren node uses (the pid files of each Warren
+    /// node's database node, by node index): that Warren node loses its lease and exits 3.
+    DatabaseOfActive([&'static str; 2]),
+}
+
+/// The outcome of `failover_rounds`.
+struct Rounds {
+    failovers: Vec<Duration>,
+    confirmed: usize,
+    delivered: usize,
+}
+
+/// Two Warren nodes (n1 on `db_urls[0]`, n2 on `db_urls[1]`); per round, a publisher with
+/// confirms through whichever node answers, then `kill` mid-stream, then the time to the first
+/// confirm through the survivor. At the end the queue is drained through the active node and
+/// every confirmed message must be there.
+async fn failover_rounds(db_urls: [String; 2], rounds: usize, kill: Kill) -> Rounds {
+    let db = SqlStore::open(&db_urls[1], true).await.unwrap();
     let dir = scratch_dir();
     let ports = [free_port(), free_port()];
-    let mut nodes: Vec<Option<Node>> = vec![Some(Node::start("n1", ports[0], &db_url, &dir)), None];
+    let mut nodes: Vec<Option<Node>> =
+        vec![Some(Node::start("n1", ports[0], &db_urls[0], &dir)), None];
     let mut active = wait_active(&db, None, Duration::from_secs(30)).await;
-    nodes[1] = Some(Node::start("n2", ports[1], &db_url, &dir));
+    nodes[1] = Some(Node::start("n2", ports[1], &db_urls[1], &dir));
     let confirms = Arc::new(Mutex::new(Confirms::default()));
     let mut next = 0;
     let mut failovers = Vec::new();
@@ -282,7 +299,7 @@ async fn failover_rounds_lose_no_confirmed_message() {
             confirms.clone(),
             stop.clone(),
         ));
-        // Let some confirms through, then kill the active node mid-stream.
+        // Let some confirms through, then kill mid-stream.
         let before = confirms.lock().unwrap().ids.len();
         let deadline = Instant::now() + Duration::from_secs(30);
         while confirms.lock().unwrap().ids.len() < before + 200 {
@@ -293,12 +310,27 @@ async fn failover_rounds_lose_no_confirmed_message() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let idx = if active.name == "n1" { 0 } else { 1 };
-        let mut victim = nodes[idx].take().unwrap();
         let killed_at = Instant::now();
-        victim.kill();
+        let victim = match kill {
+            Kill::ActiveNode => {
+                let mut v = nodes[idx].take().unwrap();
+                v.kill();
+                Some(v)
+            }
+            Kill::DatabaseOfActive(pid_files) => {
+                let pid = std::fs::read_to_string(pid_files[idx]).unwrap();
+                let ok = Command::new("kill")
+                    .args(["-KILL", pid.trim()])
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "kill the database node");
+                None
+            }
+        };
         let survivor = wait_active(&db, Some(&active), Duration::from_secs(30)).await;
-        assert_ne!(survivor.name, victim.name);
-        // The first confirm after the kill, through the survivor.
+        assert_ne!(survivor.name, active.name);
+        // The first confirm after the kill on a connection opened after it.
         let deadline = Instant::now() + Duration::from_secs(30);
         let first = loop {
             let t = confirms
@@ -325,9 +357,25 @@ async fn failover_rounds_lose_no_confirmed_message() {
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         next = publisher.await.unwrap();
-        // The killed node comes back as a standby.
-        nodes[idx] = Some(Node::start(&victim.name, victim.port, &db_url, &dir));
-        drop(victim);
+        match victim {
+            // The killed node comes back as a standby.
+            Some(v) => {
+                nodes[idx] = Some(Node::start(&v.name, v.port, &db_urls[idx], &dir));
+            }
+            // Without its database node the Warren node stops by itself, with code 3.
+            None => {
+                let n = nodes[idx].as_mut().unwrap();
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let status = loop {
+                    if let Some(s) = n.child.try_wait().unwrap() {
+                        break s;
+                    }
+                    assert!(Instant::now() < deadline, "the cut-off node did not exit");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                };
+                assert_eq!(status.code(), Some(3));
+            }
+        }
         active = survivor;
     }
     let idx = if active.name == "n1" { 0 } else { 1 };
@@ -335,20 +383,91 @@ async fn failover_rounds_lose_no_confirmed_message() {
     let confirmed = confirms.lock().unwrap().ids.clone();
     let lost: Vec<&u64> = confirmed.difference(&seen).collect();
     assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
-    let mut sorted = failovers.clone();
+    let _ = std::fs::remove_dir_all(dir);
+    Rounds {
+        failovers,
+        confirmed: confirmed.len(),
+        delivered: seen.len(),
+    }
+}
+
+fn report(what: &str, r: &Rounds) -> Duration {
+    let mut sorted = r.failovers.clone();
     sorted.sort();
     let median = sorted[sorted.len() / 2];
     eprintln!(
-        "failover rounds: {rounds}; kill to first confirm: median {median:?}, max {:?}, all {failovers:?}; {} confirmed, {} delivered, 0 lost",
+        "{what}: {} rounds; kill to first confirm: median {median:?}, max {:?}, all {:?}; {} confirmed, {} delivered, 0 lost",
+        sorted.len(),
         sorted[sorted.len() - 1],
-        confirmed.len(),
-        seen.len()
+        r.failovers,
+        r.confirmed,
+        r.delivered
     );
+    median
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_rounds_lose_no_confirmed_message() {
+    let rounds: usize = std::env::var("WARREN_FAILOVER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let url = warren_storage::suite::mysql_scratch_url().await;
+    let r = failover_rounds([url.clone(), url], rounds, Kill::ActiveNode).await;
+    let median = report("failover rounds", &r);
     assert!(
         median < Duration::from_secs(5),
         "median failover {median:?} is over 5 s"
     );
-    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The Galera cluster scripts/galera.sh started (`WARREN_TEST_GALERA_URLS`, one URL per
+/// database node, comma-separated; its pid files under target/galera).
+fn galera() -> Vec<String> {
+    let Ok(urls) = std::env::var("WARREN_TEST_GALERA_URLS") else {
+        panic!(
+            "WARREN_TEST_GALERA_URLS is not set: run scripts/test.sh, which starts a 3-node \
+             Galera cluster with scripts/galera.sh"
+        );
+    };
+    urls.split(',').map(str::to_string).collect()
+}
+
+/// On Galera, with the two Warren nodes on different database nodes: a failover round, then
+/// the active Warren node's database node is killed under load, and Warren goes on through the
+/// other database node (the standby takes over) with nothing confirmed lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_galera_failover_and_a_dead_database_node_lose_nothing() {
+    let servers = galera();
+    assert_eq!(servers.len(), 3, "{servers:?}");
+    let started = Instant::now();
+    let (url1, db) = warren_storage::suite::mysql_scratch_db(&servers[0]).await;
+    let url2 = format!("{}/{db}", servers[1].trim_end_matches('/'));
+    let r = failover_rounds([url1, url2], 1, Kill::ActiveNode).await;
+    let median = report("Galera failover", &r);
+    assert!(median < Duration::from_secs(5), "{median:?}");
+    // Warren n1 on database node 3 (killed), n2 on database node 2.
+    let galera_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/galera");
+    let pid3: &'static str = Box::leak(
+        galera_dir
+            .join("node3/pid")
+            .to_string_lossy()
+            .into_owned()
+            .into_boxed_str(),
+    );
+    let pid2: &'static str = Box::leak(
+        galera_dir
+            .join("node2/pid")
+            .to_string_lossy()
+            .into_owned()
+            .into_boxed_str(),
+    );
+    let (_, db) = warren_storage::suite::mysql_scratch_db(&servers[0]).await;
+    let url3 = format!("{}/{db}", servers[2].trim_end_matches('/'));
+    let url2 = format!("{}/{db}", servers[1].trim_end_matches('/'));
+    let r = failover_rounds([url3, url2], 1, Kill::DatabaseOfActive([pid3, pid2])).await;
+    report("Galera database node killed", &r);
+    eprintln!("Galera tests took {:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
