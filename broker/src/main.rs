@@ -109,9 +109,16 @@ async fn run(config: &mut Config) -> anyhow::Result<Option<warren_cluster::Exit>
         }
         Some(node) => {
             let writer = broker.persist.writer.clone();
+            let view = broker.clone();
+            let members = move |ms| {
+                *view
+                    .cluster_members
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = ms;
+            };
             tokio::select! {
                 _ = shutdown_signal() => None,
-                e = node.keep(move || writer.fenced(), broker.shutdown.clone()) => e,
+                e = node.keep(move || writer.fenced(), members, broker.shutdown.clone()) => e,
             }
         }
     };

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use warren_core::broker::ClusterMember;
 use warren_core::config::Config;
 use warren_storage::cluster::NodeId;
 use warren_storage::{SqlStore, StoreError};
@@ -147,9 +148,13 @@ impl Node {
     /// As the active node: renews the lease every quarter lease until `shutdown`, or until
     /// the node is fenced (by the table, or because its store writer was refused with
     /// `Fenced`) or cannot renew for a whole lease.
+    ///
+    /// After each renewal the members are read and handed to `members` (the management API
+    /// shows them).
     pub async fn keep(
         &self,
         writer_fenced: impl Fn() -> bool,
+        members: impl Fn(Vec<ClusterMember>),
         shutdown: CancellationToken,
     ) -> Option<Exit> {
         let mut last_ok = Instant::now();
@@ -163,6 +168,20 @@ impl Node {
             }
             if let Err(exit) = self.renew(&mut last_ok).await {
                 return Some(exit);
+            }
+            if let Ok(ms) = self.store.members().await {
+                members(
+                    ms.into_iter()
+                        .map(|m| ClusterMember {
+                            active: m.name == self.me.name && m.incarnation == self.me.incarnation,
+                            name: m.name,
+                            incarnation: m.incarnation,
+                            state: m.state,
+                            lease_left_ms: m.lease_left_ms,
+                            advertised: m.advertised,
+                        })
+                        .collect(),
+                );
             }
         }
     }

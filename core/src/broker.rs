@@ -41,6 +41,22 @@ pub struct Broker {
     open_connections: Arc<std::sync::atomic::AtomicUsize>,
     /// Cancelled on SIGTERM / Ctrl-C: connections close with 320 CONNECTION_FORCED.
     pub shutdown: CancellationToken,
+    /// Cluster mode: the members as this (active) node last read them, for the API.
+    pub cluster_members: std::sync::Mutex<Vec<ClusterMember>>,
+}
+
+/// A cluster member as the management API shows it (cluster mode only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterMember {
+    pub name: String,
+    pub incarnation: i64,
+    /// "live" or "dead".
+    pub state: String,
+    /// Lease left on the database clock, in ms (negative: expired).
+    pub lease_left_ms: i64,
+    pub advertised: String,
+    /// This member holds the active role.
+    pub active: bool,
 }
 
 impl Broker {
@@ -112,6 +128,7 @@ impl Broker {
             next_conn_id: AtomicU64::new(1),
             open_connections: Arc::default(),
             shutdown: CancellationToken::new(),
+            cluster_members: std::sync::Mutex::new(Vec::new()),
         }))
     }
 

@@ -417,6 +417,22 @@ fn node_json(st: &AppState) -> Value {
         "type": "disc",
         "running": true,
         "being_drained": false,
+        // Cluster mode (Warren's own key): every member with its state and lease age, and
+        // which one is active (this node, as only the active node serves the API).
+        "cluster_members": b
+            .cluster_members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|m| json!({
+                "name": m.name,
+                "incarnation": m.incarnation,
+                "state": m.state,
+                "lease_left_ms": m.lease_left_ms,
+                "advertised": m.advertised,
+                "active": m.active,
+            }))
+            .collect::<Vec<_>>(),
         "os_pid": std::process::id().to_string(),
         "uptime": b.started.elapsed().as_millis() as u64,
         "processors": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),

@@ -46,6 +46,12 @@ struct Node {
 
 impl Node {
     fn start(name: &str, port: u16, db: &str, dir: &Path) -> Node {
+        Node::start_http(name, port, db, dir, None)
+    }
+
+    /// With the management API on `http` (served once the node is active).
+    fn start_http(name: &str, port: u16, db: &str, dir: &Path, http: Option<u16>) -> Node {
+        let http = http.map_or(String::new(), |p| format!("127.0.0.1:{p}"));
         let bin = warren_bin();
         assert!(
             bin.exists(),
@@ -60,7 +66,7 @@ impl Node {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(dir.join(name))
-            .args(["--http-listen", "", "--prometheus-listen", ""])
+            .args(["--http-listen", &http, "--prometheus-listen", ""])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -475,11 +481,44 @@ async fn a_paused_active_node_confirms_nothing_after_a_takeover_and_exits() {
     let db_url = warren_storage::suite::mysql_scratch_url().await;
     let db = SqlStore::open(&db_url, true).await.unwrap();
     let dir = scratch_dir();
-    let (p1, p2) = (free_port(), free_port());
-    let mut n1 = Node::start("n1", p1, &db_url, &dir);
+    let (p1, p2, h1) = (free_port(), free_port(), free_port());
+    let mut n1 = Node::start_http("n1", p1, &db_url, &dir, Some(h1));
     let first = wait_active(&db, None, Duration::from_secs(30)).await;
     assert_eq!(first.name, "n1");
     let _n2 = Node::start("n2", p2, &db_url, &dir);
+    // The active node's /api/nodes lists the members, which one is active, and lease ages.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let nodes: serde_json::Value = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{h1}/api/nodes"))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let members = nodes[0]["cluster_members"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let view: Vec<(String, bool)> = members
+            .iter()
+            .map(|m| (m["name"].as_str().unwrap().to_string(), m["active"] == true))
+            .collect();
+        if view == vec![("n1".to_string(), true), ("n2".to_string(), false)] {
+            assert!(members.iter().all(|m| m["state"] == "live"));
+            assert!(members
+                .iter()
+                .all(|m| m["lease_left_ms"].as_i64().unwrap() > 0));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members never shown: {members:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Ten confirmed messages straight to n1.
     let (_c, ch) = channel(&n1.url()).await.expect("n1 answers");
     for n in 0..10u64 {
