@@ -959,6 +959,31 @@ impl Conn {
             .sum()
     }
 
+    /// This connection's socket is no longer read (`hold`, as the API shows it); a client that
+    /// announced the capability is told with connection.blocked and `reason`.
+    fn enter_hold(&mut self, hold: Hold, reason: &str) {
+        self.info.set_hold(hold);
+        if self.caps.connection_blocked {
+            self.send(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Blocked(connection::Blocked {
+                    reason: reason.into(),
+                })),
+            );
+        }
+    }
+
+    /// The socket is read again: connection.unblocked for a client that was told it was blocked.
+    fn leave_hold(&mut self) {
+        self.info.set_hold(Hold::None);
+        if self.caps.connection_blocked {
+            self.send(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Unblocked(connection::Unblocked {})),
+            );
+        }
+    }
+
     /// A memory or disk alarm is in effect and this connection published: stop reading its
     /// socket until every alarm clears, telling a client that understands it with
     /// connection.blocked (RabbitMQ's reason text) and connection.unblocked. Confirms keep
@@ -969,16 +994,7 @@ impl Conn {
         if !state.any() {
             return;
         }
-        let notify = self.caps.connection_blocked;
-        if notify {
-            self.send(
-                0,
-                AMQPClass::Connection(connection::AMQPMethod::Blocked(connection::Blocked {
-                    reason: state.reason().into(),
-                })),
-            );
-        }
-        self.info.set_hold(Hold::Blocked);
+        self.enter_hold(Hold::Blocked, state.reason());
         info!(
             reason = state.reason(),
             "publisher blocked by a resource alarm"
@@ -998,13 +1014,7 @@ impl Conn {
                 _ = writer_gone.cancelled() => break,
             }
         }
-        self.info.set_hold(Hold::None);
-        if notify {
-            self.send(
-                0,
-                AMQPClass::Connection(connection::AMQPMethod::Unblocked(connection::Unblocked {})),
-            );
-        }
+        self.leave_hold();
         info!("publisher unblocked");
     }
 
@@ -1012,15 +1022,7 @@ impl Conn {
     /// catches up, telling a client that understands it with connection.blocked / unblocked.
     /// Confirms keep flowing meanwhile.
     async fn hold_publisher(&mut self, store: &Arc<warren_storage::Writer>) {
-        let notify = self.caps.connection_blocked;
-        if notify {
-            self.send(
-                0,
-                AMQPClass::Connection(connection::AMQPMethod::Blocked(connection::Blocked {
-                    reason: "low on store capacity".into(),
-                })),
-            );
-        }
+        self.enter_hold(Hold::Flow, "low on store capacity");
         if self.holds == 0 {
             warn!(
                 held = store.held_bytes(),
@@ -1034,7 +1036,6 @@ impl Conn {
             );
         }
         self.holds += 1;
-        self.info.set_hold(Hold::Flow);
         let mut committed = store.subscribe();
         loop {
             tokio::select! {
@@ -1043,13 +1044,7 @@ impl Conn {
                 _ = self.broker.shutdown.cancelled() => break,
             }
         }
-        if notify {
-            self.send(
-                0,
-                AMQPClass::Connection(connection::AMQPMethod::Unblocked(connection::Unblocked {})),
-            );
-        }
-        self.info.set_hold(Hold::None);
+        self.leave_hold();
         info!("publisher released");
     }
 

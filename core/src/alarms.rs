@@ -60,9 +60,6 @@ pub struct Alarms {
     memory_limit: AtomicU64,
     /// The free-disk limit in bytes.
     disk_free_limit: AtomicU64,
-    /// The last readings, for the API: resident bytes and free disk bytes.
-    memory_used: AtomicU64,
-    disk_free: AtomicU64,
 }
 
 impl Alarms {
@@ -75,8 +72,6 @@ impl Alarms {
             state: watch::Sender::new(AlarmState::default()),
             memory_limit: AtomicU64::new(memory_limit),
             disk_free_limit: AtomicU64::new(cfg.disk_free_limit),
-            memory_used: AtomicU64::new(0),
-            disk_free: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -110,8 +105,6 @@ impl Alarms {
     /// Applies one reading of resident memory and free disk: sets or clears each alarm,
     /// logging each change as RabbitMQ does.
     pub fn update(&self, memory_used: u64, disk_free: u64) {
-        self.memory_used.store(memory_used, Ordering::Relaxed);
-        self.disk_free.store(disk_free, Ordering::Relaxed);
         let mem_limit = self.memory_limit();
         let disk_limit = self.disk_free_limit();
         let next = AlarmState {
@@ -122,42 +115,24 @@ impl Alarms {
         if next == prev {
             return;
         }
-        if next.memory != prev.memory {
-            if next.memory {
-                tracing::warn!(
-                    used = memory_used,
-                    limit = mem_limit,
-                    "memory resource limit alarm set: publishers will be blocked until this alarm clears"
-                );
-            } else {
-                tracing::warn!(
-                    used = memory_used,
-                    limit = mem_limit,
-                    "memory resource limit alarm cleared"
-                );
-            }
-        }
-        if next.disk != prev.disk {
-            if next.disk {
-                tracing::warn!(
-                    free = disk_free,
-                    limit = disk_limit,
-                    "disk resource limit alarm set: publishers will be blocked until this alarm clears"
-                );
-            } else {
-                tracing::warn!(
-                    free = disk_free,
-                    limit = disk_limit,
-                    "disk resource limit alarm cleared"
-                );
+        for (resource, was, now, reading, limit) in [
+            ("memory", prev.memory, next.memory, memory_used, mem_limit),
+            ("disk", prev.disk, next.disk, disk_free, disk_limit),
+        ] {
+            match (was, now) {
+                (false, true) => tracing::warn!(
+                    resource,
+                    reading,
+                    limit,
+                    "resource limit alarm set: publishers will be blocked until this alarm clears"
+                ),
+                (true, false) => {
+                    tracing::warn!(resource, reading, limit, "resource limit alarm cleared")
+                }
+                _ => {}
             }
         }
         self.state.send_replace(next);
-    }
-
-    /// Resident memory at the last check.
-    pub fn memory_used(&self) -> u64 {
-        self.memory_used.load(Ordering::Relaxed)
     }
 
     /// Checks now: reads resident memory and the free space under `data_dir`.

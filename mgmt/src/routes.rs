@@ -474,9 +474,7 @@ async fn nodes(State(st): St, caller: Caller) -> ApiResult<Response> {
 
 async fn node(State(st): St, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {
     caller.require_monitor()?;
-    if name != views::node_name() {
-        return Err(ApiError::not_found());
-    }
+    this_node(&name)?;
     ok_json(node_json(&st))
 }
 
