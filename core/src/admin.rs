@@ -144,7 +144,7 @@ impl Admin {
     }
 
     /// Waits until everything submitted so far is committed.
-    async fn committed(&self) -> AdminResult<()> {
+    pub(crate) async fn committed(&self) -> AdminResult<()> {
         let w = &self.broker.persist.writer;
         let t = w.last_ticket();
         if t == 0 {

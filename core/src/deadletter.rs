@@ -110,6 +110,32 @@ pub fn dead_lettered(
     Some(msg.derive(id, dlx, routing_key, props))
 }
 
+/// Where a dead-lettered message last died: the queue, and the exchange and first routing
+/// key it was published with there (the newest `x-death` entry). None for a message that was
+/// never dead-lettered.
+pub fn origin(msg: &Message) -> Option<(String, String, String)> {
+    let Some(AMQPValue::FieldArray(deaths)) = msg
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-death"))
+    else {
+        return None;
+    };
+    let AMQPValue::FieldTable(t) = deaths.as_slice().first()? else {
+        return None;
+    };
+    let t = t.inner();
+    let queue = text(t.get("queue"))?;
+    let exchange = text(t.get("exchange")).unwrap_or_default();
+    let key = match t.get("routing-keys") {
+        Some(AMQPValue::FieldArray(keys)) => keys.as_slice().first().and_then(|k| text(Some(k))),
+        _ => None,
+    }
+    .unwrap_or_else(|| queue.clone());
+    Some((queue, exchange, key))
+}
+
 /// RabbitMQ's cycle rule: delivering `msg` (already carrying its newest death) to `queue` is a
 /// cycle to drop when `queue` is in its `x-death` history and no death from the newest one back
 /// to that queue's was a rejection.

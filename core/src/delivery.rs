@@ -27,8 +27,24 @@ pub struct Unacked {
     pub entry: Entry,
     /// The consumer whose prefetch credit it holds (None for basic.get).
     pub consumer: Option<Arc<Consumer>>,
-    /// When it was delivered (ms since the epoch), for `x-consumer-timeout`; 0 otherwise.
+    /// When it was delivered (ms since the epoch): `x-consumer-timeout`, and the message
+    /// browser's "unacked since".
     pub at: u64,
+}
+
+/// An unacknowledged delivery as the message browser lists it.
+#[derive(Debug, Clone)]
+pub struct HeldDelivery {
+    pub delivery_tag: u64,
+    /// The message's position in its queue.
+    pub seq: u64,
+    pub redelivered: bool,
+    /// The consumer holding it (None: taken by basic.get).
+    pub consumer_tag: Option<String>,
+    /// Delivered at (ms since the epoch).
+    pub at: u64,
+    /// Its body size, when the body is held in memory.
+    pub body_bytes: Option<u64>,
 }
 
 #[derive(Default)]
@@ -144,6 +160,23 @@ impl ChannelHandle {
         }
     }
 
+    /// This channel's unacknowledged deliveries from `queue`, by delivery tag.
+    pub fn unacked_from(&self, queue: &Arc<Queue>) -> Vec<HeldDelivery> {
+        self.lock()
+            .unacked
+            .iter()
+            .filter(|(_, u)| Arc::ptr_eq(&u.queue, queue))
+            .map(|(tag, u)| HeldDelivery {
+                delivery_tag: *tag,
+                seq: u.entry.seq,
+                redelivered: u.entry.redelivered,
+                consumer_tag: u.consumer.as_ref().map(|c| c.tag.to_string()),
+                at: u.at,
+                body_bytes: u.entry.msg.as_ref().map(|m| m.body.len() as u64),
+            })
+            .collect()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every update to State is a single map operation; a poisoned lock holds consistent data.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -214,11 +247,7 @@ impl ChannelHandle {
         };
         counters.iter().for_each(|c| c.inc());
         if ack {
-            let at = if queue.args().consumer_timeout.is_some() {
-                crate::message::now_ms()
-            } else {
-                0
-            };
+            let at = crate::message::now_ms();
             g.unacked.insert(
                 tag,
                 Unacked {

@@ -8,6 +8,7 @@ pub mod alarms;
 pub mod args;
 pub mod auth;
 pub mod broker;
+pub mod browse;
 pub mod config;
 pub mod connections;
 pub mod deadletter;

@@ -23,7 +23,7 @@
 //! ordered by priority, then seq), single active consumer, consumer priorities, the delivery
 //! limit and the consumer timeout.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -34,7 +34,7 @@ use warren_protocol::{
     protocol::{basic, AMQPClass},
     FieldTable,
 };
-use warren_storage::{MessageRow, MessageStore, Op, QueueSummary};
+use warren_storage::{MessageRow, MessageStore, Op, QueueSummary, StoreError};
 
 use crate::args::{Overflow, QueueArgs};
 use crate::deadletter::Reason;
@@ -52,6 +52,8 @@ const MAX_HELD: usize = 1 << 22;
 /// The loader reads this many entries (or `WINDOW_BYTES`) per trip...
 const WINDOW: usize = 1024;
 const WINDOW_BYTES: usize = 4 << 20;
+/// The message browser reads at most this many body bytes from the store per page.
+const BROWSE_BYTES: usize = 16 << 20;
 /// ...when the head has fewer than this left.
 const LOW_WATER: usize = 256;
 /// Head entries whose evicted bodies one trip re-reads.
@@ -109,6 +111,10 @@ struct Paged {
     loading: bool,
     /// Bumped by purge and delete: a load started before is discarded.
     epoch: u64,
+    /// Positions above `cursor` taken out of the store part by a move or delete from the
+    /// message browser (already left out of `count`): the loader skips them, whether or not
+    /// their removal has committed when it reads.
+    holes: BTreeSet<u64>,
 }
 
 #[derive(Default)]
@@ -210,6 +216,31 @@ pub struct QueueState {
     pub deleted: bool,
 }
 
+/// A ready message as the message browser reads it.
+#[derive(Debug, Clone)]
+pub struct Browsed {
+    /// Its position in the queue (its seq): the browser's cursor.
+    pub seq: u64,
+    pub id: u64,
+    /// None only inside `Queue::browse`, until its body is read back.
+    pub msg: Option<Arc<Message>>,
+    pub redelivered: bool,
+    /// Times it came back unacknowledged.
+    pub deliveries: u32,
+    /// Read from the store part (not in memory).
+    pub paged: bool,
+}
+
+/// What `Queue::transfer` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transferred {
+    Done,
+    /// No longer ready in the source (consumed, delivered, expired, deleted).
+    Gone,
+    /// No target took it (none left, or all full): it stays where it was.
+    Unroutable,
+}
+
 /// What removing a consumer left behind.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Removed {
@@ -304,6 +335,7 @@ impl Queue {
                 sealed: next_seq,
                 loading: false,
                 epoch: 0,
+                holes: BTreeSet::new(),
             };
             g.next_seq = next_seq;
             g.delivered_before = delivered_before.max(0) as u64;
@@ -598,6 +630,7 @@ impl Queue {
             if page {
                 if g.paged.count == 0 {
                     g.paged.cursor = seq - 1;
+                    g.paged.holes.clear();
                 }
                 g.paged.count += 1;
                 return Enqueued::Stored { ticket, durable };
@@ -1205,8 +1238,251 @@ impl Queue {
             });
         }
         g.paged.count = 0;
+        g.paged.holes.clear();
         g.paged.epoch += 1;
         n.min(u32::MAX as u64) as u32
+    }
+
+    /// The message browser's view: up to `limit` ready messages with a position (seq) of at
+    /// least `from`, in position order, read without taking them. The in-memory head comes
+    /// first, then the store part (positions above the head's). Nothing about a message
+    /// changes: not its place, its redelivered flag nor its delivery count.
+    pub async fn browse(&self, from: u64, limit: usize) -> Result<Vec<Browsed>, StoreError> {
+        let (mut out, paged) = {
+            let g = self.lock();
+            let take = |e: &Entry| Browsed {
+                seq: e.seq,
+                id: e.id,
+                msg: self.body(e),
+                redelivered: e.redelivered,
+                deliveries: e.deliveries,
+                paged: false,
+            };
+            let out: Vec<Browsed> = if g.args.max_priority == 0 {
+                // Without priorities the head is in seq order.
+                let start = g.ready.partition_point(|e| e.seq < from);
+                g.ready.range(start..).take(limit).map(take).collect()
+            } else {
+                let mut v: Vec<&Entry> = g.ready.iter().filter(|e| e.seq >= from).collect();
+                v.sort_by_key(|e| e.seq);
+                v.into_iter().take(limit).map(take).collect()
+            };
+            let paged = (g.paged.count > 0 && out.len() < limit)
+                .then(|| (g.paged.cursor, g.paged.holes.clone(), g.delivered_before));
+            (out, paged)
+        };
+        let p = &self.persist;
+        let ticket = p.writer.last_ticket();
+        if out.iter().any(|b| b.msg.is_none()) || paged.is_some() {
+            // What was submitted before this read is in the store when it runs.
+            if !p.writer.wait(ticket).await {
+                return Err(StoreError::Unavailable("the store writer stopped".into()));
+            }
+        }
+        for b in out.iter_mut().filter(|b| b.msg.is_none()) {
+            b.msg = p
+                .store
+                .read_message(b.id as i64)
+                .await?
+                .and_then(|row| Message::from_row(row, None))
+                .map(Arc::new);
+        }
+        out.retain(|b| b.msg.is_some());
+        if let Some((cursor, holes, delivered_before)) = paged {
+            let after = cursor.max(from.saturating_sub(1));
+            let want = limit - out.len();
+            let rows = p
+                .store
+                .read_queue(self.id, after as i64, want + holes.len(), BROWSE_BYTES)
+                .await?;
+            for row in rows {
+                let seq = row.seq as u64;
+                if out.len() >= limit {
+                    break;
+                }
+                if seq <= cursor || holes.contains(&seq) {
+                    continue;
+                }
+                let id = row.message.id as u64;
+                let Some(m) = Message::from_row(row.message, None) else {
+                    tracing::error!(queue = self.name(), seq, "stored header unreadable");
+                    continue;
+                };
+                out.push(Browsed {
+                    seq,
+                    id,
+                    msg: Some(Arc::new(m)),
+                    redelivered: seq <= delivered_before,
+                    deliveries: 0,
+                    paged: true,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest position given out (0: none yet).
+    pub fn last_position(&self) -> u64 {
+        self.lock().next_seq
+    }
+
+    /// Where the ready message at position `seq` (message `id`) is: `Some(Some(i))` at index
+    /// `i` of the head, `Some(None)` in the store part, None if it is no longer ready here
+    /// (taken, delivered, expired, or the queue is gone).
+    fn find_ready(g: &State, seq: u64, id: u64) -> Option<Option<usize>> {
+        if g.deleted {
+            return None;
+        }
+        if let Some(i) = g.ready.iter().position(|e| e.seq == seq) {
+            return (g.ready[i].id == id).then_some(Some(i));
+        }
+        // A paged message is taken only when no drop-head drop is owed to the paged head
+        // (which message that drop takes is decided when it is read).
+        (g.paged.count > 0
+            && g.owed_drops == 0
+            && seq > g.paged.cursor
+            && !g.paged.holes.contains(&seq))
+        .then_some(None)
+    }
+
+    /// Takes the ready message found at `at` out of this queue: returns the head entry (None
+    /// for a paged one) and its store removal.
+    fn take_out(
+        &self,
+        g: &mut State,
+        (seq, id): (u64, u64),
+        at: Option<usize>,
+        len: u64,
+    ) -> (Option<Entry>, Option<Op>) {
+        g.bytes = g.bytes.saturating_sub(len);
+        match at {
+            Some(i) => match g.ready.remove(i) {
+                Some(e) => {
+                    let op = self.removal(&e);
+                    (Some(e), op)
+                }
+                None => (None, None),
+            },
+            None => {
+                g.paged.holes.insert(seq);
+                g.paged.count = g.paged.count.saturating_sub(1);
+                (None, Some(self.remove_position(seq, id, false)))
+            }
+        }
+    }
+
+    /// Deletes the ready message at position `seq` (message `id`, of `len` body bytes) from
+    /// the message browser. Returns whether it was still there.
+    pub fn delete_at(&self, (seq, id): (u64, u64), len: u64) -> bool {
+        let mut g = self.lock();
+        let Some(at) = Self::find_ready(&g, seq, id) else {
+            return false;
+        };
+        if let (_, Some(op)) = self.take_out(&mut g, (seq, id), at, len) {
+            self.persist.submit(op);
+        }
+        true
+    }
+
+    /// Moves (or, with `copy`, copies) the ready message at position `seq` (message `id`)
+    /// into `targets` as `msg`: the same message under a fresh id, with the exchange and
+    /// routing key it should carry there. The targets' inserts and the removal from this
+    /// queue go to the store as one `Op::Atomic`, so after a crash the message is in exactly
+    /// one place. The moved message keeps its redelivered flag and delivery count where the
+    /// target holds it in memory. This queue's and the targets' locks are taken together, in
+    /// address order; nothing changes when no target takes the message.
+    pub fn transfer(
+        self: &Arc<Self>,
+        (seq, id): (u64, u64),
+        msg: &Arc<Message>,
+        targets: &[Arc<Queue>],
+        copy: bool,
+    ) -> Transferred {
+        let mut all: Vec<&Arc<Queue>> = targets.iter().chain(std::iter::once(self)).collect();
+        all.sort_by_key(|q| Arc::as_ptr(q) as usize);
+        all.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        let mut guards: Vec<MutexGuard<'_, State>> = all.iter().map(|q| q.lock()).collect();
+        let Some(src) = all.iter().position(|q| Arc::ptr_eq(q, self)) else {
+            return Transferred::Gone;
+        };
+        let Some(at) = Self::find_ready(&guards[src], seq, id) else {
+            return Transferred::Gone;
+        };
+        let (redelivered, deliveries) = match at {
+            Some(i) => (
+                guards[src].ready[i].redelivered,
+                guards[src].ready[i].deliveries,
+            ),
+            None => (seq <= guards[src].delivered_before, 0),
+        };
+        let len = msg.body.len() as u64;
+        // Out of the source first: a target that is the source itself then appends it.
+        let (entry, removal) = if copy {
+            (None, None)
+        } else {
+            self.take_out(&mut guards[src], (seq, id), at, len)
+        };
+        let mut ops = Vec::new();
+        let mut row = None;
+        let mut took = vec![false; all.len()];
+        for (i, (q, g)) in all.iter().zip(guards.iter_mut()).enumerate() {
+            if !targets.iter().any(|t| Arc::ptr_eq(t, q)) {
+                continue;
+            }
+            let r = q.enqueue(g, msg, &mut row, Sink::Collect(&mut ops));
+            took[i] = !matches!(r, Enqueued::Deleted | Enqueued::Rejected);
+            if took[i] && (redelivered || deliveries > 0) {
+                if let Some(e) = g.ready.iter_mut().rev().find(|e| e.id == msg.id) {
+                    e.redelivered = redelivered;
+                    e.deliveries = deliveries;
+                }
+            }
+        }
+        if !took.iter().any(|t| *t) {
+            if !copy {
+                // Back exactly as it was; its removal is not submitted.
+                let g = &mut guards[src];
+                g.bytes += len;
+                match entry {
+                    Some(e) => self.insert_ready(g, e),
+                    None => {
+                        g.paged.holes.remove(&seq);
+                        g.paged.count += 1;
+                    }
+                }
+            }
+            return Transferred::Unroutable;
+        }
+        ops.extend(removal);
+        match ops.len() {
+            0 => {}
+            1 => {
+                if let Some(op) = ops.pop() {
+                    self.persist.submit(op);
+                }
+            }
+            _ => {
+                self.persist.submit(Op::Atomic(ops));
+            }
+        }
+        for ((q, g), took) in all.iter().zip(guards.iter_mut()).zip(took) {
+            if took {
+                q.stats.publish.inc();
+                q.dispatch_fresh(g, msg.id);
+            }
+        }
+        let mut dead = Vec::new();
+        for (q, mut g) in all.iter().zip(guards) {
+            let d = std::mem::take(&mut g.dead);
+            drop(g);
+            if !d.is_empty() {
+                dead.push((q, d));
+            }
+        }
+        for (q, d) in dead {
+            q.dead_letter(d);
+        }
+        Transferred::Done
     }
 
     /// Marks the queue deleted: returns its ready count and its consumers (to be cancelled).
@@ -1217,6 +1493,7 @@ impl Queue {
         let n = g.ready_count();
         g.ready.clear();
         g.paged.count = 0;
+        g.paged.holes.clear();
         g.paged.epoch += 1;
         let consumers = std::mem::take(&mut g.consumers);
         for c in &consumers {
@@ -1354,6 +1631,20 @@ impl Queue {
             if seq <= g.paged.cursor || g.paged.count == 0 {
                 continue;
             }
+            if g.paged.holes.remove(&seq) {
+                // Moved or deleted from the browser; its removal had not committed yet.
+                g.paged.cursor = seq;
+                continue;
+            }
+            // Holes whose removal has committed leave gaps: step over them.
+            loop {
+                let next = g.paged.cursor.max(g.paged.sealed) + 1;
+                if next < seq && g.paged.holes.remove(&next) {
+                    g.paged.cursor = next;
+                } else {
+                    break;
+                }
+            }
             if seq > g.paged.sealed && seq != g.paged.cursor.max(g.paged.sealed) + 1 {
                 break; // not committed yet: the next trip takes it
             }
@@ -1392,6 +1683,10 @@ impl Queue {
                 continue;
             }
             self.insert_ready(&mut g, e);
+        }
+        if !g.paged.holes.is_empty() {
+            let cursor = g.paged.cursor;
+            g.paged.holes.retain(|&h| h > cursor);
         }
         drop(g);
         Ok(())

@@ -3,6 +3,8 @@
 //! changing the broker only through `warren_core::admin::Admin`. Served with axum; requests
 //! are bounded (body size, page size) and every failure answers with RabbitMQ's error body.
 
+pub mod browser;
+pub mod console;
 pub mod definitions;
 pub mod http;
 pub mod json;

@@ -26,6 +26,8 @@ type Q = Query<HashMap<String, String>>;
 
 pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
+        .route("/", get(crate::console::index))
+        .route("/console/{*path}", get(crate::console::asset))
         .route("/api/overview", get(overview))
         .route("/api/whoami", get(whoami))
         .route("/api/extensions", get(|| async { Json(json!([])) }))
@@ -114,6 +116,18 @@ pub fn router(state: Arc<AppState>) -> Router {
             axum::routing::delete(purge),
         )
         .route("/api/queues/{vhost}/{name}/get", post(get_messages))
+        .route(
+            "/api/queues/{vhost}/{name}/messages",
+            get(crate::browser::browse),
+        )
+        .route(
+            "/api/queues/{vhost}/{name}/messages/{action}",
+            post(crate::browser::act),
+        )
+        .route(
+            "/api/queues/{vhost}/{name}/unacked",
+            get(crate::browser::unacked),
+        )
         .route("/api/bindings", get(bindings))
         .route("/api/bindings/{vhost}", get(bindings))
         .route(
@@ -433,6 +447,18 @@ fn node_json(st: &AppState) -> Value {
                 "active": m.active,
             }))
             .collect::<Vec<_>>(),
+        // Warren's own keys, for the console: message bytes held in memory against the
+        // cache budget, and the store's state.
+        "warren_messages_memory": b.persist.gauge.get(),
+        "warren_cache_budget": b.config.cache_memory,
+        "warren_store": {
+            "backend": if b.config.storage.as_deref().is_some_and(|s| s.starts_with("mysql")) { "mysql" } else { "sqlite" },
+            "submitted": b.persist.writer.last_ticket(),
+            "committed": b.persist.writer.committed(),
+            "pending_bytes": b.persist.writer.held_bytes(),
+            "over_limit": b.persist.writer.over_limit(),
+            "fenced": b.persist.writer.fenced(),
+        },
         "os_pid": std::process::id().to_string(),
         "uptime": b.started.elapsed().as_millis() as u64,
         "processors": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),

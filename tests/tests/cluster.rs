@@ -21,7 +21,14 @@ use lapin::{
 use warren_storage::cluster::NodeId;
 use warren_storage::SqlStore;
 
-const LEASE_MS: u64 = 1000;
+/// The nodes' lease: 1 s keeps the tests short; `WARREN_FAILOVER_LEASE_MS` measures others
+/// (the default flag value is 2,000).
+fn lease_ms() -> u64 {
+    std::env::var("WARREN_FAILOVER_LEASE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
 const QUEUE: &str = "failover";
 
 fn warren_bin() -> PathBuf {
@@ -61,7 +68,7 @@ impl Node {
         let child = Command::new(bin)
             .args(["--cluster-node", name, "--storage", db])
             .arg("--cluster-lease-ms")
-            .arg(LEASE_MS.to_string())
+            .arg(lease_ms().to_string())
             .arg("--amqp-listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
