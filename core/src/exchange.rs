@@ -100,6 +100,8 @@ pub struct Exchange {
     table: RwLock<Table>,
     /// Messages in and routed out (the management API's `message_stats`).
     pub stats: crate::stats::ExchangeStats,
+    /// Live-tail watchers (the console).
+    pub taps: crate::tap::Taps,
 }
 
 impl Exchange {
@@ -131,6 +133,7 @@ impl Exchange {
             delay: OnceLock::new(),
             table: RwLock::new(Table::default()),
             stats: Default::default(),
+            taps: Default::default(),
         })
     }
 

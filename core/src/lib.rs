@@ -24,6 +24,7 @@ pub mod queue;
 pub mod replyto;
 pub mod stats;
 pub mod system;
+pub mod tap;
 pub mod topic;
 pub mod vhost;
 

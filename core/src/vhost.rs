@@ -909,6 +909,7 @@ impl VHost {
             out.sort_by_key(|q| Arc::as_ptr(q) as usize);
             out.dedup_by(|a, b| Arc::ptr_eq(a, b));
         }
+        exchange.taps.offer(msg, out);
     }
 
     fn route_into(

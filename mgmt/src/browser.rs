@@ -7,7 +7,9 @@
 //! - `GET /api/queues/{vhost}/{name}/unacked`;
 //! - `POST /api/queues/{vhost}/{name}/messages/{move,copy,return,delete}` with a selection
 //!   (`positions`, or `filter`/`from`/`scan`, or `all`) and, for move and copy, a destination
-//!   (`queue`, or `exchange` with an optional `routing_key`).
+//!   (`queue`, or `exchange` with an optional `routing_key`);
+//! - `GET /api/exchanges/{vhost}/{name}/tail`: server-sent events, one per sampled message
+//!   published to the exchange (`core::tap`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -308,4 +310,63 @@ pub async fn act(
         "message browser action"
     );
     Ok(report(&r))
+}
+
+/// Live tail of an exchange, as server-sent events: `data: {json}` per sampled message, with
+/// a keep-alive comment every 15 s. Ends when the client goes away or the broker stops.
+pub async fn tail(
+    State(st): St,
+    caller: Caller,
+    Path((v, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    check(&st, &caller, &v)?;
+    let name = if name == "amq.default" {
+        String::new()
+    } else {
+        name
+    };
+    let x = st
+        .admin
+        .exchange(&v, &name)
+        .ok_or_else(ApiError::not_found)?;
+    let Some(rx) = x.taps.watch() else {
+        return Err(ApiError::bad_request(format!(
+            "exchange already has {} watchers",
+            warren_core::tap::MAX_WATCHERS
+        )));
+    };
+    let shutdown = st.admin.broker.shutdown.clone();
+    let stream = futures_util::stream::unfold((rx, shutdown), |(mut rx, shutdown)| async move {
+        let s = tokio::select! {
+            s = rx.recv() => s?,
+            _ = shutdown.cancelled() => return None,
+        };
+        let shown = &s.body[..];
+        let (payload, enc) = match std::str::from_utf8(shown) {
+            Ok(t) => (t.to_string(), "string"),
+            Err(_) => (
+                base64::engine::general_purpose::STANDARD.encode(shown),
+                "base64",
+            ),
+        };
+        let data = json!({
+            "at": s.at_ms,
+            "exchange": s.exchange,
+            "routing_key": s.routing_key,
+            "properties": properties_to_json(&s.properties),
+            "payload": payload,
+            "payload_encoding": enc,
+            "payload_bytes": s.body_len,
+            "payload_truncated": s.body.len() < s.body_len,
+            "queues": s.queues,
+            "dropped": s.dropped,
+        });
+        let ev = axum::response::sse::Event::default().data(data.to_string());
+        Some((Ok::<_, std::convert::Infallible>(ev), (rx, shutdown)))
+    });
+    Ok(axum::response::sse::Sse::new(stream)
+        .keep_alive(
+            axum::response::sse::KeepAlive::new().interval(std::time::Duration::from_secs(15)),
+        )
+        .into_response())
 }

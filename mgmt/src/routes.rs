@@ -104,6 +104,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(exchange_bindings_destination),
         )
         .route("/api/exchanges/{vhost}/{name}/publish", post(publish))
+        .route(
+            "/api/exchanges/{vhost}/{name}/tail",
+            get(crate::browser::tail),
+        )
         .route("/api/queues", get(queues))
         .route("/api/queues/{vhost}", get(queues))
         .route(

@@ -767,3 +767,81 @@ async fn sigkill_during_a_large_move_on_mariadb() {
     let url = warren_storage::suite::mysql_scratch_url().await;
     sigkill_during_a_large_move(Some(&url)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_tail_streams_samples_of_what_passes_an_exchange() {
+    let b = broker_http(None).await;
+    let (_c, ch) = channel(&b).await;
+    durable(&ch, "t1", FieldTable::default()).await;
+    ch.queue_bind(
+        "t1".into(),
+        "amq.topic".into(),
+        "a.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut resp = reqwest::Client::new()
+        .get(format!("{}/api/exchanges/%2F/amq.topic/tail", base(&b)))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    for (rk, body) in [("a.b", "one"), ("z", "two")] {
+        ch.basic_publish(
+            "amq.topic".into(),
+            rk.into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default().with_message_id("tailed".into()),
+        )
+        .await
+        .unwrap();
+    }
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while text.matches("\n\n").count() < 2 {
+        assert!(Instant::now() < deadline, "no samples: {text:?}");
+        if let Ok(Ok(Some(chunk))) =
+            tokio::time::timeout(Duration::from_secs(1), resp.chunk()).await
+        {
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+    let events: Vec<Value> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(events[0]["routing_key"], "a.b");
+    assert_eq!(events[0]["queues"], json!(["t1"]));
+    assert_eq!(events[0]["payload"], "one");
+    assert_eq!(events[0]["properties"]["message_id"], "tailed");
+    assert_eq!(events[1]["routing_key"], "z");
+    assert_eq!(events[1]["queues"], json!([]), "unroutable");
+    drop(resp);
+    // The queue got its message as usual: watching takes nothing.
+    let (_, page) = call(
+        reqwest::Method::GET,
+        &format!("{}/api/queues/%2F/t1/messages", base(&b)),
+        GUEST,
+        None,
+    )
+    .await;
+    assert_eq!(page["items"][0]["payload"], "one");
+    // Unknown exchange and vhost: 404.
+    let (s, _) = call(
+        reqwest::Method::GET,
+        &format!("{}/api/exchanges/%2F/nope/tail", base(&b)),
+        GUEST,
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+}
