@@ -75,7 +75,11 @@ fn props(n: u64) -> BasicProperties {
     h.insert("n".into(), AMQPValue::LongLongInt(n as i64));
     h.insert(
         "colour".into(),
-        AMQPValue::LongString(LongString::from(if n % 2 == 0 { "red" } else { "blue" })),
+        AMQPValue::LongString(LongString::from(if n.is_multiple_of(2) {
+            "red"
+        } else {
+            "blue"
+        })),
     );
     BasicProperties::default()
         .with_delivery_mode(2)
@@ -475,7 +479,7 @@ async fn dead_letters_return_to_their_origin() {
     for _ in 0..4 {
         let d = next(&mut c).await;
         let v: Value = serde_json::from_slice(&d.data).unwrap();
-        if v["n"].as_u64().unwrap() % 2 == 0 {
+        if v["n"].as_u64().unwrap().is_multiple_of(2) {
             d.reject(BasicRejectOptions { requeue: false })
                 .await
                 .unwrap();
