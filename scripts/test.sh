@@ -5,7 +5,8 @@
 # (scripts/mariadb.sh; Debian's mariadb-server is installed when missing) unless
 # WARREN_TEST_MYSQL_URL names a reachable server, a 3-node MariaDB Galera cluster
 # (scripts/galera.sh, for the cluster tests), a Python venv with the pinned pika and pytest,
-# and rabbitmqadmin v2 (cargo install, a few minutes the first time). Brokers under test run
+# rabbitmqadmin v2 (cargo install, a few minutes the first time), and Debian's chromium and
+# chromedriver for the console's browser test. Brokers under test run
 # on free ports with temporary data directories.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +47,15 @@ if ! "$tools/bin/rabbitmqadmin" --version 2>/dev/null | grep -qF "$RABBITMQADMIN
 fi
 export RABBITMQADMIN_BIN="$tools/bin/rabbitmqadmin"
 
-echo "== python tests (pika)"
+echo "== chromium and chromedriver (the console's browser test)"
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium chromium-driver
+fi
+
+echo "== python tests (pika, and the console in headless chromium)"
 venv=target/pytest-venv
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"

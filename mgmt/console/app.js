@@ -84,13 +84,19 @@ class ApiError extends Error {
 }
 
 async function api(method, path, body) {
-  const opts = { method, headers: { Authorization: 'Basic ' + session.auth } };
+  // X-Requested-With: a 401 comes without WWW-Authenticate, so no browser login prompt.
+  const opts = { method, headers: { Authorization: 'Basic ' + session.auth, 'X-Requested-With': 'XMLHttpRequest' } };
   if (body !== undefined) {
     opts.headers['Content-Type'] = 'application/json';
     opts.body = JSON.stringify(body);
   }
   const r = await fetch(path, opts);
-  if (r.status === 401 && path === '/api/whoami') { logout(); throw new ApiError(401, 'login failed'); }
+  if (r.status === 401 && path === '/api/whoami') {
+    // A session whose login stopped working (password changed, user deleted) goes back to
+    // the login page; a login attempt just fails.
+    if (session.user) logout();
+    throw new ApiError(401, 'wrong username or password');
+  }
   const text = await r.text();
   let data = null;
   if (text) { try { data = JSON.parse(text); } catch (_) { data = text; } }
@@ -163,7 +169,7 @@ async function render() {
       session.user = me.name;
       session.tags = Array.isArray(me.tags) ? me.tags : String(me.tags || '').split(',').filter(Boolean);
     } catch (e) {
-      if (e.status === 401) return;
+      if (e.status === 401) { logout(); return; }
       main.replaceChildren(h('p', {}, 'Cannot reach the broker: ' + e.message));
       return;
     }

@@ -228,9 +228,18 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// OPTIONS as RabbitMQ answers it: 200, no login needed, `allow` listing the route's methods.
 /// The route is asked with a method no route has (PATCH), and its 405's `allow` is the answer.
+///
+/// A request from script (`X-Requested-With`, as the console sends) gets its 401 without
+/// `WWW-Authenticate`, so the browser shows the console's login form instead of its own
+/// credentials prompt.
 async fn options(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     if req.method() != axum::http::Method::OPTIONS {
-        return next.run(req).await;
+        let scripted = req.headers().contains_key("x-requested-with");
+        let mut r = next.run(req).await;
+        if scripted {
+            r.headers_mut().remove(header::WWW_AUTHENTICATE);
+        }
+        return r;
     }
     let (mut parts, body) = req.into_parts();
     parts.method = axum::http::Method::PATCH;

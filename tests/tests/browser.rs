@@ -568,6 +568,17 @@ async fn a_monitoring_user_browses_but_cannot_change_and_the_console_is_served()
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
+    assert!(r.headers().contains_key("www-authenticate"));
+    // From script (the console): no browser credentials prompt.
+    let r = reqwest::Client::new()
+        .get(format!("{}/api/whoami", base(&b)))
+        .basic_auth("watcher", Some("wrong"))
+        .header("x-requested-with", "XMLHttpRequest")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(!r.headers().contains_key("www-authenticate"));
 
     // The console: the page and its assets, embedded, with a strict content policy.
     let page = reqwest::get(format!("{}/", base(&b))).await.unwrap();
