@@ -110,19 +110,19 @@ pub fn dead_lettered(
     Some(msg.derive(id, dlx, routing_key, props))
 }
 
+/// A message's `x-death` history, newest first (None: never dead-lettered).
+fn deaths(msg: &Message) -> Option<&FieldArray> {
+    match msg.properties.headers().as_ref()?.inner().get("x-death")? {
+        AMQPValue::FieldArray(a) => Some(a),
+        _ => None,
+    }
+}
+
 /// Where a dead-lettered message last died: the queue, and the exchange and first routing
 /// key it was published with there (the newest `x-death` entry). None for a message that was
 /// never dead-lettered.
 pub fn origin(msg: &Message) -> Option<(String, String, String)> {
-    let Some(AMQPValue::FieldArray(deaths)) = msg
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get("x-death"))
-    else {
-        return None;
-    };
-    let AMQPValue::FieldTable(t) = deaths.as_slice().first()? else {
+    let AMQPValue::FieldTable(t) = deaths(msg)?.as_slice().first()? else {
         return None;
     };
     let t = t.inner();
@@ -140,12 +140,7 @@ pub fn origin(msg: &Message) -> Option<(String, String, String)> {
 /// cycle to drop when `queue` is in its `x-death` history and no death from the newest one back
 /// to that queue's was a rejection.
 pub fn is_cycle(msg: &Message, queue: &str) -> bool {
-    let Some(AMQPValue::FieldArray(deaths)) = msg
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get("x-death"))
-    else {
+    let Some(deaths) = deaths(msg) else {
         return false;
     };
     for d in deaths.as_slice() {

@@ -516,27 +516,41 @@ impl Queue {
             took.push(!matches!(r, Enqueued::Deleted | Enqueued::Rejected));
         }
         ops.extend(also);
-        match ops.len() {
-            0 => {}
-            1 => {
-                if let Some(op) = ops.pop() {
-                    sorted[0].persist.submit(op);
+        Self::commit_together(&sorted, guards, ops, &took, msg.id);
+    }
+
+    /// The end of a publish to several locked queues (`publish_atomic`, `transfer`): submits
+    /// `ops` as one commit, dispatches the new message in the queues that `took` it, then
+    /// releases every lock before routing any dead letters (a queue's dead letters may be
+    /// headed for another queue whose lock is still held).
+    fn commit_together(
+        queues: &[&Arc<Queue>],
+        mut guards: Vec<MutexGuard<'_, State>>,
+        mut ops: Vec<Op>,
+        took: &[bool],
+        msg_id: u64,
+    ) {
+        if let Some(first) = queues.first() {
+            match ops.len() {
+                0 => {}
+                1 => {
+                    if let Some(op) = ops.pop() {
+                        first.persist.submit(op);
+                    }
+                }
+                _ => {
+                    first.persist.submit(Op::Atomic(ops));
                 }
             }
-            _ => {
-                sorted[0].persist.submit(Op::Atomic(ops));
-            }
         }
-        for ((q, g), took) in sorted.iter().zip(guards.iter_mut()).zip(took) {
-            if took {
+        for ((q, g), took) in queues.iter().zip(guards.iter_mut()).zip(took) {
+            if *took {
                 q.stats.publish.inc();
-                q.dispatch_fresh(g, msg.id);
+                q.dispatch_fresh(g, msg_id);
             }
         }
-        // Every guard goes before any dead letter is routed: a target's dead letters may be
-        // headed for another target whose lock this still holds.
         let mut dead = Vec::new();
-        for (q, mut g) in sorted.iter().zip(guards) {
+        for (q, mut g) in queues.iter().zip(guards) {
             let d = std::mem::take(&mut g.dead);
             drop(g);
             if !d.is_empty() {
@@ -1454,34 +1468,7 @@ impl Queue {
             return Transferred::Unroutable;
         }
         ops.extend(removal);
-        match ops.len() {
-            0 => {}
-            1 => {
-                if let Some(op) = ops.pop() {
-                    self.persist.submit(op);
-                }
-            }
-            _ => {
-                self.persist.submit(Op::Atomic(ops));
-            }
-        }
-        for ((q, g), took) in all.iter().zip(guards.iter_mut()).zip(took) {
-            if took {
-                q.stats.publish.inc();
-                q.dispatch_fresh(g, msg.id);
-            }
-        }
-        let mut dead = Vec::new();
-        for (q, mut g) in all.iter().zip(guards) {
-            let d = std::mem::take(&mut g.dead);
-            drop(g);
-            if !d.is_empty() {
-                dead.push((q, d));
-            }
-        }
-        for (q, d) in dead {
-            q.dead_letter(d);
-        }
+        Self::commit_together(&all, guards, ops, &took, msg.id);
         Transferred::Done
     }
 

@@ -18,13 +18,12 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use base64::Engine;
 use serde_json::{json, Map, Value};
 use warren_core::browse::{Destination, Field, Filter, Report, Selection, MAX_PAGE, MAX_SCAN};
 use warren_core::queue::Browsed;
 
 use crate::http::{object, str_field, ApiError, ApiResult, AppState, Caller};
-use crate::messages::properties_to_json;
+use crate::messages::{payload, properties_to_json};
 
 type St = State<Arc<AppState>>;
 type Q = Query<HashMap<String, String>>;
@@ -104,13 +103,7 @@ fn item(b: &Browsed, truncate: usize, base64: bool) -> Value {
     };
     let body = &m.body;
     let shown = &body[..truncate.min(body.len())];
-    let (payload, enc) = match std::str::from_utf8(shown) {
-        Ok(s) if !base64 => (s.to_string(), "string"),
-        _ => (
-            base64::engine::general_purpose::STANDARD.encode(shown),
-            "base64",
-        ),
-    };
+    let (payload, enc) = payload(shown, base64);
     json!({
         "position": b.seq,
         "payload": payload,
@@ -341,14 +334,7 @@ pub async fn tail(
             s = rx.recv() => s?,
             _ = shutdown.cancelled() => return None,
         };
-        let shown = &s.body[..];
-        let (payload, enc) = match std::str::from_utf8(shown) {
-            Ok(t) => (t.to_string(), "string"),
-            Err(_) => (
-                base64::engine::general_purpose::STANDARD.encode(shown),
-                "base64",
-            ),
-        };
+        let (payload, enc) = payload(&s.body, false);
         let data = json!({
             "at": s.at_ms,
             "exchange": s.exchange,

@@ -135,6 +135,18 @@ pub async fn publish(
     Ok(admin.publish(vhost, exchange, key, props, body).await?)
 }
 
+/// A body as RabbitMQ's `/get` shows it: `string` when it is UTF-8 (unless base64 is asked
+/// for), else `base64`. Returns the payload and its `payload_encoding`.
+pub fn payload(shown: &[u8], base64: bool) -> (String, &'static str) {
+    match std::str::from_utf8(shown) {
+        Ok(s) if !base64 => (s.to_string(), "string"),
+        _ => (
+            base64::engine::general_purpose::STANDARD.encode(shown),
+            "base64",
+        ),
+    }
+}
+
 pub async fn get(
     admin: &Admin,
     vhost: &str,
@@ -184,13 +196,7 @@ pub async fn get(
         .map(|g| {
             let body = &g.message.body;
             let shown = &body[..truncate.unwrap_or(body.len()).min(body.len())];
-            let (payload, enc) = match std::str::from_utf8(shown) {
-                Ok(s) if !encoding => (s.to_string(), "string"),
-                _ => (
-                    base64::engine::general_purpose::STANDARD.encode(shown),
-                    "base64",
-                ),
-            };
+            let (payload, enc) = payload(shown, encoding);
             json!({
                 "payload_bytes": body.len(),
                 "redelivered": g.redelivered,
