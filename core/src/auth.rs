@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use warren_storage::{
@@ -15,8 +15,8 @@ use warren_storage::{
 use crate::error::{AmqpError, AmqpResult};
 
 /// How long a cached lookup (a hit or a "no such user") is trusted: the bound on how stale a
-/// login can be after the rows change in the database. (Nothing writes users through the broker
-/// yet; the management API will invalidate the entries it changes.)
+/// login can be after the rows change in the database behind the broker's back (the
+/// management API invalidates the entries it changes).
 const TTL: Duration = Duration::from_secs(60);
 /// Most users and most (vhost, user) permissions the data cache holds.
 const CAPACITY: u64 = 10_000;
@@ -278,24 +278,48 @@ impl UserLimits {
 /// The data cache: users and permissions as the store holds them, cached with negative
 /// answers too (a flood of logins with unknown names does not reach the database).
 /// Permissions are cached compiled (`Access`), topic permissions with them.
+///
+/// An entry older than the TTL is looked up again; if the store cannot answer (an outage, or
+/// no answer within `STALE_WAIT`), the last known answer is served and logged, and the store
+/// is asked again after `RETRY_AFTER`. So a database outage does not lock out users who logged
+/// in before it, and a login never waits on a dead database for what the cache already knew.
 pub struct Users {
     store: Arc<crate::persist::Store>,
-    users: moka::sync::Cache<String, Option<Arc<UserRecord>>>,
-    permissions: moka::sync::Cache<(String, String), Option<Arc<Access>>>,
+    ttl: Duration,
+    users: moka::sync::Cache<String, Known<Option<Arc<UserRecord>>>>,
+    permissions: moka::sync::Cache<(String, String), Known<Option<Arc<Access>>>>,
+}
+
+/// How long a lookup of a stale entry may wait on the store before the stale answer is served.
+const STALE_WAIT: Duration = Duration::from_secs(1);
+/// After the store failed to refresh an entry, how long the stale answer is served without
+/// asking again.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// A cached answer and when it stops being trusted without asking the store.
+#[derive(Clone)]
+struct Known<T> {
+    value: T,
+    fresh_until: Instant,
+}
+
+impl<T: Clone> Known<T> {
+    fn fresh(&self) -> Option<T> {
+        (Instant::now() < self.fresh_until).then(|| self.value.clone())
+    }
 }
 
 impl Users {
     pub fn new(store: Arc<crate::persist::Store>) -> Users {
+        Users::with_ttl(store, TTL)
+    }
+
+    pub fn with_ttl(store: Arc<crate::persist::Store>, ttl: Duration) -> Users {
         Users {
             store,
-            users: moka::sync::Cache::builder()
-                .max_capacity(CAPACITY)
-                .time_to_live(TTL)
-                .build(),
-            permissions: moka::sync::Cache::builder()
-                .max_capacity(CAPACITY)
-                .time_to_live(TTL)
-                .build(),
+            ttl,
+            users: moka::sync::Cache::builder().max_capacity(CAPACITY).build(),
+            permissions: moka::sync::Cache::builder().max_capacity(CAPACITY).build(),
         }
     }
 
@@ -328,12 +352,22 @@ impl Users {
     }
 
     pub async fn user(&self, name: &str) -> Result<Option<Arc<UserRecord>>, StoreError> {
-        if let Some(hit) = self.users.get(name) {
+        let known = self.users.get(name);
+        if let Some(hit) = known.as_ref().and_then(Known::fresh) {
             return Ok(hit);
         }
-        let found = self.store.user(name).await?.map(Arc::new);
-        self.users.insert(name.to_string(), found.clone());
-        Ok(found)
+        let store = self.store.clone();
+        let key = name.to_string();
+        let lookup = async move { Ok(store.user(&key).await?.map(Arc::new)) };
+        refresh(
+            &self.users,
+            name.to_string(),
+            known,
+            lookup,
+            self.ttl,
+            "user",
+        )
+        .await
     }
 
     pub async fn permission(
@@ -342,18 +376,30 @@ impl Users {
         user: &str,
     ) -> Result<Option<Arc<Access>>, StoreError> {
         let key = (vhost.to_string(), user.to_string());
-        if let Some(hit) = self.permissions.get(&key) {
+        let known = self.permissions.get(&key);
+        if let Some(hit) = known.as_ref().and_then(Known::fresh) {
             return Ok(hit);
         }
-        let found = match self.store.permission(vhost, user).await? {
-            Some(p) => {
-                let topics = self.store.topic_permissions(vhost, user).await?;
-                Some(Arc::new(Access::new(&p, &topics)))
-            }
-            None => None,
+        let store = self.store.clone();
+        let (v, u) = key.clone();
+        let lookup = async move {
+            Ok(match store.permission(&v, &u).await? {
+                Some(p) => {
+                    let topics = store.topic_permissions(&v, &u).await?;
+                    Some(Arc::new(Access::new(&p, &topics)))
+                }
+                None => None,
+            })
         };
-        self.permissions.insert(key, found.clone());
-        Ok(found)
+        refresh(
+            &self.permissions,
+            key,
+            known,
+            lookup,
+            self.ttl,
+            "permission",
+        )
+        .await
     }
 
     /// Forgets every cached user and permission (the admin facade changed some).
@@ -368,6 +414,60 @@ impl Users {
         self.permissions.run_pending_tasks();
         (self.users.entry_count(), self.permissions.entry_count())
     }
+}
+
+/// Asks the store for an entry that is missing or stale and caches the answer. With a stale
+/// answer at hand, the store gets `STALE_WAIT`; if it fails or is slower, the stale answer is
+/// served (and trusted for `RETRY_AFTER`). Without one, the store's error is the answer.
+async fn refresh<K, T>(
+    cache: &moka::sync::Cache<K, Known<T>>,
+    key: K,
+    known: Option<Known<T>>,
+    lookup: impl std::future::Future<Output = Result<T, StoreError>>,
+    ttl: Duration,
+    what: &'static str,
+) -> Result<T, StoreError>
+where
+    K: std::hash::Hash + Eq + Send + Sync + std::fmt::Debug + 'static,
+    T: Clone + Send + Sync + 'static,
+{
+    let Some(stale) = known else {
+        let value = lookup.await?;
+        cache.insert(
+            key,
+            Known {
+                value: value.clone(),
+                fresh_until: Instant::now() + ttl,
+            },
+        );
+        return Ok(value);
+    };
+    let error = match tokio::time::timeout(STALE_WAIT, lookup).await {
+        Ok(Ok(value)) => {
+            cache.insert(
+                key,
+                Known {
+                    value: value.clone(),
+                    fresh_until: Instant::now() + ttl,
+                },
+            );
+            return Ok(value);
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {STALE_WAIT:?}"),
+    };
+    tracing::warn!(
+        ?key,
+        "store cannot refresh the cached {what} ({error}); serving the last known"
+    );
+    cache.insert(
+        key,
+        Known {
+            value: stale.value.clone(),
+            fresh_until: Instant::now() + RETRY_AFTER.min(ttl),
+        },
+    );
+    Ok(stale.value)
 }
 
 #[cfg(test)]
@@ -395,6 +495,71 @@ mod tests {
         assert_eq!(salted_hash(&documented[..4], "test12"), documented);
         assert!(password_matches(&documented, "test12"));
         assert!(!password_matches(&documented, "test13"));
+    }
+
+    /// A database outage must not lock out a user the cache knew: past the TTL, a lookup the
+    /// store cannot answer (or answers too slowly) serves the last known record, and the store is
+    /// asked again once it is back.
+    #[tokio::test]
+    async fn outage_serves_the_last_known_user_and_permissions() {
+        use warren_storage::{Faults, Faulty, MessageStore, Plan, SqlStore};
+        let dir = std::env::temp_dir().join(format!(
+            "warren-auth-outage-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sql = SqlStore::open(&SqlStore::sqlite_url(&dir), false)
+            .await
+            .unwrap();
+        let faults = Faults::new();
+        let store = Arc::new(Faulty::new(sql, faults.clone()));
+        let bob = UserRecord {
+            name: "bob".into(),
+            password_hash: hash_password("pw"),
+            tags: String::new(),
+            limits: r#"{"max-connections":3}"#.into(),
+        };
+        let put = Plan::from_ops([
+            Op::PutUser(bob.clone()),
+            Op::PutPermission(record(".*", ".*", ".*")),
+        ]);
+        store.apply(&put).await.unwrap();
+        let ttl = Duration::from_millis(50);
+        let users = Users::with_ttl(store.clone(), ttl);
+        assert_eq!(users.user("bob").await.unwrap().unwrap().limits, bob.limits);
+        assert!(users.permission("/", "bob").await.unwrap().is_some());
+        assert!(users.user("nobody").await.unwrap().is_none());
+
+        // The entries go stale, then the database goes away.
+        tokio::time::sleep(ttl * 2).await;
+        faults.set_outage(true);
+        let u = users.user("bob").await.expect("the last known user");
+        assert_eq!(u.unwrap().name, "bob");
+        assert!(users.permission("/", "bob").await.unwrap().is_some());
+        // A negative answer is an answer too.
+        assert!(users.user("nobody").await.unwrap().is_none());
+        // Nothing known: the outage is the answer.
+        assert!(users.user("carol").await.is_err());
+        assert!(users.permission("other", "bob").await.is_err());
+
+        // A store that hangs rather than fails: the stale answer comes within STALE_WAIT.
+        faults.set_outage(false);
+        faults.set_read_delay(Duration::from_secs(10));
+        tokio::time::sleep(ttl * 2).await;
+        let started = Instant::now();
+        assert!(users.user("bob").await.unwrap().is_some());
+        assert!(started.elapsed() < STALE_WAIT + Duration::from_millis(500));
+
+        // Back: a change made meanwhile is seen once the retry interval has passed.
+        faults.set_read_delay(Duration::ZERO);
+        store
+            .apply(&Plan::from_ops([Op::DeleteUser { name: "bob".into() }]))
+            .await
+            .unwrap();
+        tokio::time::sleep(ttl * 2).await;
+        assert!(users.user("bob").await.unwrap().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn record(c: &str, w: &str, r: &str) -> PermissionRecord {
