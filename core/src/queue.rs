@@ -1311,6 +1311,7 @@ impl Queue {
                 .await?;
             for row in rows {
                 let seq = row.seq as u64;
+                let marked = row.redelivered;
                 if out.len() >= limit {
                     break;
                 }
@@ -1326,7 +1327,7 @@ impl Queue {
                     seq,
                     id,
                     msg: Some(Arc::new(m)),
-                    redelivered: seq <= delivered_before,
+                    redelivered: marked || seq <= delivered_before,
                     deliveries: 0,
                     paged: true,
                 });
@@ -1450,6 +1451,14 @@ impl Queue {
                     e.redelivered = redelivered;
                     e.deliveries = deliveries;
                 }
+            }
+            // A stored position (paged, or persistent in a durable queue) keeps the flag in
+            // the store too: the loader and a restart read it back.
+            if redelivered && matches!(r, Enqueued::Stored { .. }) {
+                ops.push(Op::Redelivered {
+                    queue_id: q.id,
+                    seq: g.next_seq as i64,
+                });
             }
         }
         if !took.iter().any(|t| *t) {
@@ -1635,6 +1644,7 @@ impl Queue {
             if seq > g.paged.sealed && seq != g.paged.cursor.max(g.paged.sealed) + 1 {
                 break; // not committed yet: the next trip takes it
             }
+            let marked = row.redelivered;
             let Some(m) = Message::from_row(row.message, Some(p.gauge.clone())) else {
                 tracing::error!(
                     queue = self.name(),
@@ -1645,7 +1655,7 @@ impl Queue {
                 g.paged.count -= 1;
                 continue;
             };
-            let redelivered = seq <= g.delivered_before;
+            let redelivered = marked || seq <= g.delivered_before;
             let args = self.args();
             let (expires, prio) = (
                 Self::deadline(&args, &m),

@@ -159,6 +159,8 @@ pub struct MessageRow {
 pub struct StoredEntry {
     pub seq: i64,
     pub message: MessageRow,
+    /// Marked by `Op::Redelivered`.
+    pub redelivered: bool,
 }
 
 /// A queue's stored backlog, without reading it.
@@ -246,6 +248,13 @@ pub enum Op {
     },
     /// A queue delivered up to `seq`.
     Delivered {
+        queue_id: i64,
+        seq: i64,
+    },
+    /// One stored position is marked redelivered: a message moved by the browser keeps its
+    /// flag in its new queue, past that queue's delivered mark. A position already gone is
+    /// left alone.
+    Redelivered {
         queue_id: i64,
         seq: i64,
     },

@@ -19,7 +19,7 @@
 //! call is `Unavailable`), so no MySQL column-size errors, and a message id reused with another
 //! chunked body keeps its first body whole (the SQL would mix the two bodies' chunks).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -91,6 +91,9 @@ struct State {
     messages: BTreeMap<i64, Arc<MessageRow>>,
     /// (queue id, seq) -> message id
     positions: BTreeMap<(i64, i64), i64>,
+    /// Positions marked redelivered (the SQL's `queue_messages.redelivered`); only positions
+    /// that exist.
+    redelivered: BTreeSet<(i64, i64)>,
     /// message id -> how many positions name it (the SQL's `queue_messages_by_message` index);
     /// absent when none do.
     refs: BTreeMap<i64, usize>,
@@ -114,6 +117,7 @@ impl State {
                 .collect();
             for (pos, message_id) in gone {
                 self.positions.remove(&pos);
+                self.redelivered.remove(&pos);
                 self.release(message_id);
             }
         }
@@ -126,6 +130,12 @@ impl State {
                 .collect();
             for id in unheld {
                 self.messages.remove(&id);
+            }
+        }
+        // UPDATE queue_messages SET redelivered = 1 WHERE queue_id = ? AND seq = ?
+        for pos in &plan.redelivered {
+            if self.positions.contains_key(pos) {
+                self.redelivered.insert(*pos);
             }
         }
         // UPDATE queues SET delivered_seq = ? WHERE id = ? AND delivered_seq < ?
@@ -248,6 +258,7 @@ impl State {
             | Op::Remove { .. }
             | Op::Purge { .. }
             | Op::Delivered { .. }
+            | Op::Redelivered { .. }
             | Op::Atomic(_) => {}
         }
     }
@@ -265,6 +276,7 @@ impl State {
             .collect();
         for (pos, message_id) in &gone {
             self.positions.remove(pos);
+            self.redelivered.remove(pos);
             self.release(*message_id);
         }
         for (_, message_id) in gone {
@@ -308,12 +320,14 @@ impl State {
             queues,
             messages,
             positions,
+            redelivered,
             ..
         } = self;
         // Positions of queues that are gone, and positions of transient messages.
         positions.retain(|(q, _), m| {
             queues.contains_key(q) && messages.get(m).is_none_or(|row| row.persistent)
         });
+        redelivered.retain(|pos| positions.contains_key(pos));
         // Transient messages.
         messages.retain(|_, m| m.persistent);
         // Messages no position holds.
@@ -501,6 +515,7 @@ impl MessageStore for MemStore {
             out.push(StoredEntry {
                 seq,
                 message: MessageRow::clone(row),
+                redelivered: s.redelivered.contains(&(queue_id, seq)),
             });
         }
         Ok(out)
@@ -978,10 +993,11 @@ mod tests {
                 queue_id,
                 after_seq: r.pick(&[i64::MIN, -1, 0, 2, 4, i64::MAX]),
             },
-            18 => Op::Delivered {
+            18 if r.coin() => Op::Delivered {
                 queue_id,
                 seq: r.below(12) as i64 - 1,
             },
+            18 => Op::Redelivered { queue_id, seq },
             19 => match r.below(9) {
                 0 => Op::DeleteUser { name: user },
                 1 => Op::DeletePermission { vhost, user },

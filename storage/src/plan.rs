@@ -1,7 +1,8 @@
 //! `Plan`: a batch of `Op`s reduced to what must reach the database. A message inserted and
 //! removed within one batch is never written; positions dropped by a purge in the same batch are
 //! never written; delivered marks keep only each queue's highest. A backend applies a plan in
-//! this order, in one transaction: metadata in op order, purges, inserts, removes, delivered marks.
+//! this order, in one transaction: metadata in op order, purges, inserts, removes, delivered marks,
+//! redelivered marks.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
@@ -27,6 +28,8 @@ pub struct Plan {
     pub removes: Vec<(i64, i64, i64)>,
     /// queue id -> highest delivered seq.
     pub delivered: BTreeMap<i64, i64>,
+    /// (queue id, seq) positions marked redelivered (after the inserts that write them).
+    pub redelivered: Vec<(i64, i64)>,
 }
 
 /// The state `Plan::from_ops` keeps while it reads a batch.
@@ -105,6 +108,8 @@ impl Builder {
                 let mark = self.plan.delivered.entry(queue_id).or_insert(seq);
                 *mark = (*mark).max(seq);
             }
+            // Applied last: a mark on a position that is gone by then changes nothing.
+            &Op::Redelivered { queue_id, seq } => self.plan.redelivered.push((queue_id, seq)),
             meta => self.plan.meta.push(meta.clone()),
         }
     }
@@ -156,6 +161,7 @@ impl Plan {
             && self.inserts.is_empty()
             && self.removes.is_empty()
             && self.delivered.is_empty()
+            && self.redelivered.is_empty()
     }
 
     /// Removes grouped by queue as (queue id, first seq, last seq) runs of consecutive seqs,

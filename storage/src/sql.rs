@@ -521,6 +521,7 @@ async fn meta_op(tx: &mut Tx<'_>, op: &Op) -> Result<(), sqlx::Error> {
         | Op::Remove { .. }
         | Op::Purge { .. }
         | Op::Delivered { .. }
+        | Op::Redelivered { .. }
         | Op::Atomic(_) => {}
     }
     Ok(())
@@ -660,6 +661,13 @@ async fn apply_plan(tx: &mut Tx<'_>, backend: Backend, plan: &Plan) -> Result<()
     for (q, seq) in &plan.delivered {
         sqlx::query("UPDATE queues SET delivered_seq = ? WHERE id = ? AND delivered_seq < ?")
             .bind(*seq)
+            .bind(*q)
+            .bind(*seq)
+            .execute(&mut **tx)
+            .await?;
+    }
+    for (q, seq) in &plan.redelivered {
+        sqlx::query("UPDATE queue_messages SET redelivered = 1 WHERE queue_id = ? AND seq = ?")
             .bind(*q)
             .bind(*seq)
             .execute(&mut **tx)
@@ -1057,8 +1065,9 @@ impl MessageStore for SqlStore {
         max_bytes: usize,
     ) -> Result<Vec<StoredEntry>, StoreError> {
         let rows = sqlx::query(
-            "SELECT qm.seq, m.id, m.persistent, m.exchange, m.routing_key, m.header, m.body, \
-             m.chunks, m.published_ms FROM queue_messages qm JOIN messages m ON m.id = qm.message_id \
+            "SELECT qm.seq, qm.redelivered, m.id, m.persistent, m.exchange, m.routing_key, \
+             m.header, m.body, m.chunks, m.published_ms FROM queue_messages qm \
+             JOIN messages m ON m.id = qm.message_id \
              WHERE qm.queue_id = ? AND qm.seq > ? ORDER BY qm.seq LIMIT ?",
         )
         .bind(queue_id)
@@ -1078,6 +1087,7 @@ impl MessageStore for SqlStore {
             out.push(StoredEntry {
                 seq: r.try_get("seq").map_err(unavailable)?,
                 message,
+                redelivered: flag(&r, "redelivered").map_err(unavailable)?,
             });
         }
         Ok(out)

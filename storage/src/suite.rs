@@ -460,6 +460,74 @@ pub async fn run<S: MetaStore + MessageStore>(store: Arc<S>) {
     let marks: Vec<i64> = m.queues.iter().map(|q| q.delivered_seq).collect();
     assert_eq!(marks, vec![7, 4]);
 
+    // A position marked redelivered reads back marked, in the same batch as its insert or
+    // later; a mark on a position that is gone (or removed in the same batch) changes nothing,
+    // and a position written anew is not marked.
+    apply(
+        s,
+        vec![
+            Op::Insert {
+                message: message(30, true, Bytes::from_static(b"moved")),
+                entries: vec![(2, 30)],
+            },
+            Op::Redelivered {
+                queue_id: 2,
+                seq: 30,
+            },
+            Op::Insert {
+                message: message(31, true, Bytes::from_static(b"plain")),
+                entries: vec![(2, 31), (2, 32)],
+            },
+            Op::Redelivered {
+                queue_id: 2,
+                seq: 99,
+            },
+        ],
+    )
+    .await;
+    apply(
+        s,
+        vec![
+            Op::Redelivered {
+                queue_id: 2,
+                seq: 32,
+            },
+            Op::Remove {
+                queue_id: 2,
+                seq: 31,
+                message_id: 31,
+            },
+            Op::Redelivered {
+                queue_id: 2,
+                seq: 31,
+            },
+        ],
+    )
+    .await;
+    let marked = |rows: Vec<crate::StoredEntry>| -> Vec<(i64, bool)> {
+        rows.iter().map(|e| (e.seq, e.redelivered)).collect()
+    };
+    let rows = s.read_queue(2, 29, 10, usize::MAX).await.unwrap();
+    assert_eq!(marked(rows), vec![(30, true), (32, true)]);
+    apply(
+        s,
+        vec![Op::Insert {
+            message: message(31, true, Bytes::from_static(b"plain")),
+            entries: vec![(2, 31)],
+        }],
+    )
+    .await;
+    let rows = s.read_queue(2, 29, 10, usize::MAX).await.unwrap();
+    assert_eq!(marked(rows), vec![(30, true), (31, false), (32, true)]);
+    apply(
+        s,
+        vec![Op::Purge {
+            queue_id: 2,
+            after_seq: 29,
+        }],
+    )
+    .await;
+
     // Recovery drops transient messages and positions of queues that are gone.
     apply(
         s,

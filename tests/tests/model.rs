@@ -8,16 +8,20 @@
 //! (requeue), purge, drain, max-length drop-head with dead-lettering, TTL expiry into the
 //! dead-letter queue, a policy set and cleared through the management API (max-length 4 on q1,
 //! lower than its argument, so the policy's limit wins and drop-head runs at once when it is
-//! set), a fence (a confirmed publish: everything before it is committed), a
+//! set), the message browser (browse a queue through the API: order, flags and x-death
+//! origin as the model says, nothing consumed; move chosen or all messages to a queue or
+//! through a fanout, copy, return dead-lettered ones to their origin, delete), a fence (a confirmed publish: everything before it is committed), a
 //! graceful restart (SIGTERM's path), a crash (the broker's runtime is dropped mid-flight: no
 //! shutdown code runs, only what the store committed survives), and a store outage.
 //!
 //! Invariants: every confirmed persistent message in a durable queue is delivered until acked,
 //! and none after; no message is delivered that was never published; counts match the model;
 //! nothing is undeliverable (a drain finds what the count says); redelivered flags are right;
-//! order is publish order (requeues go back to their place). After a crash, a change made since
-//! the last fence may or may not have reached the store: the model allows both, then adopts
-//! what the broker shows.
+//! order is publish order (requeues go back to their place; a moved message goes to its
+//! target's tail, keeping its redelivered flag). After a crash, a change made since
+//! the last fence may or may not have reached the store: the model allows both (a moved
+//! message is in its source or its target, never both, never neither), then adopts what the
+//! broker shows.
 //!
 //! Runs on SQLite and MariaDB. `WARREN_MODEL_SEEDS` (default 2) seeds × `WARREN_MODEL_STEPS`
 //! (default 150) steps each; `WARREN_MODEL_SEED=N` replays one seed. A failure prints its seed.
@@ -156,6 +160,8 @@ struct Msg {
     /// Queues (settled) it has been in since the last fence, one bit each: after a crash the
     /// store may hold it in any of them (it holds some prefix of what was submitted).
     since_fence: u8,
+    /// The queue it was last dead-lettered from (its newest x-death entry).
+    origin: Option<usize>,
 }
 
 #[derive(Default)]
@@ -201,6 +207,7 @@ impl Model {
             durable_place: None,
             durable_delivered: false,
             since_fence: Place::Ready(q).settled().map_or(0, |s| 1 << s),
+            origin: None,
         });
         if q == Q1 {
             // x-max-length drop-head: the oldest ready ones go to the dead-letter queue.
@@ -214,11 +221,37 @@ impl Model {
     /// A dead-lettered message is published anew to the dead-letter queue: never delivered
     /// from there yet.
     fn dead_letter(&mut self, i: usize) {
+        if let Place::Ready(q) | Place::Unacked(q, ..) = self.msgs[i].place {
+            self.msgs[i].origin = Some(q);
+        }
         let seq = self.seq();
         self.msgs[i].place = Place::Ready(DLQ);
         self.msgs[i].seq = seq;
         self.msgs[i].delivered = false;
         self.msgs[i].since_fence |= 1 << DLQ;
+    }
+
+    /// Message `i` goes to the tail of `q` (moved by the browser: its flags stay).
+    fn place_at(&mut self, i: usize, q: usize) {
+        let seq = self.seq();
+        let m = &mut self.msgs[i];
+        m.place = Place::Ready(q);
+        m.seq = seq;
+        m.since_fence |= 1 << q | Place::Ready(q).settled().map_or(0, |s| 1 << s);
+        if q == Q2 {
+            self.q2_last = Some(Instant::now());
+        }
+    }
+
+    /// A copy of message `i` at the tail of `q`: a new message as far as the store goes.
+    fn copy_to(&mut self, i: usize, q: usize) {
+        let mut m = self.msgs[i].clone();
+        m.durable_place = None;
+        m.durable_delivered = false;
+        m.since_fence = 0;
+        self.msgs.push(m);
+        let j = self.msgs.len() - 1;
+        self.place_at(j, q);
     }
 
     /// q1's limit: the lower of its argument and the policy's.
@@ -432,6 +465,43 @@ fn pid_of(data: &[u8]) -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("a message nobody published: {data:?}"))
+}
+
+/// The queue named by the newest x-death entry of a message's headers.
+fn origin_in(headers: Option<&FieldTable>) -> Option<usize> {
+    let AMQPValue::FieldArray(deaths) = headers?.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(t) = deaths.as_slice().first()? else {
+        return None;
+    };
+    let AMQPValue::LongString(q) = t.inner().get("queue")? else {
+        return None;
+    };
+    NAMES.iter().position(|n| n.as_bytes() == q.as_bytes())
+}
+
+/// Whether a message stayed in `q` since the last fence, so that after a crash its flags are
+/// known. (One in q2 at the fence, or since, reaches dlq dead-lettered anew: its flag resets.)
+fn stayed(m: &Msg, q: usize) -> bool {
+    m.place.settled() == Some(q)
+        && m.durable_place.and_then(Place::settled) == Some(q)
+        && m.durable_place != Some(Place::Ready(Q2))
+        && m.since_fence == 1 << q
+}
+
+/// Whether a redelivered flag seen after a crash fits a message that stayed.
+fn flags_fit(m: &Msg, redelivered: bool) -> bool {
+    (!m.durable_delivered || redelivered) && (m.delivered || !redelivered)
+}
+
+/// One message as the browser API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Seen {
+    pid: u64,
+    redelivered: bool,
+    origin: Option<usize>,
+    position: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -837,6 +907,195 @@ impl Run {
         self.check_count(DLQ).await;
     }
 
+    /// A call of the management API that must succeed; its JSON answer.
+    async fn api(
+        &mut self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> serde_json::Value {
+        let http = self.life.as_ref().unwrap().http;
+        let mut req = reqwest::Client::new()
+            .request(method, format!("http://{http}{path}"))
+            .basic_auth("guest", Some("guest"));
+        if let Some(b) = &body {
+            req = req.json(b);
+        }
+        let r = tokio::time::timeout(Duration::from_secs(30), req.send()).await;
+        match r {
+            Ok(Ok(r)) if r.status().is_success() => match r.json().await {
+                Ok(v) => v,
+                Err(e) => self.fail(format!("{path}: not JSON: {e}")),
+            },
+            Ok(Ok(r)) => {
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                self.fail(format!("{path}: {status} {text}"))
+            }
+            other => self.fail(format!("{path}: {other:?}")),
+        }
+    }
+
+    /// A queue's ready messages through the browser API, in position order.
+    async fn browsed(&mut self, q: usize) -> Vec<Seen> {
+        let path = format!("/api/queues/%2F/{}/messages?count=1000", NAMES[q]);
+        let v = self.api(reqwest::Method::GET, &path, None).await;
+        let Some(items) = v["items"].as_array() else {
+            self.fail(format!("{path}: no items in {v}"));
+        };
+        if !v["next"].is_null() {
+            self.fail(format!("{path}: more than one page for a model queue: {v}"));
+        }
+        let mut out = Vec::new();
+        for it in items {
+            let pid = pid_of(it["payload"].as_str().unwrap_or("?").as_bytes());
+            let origin = it["properties"]["headers"]["x-death"][0]["queue"]
+                .as_str()
+                .and_then(|n| NAMES.iter().position(|x| *x == n));
+            out.push(Seen {
+                pid,
+                redelivered: it["redelivered"].as_bool().unwrap_or(false),
+                origin,
+                position: it["position"].as_u64().unwrap_or(0),
+            });
+        }
+        if out.windows(2).any(|w| w[0].position >= w[1].position) {
+            self.fail(format!("{path}: positions not increasing: {out:?}"));
+        }
+        out
+    }
+
+    /// The model's ready messages of `q` as the browser should show them, matched to what it
+    /// showed (in queue order; the dead-letter queue's order depends on timers, so there by
+    /// content). Fails on any difference.
+    async fn browse_matched(&mut self, q: usize) -> Vec<(usize, Seen)> {
+        if q == DLQ {
+            self.wait_q2().await;
+        }
+        let seen = self.browsed(q).await;
+        let ready = self.model.ready(q);
+        let key = |m: &Msg| (m.pid, m.delivered, m.origin);
+        let mut matched = Vec::new();
+        if q == DLQ {
+            let mut free: Vec<usize> = ready.clone();
+            for s in &seen {
+                let Some(k) = free
+                    .iter()
+                    .position(|&i| key(&self.model.msgs[i]) == (s.pid, s.redelivered, s.origin))
+                else {
+                    break;
+                };
+                matched.push((free.swap_remove(k), s.clone()));
+            }
+        } else {
+            for (&i, s) in ready.iter().zip(&seen) {
+                if key(&self.model.msgs[i]) != (s.pid, s.redelivered, s.origin) {
+                    break;
+                }
+                matched.push((i, s.clone()));
+            }
+        }
+        if matched.len() != ready.len() || matched.len() != seen.len() {
+            let want: Vec<_> = ready.iter().map(|&i| key(&self.model.msgs[i])).collect();
+            self.fail(format!(
+                "browse of {}: shows {seen:?}; the model holds (pid, delivered, origin) {want:?}",
+                NAMES[q]
+            ));
+        }
+        matched
+    }
+
+    /// Browses a queue: what the model holds, in order, with its flags; nothing changes.
+    async fn browse(&mut self) {
+        let q = [Q0, Q1, DLQ, TQ][self.rng.random_range(0..4)];
+        self.log.push(format!("browse {}", NAMES[q]));
+        self.browse_matched(q).await;
+    }
+
+    /// Acts on some or all of a queue's messages through the browser API: move (to a queue or
+    /// through the fanout), copy, return to origin, or delete.
+    async fn act(&mut self) {
+        let src = [Q0, Q1, DLQ, TQ][self.rng.random_range(0..4)];
+        let matched = self.browse_matched(src).await;
+        let all = self.rng.random_bool(0.3);
+        let chosen: Vec<(usize, Seen)> = if all {
+            matched
+        } else {
+            matched
+                .into_iter()
+                .filter(|_| self.rng.random_bool(0.5))
+                .collect()
+        };
+        let others: Vec<usize> = [Q0, Q1, DLQ, TQ, Q2]
+            .into_iter()
+            .filter(|&q| q != src)
+            .collect();
+        let dest = others[self.rng.random_range(0..others.len())];
+        // What each chosen message becomes: (action, JSON destination).
+        let (action, target) = match self.rng.random_range(0..20) {
+            0..=7 => ("move", serde_json::json!({"queue": NAMES[dest]})),
+            // To q0 and q1 (the source itself, at its tail, when it is one of them).
+            8..=9 => ("fanout", serde_json::json!({"exchange": "m.fan"})),
+            10..=12 => ("copy", serde_json::json!({"queue": NAMES[dest]})),
+            13..=15 => ("return", serde_json::json!({})),
+            _ => ("delete", serde_json::json!({})),
+        };
+        let mut body = target;
+        if all {
+            body["all"] = serde_json::json!(true);
+        } else {
+            body["positions"] = chosen.iter().map(|(_, s)| s.position).collect();
+        }
+        let verb = if action == "fanout" { "move" } else { action };
+        self.log.push(format!(
+            "{action} {} of {} ({:?}) {body}",
+            if all { "all" } else { "some" },
+            NAMES[src],
+            chosen.iter().map(|(_, s)| s.pid).collect::<Vec<_>>()
+        ));
+        let path = format!("/api/queues/%2F/{}/messages/{verb}", NAMES[src]);
+        let report = self.api(reqwest::Method::POST, &path, Some(body)).await;
+        let mut unroutable = 0;
+        for &(i, _) in &chosen {
+            match action {
+                "move" => self.model.place_at(i, dest),
+                "fanout" => {
+                    self.model.copy_to(i, Q1);
+                    self.model.place_at(i, Q0);
+                }
+                "copy" => self.model.copy_to(i, dest),
+                "return" => match self.model.msgs[i].origin {
+                    Some(o) => self.model.place_at(i, o),
+                    None => unroutable += 1,
+                },
+                _ => self.model.msgs[i].place = Place::Gone,
+            }
+        }
+        self.model.enforce_q1();
+        let want = serde_json::json!({
+            "done": chosen.len() - unroutable,
+            "gone": 0,
+            "unroutable": unroutable,
+            "scanned": chosen.len(),
+        });
+        let got = serde_json::json!({
+            "done": report["done"],
+            "gone": report["gone"],
+            "unroutable": report["unroutable"],
+            "scanned": report["scanned"],
+        });
+        if got != want {
+            self.fail(format!(
+                "{action} from {}: {report}, expected {want}",
+                NAMES[src]
+            ));
+        }
+        // (q2's count depends on its TTL's timers.)
+        for q in [src, dest].into_iter().filter(|&q| q != Q2) {
+            self.check_count(q).await;
+        }
+    }
+
     async fn fence(&mut self) {
         self.log.push("fence".into());
         self.client().fence().await;
@@ -910,6 +1169,8 @@ impl Run {
         self.q2_empty().await;
         // pid -> candidates (queue index) per message.
         let mut seen: HashMap<usize, usize> = HashMap::new(); // msg index -> queue seen in
+        let mut origins: HashMap<usize, Option<usize>> = HashMap::new(); // msg index -> x-death
+        let mut orders: Vec<Vec<usize>> = Vec::new(); // per queue, msg indexes in queue order
         let ch = self.client().slot(0).await;
         for q in [Q0, Q1, DLQ] {
             let mut order = Vec::new();
@@ -928,8 +1189,28 @@ impl Run {
                     let passed = m.since_fence & (1 << q) != 0;
                     m.persistent && (now == Some(q) || then == Some(q) || passed || dropped)
                 };
-                let Some(i) = (0..self.model.msgs.len())
-                    .find(|&i| self.model.msgs[i].pid == pid && candidates(&self.model.msgs[i]))
+                // Several messages may share a body (fanout, copies): prefer one whose flags
+                // and x-death fit, then one whose flags are not known, then any that may be here.
+                let redelivered = m.delivery.redelivered;
+                let origin = origin_in(m.delivery.properties.headers().as_ref());
+                let may = |i: &usize| {
+                    self.model.msgs[*i].pid == pid
+                        && !seen.contains_key(i)
+                        && candidates(&self.model.msgs[*i])
+                };
+                let fits = |i: &usize| {
+                    let m = &self.model.msgs[*i];
+                    stayed(m, q) && flags_fit(m, redelivered) && m.origin == origin
+                };
+                let all = 0..self.model.msgs.len();
+                let Some(i) = all
+                    .clone()
+                    .find(|i| may(i) && fits(i))
+                    .or_else(|| {
+                        all.clone()
+                            .find(|i| may(i) && !stayed(&self.model.msgs[*i], q))
+                    })
+                    .or_else(|| all.clone().find(may))
                 else {
                     self.fail(format!(
                         "after the crash {} holds {pid}, which the model never put there",
@@ -939,10 +1220,9 @@ impl Run {
                 if seen.insert(i, q).is_some() {
                     self.fail(format!("after the crash message {pid} is there twice"));
                 }
+                origins.insert(i, origin);
                 let msg = &self.model.msgs[i];
-                // Flags are known for a message that stayed where it was at the last fence.
-                let stayed = msg.place.settled() == Some(q)
-                    && msg.durable_place.and_then(Place::settled) == Some(q);
+                let stayed = stayed(msg, q);
                 if stayed && msg.durable_delivered && !m.delivery.redelivered {
                     self.fail(format!(
                         "message {pid} in {} was delivered before; redelivered=false ({msg:?})",
@@ -955,14 +1235,29 @@ impl Run {
                         NAMES[q]
                     ));
                 }
-                order.push(pid);
+                order.push(i);
             }
-            if q != DLQ && order.windows(2).any(|w| w[0] > w[1]) {
+            // Messages that were only ever in q since the last fence keep their order (a
+            // requeue goes back to its place; moves, dead-lettering and publishes append).
+            let stable: Vec<u64> = order
+                .iter()
+                .map(|&i| &self.model.msgs[i])
+                .filter(|m| {
+                    q != DLQ
+                        && m.place.settled() == Some(q)
+                        && m.since_fence == 1 << q
+                        && m.durable_place.is_none_or(|p| p.settled() == Some(q))
+                })
+                .map(|m| m.seq)
+                .collect();
+            if stable.windows(2).any(|w| w[0] > w[1]) {
+                let pids: Vec<u64> = order.iter().map(|&i| self.model.msgs[i].pid).collect();
                 self.fail(format!(
-                    "after the crash {} is out of order: {order:?}",
+                    "after the crash {} is out of order: {pids:?}",
                     NAMES[q]
                 ));
             }
+            orders.push(order);
         }
         // What must have survived: persistent, in a durable queue at the last fence, and
         // still there now.
@@ -995,18 +1290,16 @@ impl Run {
         // The gets above reported deliveries: make them (and the requeue) durable before the
         // model says so.
         self.client().fence().await;
-        // Adopt: what was seen is ready where it was seen, delivered; the rest is gone.
+        // Adopt: what was seen is ready where it was seen, in the order seen, delivered, with
+        // the x-death it showed; the rest is gone.
         let mut kept = Vec::new();
-        for (i, m) in self.model.msgs.iter().enumerate() {
-            if let Some(&q) = seen.get(&i) {
-                let mut m = m.clone();
-                m.place = Place::Ready(q);
-                m.delivered = true;
-                if q != DLQ {
-                    m.seq = m.pid; // q0 and q1 hold publish order
-                }
-                kept.push(m);
-            }
+        for i in orders.into_iter().flatten() {
+            let mut m = self.model.msgs[i].clone();
+            m.place = Place::Ready(seen[&i]);
+            m.delivered = true;
+            m.origin = origins[&i];
+            m.seq = self.model.seq();
+            kept.push(m);
         }
         self.model.msgs = kept;
         self.model.q2_last = None;
@@ -1025,12 +1318,14 @@ impl Run {
             45..=52 => self.consume().await,
             53..=67 => self.settle().await,
             68..=71 => self.close_slot().await,
-            72..=74 => self.purge().await,
+            72..=73 => self.purge().await,
+            74 => self.browse().await,
             75..=79 => {
                 let q = [Q0, Q1, DLQ, TQ][self.rng.random_range(0..4)];
                 self.drain(q).await;
             }
-            80..=85 => self.fence().await,
+            80..=82 => self.fence().await,
+            83..=85 => self.act().await,
             86..=87 => self.policy().await,
             88..=90 => self.restart(false).await,
             91..=95 => self.restart(true).await,
