@@ -923,6 +923,7 @@ impl VHost {
             return false;
         }
         visited.push(Arc::as_ptr(x));
+        let start = out.len();
         let mut routed = false;
         if x.name.is_empty() {
             if let Some(q) = self.queue(msg.routing_key.as_str()) {
@@ -947,6 +948,12 @@ impl VHost {
             if let Some(ae) = alternate.as_deref().and_then(|n| self.exchange(n)) {
                 routed = self.route_into(&ae, msg, out, visited);
             }
+        }
+        // The published-to exchange's watchers see the deduplicated list (`route`); one
+        // reached through an exchange-to-exchange binding or as an alternate sees what it
+        // routed to.
+        if visited.first() != Some(&Arc::as_ptr(x)) {
+            x.taps.offer(msg, &out[start..]);
         }
         routed
     }

@@ -841,6 +841,45 @@ async fn live_tail_streams_samples_of_what_passes_an_exchange() {
     assert_eq!(events[0]["properties"]["message_id"], "tailed");
     assert_eq!(events[1]["routing_key"], "z");
     assert_eq!(events[1]["queues"], json!([]), "unroutable");
+    // Reached through an exchange-to-exchange binding, a message is seen too.
+    ch.exchange_bind(
+        "amq.topic".into(),
+        "amq.direct".into(),
+        "a.c".into(),
+        ExchangeBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_publish(
+        "amq.direct".into(),
+        "a.c".into(),
+        BasicPublishOptions::default(),
+        b"three",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while text.matches("\n\n").count() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no sample through the e2e binding: {text:?}"
+        );
+        if let Ok(Ok(Some(chunk))) =
+            tokio::time::timeout(Duration::from_secs(1), resp.chunk()).await
+        {
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+    let third: Value = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .nth(2)
+        .map(|d| serde_json::from_str(d).unwrap())
+        .unwrap();
+    assert_eq!(third["payload"], "three");
+    assert_eq!(third["queues"], json!(["t1"]));
     drop(resp);
     // The queue got its message as usual: watching takes nothing.
     let (_, page) = call(
