@@ -38,7 +38,16 @@ pub const CHUNK: usize = 1 << 20;
 /// A multi-row statement is cut once its bound bytes pass this.
 const MAX_STATEMENT: usize = 2 << 20;
 /// Rows per multi-row statement (SQLite allows 32766 bound values).
-const MAX_ROWS: usize = 500;
+const MAX_ROWS: usize = 256;
+
+/// How many of `n` rows the next multi-row statement takes: a power of two, so that a
+/// handful of statement texts cover every batch and each connection prepares them once (sqlx
+/// caches prepared statements by text; a new row count would be a new PREPARE, which on
+/// MariaDB costs more than the insert itself).
+fn rows_per_statement(n: usize) -> usize {
+    let n = n.clamp(1, MAX_ROWS);
+    1 << (usize::BITS - 1 - n.leading_zeros())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -569,6 +578,7 @@ async fn insert_messages(
             bytes += m.header.len() + inline_body(m).len() + 64;
             end += 1;
         }
+        end = start + rows_per_statement(end - start);
         let mut qb = QueryBuilder::<sqlx::Any>::new(format!(
             "{insert} INTO messages (id, persistent, exchange, routing_key, header, body, chunks, published_ms) "
         ));
@@ -602,7 +612,10 @@ async fn insert_messages(
         .iter()
         .flat_map(|i| i.entries.iter().map(|(q, s)| (*q, *s, i.message.id)))
         .collect();
-    for rows in positions.chunks(MAX_ROWS) {
+    let mut rest = &positions[..];
+    while !rest.is_empty() {
+        let (rows, tail) = rest.split_at(rows_per_statement(rest.len()));
+        rest = tail;
         // Also "insert or ignore": a commit whose reply was lost (the connection dropped after
         // COMMIT) is retried, and the retry must not fail on rows it already wrote.
         let mut qb = QueryBuilder::<sqlx::Any>::new(format!(
@@ -614,6 +627,24 @@ async fn insert_messages(
         qb.build().execute(&mut **tx).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[test]
+fn statements_take_a_power_of_two_of_rows() {
+    let cut = |mut n: usize| {
+        let mut v = Vec::new();
+        while n > 0 {
+            let k = rows_per_statement(n);
+            v.push(k);
+            n -= k;
+        }
+        v
+    };
+    assert_eq!(cut(1), vec![1]);
+    assert_eq!(cut(409), vec![256, 128, 16, 8, 1]);
+    assert_eq!(cut(1000), vec![256, 256, 256, 128, 64, 32, 8]);
+    assert_eq!(rows_per_statement(0), 1);
 }
 
 fn inline_body(m: &MessageRow) -> &[u8] {
@@ -633,14 +664,19 @@ fn chunk_count(m: &MessageRow) -> i64 {
 }
 
 async fn apply_plan(tx: &mut Tx<'_>, backend: Backend, plan: &Plan) -> Result<(), sqlx::Error> {
+    // Where a batch's statement time goes (trace level: `warren_storage::sql=trace`).
+    let t = std::time::Instant::now();
     for op in &plan.meta {
         meta_op(tx, op).await?;
     }
     for (q, after) in &plan.purges {
         purge(tx, *q, *after).await?;
     }
+    let t_meta = t.elapsed();
     insert_messages(tx, backend, &plan.inserts).await?;
-    for (q, first, last) in plan.remove_runs() {
+    let t_insert = t.elapsed();
+    let runs = plan.remove_runs();
+    for (q, first, last) in &runs {
         sqlx::query("DELETE FROM queue_messages WHERE queue_id = ? AND seq >= ? AND seq <= ?")
             .bind(q)
             .bind(first)
@@ -648,7 +684,9 @@ async fn apply_plan(tx: &mut Tx<'_>, backend: Backend, plan: &Plan) -> Result<()
             .execute(&mut **tx)
             .await?;
     }
-    for (first, last) in plan.removed_message_runs() {
+    let t_positions = t.elapsed();
+    let message_runs = plan.removed_message_runs();
+    for (first, last) in &message_runs {
         sqlx::query(
             "DELETE FROM messages WHERE id >= ? AND id <= ? AND NOT EXISTS \
              (SELECT 1 FROM queue_messages qm WHERE qm.message_id = messages.id)",
@@ -658,6 +696,7 @@ async fn apply_plan(tx: &mut Tx<'_>, backend: Backend, plan: &Plan) -> Result<()
         .execute(&mut **tx)
         .await?;
     }
+    let t_messages = t.elapsed();
     for (q, seq) in &plan.delivered {
         sqlx::query("UPDATE queues SET delivered_seq = ? WHERE id = ? AND delivered_seq < ?")
             .bind(*seq)
@@ -673,6 +712,18 @@ async fn apply_plan(tx: &mut Tx<'_>, backend: Backend, plan: &Plan) -> Result<()
             .execute(&mut **tx)
             .await?;
     }
+    let us = |d: std::time::Duration| d.as_micros() as u64;
+    tracing::trace!(
+        meta_us = us(t_meta),
+        inserts = plan.inserts.len(),
+        insert_us = us(t_insert - t_meta),
+        position_runs = runs.len(),
+        positions_us = us(t_positions - t_insert),
+        message_runs = message_runs.len(),
+        messages_us = us(t_messages - t_positions),
+        marks_us = us(t.elapsed() - t_messages),
+        "statements"
+    );
     Ok(())
 }
 
