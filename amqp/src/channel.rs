@@ -17,6 +17,7 @@ use warren_protocol::{
 
 use crate::outbox::{Outbox, Outgoing};
 use warren_core::auth::{Access, Perm, Resource};
+use warren_core::confirm::Pending;
 use warren_core::delivery::{ChannelHandle, Consumer, DeliverySink, Unacked};
 use warren_core::error::{AmqpError, AmqpResult};
 use warren_core::exchange::Exchange;
@@ -42,6 +43,9 @@ pub struct ConnCtx {
     pub max_message_size: u64,
     pub cancel_notify: bool,
     pub limits: Limits,
+    /// Woken when a published message's last hold is released (`warren_core::confirm`): its
+    /// confirm may go before the store commits it.
+    pub confirm_waker: Arc<tokio::sync::Notify>,
 }
 
 /// Per-channel limits (settings `--consumer-max-per-channel`, `--tx-max-messages`,
@@ -79,18 +83,26 @@ struct Tx {
 #[derive(Default)]
 struct Confirms {
     next: u64,
-    /// (tag, store ticket, ack?) in tag order: sent once the ticket is committed. Confirms go
-    /// out in tag order, so a transient message's confirm may wait behind a persistent one's.
-    waiting: VecDeque<(u64, u64, bool)>,
+    /// (tag, store ticket, ack?, holds) in tag order: sent once the ticket is committed, or
+    /// once every durable queue holding the message has had it acknowledged. Confirms go out
+    /// in tag order, so a transient message's confirm may wait behind a persistent one's.
+    waiting: VecDeque<(u64, u64, bool, Option<Arc<Pending>>)>,
     /// (first tag, last tag, ack?) runs in order, coalesced into one basic.ack/nack each.
     pending: Vec<(u64, u64, bool)>,
 }
 
 impl Confirms {
     /// `committed` is read only for a message that waits on the store.
-    fn settle(&mut self, tag: u64, ack: bool, ticket: u64, committed: impl FnOnce() -> u64) {
+    fn settle(
+        &mut self,
+        tag: u64,
+        ack: bool,
+        ticket: u64,
+        holds: Option<Arc<Pending>>,
+        committed: impl FnOnce() -> u64,
+    ) {
         if !self.waiting.is_empty() || (ticket > 0 && ticket > committed()) {
-            self.waiting.push_back((tag, ticket, ack));
+            self.waiting.push_back((tag, ticket, ack, holds));
             return;
         }
         self.ready(tag, ack);
@@ -106,15 +118,19 @@ impl Confirms {
         self.pending.push((tag, tag, ack));
     }
 
-    /// Moves what the store has committed to the ready runs; a message whose write the store
-    /// refused is nacked.
+    /// Moves what the store has committed, or what was acknowledged everywhere it went, to
+    /// the ready runs; a message whose write the store refused is nacked.
     fn release(&mut self, committed: u64, failed: impl Fn(u64) -> bool) {
-        while let Some(&(tag, ticket, ack)) = self.waiting.front() {
-            if ticket > committed {
+        while let Some((tag, ticket, ack, holds)) = self.waiting.front() {
+            let (tag, ticket, ack) = (*tag, *ticket, *ack);
+            if ticket <= committed {
+                self.ready(tag, ack && !failed(ticket));
+            } else if holds.as_ref().is_some_and(|h| h.done()) {
+                self.ready(tag, ack);
+            } else {
                 break;
             }
             self.waiting.pop_front();
-            self.ready(tag, ack && !failed(ticket));
         }
     }
 }
@@ -131,6 +147,7 @@ pub struct Channel {
     last_queue: Option<String>,
     route_buf: Vec<Arc<Queue>>,
     persist: Arc<Persistence>,
+    confirm_waker: Arc<tokio::sync::Notify>,
     /// Some publish on this channel was written to the store (persistent or paged), so the
     /// connection is held when the store falls behind.
     pub stored_publishes: bool,
@@ -173,6 +190,7 @@ impl Channel {
             last_queue: None,
             route_buf: Vec::new(),
             persist: ctx.vhost.persist.clone(),
+            confirm_waker: ctx.confirm_waker.clone(),
             stored_publishes: false,
             full_outbox: None,
             pending_load: None,
@@ -826,7 +844,7 @@ impl Channel {
     fn apply_settles(&self, items: impl IntoIterator<Item = (Unacked, Settle)>) {
         let mut requeue = Vec::new();
         let mut touched: Vec<Arc<Queue>> = Vec::new();
-        for (u, how) in items {
+        for (mut u, how) in items {
             self.handle.release(&u);
             if !touched.iter().any(|q| Arc::ptr_eq(q, &u.queue)) {
                 touched.push(u.queue.clone());
@@ -839,6 +857,7 @@ impl Channel {
                     self.handle.global.ack.inc();
                     u.queue.stats.ack.inc();
                     u.queue.forget(&u.entry);
+                    u.entry.confirm.release();
                 }
             }
         }
@@ -951,8 +970,16 @@ impl Channel {
         let mut rejected = false;
         let mut ticket = held_ticket;
         let mut row = None;
+        // A persistent message's confirm may go once every durable queue has had it acked.
+        let holds = (self.confirms.is_some() && msg.is_persistent())
+            .then(|| Pending::new(self.confirm_waker.clone()));
+        if held_ticket > 0 {
+            if let Some(h) = &holds {
+                h.pin(); // held by the delayed exchange in the store alone
+            }
+        }
         for q in queues.drain(..) {
-            match q.publish(&msg, &mut row) {
+            match q.publish(&msg, &mut row, holds.as_ref()) {
                 Enqueued::Deleted => {}
                 // A full queue with reject-publish: the publisher's confirm is a nack.
                 Enqueued::Rejected => {
@@ -971,6 +998,9 @@ impl Channel {
             }
         }
         self.route_buf = queues;
+        if let Some(h) = &holds {
+            h.release(); // routed
+        }
         let ticket = self.persist.confirm_ticket(ticket);
         let (stats, global) = (&self.handle.stats, &self.handle.global);
         stats.publish.inc();
@@ -1009,7 +1039,7 @@ impl Channel {
             let tag = c.next;
             c.next += 1;
             let writer = &self.persist.writer;
-            c.settle(tag, !rejected, ticket, || writer.committed());
+            c.settle(tag, !rejected, ticket, holds, || writer.committed());
         }
         ticket
     }

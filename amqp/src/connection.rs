@@ -98,6 +98,9 @@ struct Conn {
     cleaned: bool,
     /// Cancelled when the writer task ends abnormally (a panic): the reader stops too.
     writer_gone: CancellationToken,
+    /// Woken when a message this connection published was acked everywhere it went
+    /// (`warren_core::confirm`): its confirm need not wait for the store.
+    confirm_waker: Arc<tokio::sync::Notify>,
     /// Outboxes this connection's publishes filled (returns, reply-to replies): the socket is
     /// not read until they drain (`wait_for_room`).
     full_outboxes: Vec<Arc<dyn warren_core::delivery::DeliverySink>>,
@@ -263,6 +266,7 @@ async fn serve<R, W>(
         user_max_channels: None,
         cleaned: false,
         writer_gone,
+        confirm_waker: Arc::new(tokio::sync::Notify::new()),
         full_outboxes: Vec::new(),
         peer_cn: tls.and_then(|t| t.peer_cn),
         external: false,
@@ -289,6 +293,7 @@ impl Conn {
         let mut committed = store.subscribe();
         let writer_gone = self.writer_gone.clone();
         let info = self.info.clone();
+        let confirm_waker = self.confirm_waker.clone();
         loop {
             loop {
                 match self.decoder.decode(&mut buf) {
@@ -369,6 +374,10 @@ impl Conn {
                 }
                 _ = writer_gone.cancelled() => return,
                 _ = committed.changed(), if self.confirms_waiting() => {
+                    self.flush_confirms();
+                }
+                // A message this connection published was acked everywhere it went.
+                _ = confirm_waker.notified(), if self.confirms_waiting() => {
                     self.flush_confirms();
                 }
                 // One token for both: the broker's shutdown (its parent) and an operator's
@@ -830,6 +839,7 @@ impl Conn {
                 tx_messages: self.broker.config.tx_max_messages,
                 tx_bytes: self.broker.config.tx_max_bytes,
             },
+            confirm_waker: self.confirm_waker.clone(),
         });
         self.send(
             0,

@@ -765,7 +765,7 @@ impl Admin {
                 v.route(&x, &msg, &mut queues);
                 let mut row = None;
                 for q in queues {
-                    match q.publish(&msg, &mut row) {
+                    match q.publish(&msg, &mut row, None) {
                         Enqueued::Deleted => {}
                         Enqueued::Rejected | Enqueued::Held => routed = true,
                         Enqueued::Stored { ticket: t, durable } => {

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod broker;
 pub mod browse;
 pub mod config;
+pub mod confirm;
 pub mod connections;
 pub mod deadletter;
 pub mod delay;

@@ -37,6 +37,7 @@ use warren_protocol::{
 use warren_storage::{MessageRow, MessageStore, Op, QueueSummary, StoreError};
 
 use crate::args::{Overflow, QueueArgs};
+use crate::confirm::{ConfirmHold, Pending};
 use crate::deadletter::Reason;
 use crate::delivery::{ChannelHandle, Consumer, NoCredit};
 use crate::error::{AmqpError, AmqpResult};
@@ -75,6 +76,8 @@ pub struct Entry {
     pub prio: u8,
     /// How many times it came back unacknowledged (`x-delivery-count`).
     pub deliveries: u32,
+    /// Its publisher's confirm may go once this is released (`confirm`).
+    pub confirm: ConfirmHold,
 }
 
 impl Entry {
@@ -489,9 +492,10 @@ impl Queue {
         self: &Arc<Self>,
         msg: &Arc<Message>,
         row: &mut Option<Arc<MessageRow>>,
+        confirm: Option<&Arc<Pending>>,
     ) -> Enqueued {
         let mut g = self.lock();
-        let r = self.enqueue(&mut g, msg, row, Sink::Now);
+        let r = self.enqueue(&mut g, msg, row, Sink::Now, confirm);
         if !matches!(r, Enqueued::Deleted | Enqueued::Rejected) {
             self.stats.publish.inc();
             self.dispatch_fresh(&mut g, msg.id);
@@ -512,7 +516,7 @@ impl Queue {
         let mut row = None;
         let mut took = Vec::with_capacity(sorted.len());
         for (q, g) in sorted.iter().zip(guards.iter_mut()) {
-            let r = q.enqueue(g, msg, &mut row, Sink::Collect(&mut ops));
+            let r = q.enqueue(g, msg, &mut row, Sink::Collect(&mut ops), None);
             took.push(!matches!(r, Enqueued::Deleted | Enqueued::Rejected));
         }
         ops.extend(also);
@@ -597,6 +601,7 @@ impl Queue {
         msg: &Arc<Message>,
         row: &mut Option<Arc<MessageRow>>,
         sink: Sink<'_>,
+        confirm: Option<&Arc<Pending>>,
     ) -> Enqueued {
         if g.deleted {
             return Enqueued::Deleted;
@@ -614,6 +619,7 @@ impl Queue {
                         expires: NEVER,
                         prio: 0,
                         deliveries: 0,
+                        confirm: ConfirmHold::default(),
                     },
                     msg: Some(msg.clone()),
                     reason: Reason::MaxLen,
@@ -642,6 +648,12 @@ impl Queue {
             }
             g.stored_any = true;
             if page {
+                if durable {
+                    // Only the store holds this copy: its confirm waits for the commit.
+                    if let Some(p) = confirm {
+                        p.pin();
+                    }
+                }
                 if g.paged.count == 0 {
                     g.paged.cursor = seq - 1;
                     g.paged.holes.clear();
@@ -663,6 +675,11 @@ impl Queue {
                 expires,
                 prio,
                 deliveries: 0,
+                // A durable copy in memory: acked here, it no longer needs the store.
+                confirm: match confirm {
+                    Some(p) if durable => ConfirmHold::new(p),
+                    _ => ConfirmHold::default(),
+                },
             },
         );
         if stored {
@@ -938,18 +955,28 @@ impl Queue {
         self: &Arc<Self>,
         g: &mut State,
         consumer: &Arc<Consumer>,
-        entry: Entry,
+        mut entry: Entry,
         msg: Arc<Message>,
     ) -> Result<(), Entry> {
         let ch = &consumer.channel;
         let redelivered = entry.redelivered;
         let deliveries = entry.deliveries;
         let (seq, id, stored) = (entry.seq, entry.id, entry.stored);
+        // A no-ack delivery is its consumption: the hold goes once it is recorded.
+        let mut hold = if consumer.no_ack {
+            entry.confirm.take()
+        } else {
+            ConfirmHold::default()
+        };
         let to_record = self.delivered(g, entry, &msg, !consumer.no_ack);
         let tag = match ch.record(self, to_record, Some(consumer), !consumer.no_ack) {
             Ok(tag) => tag,
-            Err(back) => return Err(self.undeliver(g, back, msg)),
+            Err(mut back) => {
+                back.confirm = hold;
+                return Err(self.undeliver(g, back, msg));
+            }
         };
+        hold.release();
         if consumer.no_ack && stored {
             self.settled_no_ack(seq, id);
         }
@@ -1098,24 +1125,31 @@ impl Queue {
             let head = g.ready.front().map(|e| self.body(e));
             match head {
                 Some(Some(msg)) => {
-                    let Some(entry) = g.ready.pop_front() else {
+                    let Some(mut entry) = g.ready.pop_front() else {
                         self.unlock(g);
                         return Got::Empty;
                     };
                     let redelivered = entry.redelivered;
                     let deliveries = entry.deliveries;
                     let (seq, id, stored) = (entry.seq, entry.id, entry.stored);
+                    let mut hold = if no_ack {
+                        entry.confirm.take()
+                    } else {
+                        ConfirmHold::default()
+                    };
                     let to_record = self.delivered(&mut g, entry, &msg, !no_ack);
                     let remaining = g.ready_count().min(u32::MAX as u64) as u32;
                     let tag = match channel.record(self, to_record, None, !no_ack) {
                         Ok(tag) => tag,
-                        Err(back) => {
+                        Err(mut back) => {
+                            back.confirm = hold;
                             let back = self.undeliver(&mut g, back, msg);
                             g.ready.push_front(back);
                             self.unlock(g);
                             return Got::Empty;
                         }
                     };
+                    hold.release();
                     if no_ack && stored {
                         self.settled_no_ack(seq, id);
                     }
@@ -1444,7 +1478,7 @@ impl Queue {
             if !targets.iter().any(|t| Arc::ptr_eq(t, q)) {
                 continue;
             }
-            let r = q.enqueue(g, msg, &mut row, Sink::Collect(&mut ops));
+            let r = q.enqueue(g, msg, &mut row, Sink::Collect(&mut ops), None);
             took[i] = !matches!(r, Enqueued::Deleted | Enqueued::Rejected);
             if took[i] && (redelivered || deliveries > 0) {
                 if let Some(e) = g.ready.iter_mut().rev().find(|e| e.id == msg.id) {
@@ -1670,6 +1704,7 @@ impl Queue {
                 expires,
                 prio,
                 deliveries: 0,
+                confirm: ConfirmHold::default(),
             };
             g.paged.cursor = seq;
             g.paged.count -= 1;
@@ -1816,7 +1851,7 @@ mod tests {
             bytes::Bytes::copy_from_slice(body),
             None,
         ));
-        q.publish(&msg, &mut None);
+        q.publish(&msg, &mut None, None);
     }
 
     /// Acks `tags` the way a channel does: credit back, position forgotten, dispatch again.

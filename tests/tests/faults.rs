@@ -145,3 +145,96 @@ async fn a_stopped_writer_never_confirms() {
     assert!(r.is_err(), "confirmed without being stored: {r:?}");
     b.stop().await;
 }
+
+/// Issue 15: a persistent message that every durable queue holding it has had acknowledged is
+/// confirmed without waiting for its commit (RabbitMQ confirms such a message too); one that a
+/// queue still holds waits for the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_acked_everywhere_is_confirmed_before_its_commit() {
+    use futures_lite::StreamExt;
+    let faults = Faults::new();
+    let (b, c, ch) = setup(&faults).await;
+    ch.queue_declare(
+        "fq2".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for q in ["fq", "fq2"] {
+        ch.queue_bind(
+            q.into(),
+            "amq.direct".into(),
+            "both".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+    // A consumer on fq acks everything it gets.
+    let consumer_ch = c.create_channel().await.unwrap();
+    let mut consumer = consumer_ch
+        .basic_consume(
+            "fq".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let acker = tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    });
+    // Nothing commits from here on.
+    faults.set_outage(true);
+    let confirm = publish(&ch, "good").await;
+    let c1 = tokio::time::timeout(Duration::from_secs(5), confirm)
+        .await
+        .expect("acked by its only queue: confirmed while the store is out")
+        .unwrap();
+    assert!(c1.is_ack());
+    // In two queues, acked in one: it waits.
+    let confirm = publish(&ch, "both").await;
+    tokio::pin!(confirm);
+    let early = tokio::time::timeout(Duration::from_millis(400), &mut confirm).await;
+    assert!(
+        early.is_err(),
+        "confirmed while fq2 still holds it uncommitted"
+    );
+    // Acked in fq2 too: confirmed.
+    let getter = c.create_channel().await.unwrap();
+    let got = getter
+        .basic_get("fq2".into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .expect("fq2 holds it");
+    got.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    let c2 = tokio::time::timeout(Duration::from_secs(5), &mut confirm)
+        .await
+        .expect("acked everywhere: confirmed while the store is out")
+        .unwrap();
+    assert!(c2.is_ack());
+    // Not acked anywhere (fq2 has no consumer): it waits for the store.
+    consumer_ch.close(200, "bye".into()).await.unwrap();
+    acker.await.unwrap();
+    let confirm = publish(&ch, "both").await;
+    tokio::pin!(confirm);
+    let early = tokio::time::timeout(Duration::from_millis(400), &mut confirm).await;
+    assert!(
+        early.is_err(),
+        "confirmed with nothing acked and nothing committed"
+    );
+    faults.set_outage(false);
+    let c3 = tokio::time::timeout(Duration::from_secs(10), confirm)
+        .await
+        .expect("committed: confirmed")
+        .unwrap();
+    assert!(c3.is_ack());
+    b.stop().await;
+}

@@ -467,6 +467,17 @@ fn pid_of(data: &[u8]) -> u64 {
         .unwrap_or_else(|| panic!("a message nobody published: {data:?}"))
 }
 
+/// A consumer's next delivery within 5 s, or what came instead.
+async fn next_delivery(
+    consumer: &mut lapin::Consumer,
+    what: String,
+) -> Result<lapin::message::Delivery, String> {
+    match tokio::time::timeout(Duration::from_secs(5), consumer.next()).await {
+        Ok(Some(Ok(d))) => Ok(d),
+        other => Err(format!("{what}: {other:?}")),
+    }
+}
+
 /// The queue named by the newest x-death entry of a message's headers.
 fn origin_in(headers: Option<&FieldTable>) -> Option<usize> {
     let AMQPValue::FieldArray(deaths) = headers?.inner().get("x-death")? else {
@@ -907,6 +918,82 @@ impl Run {
         self.check_count(DLQ).await;
     }
 
+    /// Persistent publishes to q0 with confirms while a consumer takes and acks everything q0
+    /// holds: a message acked before its commit may be confirmed at once (and then need never
+    /// be written), so these confirms are not fences.
+    async fn publish_consumed(&mut self) {
+        let n = self.rng.random_range(1..=4);
+        let ready = self.model.ready(Q0);
+        self.log.push(format!(
+            "publish {n} to q0 consumed (after {} ready)",
+            ready.len()
+        ));
+        let ch = self.client().conn.create_channel().await.unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                NAMES[Q0].into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for &i in &ready {
+            let what = format!("consumer on q0, expecting {}", self.model.msgs[i].pid);
+            let d = match next_delivery(&mut consumer, what).await {
+                Ok(d) => d,
+                Err(e) => self.fail(e),
+            };
+            let pid = pid_of(&d.data);
+            if pid != self.model.msgs[i].pid || d.redelivered != self.model.msgs[i].delivered {
+                self.fail(format!(
+                    "consumer on q0 got {pid} redelivered={}; the model's next is {:?}",
+                    d.redelivered, self.model.msgs[i]
+                ));
+            }
+            d.ack(BasicAckOptions::default()).await.unwrap();
+            self.model.msgs[i].place = Place::Gone;
+        }
+        for _ in 0..n {
+            self.model.next_pid += 1;
+            let pid = self.model.next_pid;
+            let confirm = self
+                .client()
+                .confirm
+                .basic_publish(
+                    "".into(),
+                    NAMES[Q0].into(),
+                    BasicPublishOptions::default(),
+                    pid.to_string().as_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+            let d = match next_delivery(&mut consumer, format!("consumer on q0, expecting {pid}"))
+                .await
+            {
+                Ok(d) => d,
+                Err(e) => self.fail(e),
+            };
+            if pid_of(&d.data) != pid || d.redelivered {
+                self.fail(format!(
+                    "consumer on q0 got {} redelivered={}, expected fresh {pid}",
+                    pid_of(&d.data),
+                    d.redelivered
+                ));
+            }
+            d.ack(BasicAckOptions::default()).await.unwrap();
+            match tokio::time::timeout(Duration::from_secs(20), confirm).await {
+                Ok(Ok(c)) if c.is_ack() => {}
+                other => self.fail(format!("publish {pid} (consumed): {other:?}")),
+            }
+            self.model.add(pid, Q0, true);
+            let i = self.model.msgs.len() - 1;
+            self.model.msgs[i].place = Place::Gone;
+        }
+        ch.close(200, "bye".into()).await.unwrap();
+    }
+
     /// A call of the management API that must succeed; its JSON answer.
     async fn api(
         &mut self,
@@ -1313,7 +1400,8 @@ impl Run {
 
     async fn step(&mut self) {
         match self.rng.random_range(0..100) {
-            0..=29 => self.publish().await,
+            0..=27 => self.publish().await,
+            28..=29 => self.publish_consumed().await,
             30..=44 => self.get().await,
             45..=52 => self.consume().await,
             53..=67 => self.settle().await,
