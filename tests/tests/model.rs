@@ -1358,8 +1358,26 @@ impl Run {
                 && now.is_some_and(durable)
                 && !seen.contains_key(&i)
             {
+                let pid = m.pid;
+                let mut rows = Vec::new();
+                if self.config.storage.is_none() {
+                    use warren_storage::MessageStore;
+                    let url = warren_storage::SqlStore::sqlite_url(&self.config.data_dir);
+                    if let Ok(st) = warren_storage::SqlStore::open(&url, false).await {
+                        for qid in 1..12 {
+                            if let Ok(r) = st.read_queue(qid, 0, 100_000, usize::MAX).await {
+                                for e in r {
+                                    if e.message.body.as_ref() == pid.to_string().as_bytes() {
+                                        rows.push((qid, e.seq, e.message.id));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                let m = &self.model.msgs[i];
                 self.fail(format!(
-                    "message {} (stored in {} before the crash) is lost",
+                    "message {} (stored in {} before the crash) is lost; store rows (queue id, seq, id) {rows:?}; {m:?}",
                     m.pid,
                     NAMES[then.unwrap_or(0)]
                 ));
