@@ -1440,6 +1440,52 @@ impl Run {
         // After every step: one queue's count against the model.
         let q = [Q0, Q1, TQ][self.rng.random_range(0..3)];
         self.check_count(q).await;
+        if std::env::var("WARREN_MODEL_STORE_CHECK").is_ok() {
+            self.check_store().await;
+        }
+    }
+
+    /// Diagnostic (`WARREN_MODEL_STORE_CHECK`, SQLite): every persistent message stored in q1
+    /// at the last fence and still in q1 has its row in the store.
+    async fn check_store(&mut self) {
+        use warren_storage::MessageStore;
+        if self.config.storage.is_some() {
+            return;
+        }
+        // What was submitted is committed first.
+        self.client().fence().await;
+        self.model.fence();
+        let url = warren_storage::SqlStore::sqlite_url(&self.config.data_dir);
+        let Ok(st) = warren_storage::SqlStore::open(&url, false).await else {
+            return;
+        };
+        use warren_storage::MetaStore;
+        let Ok(meta) = st.load_meta().await else {
+            return;
+        };
+        let Some(q1) = meta
+            .queues
+            .iter()
+            .find(|q| q.name == NAMES[Q1])
+            .map(|q| q.id)
+        else {
+            return;
+        };
+        let mut bodies = std::collections::HashSet::new();
+        if let Ok(r) = st.read_queue(q1, 0, 100_000, usize::MAX).await {
+            for e in r {
+                bodies.insert(e.message.body.to_vec());
+            }
+        }
+        for m in &self.model.msgs {
+            if m.persistent
+                && m.place.settled() == Some(Q1)
+                && !bodies.contains(m.pid.to_string().as_bytes())
+            {
+                let m = m.clone();
+                self.fail(format!("store check: {m:?} has no row"));
+            }
+        }
     }
 }
 
