@@ -1048,6 +1048,11 @@ impl Queue {
         let vh = self.router.get().and_then(Weak::upgrade);
         for d in dead {
             let Some(vh) = vh.as_ref() else {
+                tracing::warn!(
+                    queue = self.name(),
+                    seq = d.entry.seq,
+                    "dead letter with no vhost to route it; dropped"
+                );
                 self.forget(&d.entry);
                 continue;
             };
@@ -1068,7 +1073,10 @@ impl Queue {
                                 Some(m) => vh.dead_letter(&q, d.entry, Arc::new(m), d.reason),
                                 None => q.forget(&d.entry),
                             },
-                            Ok(None) => q.forget(&d.entry),
+                            Ok(None) => {
+                                tracing::warn!(queue = q.name(), seq = d.entry.seq, id = d.entry.id, "dead letter's body is not in the store; dropped");
+                                q.forget(&d.entry)
+                            }
                             Err(e) => {
                                 // Left in the store: it is redelivered after a restart.
                                 tracing::warn!(queue = q.name(), error = %e, "store read for a dead letter failed");

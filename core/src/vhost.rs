@@ -1053,8 +1053,9 @@ impl VHost {
                 r.delivered_seq,
                 bytes,
             );
-            self.apply_policy_to(&q);
+            // Adopted first: a policy's limits may dead-letter at once.
             self.adopt(&q);
+            self.apply_policy_to(&q);
             self.queues
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
@@ -1205,6 +1206,7 @@ impl VHost {
             !cycle
         });
         if targets.is_empty() {
+            tracing::debug!(queue = src.name(), seq = entry.seq, exchange = dlx, routing_key = %rk, "dead letter routed nowhere; dropped");
             return drop_it(removal);
         }
         Queue::publish_atomic(&targets, &dl, removal);

@@ -1541,6 +1541,13 @@ async fn run_seed(seed: u64, steps: u64, storage: Option<String>) {
 }
 
 async fn run_all(storage: impl Fn() -> Option<String>, base: u64) {
+    // `WARREN_MODEL_LOG=warren_core=debug` shows the broker's own log (a diagnostic).
+    if let Ok(filter) = std::env::var("WARREN_MODEL_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     let steps = env_u64("WARREN_MODEL_STEPS", 150);
     if let Ok(seed) = std::env::var("WARREN_MODEL_SEED") {
         run_seed(seed.parse().unwrap(), steps, storage()).await;
