@@ -1334,6 +1334,9 @@ impl Run {
                         && m.place.settled() == Some(q)
                         && m.since_fence == 1 << q
                         && m.durable_place.is_none_or(|p| p.settled() == Some(q))
+                        // A body several messages share (fanout, copies) may have been matched
+                        // to the other one: its order says nothing.
+                        && self.model.msgs.iter().filter(|o| o.pid == m.pid).count() == 1
                 })
                 .map(|m| m.seq)
                 .collect();
