@@ -431,28 +431,22 @@ where
     K: std::hash::Hash + Eq + Send + Sync + std::fmt::Debug + 'static,
     T: Clone + Send + Sync + 'static,
 {
-    let Some(stale) = known else {
-        let value = lookup.await?;
+    // Caches `value`, trusted for `for_`, and answers it.
+    let keep = |key: K, value: T, for_: Duration| {
         cache.insert(
             key,
             Known {
                 value: value.clone(),
-                fresh_until: Instant::now() + ttl,
+                fresh_until: Instant::now() + for_,
             },
         );
-        return Ok(value);
+        Ok(value)
+    };
+    let Some(stale) = known else {
+        return keep(key, lookup.await?, ttl);
     };
     let error = match tokio::time::timeout(STALE_WAIT, lookup).await {
-        Ok(Ok(value)) => {
-            cache.insert(
-                key,
-                Known {
-                    value: value.clone(),
-                    fresh_until: Instant::now() + ttl,
-                },
-            );
-            return Ok(value);
-        }
+        Ok(Ok(value)) => return keep(key, value, ttl),
         Ok(Err(e)) => e.to_string(),
         Err(_) => format!("no answer within {STALE_WAIT:?}"),
     };
@@ -460,14 +454,7 @@ where
         ?key,
         "store cannot refresh the cached {what} ({error}); serving the last known"
     );
-    cache.insert(
-        key,
-        Known {
-            value: stale.value.clone(),
-            fresh_until: Instant::now() + RETRY_AFTER.min(ttl),
-        },
-    );
-    Ok(stale.value)
+    keep(key, stale.value, RETRY_AFTER.min(ttl))
 }
 
 #[cfg(test)]
