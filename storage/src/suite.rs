@@ -93,6 +93,36 @@ pub async fn mysql_scratch_db(server: &str) -> (String, String) {
     (format!("{server}/{db}"), db)
 }
 
+/// A fresh database on a Galera cluster (`servers`: one URL per database node): created
+/// through the first node, returned once every node lists it. Galera applies DDL on the other
+/// nodes after the creating node answers, so a connection to another node right after the
+/// CREATE may find no such database (error 1049).
+pub async fn galera_scratch_db(servers: &[String]) -> String {
+    let (_, db) = mysql_scratch_db(&servers[0]).await;
+    for server in &servers[1..] {
+        let pool = sqlx::AnyPool::connect(server.trim_end_matches('/'))
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let found = sqlx::query(sqlx::AssertSqlSafe(format!("SHOW DATABASES LIKE '{db}'")))
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+            if found.is_some() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "database {db} did not reach {server} within 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        pool.close().await;
+    }
+    db
+}
+
 /// Users and permissions: replaced by name, names case-sensitive, looked up one at a time.
 async fn users_and_permissions<S: MetaStore + MessageStore>(s: &S) {
     assert!(!s.has_users().await.unwrap());

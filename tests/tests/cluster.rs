@@ -454,7 +454,8 @@ async fn on_galera_failover_and_a_dead_database_node_lose_nothing() {
     let servers = galera();
     assert_eq!(servers.len(), 3, "{servers:?}");
     let started = Instant::now();
-    let (url1, db) = warren_storage::suite::mysql_scratch_db(&servers[0]).await;
+    let db = warren_storage::suite::galera_scratch_db(&servers).await;
+    let url1 = format!("{}/{db}", servers[0].trim_end_matches('/'));
     let url2 = format!("{}/{db}", servers[1].trim_end_matches('/'));
     let r = failover_rounds([url1, url2], 1, Kill::ActiveNode).await;
     let median = report("Galera failover", &r);
@@ -475,7 +476,7 @@ async fn on_galera_failover_and_a_dead_database_node_lose_nothing() {
             .into_owned()
             .into_boxed_str(),
     );
-    let (_, db) = warren_storage::suite::mysql_scratch_db(&servers[0]).await;
+    let db = warren_storage::suite::galera_scratch_db(&servers).await;
     let url3 = format!("{}/{db}", servers[2].trim_end_matches('/'));
     let url2 = format!("{}/{db}", servers[1].trim_end_matches('/'));
     let r = failover_rounds([url3, url2], 1, Kill::DatabaseOfActive([pid3, pid2])).await;
