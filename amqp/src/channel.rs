@@ -154,6 +154,9 @@ pub struct Channel {
     /// A direct reply-to requester's outbox this channel filled: the connection stops reading
     /// until it has room (`take_full_outbox`).
     full_outbox: Option<Arc<dyn DeliverySink>>,
+    /// A queue this channel published to cannot keep up: its consumers' outbox, on which the
+    /// connection waits (briefly) before reading more (`take_congested`).
+    congested: Option<Arc<dyn DeliverySink>>,
     /// basic.get found the head only in the store: the connection awaits this read, then hands
     /// the same basic.get back (`take_pending_load`).
     pending_load: Option<LoadFuture>,
@@ -193,6 +196,7 @@ impl Channel {
             confirm_waker: ctx.confirm_waker.clone(),
             stored_publishes: false,
             full_outbox: None,
+            congested: None,
             pending_load: None,
             get_loads: 0,
             topology_mark: None,
@@ -268,6 +272,11 @@ impl Channel {
     /// The foreign outbox (a reply-to requester's) this channel found full, if any.
     pub fn take_full_outbox(&mut self) -> Option<Arc<dyn DeliverySink>> {
         self.full_outbox.take()
+    }
+
+    /// The outbox a congested queue this channel published to waits on, if any.
+    pub fn take_congested(&mut self) -> Option<Arc<dyn DeliverySink>> {
+        self.congested.take()
     }
 
     pub fn flush_confirms(&mut self) {
@@ -979,7 +988,11 @@ impl Channel {
             }
         }
         for q in queues.drain(..) {
-            match q.publish(&msg, &mut row, holds.as_ref()) {
+            let (enqueued, congested) = q.publish(&msg, &mut row, holds.as_ref());
+            if congested.is_some() {
+                self.congested = congested;
+            }
+            match enqueued {
                 Enqueued::Deleted => {}
                 // A full queue with reject-publish: the publisher's confirm is a nack.
                 Enqueued::Rejected => {

@@ -34,6 +34,8 @@ use warren_core::error::{AmqpError, AmqpResult};
 
 /// Time we wait for close-ok after sending connection.close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest a publisher waits for a congested queue's consumers (`wait_for_flow`).
+const FLOW_WAIT: Duration = Duration::from_secs(1);
 /// Initial read buffer; it grows to frame_max for large body frames.
 const READ_BUFFER: usize = 64 * 1024;
 
@@ -104,6 +106,9 @@ struct Conn {
     /// Outboxes this connection's publishes filled (returns, reply-to replies): the socket is
     /// not read until they drain (`wait_for_room`).
     full_outboxes: Vec<Arc<dyn warren_core::delivery::DeliverySink>>,
+    /// A queue this connection published to cannot keep up: the outbox its consumers wait on
+    /// (`wait_for_flow`).
+    congested: Option<Arc<dyn warren_core::delivery::DeliverySink>>,
     /// What the management API shows of this connection, and its close handle.
     info: Arc<ConnInfo>,
 }
@@ -268,6 +273,7 @@ async fn serve<R, W>(
         writer_gone,
         confirm_waker: Arc::new(tokio::sync::Notify::new()),
         full_outboxes: Vec::new(),
+        congested: None,
         peer_cn: tls.and_then(|t| t.peer_cn),
         external: false,
         info,
@@ -329,7 +335,7 @@ impl Conn {
                 last_read = Instant::now();
             }
             self.publishes_seen = published;
-            if self.wait_for_room().await {
+            if self.wait_for_room().await | self.wait_for_flow().await {
                 // Not reading was our choice: the peer's silence meanwhile is not missed
                 // heartbeats.
                 last_read = Instant::now();
@@ -932,6 +938,9 @@ impl Conn {
         if let Some(full) = ch.take_full_outbox() {
             self.full_outboxes.push(full);
         }
+        if let Some(outbox) = ch.take_congested() {
+            self.congested = Some(outbox);
+        }
         match after {
             Ok(crate::channel::After::Keep) => match (ch.take_pending_load(), retry) {
                 (Some(read), Some(frame)) => Ok(Flow::Load(read, Box::new(frame))),
@@ -1078,6 +1087,46 @@ impl Conn {
                 _ = self.writer_gone.cancelled() => break,
             }
         }
+        true
+    }
+
+    /// Credit flow, as RabbitMQ's: a queue this connection published to cannot keep up (its
+    /// consumers have credit, their connection's outbox is full, and a long ready part waits
+    /// in memory). The socket is not read until that outbox has room, for at most `FLOW_WAIT`,
+    /// so a consumer that stops reading slows its publishers without stopping them. Confirms
+    /// keep flowing; the management API shows the connection in state "flow" meanwhile, and
+    /// no connection.blocked is sent (RabbitMQ sends none for credit flow). True if it waited.
+    async fn wait_for_flow(&mut self) -> bool {
+        let Some(outbox) = self.congested.take() else {
+            return false;
+        };
+        self.info.set_hold(Hold::Flow);
+        let mut committed = self.broker.persist.writer.subscribe();
+        let confirm_waker = self.confirm_waker.clone();
+        let info = self.info.clone();
+        let shutdown = self.broker.shutdown.clone();
+        let writer_gone = self.writer_gone.clone();
+        let room = outbox.wait_room();
+        tokio::pin!(room);
+        let deadline = tokio::time::sleep(FLOW_WAIT);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut room => break,
+                _ = &mut deadline => break,
+                _ = shutdown.cancelled() => break,
+                _ = writer_gone.cancelled() => break,
+                _ = info.close_requested() => break,
+                r = committed.changed(), if self.confirms_waiting() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    self.flush_confirms();
+                }
+                _ = confirm_waker.notified(), if self.confirms_waiting() => self.flush_confirms(),
+            }
+        }
+        self.info.set_hold(Hold::None);
         true
     }
 

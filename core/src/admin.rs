@@ -765,7 +765,8 @@ impl Admin {
                 v.route(&x, &msg, &mut queues);
                 let mut row = None;
                 for q in queues {
-                    match q.publish(&msg, &mut row, None) {
+                    // An HTTP publish is not slowed by a congested queue.
+                    match q.publish(&msg, &mut row, None).0 {
                         Enqueued::Deleted => {}
                         Enqueued::Rejected | Enqueued::Held => routed = true,
                         Enqueued::Stored { ticket: t, durable } => {

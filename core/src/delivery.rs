@@ -186,6 +186,12 @@ impl ChannelHandle {
         self.global_limit.store(n, Ordering::Relaxed);
     }
 
+    /// The channel-wide prefetch is used up.
+    fn global_full(&self) -> bool {
+        let limit = self.global_limit.load(Ordering::Relaxed);
+        limit > 0 && self.global_unacked.load(Ordering::Relaxed) >= limit
+    }
+
     fn reserve_global(&self) -> bool {
         let limit = self.global_limit.load(Ordering::Relaxed);
         if limit == 0 {
@@ -462,14 +468,19 @@ impl Consumer {
         if !self.active.load(Ordering::Acquire) {
             return Err(NoCredit::Closed);
         }
+        // Prefetch before the outbox: `Outbox` means this consumer could take the message
+        // but its connection is behind (the queue then parks there and may slow publishers).
+        if !self.no_ack
+            && ((self.prefetch > 0 && self.unacked.load(Ordering::Acquire) >= self.prefetch)
+                || self.channel.global_full())
+        {
+            return Err(NoCredit::Prefetch);
+        }
         if !self.channel.sink.has_room() {
             return Err(NoCredit::Outbox);
         }
         if self.no_ack {
             return Ok(());
-        }
-        if self.prefetch > 0 && self.unacked.load(Ordering::Acquire) >= self.prefetch {
-            return Err(NoCredit::Prefetch);
         }
         if !self.channel.reserve_global() {
             return Err(NoCredit::Prefetch);

@@ -39,7 +39,7 @@ use warren_storage::{MessageRow, MessageStore, Op, QueueSummary, StoreError};
 use crate::args::{Overflow, QueueArgs};
 use crate::confirm::{ConfirmHold, Pending};
 use crate::deadletter::Reason;
-use crate::delivery::{ChannelHandle, Consumer, NoCredit};
+use crate::delivery::{ChannelHandle, Consumer, DeliverySink, NoCredit};
 use crate::error::{AmqpError, AmqpResult};
 use crate::message::{now_ms, Message};
 use crate::persist::Persistence;
@@ -56,6 +56,9 @@ const WINDOW_BYTES: usize = 4 << 20;
 /// The message browser reads at most this many body bytes from the store per page.
 const BROWSE_BYTES: usize = 16 << 20;
 /// ...when the head has fewer than this left.
+/// Messages waiting in memory, while the consumers' outboxes are full, past which a queue
+/// slows its publishers (see `Queue::publish`).
+pub const FLOW_READY: usize = 4096;
 const LOW_WATER: usize = 256;
 /// Head entries whose evicted bodies one trip re-reads.
 const REFILL: usize = 64;
@@ -151,6 +154,9 @@ struct State {
     timeout_at: u64,
     /// Last basic.get, consume or declare (`x-expires`).
     last_used: Option<Instant>,
+    /// Where the last dispatch stopped: a consumer with credit whose connection's outbox was
+    /// full (the queue is parked there). With a long ready part, publishers are slowed on it.
+    blocked_on: Option<Arc<dyn DeliverySink>>,
 }
 
 /// The properties a queue was declared with.
@@ -488,20 +494,29 @@ impl Queue {
 
     /// Enqueues a message and delivers what consumers can take. `row` is the message's store
     /// row, made once for all the queues it is routed to.
+    ///
+    /// Also returns the outbox this queue waits on when it cannot keep up: its consumers have
+    /// credit but their connection's outbox is full, and at least `FLOW_READY` messages wait in
+    /// memory. The publisher's connection stops reading until that outbox has room (credit
+    /// flow, as RabbitMQ's): the queue then stays short and delivery latency bounded.
     pub fn publish(
         self: &Arc<Self>,
         msg: &Arc<Message>,
         row: &mut Option<Arc<MessageRow>>,
         confirm: Option<&Arc<Pending>>,
-    ) -> Enqueued {
+    ) -> (Enqueued, Option<Arc<dyn DeliverySink>>) {
         let mut g = self.lock();
         let r = self.enqueue(&mut g, msg, row, Sink::Now, confirm);
+        let mut congested = None;
         if !matches!(r, Enqueued::Deleted | Enqueued::Rejected) {
             self.stats.publish.inc();
             self.dispatch_fresh(&mut g, msg.id);
+            if g.ready.len() >= FLOW_READY {
+                congested = g.blocked_on.clone();
+            }
         }
         self.unlock(g);
-        r
+        (r, congested)
     }
 
     /// Publishes `msg` to every queue in `targets` with one store commit that also carries
@@ -758,8 +773,10 @@ impl Queue {
     }
 
     /// Picks the consumer for the next message: the single active one, or round-robin among
-    /// the highest-priority consumers with credit. The credit is reserved.
+    /// the highest-priority consumers with credit. The credit is reserved. When none can take
+    /// it, `g.blocked_on` names an outbox that a consumer with credit waits on (if any).
     fn pick(self: &Arc<Self>, g: &mut State) -> Option<Arc<Consumer>> {
+        g.blocked_on = None;
         let n = g.consumers.len();
         if n == 0 {
             return None;
@@ -770,6 +787,7 @@ impl Queue {
                 Ok(()) => Some(c),
                 Err(NoCredit::Outbox) => {
                     c.channel.sink.park(self);
+                    g.blocked_on = Some(c.channel.sink.clone());
                     None
                 }
                 Err(_) => None,
@@ -793,7 +811,11 @@ impl Queue {
                         g.rr = (idx - start) + 1;
                         return Some(c);
                     }
-                    Err(NoCredit::Outbox) => c.channel.sink.park(self),
+                    Err(NoCredit::Outbox) => {
+                        let sink = c.channel.sink.clone();
+                        sink.park(self);
+                        g.blocked_on.get_or_insert(sink);
+                    }
                     Err(_) => {}
                 }
             }

@@ -1,6 +1,7 @@
 //! Resource limits, each a named setting, with RabbitMQ's replies: the handshake timeout,
 //! channels per connection, consumers per channel, messages held by an open transaction, and
-//! the node's connection limit.
+//! the node's connection limit; and credit flow (a publisher slowed by a queue that cannot keep
+//! up).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
@@ -200,6 +201,194 @@ async fn connections_beyond_max_connections_are_refused_with_530() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+    b.stop().await;
+}
+
+/// Frames of `n` 16-byte publishes to the default exchange with `key` on channel 1, and the
+/// channel.open before them.
+fn raw_publishes(key: &str, n: usize) -> (Vec<u8>, Vec<u8>) {
+    use warren_protocol::{
+        encode::{content_header_payload, encode_frame},
+        protocol::basic,
+        AMQPProperties,
+    };
+    let mut open = Vec::new();
+    encode_frame(
+        &mut open,
+        1,
+        &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .unwrap();
+    let body = [5u8; 16];
+    let header = content_header_payload(60, body.len() as u64, &AMQPProperties::default()).unwrap();
+    let mut v = Vec::new();
+    for _ in 0..n {
+        encode_frame(
+            &mut v,
+            1,
+            &AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                exchange: "".into(),
+                routing_key: key.into(),
+                mandatory: false,
+                immediate: false,
+            })),
+        )
+        .unwrap();
+        v.extend_from_slice(&[2, 0, 1]);
+        v.extend_from_slice(&(header.len() as u32).to_be_bytes());
+        v.extend_from_slice(&header);
+        v.push(0xCE);
+        v.extend_from_slice(&[3, 0, 1]);
+        v.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        v.extend_from_slice(&body);
+        v.push(0xCE);
+    }
+    (open, v)
+}
+
+/// Issue 15: nothing slowed a publisher whose queue's consumer could not keep up, so the
+/// queue grew without limit (and delivery latency with it). Now, as with RabbitMQ's credit
+/// flow, a queue whose consumers have credit but whose connection's outbox is full slows its
+/// publishers once a few thousand messages wait: the queue stays short while the publisher
+/// goes on at the consumer's pace. A queue nobody consumes from, or whose consumers' prefetch
+/// is used up, is a backlog, not congestion: its publishers are not slowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_whose_consumer_falls_behind_slows_its_publisher() {
+    use warren_protocol::{encode::encode_frame, protocol::basic};
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    for q in ["flow", "backlog"] {
+        ch.queue_declare(
+            q.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+    // A no-ack consumer that reads its socket at about 1.6 MB/s (some 20,000 deliveries/s).
+    let mut consumer = handshake_to(&b, "/").await;
+    let mut v = Vec::new();
+    encode_frame(
+        &mut v,
+        1,
+        &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .unwrap();
+    encode_frame(
+        &mut v,
+        1,
+        &AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: "flow".into(),
+            consumer_tag: "slow".into(),
+            no_local: false,
+            no_ack: true,
+            exclusive: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .unwrap();
+    consumer.write_all(&v).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reading = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if consumer.read(&mut buf).await.unwrap_or(0) == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            consumer
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A publisher offering 200,000 messages as fast as the socket takes them, for 4 s.
+    let mut publisher = handshake_to(&b, "/").await;
+    let (open, batch) = raw_publishes("flow", 1000);
+    publisher.write_all(&open).await.unwrap();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writing = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            for _ in 0..200 {
+                if publisher.write_all(&batch).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    let mut deepest = 0u32;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) && !writing.is_finished() {
+        let q = ch
+            .queue_declare(
+                "flow".into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        deepest = deepest.max(q.message_count());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    writing.abort();
+    let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        deepest < 4096 + 6000,
+        "the queue grew to {deepest} messages behind a slow consumer ({sent} thousand sent)"
+    );
+    assert!(
+        sent >= 10,
+        "the publisher was stopped, not slowed: {sent} thousand sent"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(reading.await.unwrap());
+
+    // A backlog: a consumer whose prefetch is used up (it never acks) does not slow anyone.
+    let (_c2, ch2) = channel(&b).await;
+    ch2.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    let _held = consume(&ch2, "backlog", false).await;
+    let mut publisher = handshake_to(&b, "/").await;
+    let (open, batch) = raw_publishes("backlog", 1000);
+    publisher.write_all(&open).await.unwrap();
+    let all = async {
+        for _ in 0..50 {
+            publisher.write_all(&batch).await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), all)
+        .await
+        .expect("a backlog slowed its publisher");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let q = ch
+            .queue_declare(
+                "backlog".into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        if q.message_count() == 50_000 - 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} in the backlog",
+            q.message_count()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     b.stop().await;
 }
