@@ -1169,20 +1169,35 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 ) {
     let mut items = Vec::new();
     let mut batch = WriteBatch::new();
+    let mut deliver = crate::outbox::DeliverTemplate::new();
     let mut last_write = Instant::now();
+    // One timer for heartbeats, re-armed when it fires or the interval changes (not one per
+    // wake-up: a busy writer wakes hundreds of thousands of times a second).
+    let mut tick = Duration::from_secs(3600);
+    let timer = tokio::time::sleep(tick);
+    tokio::pin!(timer);
     loop {
         let hb = heartbeat.load(Ordering::Relaxed);
-        let tick = if hb == 0 {
+        let want = if hb == 0 {
             Duration::from_secs(3600)
         } else {
             Duration::from_secs(hb as u64) / 2
         };
+        if want != tick {
+            tick = want;
+            timer.as_mut().reset(tokio::time::Instant::now() + tick);
+        }
         tokio::select! {
             _ = outbox.wait() => {}
-            _ = tokio::time::sleep(tick) => {
-                if hb > 0 && last_write.elapsed() >= tick {
+            _ = &mut timer => {
+                let next = if hb > 0 && last_write.elapsed() >= tick {
                     batch.push_heartbeat();
-                }
+                    tokio::time::Instant::now() + tick
+                } else {
+                    // Written meanwhile: idle for `tick` counts from that write.
+                    tokio::time::Instant::from_std(last_write + tick)
+                };
+                timer.as_mut().reset(next);
             }
         }
         outbox.take(&mut items);
@@ -1197,6 +1212,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 Outgoing::Content(ch, m, msg) => batch
                     .push_method(ch, &m)
                     .map(|_| batch.push_content(ch, &msg.header, &msg.body, fm)),
+                Outgoing::Deliver(d) => {
+                    deliver.fill(&d);
+                    batch
+                        .push_method(d.channel, &deliver.0)
+                        .map(|_| batch.push_content(d.channel, &d.msg.header, &d.msg.body, fm))
+                }
                 Outgoing::Heartbeat => {
                     batch.push_heartbeat();
                     Ok(())

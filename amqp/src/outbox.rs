@@ -10,9 +10,9 @@
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use tokio::sync::Notify;
-use warren_protocol::AMQPClass;
+use warren_protocol::{protocol::basic, AMQPClass};
 
-use warren_core::delivery::DeliverySink;
+use warren_core::delivery::{Consumer, DeliverySink};
 use warren_core::message::Message;
 use warren_core::queue::Queue;
 
@@ -20,8 +20,11 @@ use warren_core::queue::Queue;
 #[derive(Debug)]
 pub enum Outgoing {
     Method(u16, AMQPClass),
-    /// A content-bearing method (deliver, get-ok, return) followed by the message's content.
+    /// A content-bearing method (get-ok, return) followed by the message's content.
     Content(u16, AMQPClass, Arc<Message>),
+    /// basic.deliver and the message's content: the writer encodes the method from a template
+    /// it keeps, so nothing is allocated per delivery.
+    Deliver(Deliver),
     Heartbeat,
     /// Write what precedes, then hold what follows until this store ticket is committed.
     Gate(u64),
@@ -32,8 +35,55 @@ pub enum Outgoing {
 impl Outgoing {
     fn weight(&self) -> usize {
         match self {
-            Outgoing::Content(_, _, m) => 64 + m.header.len() + m.body.len(),
+            Outgoing::Content(_, _, m) | Outgoing::Deliver(Deliver { msg: m, .. }) => {
+                64 + m.header.len() + m.body.len()
+            }
             _ => 64,
+        }
+    }
+}
+
+/// A delivery waiting in an outbox.
+#[derive(Debug)]
+pub struct Deliver {
+    pub channel: u16,
+    pub consumer: Arc<Consumer>,
+    pub delivery_tag: u64,
+    pub redelivered: bool,
+    pub msg: Arc<Message>,
+}
+
+/// The basic.deliver a connection's writer encodes, kept from one delivery to the next: only
+/// what differs from the last is replaced (usually just the tag), so encoding a delivery
+/// allocates nothing.
+pub(crate) struct DeliverTemplate(pub AMQPClass);
+
+impl DeliverTemplate {
+    pub fn new() -> Self {
+        DeliverTemplate(AMQPClass::Basic(basic::AMQPMethod::Deliver(
+            basic::Deliver {
+                consumer_tag: "".into(),
+                delivery_tag: 0,
+                redelivered: false,
+                exchange: "".into(),
+                routing_key: "".into(),
+            },
+        )))
+    }
+
+    pub fn fill(&mut self, d: &Deliver) {
+        if let AMQPClass::Basic(basic::AMQPMethod::Deliver(m)) = &mut self.0 {
+            if m.consumer_tag != d.consumer.tag {
+                m.consumer_tag = d.consumer.tag.clone();
+            }
+            m.delivery_tag = d.delivery_tag;
+            m.redelivered = d.redelivered;
+            if m.exchange != d.msg.exchange {
+                m.exchange = d.msg.exchange.clone();
+            }
+            if m.routing_key != d.msg.routing_key {
+                m.routing_key = d.msg.routing_key.clone();
+            }
         }
     }
 }
@@ -169,6 +219,23 @@ impl DeliverySink for Outbox {
 
     fn send_content(&self, channel: u16, method: AMQPClass, msg: Arc<Message>) {
         self.push(Outgoing::Content(channel, method, msg));
+    }
+
+    fn send_deliver(
+        &self,
+        channel: u16,
+        consumer: &Arc<Consumer>,
+        delivery_tag: u64,
+        redelivered: bool,
+        msg: Arc<Message>,
+    ) {
+        self.push(Outgoing::Deliver(Deliver {
+            channel,
+            consumer: consumer.clone(),
+            delivery_tag,
+            redelivered,
+            msg,
+        }));
     }
 
     fn has_room(&self) -> bool {

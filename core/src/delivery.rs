@@ -64,6 +64,27 @@ pub trait DeliverySink: Send + Sync {
     fn send_method(&self, channel: u16, method: AMQPClass);
     /// Queues a content-bearing method and the message's content.
     fn send_content(&self, channel: u16, method: AMQPClass, msg: Arc<Message>);
+    /// Queues a basic.deliver of `msg` to `consumer` and the message's content. By default the
+    /// method is built here; an outbox may encode it later without building one per delivery.
+    fn send_deliver(
+        &self,
+        channel: u16,
+        consumer: &Arc<Consumer>,
+        delivery_tag: u64,
+        redelivered: bool,
+        msg: Arc<Message>,
+    ) {
+        let method = AMQPClass::Basic(warren_protocol::protocol::basic::AMQPMethod::Deliver(
+            warren_protocol::protocol::basic::Deliver {
+                consumer_tag: consumer.tag.clone(),
+                delivery_tag,
+                redelivered,
+                exchange: msg.exchange.clone(),
+                routing_key: msg.routing_key.clone(),
+            },
+        ));
+        self.send_content(channel, method, msg);
+    }
     /// May a delivery be added now?
     fn has_room(&self) -> bool;
     /// Re-run `queue`'s dispatch once there is room again.

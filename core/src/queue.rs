@@ -1006,17 +1006,7 @@ impl Queue {
             self.arm_consumer_timeout(g);
         }
         let msg = self.with_delivery_count(msg, deliveries);
-        ch.sink.send_content(
-            ch.id,
-            AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
-                consumer_tag: consumer.tag.clone(),
-                delivery_tag: tag,
-                redelivered,
-                exchange: msg.exchange.clone(),
-                routing_key: msg.routing_key.clone(),
-            })),
-            msg,
-        );
+        ch.sink.send_deliver(ch.id, consumer, tag, redelivered, msg);
         Ok(())
     }
 

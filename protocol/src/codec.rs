@@ -7,6 +7,7 @@ use amq_protocol::{
     protocol::{basic::AMQPProperties, parse_class, AMQPClass},
 };
 use bytes::{Buf, Bytes, BytesMut};
+use std::cell::RefCell;
 
 use crate::{reply, FRAME_END, FRAME_OVERHEAD, PROTOCOL_HEADER};
 
@@ -145,6 +146,10 @@ pub struct Decoder {
     frame_max: usize,
     /// frame_max was negotiated; before that every frame is bounded by `PRE_TUNE_FRAME_MAX`.
     tuned: bool,
+    /// The last basic.publish decoded, with its payload. A publisher mostly repeats one method
+    /// (same exchange, routing key and flags), and `amq-protocol`'s parser allocates a name for
+    /// each flag bit: a byte-identical payload gets a clone of the decoded method instead.
+    last_publish: RefCell<Option<(Vec<u8>, AMQPClass)>>,
 }
 
 impl Decoder {
@@ -153,6 +158,7 @@ impl Decoder {
         Decoder {
             frame_max: frame_max_or_unlimited(frame_max),
             tuned: true,
+            last_publish: RefCell::new(None),
         }
     }
 
@@ -161,6 +167,7 @@ impl Decoder {
         Decoder {
             frame_max: PRE_TUNE_FRAME_MAX,
             tuned: false,
+            last_publish: RefCell::new(None),
         }
     }
 
@@ -214,14 +221,38 @@ impl Decoder {
         let payload = buf.split_to(size).freeze();
         buf.advance(1);
         let frame = match kind {
-            1 => decode_method(channel, payload)?,
+            1 => self.decode_method(channel, payload)?,
             2 => decode_header(channel, payload)?,
             3 => Frame::Body { channel, payload },
             _ => Frame::Heartbeat { channel },
         };
         Ok(Some(frame))
     }
+
+    /// A method frame, through the last-publish memo for basic.publish.
+    fn decode_method(&self, channel: u16, raw: Bytes) -> Result<Frame, DecodeError> {
+        if method_ids(&raw) != PUBLISH {
+            return decode_method(channel, raw);
+        }
+        if let Some((bytes, class)) = self.last_publish.borrow().as_ref() {
+            if bytes[..] == raw[..] {
+                return Ok(Frame::Method {
+                    channel,
+                    class: class.clone(),
+                    raw,
+                });
+            }
+        }
+        let frame = decode_method(channel, raw)?;
+        if let Frame::Method { class, raw, .. } = &frame {
+            *self.last_publish.borrow_mut() = Some((raw.to_vec(), class.clone()));
+        }
+        Ok(frame)
+    }
 }
+
+/// basic.publish's (class id, method id).
+const PUBLISH: (u16, u16) = (60, 40);
 
 fn frame_max_or_unlimited(frame_max: u32) -> usize {
     if frame_max == 0 {
@@ -342,6 +373,45 @@ mod tests {
         let mut v = Vec::new();
         encode_frame(&mut v, channel, class).unwrap();
         BytesMut::from(&v[..])
+    }
+
+    /// The last-publish memo answers only a byte-identical payload: any difference in
+    /// exchange, routing key or flags is parsed afresh, and other methods pass through.
+    #[test]
+    fn repeated_publishes_decode_as_their_bytes_say() {
+        let publish = |exchange: &str, key: &str, mandatory: bool| {
+            AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                exchange: exchange.into(),
+                routing_key: key.into(),
+                mandatory,
+                immediate: false,
+            }))
+        };
+        let d = Decoder::new(0);
+        let cases = [
+            publish("", "a", false),
+            publish("", "a", false),
+            publish("", "b", false),
+            publish("", "b", true),
+            publish("x", "b", true),
+            AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+                prefetch_count: 5,
+                global: false,
+            })),
+            publish("x", "b", true),
+            publish("", "a", false),
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let mut b = method_bytes(i as u16, c);
+            match d.decode(&mut b).unwrap() {
+                Some(Frame::Method { channel, class, .. }) => {
+                    assert_eq!(channel, i as u16);
+                    assert_eq!(&class, c, "case {i}");
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(b.is_empty());
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use amq_protocol::{
     frame::{gen_frame, AMQPFrame, GenError, WriteContext},
-    protocol::{basic::gen_properties, basic::AMQPProperties, AMQPClass},
+    protocol::{basic::gen_properties, basic::AMQPProperties, gen_class, AMQPClass},
 };
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -28,8 +28,22 @@ impl From<GenError> for EncodeError {
 
 /// Appends one method frame to `out`.
 pub fn encode_frame(out: &mut Vec<u8>, channel: u16, class: &AMQPClass) -> Result<(), EncodeError> {
-    let frame = AMQPFrame::Method(channel, class.clone());
-    encode_any(out, &frame)
+    // The frame around the method is written here, the method by `amq-protocol` in place:
+    // going through `AMQPFrame` would clone the method (and each of its strings) per frame.
+    let start = out.len();
+    out.push(1);
+    out.extend_from_slice(&channel.to_be_bytes());
+    out.extend_from_slice(&[0; 4]);
+    let buf = std::mem::take(out);
+    let (mut buf, _) = match gen_class(class)(WriteContext::from(buf)) {
+        Ok(done) => done.into_inner(),
+        Err(e) => return Err(e.into()),
+    };
+    let size = (buf.len() - start - 7) as u32;
+    buf[start + 3..start + 7].copy_from_slice(&size.to_be_bytes());
+    buf.push(FRAME_END);
+    *out = buf;
+    Ok(())
 }
 
 /// Appends any `amq-protocol` frame to `out`.
@@ -162,6 +176,25 @@ fn put_frame_header(out: &mut BytesMut, kind: u8, channel: u16, size: usize) {
 mod tests {
     use super::*;
     use crate::codec::{Decoder, Frame};
+
+    /// A method frame written in place is the frame `amq-protocol` writes, appended after
+    /// what the buffer already holds.
+    #[test]
+    fn method_frames_match_amq_protocol() {
+        use amq_protocol::protocol::basic;
+        let deliver = AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+            consumer_tag: "ctag-1".into(),
+            delivery_tag: 77,
+            redelivered: true,
+            exchange: "amq.topic".into(),
+            routing_key: "a.b.c".into(),
+        }));
+        let mut ours = vec![9, 9];
+        encode_frame(&mut ours, 513, &deliver).unwrap();
+        let mut theirs = vec![9, 9];
+        encode_any(&mut theirs, &AMQPFrame::Method(513, deliver)).unwrap();
+        assert_eq!(ours, theirs);
+    }
 
     fn drain(batch: &mut WriteBatch) -> BytesMut {
         let mut out = BytesMut::new();

@@ -392,3 +392,62 @@ async fn a_queue_whose_consumer_falls_behind_slows_its_publisher() {
     }
     b.stop().await;
 }
+
+/// With a negotiated heartbeat of 2 s, an idle connection gets a heartbeat frame about every
+/// second (half the interval, as RabbitMQ), never a gap near the interval itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_gets_heartbeats_at_half_the_interval() {
+    use warren_protocol::encode::encode_frame;
+    let b = broker().await;
+    let mut s = TcpStream::connect(b.addr).await.unwrap();
+    s.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
+    let mut v = Vec::new();
+    for m in [
+        connection::AMQPMethod::StartOk(connection::StartOk {
+            client_properties: Default::default(),
+            mechanism: "PLAIN".into(),
+            response: warren_protocol::LongString::from(&b"\0guest\0guest"[..]),
+            locale: "en_US".into(),
+        }),
+        connection::AMQPMethod::TuneOk(connection::TuneOk {
+            channel_max: 16,
+            frame_max: 131072,
+            heartbeat: 2,
+        }),
+        connection::AMQPMethod::Open(connection::Open {
+            virtual_host: "/".into(),
+        }),
+    ] {
+        encode_frame(&mut v, 0, &AMQPClass::Connection(m)).unwrap();
+    }
+    s.write_all(&v).await.unwrap();
+    let d = Decoder::new(0);
+    let mut buf = bytes::BytesMut::new();
+    let mut beats = Vec::new();
+    let start = Instant::now();
+    let mut last_sent = Instant::now();
+    while start.elapsed() < Duration::from_millis(5500) {
+        if last_sent.elapsed() >= Duration::from_millis(500) {
+            s.write_all(&[8, 0, 0, 0, 0, 0, 0, 0xCE]).await.unwrap();
+            last_sent = Instant::now();
+        }
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(100), s.read_buf(&mut buf)).await
+        {
+            assert!(r.unwrap() > 0, "the server closed the connection");
+        }
+        while let Some(f) = d.decode(&mut buf).unwrap() {
+            if matches!(f, Frame::Heartbeat { .. }) {
+                beats.push(start.elapsed());
+            }
+        }
+    }
+    assert!(beats.len() >= 4, "heartbeats at {beats:?}");
+    for w in beats.windows(2) {
+        assert!(
+            w[1] - w[0] < Duration::from_millis(1600),
+            "a gap of {:?} between heartbeats ({beats:?})",
+            w[1] - w[0]
+        );
+    }
+    b.stop().await;
+}
