@@ -50,16 +50,15 @@ pub const NEVER: u64 = u64::MAX;
 /// Most entries a queue's head holds before new messages page out. Normally the memory budget
 /// (which counts each held message's entry) pages long before this; it only caps the index.
 const MAX_HELD: usize = 1 << 22;
-/// The loader reads this many entries (or `WINDOW_BYTES`) per trip...
+/// The loader reads this many entries (or `WINDOW_BYTES`) per trip, when the head has fewer
+/// than this left.
 const WINDOW: usize = 1024;
 const WINDOW_BYTES: usize = 4 << 20;
 /// The message browser reads at most this many body bytes from the store per page.
 const BROWSE_BYTES: usize = 16 << 20;
-/// ...when the head has fewer than this left.
 /// Messages waiting in memory, while the consumers' outboxes are full, past which a queue
 /// slows its publishers (see `Queue::publish`).
 pub const FLOW_READY: usize = 4096;
-const LOW_WATER: usize = 256;
 /// Head entries whose evicted bodies one trip re-reads.
 const REFILL: usize = 64;
 
@@ -1564,7 +1563,9 @@ impl Queue {
         if g.loading_blocked() {
             return;
         }
-        let want_page = g.paged.count > 0 && g.ready.len() < LOW_WATER;
+        // Read ahead: the next window is asked for while a window's worth is still in memory,
+        // so a drain does not pause for each read.
+        let want_page = g.paged.count > 0 && g.ready.len() < WINDOW;
         // Only the head is checked (this runs on every dispatch); the trip itself re-reads
         // every evicted body among the first REFILL entries.
         let want_bodies = g
@@ -1609,10 +1610,22 @@ impl Queue {
     }
 
     /// Reads what `job` names from the store into the head. Err if the store failed.
+    ///
+    /// Evicted bodies are read after the writer has committed `job.ticket` (a body may belong
+    /// to a message whose insert is still in the writer). A page is read at once: the writer
+    /// commits in ticket order and a queue's inserts reach it in seq order, so what the read
+    /// sees is a committed prefix of the paged part, and the rest comes on the next trip. Only
+    /// a page that comes back empty waits for the writer's backlog and is read again: waiting
+    /// on every trip made a drain pause for each commit of unrelated work (acks of other
+    /// queues, other publishers' batches).
     async fn load(self: Arc<Self>, job: LoadJob) -> Result<(), ()> {
         let p = self.persist.clone();
-        if !p.writer.wait(job.ticket).await {
-            return Err(());
+        let mut waited = false;
+        if !job.missing.is_empty() {
+            if !p.writer.wait(job.ticket).await {
+                return Err(());
+            }
+            waited = true;
         }
         let mut bodies = Vec::new();
         for id in &job.missing {
@@ -1628,8 +1641,9 @@ impl Queue {
                 }
             }
         }
-        let rows = if job.page {
-            match p
+        let mut rows = Vec::new();
+        while job.page {
+            rows = match p
                 .store
                 .read_queue(self.id, job.cursor as i64, WINDOW, WINDOW_BYTES)
                 .await
@@ -1639,10 +1653,15 @@ impl Queue {
                     tracing::warn!(queue = self.name(), error = %e, "store read failed");
                     return Err(());
                 }
+            };
+            if !rows.is_empty() || waited {
+                break;
             }
-        } else {
-            Vec::new()
-        };
+            if !p.writer.wait(job.ticket).await {
+                return Err(());
+            }
+            waited = true;
+        }
         let mut g = self.lock();
         if g.deleted || g.paged.epoch != job.epoch {
             return Ok(());
