@@ -1642,25 +1642,28 @@ impl Queue {
             }
         }
         let mut rows = Vec::new();
-        while job.page {
-            rows = match p
-                .store
-                .read_queue(self.id, job.cursor as i64, WINDOW, WINDOW_BYTES)
-                .await
-            {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::warn!(queue = self.name(), error = %e, "store read failed");
+        if job.page {
+            // A read; if it comes back empty, one wait for the writer and a second read.
+            loop {
+                rows = match p
+                    .store
+                    .read_queue(self.id, job.cursor as i64, WINDOW, WINDOW_BYTES)
+                    .await
+                {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        tracing::warn!(queue = self.name(), error = %e, "store read failed");
+                        return Err(());
+                    }
+                };
+                if !rows.is_empty() || waited {
+                    break;
+                }
+                if !p.writer.wait(job.ticket).await {
                     return Err(());
                 }
-            };
-            if !rows.is_empty() || waited {
-                break;
+                waited = true;
             }
-            if !p.writer.wait(job.ticket).await {
-                return Err(());
-            }
-            waited = true;
         }
         let mut g = self.lock();
         if g.deleted || g.paged.epoch != job.epoch {
