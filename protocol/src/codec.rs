@@ -245,7 +245,17 @@ impl Decoder {
         }
         let frame = decode_method(channel, raw)?;
         if let Frame::Method { class, raw, .. } = &frame {
-            *self.last_publish.borrow_mut() = Some((raw.to_vec(), class.clone()));
+            let mut memo = self.last_publish.borrow_mut();
+            match memo.as_mut() {
+                // The memo's buffer is reused: a publisher that varies its routing key pays a
+                // copy of the payload and a clone of the method per publish, no new buffer.
+                Some((bytes, last)) => {
+                    bytes.clear();
+                    bytes.extend_from_slice(raw);
+                    *last = class.clone();
+                }
+                None => *memo = Some((raw.to_vec(), class.clone())),
+            }
         }
         Ok(frame)
     }
