@@ -50,12 +50,14 @@ pub const NEVER: u64 = u64::MAX;
 /// Most entries a queue's head holds before new messages page out. Normally the memory budget
 /// (which counts each held message's entry) pages long before this; it only caps the index.
 const MAX_HELD: usize = 1 << 22;
-/// The loader reads this many entries (or `WINDOW_BYTES`) per trip, when the head has fewer
-/// than this left.
+/// The loader reads this many entries (or `WINDOW_BYTES`) per trip, ahead of need when the
+/// head has fewer than this left and memory is under budget.
 const WINDOW: usize = 1024;
 const WINDOW_BYTES: usize = 4 << 20;
 /// The message browser reads at most this many body bytes from the store per page.
 const BROWSE_BYTES: usize = 16 << 20;
+/// The loader always refills a head shorter than this; up to `WINDOW` only under the budget.
+const LOW_WATER: usize = 256;
 /// Messages waiting in memory, while the consumers' outboxes are full, past which a queue
 /// slows its publishers (see `Queue::publish`).
 pub const FLOW_READY: usize = 4096;
@@ -1059,12 +1061,15 @@ impl Queue {
         let vh = self.router.get().and_then(Weak::upgrade);
         for d in dead {
             let Some(vh) = vh.as_ref() else {
+                // The vhost is going (a broker stopping with deliveries requeued into a full
+                // drop-head queue): a stored position stays in the store, and the message is
+                // dead-lettered again after the restart. (A deleted queue's rows go with it.)
                 tracing::warn!(
                     queue = self.name(),
                     seq = d.entry.seq,
-                    "dead letter with no vhost to route it; dropped"
+                    stored = d.entry.stored,
+                    "dead letter with no vhost to route it; left in the store if stored"
                 );
-                self.forget(&d.entry);
                 continue;
             };
             match d.msg {
@@ -1563,9 +1568,12 @@ impl Queue {
         if g.loading_blocked() {
             return;
         }
-        // Read ahead: the next window is asked for while a window's worth is still in memory,
-        // so a drain does not pause for each read.
-        let want_page = g.paged.count > 0 && g.ready.len() < WINDOW;
+        // Read ahead while memory allows: the next window is asked for while a window's worth
+        // is still in memory, so a drain does not pause for each read. Over the budget only a
+        // short head is refilled, so what paged out stays out.
+        let want_page = g.paged.count > 0
+            && (g.ready.len() < LOW_WATER
+                || (g.ready.len() < WINDOW && !self.persist.over_budget()));
         // Only the head is checked (this runs on every dispatch); the trip itself re-reads
         // every evicted body among the first REFILL entries.
         let want_bodies = g
@@ -1963,6 +1971,55 @@ mod tests {
             }
         }
         assert_eq!(sink.bodies(), vec![(false, b"a".to_vec())]);
+    }
+
+    /// A dead letter a queue cannot route (no vhost: the broker is stopping) keeps its stored
+    /// position: it was deleted, and a persistent message the store held was lost.
+    #[tokio::test]
+    async fn a_dead_letter_with_no_vhost_stays_in_the_store() {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-max-length".into(),
+            warren_protocol::AMQPValue::LongInt(1),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            warren_protocol::AMQPValue::LongString("dlx".into()),
+        );
+        let config = crate::Config::for_tests();
+        let (p, _) = Persistence::open(&config).await.unwrap();
+        let q = Queue::new(
+            "/",
+            QueueSpec {
+                name: "durable".to_string(),
+                durable: true,
+                exclusive_owner: None,
+                auto_delete: false,
+                arguments: args,
+            },
+            1,
+            p.clone(),
+        );
+        for b in [b"a", b"b"] {
+            let msg = Arc::new(Message::new(
+                p.next_message_id(),
+                ShortString::from(""),
+                ShortString::from("durable"),
+                AMQPProperties::default().with_delivery_mode(2),
+                bytes::Bytes::new(),
+                bytes::Bytes::copy_from_slice(b),
+                None,
+            ));
+            q.publish(&msg, &mut None, None);
+        }
+        assert_eq!(q.counts(), (1, 0), "drop-head took the first");
+        assert!(p.writer.wait(p.writer.last_ticket()).await);
+        let rows = p.store.read_queue(1, 0, 10, 1 << 20).await.unwrap();
+        assert_eq!(
+            rows.len(),
+            2,
+            "the dropped message's position is still stored"
+        );
     }
 
     #[tokio::test]
