@@ -732,7 +732,8 @@ async fn direct_reply_to_round_trip_and_errors() {
         "PRECONDITION_FAILED - reply consumer cannot acknowledge"
     );
     // publishing with the pseudo-queue as reply_to without consuming from it is refused
-    let (_c3, ch) = channel(&b).await;
+    let (c3, ch) = channel(&b).await;
+    let mut events = Box::pin(c3.events_listener());
     ch.basic_publish(
         "".into(),
         "rpc".into(),
@@ -742,18 +743,21 @@ async fn direct_reply_to_round_trip_and_errors() {
     )
     .await
     .unwrap();
-    let err = ch
-        .queue_declare(
+    let err = refusal(&mut events).await;
+    assert_eq!(code(&err), 406);
+    assert_eq!(
+        text(&err),
+        "PRECONDITION_FAILED - fast reply consumer does not exist"
+    );
+    assert!(
+        ch.queue_declare(
             "after".into(),
             QueueDeclareOptions::default(),
             FieldTable::default(),
         )
         .await
-        .unwrap_err();
-    assert_eq!(code(&err), 406);
-    assert_eq!(
-        text(&err),
-        "PRECONDITION_FAILED - fast reply consumer does not exist"
+        .is_err(),
+        "the channel is closed"
     );
     b.stop().await;
 }

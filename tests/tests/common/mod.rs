@@ -92,6 +92,25 @@ pub fn code(e: &lapin::Error) -> u16 {
     }
 }
 
+/// The channel or connection error the broker sends on its own, after a method that has no
+/// reply (basic.publish). Waiting on the next synchronous method instead races the broker's
+/// close: lapin answers `InvalidChannelState(Closing)` if the close arrived first.
+pub async fn refusal(
+    events: &mut (impl futures_lite::Stream<Item = lapin::Event> + Unpin),
+) -> lapin::Error {
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("an error from the broker in time")
+            .expect("the connection's events stream stays open");
+        if let lapin::Event::Error(e) = event {
+            if matches!(e.kind(), lapin::ErrorKind::ProtocolError(_)) {
+                return e;
+            }
+        }
+    }
+}
+
 pub fn text(e: &lapin::Error) -> String {
     match e.kind() {
         lapin::ErrorKind::ProtocolError(p) => p.get_message().to_string(),
