@@ -1,12 +1,26 @@
 //! Content assembly for one channel: a content-bearing method (basic.publish), then its content
-//! header, then body frames until the declared size. Bodies of one frame are kept as the `Bytes`
-//! sliced from the read buffer; a body over the size limit is refused from its header and its
-//! frames are discarded as they arrive, never buffered.
+//! header, then body frames until the declared size. Headers and bodies of up to `OWN_BELOW`
+//! bytes are copied out of the read buffer: a small slice kept in a queue would hold the whole
+//! buffer it came from. Larger bodies of one frame are kept as the `Bytes` sliced from the read
+//! buffer; a body over the size limit is refused from its header and its frames are discarded
+//! as they arrive, never buffered.
 
 use amq_protocol::protocol::{basic::AMQPProperties, basic::Publish};
 use bytes::{Bytes, BytesMut};
 
 use crate::{reply, CLASS_BASIC};
+
+/// Headers and one-frame bodies shorter than this get their own allocation.
+pub const OWN_BELOW: usize = 4096;
+
+/// `b` in its own allocation if it is small, else the slice as is.
+fn own(b: Bytes) -> Bytes {
+    if b.len() < OWN_BELOW {
+        Bytes::copy_from_slice(&b)
+    } else {
+        b
+    }
+}
 
 /// A complete published message as it came off the wire.
 #[derive(Debug, Clone)]
@@ -138,14 +152,14 @@ impl Assembler {
             return Ok(Step::Done(Box::new(Content {
                 publish,
                 properties,
-                header: raw,
+                header: own(raw),
                 body: Bytes::new(),
             })));
         }
         self.state = State::Body {
             publish,
             properties,
-            header: raw,
+            header: own(raw),
             remaining: body_size,
             single: None,
             buf: BytesMut::new(),
@@ -187,7 +201,7 @@ impl Assembler {
                 }
                 match std::mem::take(&mut self.state) {
                     State::Body { publish, properties, header, single, buf, .. } => {
-                        let body = single.unwrap_or_else(|| buf.freeze());
+                        let body = single.map(own).unwrap_or_else(|| buf.freeze());
                         Ok(Step::Done(Box::new(Content { publish, properties, header, body })))
                     }
                     _ => Ok(Step::Pending),
@@ -236,23 +250,47 @@ mod tests {
         }
     }
 
-    #[test]
-    fn single_frame_body_is_not_copied() {
-        let mut a = Assembler::new(1000);
+    /// One content's header and body frames, sliced from one read buffer as the codec does.
+    fn assemble(header: usize, body: usize) -> (Bytes, Box<Content>) {
+        let read = Bytes::from(vec![7u8; header + body]);
+        let mut a = Assembler::new(1 << 20);
         a.start(publish()).unwrap();
         assert!(matches!(
-            a.header(60, 5, AMQPProperties::default(), Bytes::new()),
+            a.header(
+                60,
+                body as u64,
+                AMQPProperties::default(),
+                read.slice(..header)
+            ),
             Ok(Step::Pending)
         ));
-        let payload = Bytes::from_static(b"hello");
-        match a.body(payload.clone()).unwrap() {
+        match a.body(read.slice(header..)).unwrap() {
             Step::Done(c) => {
-                assert_eq!(c.body, payload);
-                assert_eq!(c.body.as_ptr(), payload.as_ptr());
+                assert!(!a.in_progress());
+                (read, c)
             }
             Step::Pending => panic!("should be done"),
         }
-        assert!(!a.in_progress());
+    }
+
+    fn inside(part: &Bytes, buf: &Bytes) -> bool {
+        let (p, b) = (part.as_ptr() as usize, buf.as_ptr() as usize);
+        p >= b && p < b + buf.len()
+    }
+
+    #[test]
+    fn small_parts_leave_the_read_buffer_and_large_bodies_stay_slices() {
+        let (read, c) = assemble(20, 16);
+        assert_eq!((c.header.len(), c.body.len()), (20, 16));
+        assert!(
+            !inside(&c.header, &read),
+            "a small header pins the read buffer"
+        );
+        assert!(!inside(&c.body, &read), "a small body pins the read buffer");
+        let (read, c) = assemble(20, OWN_BELOW);
+        assert!(!inside(&c.header, &read));
+        assert!(inside(&c.body, &read), "a large one-frame body is copied");
+        assert_eq!(c.body.len(), OWN_BELOW);
     }
 
     #[test]
