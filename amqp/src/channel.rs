@@ -216,7 +216,8 @@ impl Channel {
                 self.outbox.push(Outgoing::Gate(last));
             }
         }
-        self.outbox.push(Outgoing::Method(self.id(), method));
+        self.outbox
+            .push(Outgoing::Method(self.id(), Box::new(method)));
     }
 
     /// Closes the channel for a channel error: channel.close goes out, resources are released
@@ -303,8 +304,10 @@ impl Channel {
                     requeue: false,
                 })
             };
-            self.outbox
-                .push(Outgoing::Method(self.handle.id, AMQPClass::Basic(method)));
+            self.outbox.push(Outgoing::Method(
+                self.handle.id,
+                Box::new(AMQPClass::Basic(method)),
+            ));
         }
     }
 
@@ -1035,12 +1038,12 @@ impl Channel {
         if !delivered && mandatory {
             self.outbox.push(Outgoing::Content(
                 self.id(),
-                AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                Box::new(AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
                     reply_code: warren_protocol::reply::NO_ROUTE,
                     reply_text: short::truncated("NO_ROUTE"),
                     exchange: msg.exchange.clone(),
                     routing_key: msg.routing_key.clone(),
-                })),
+                }))),
                 msg,
             ));
             if !self.outbox.has_room() {

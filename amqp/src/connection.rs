@@ -38,6 +38,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 const FLOW_WAIT: Duration = Duration::from_secs(1);
 /// Initial read buffer; it grows to frame_max for large body frames.
 const READ_BUFFER: usize = 64 * 1024;
+/// The writer writes once this much is encoded, without waiting for the end of the backlog.
+const WRITE_CHUNK: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -447,7 +449,8 @@ impl Conn {
     }
 
     fn send(&self, channel: u16, method: AMQPClass) {
-        self.outbox.push(Outgoing::Method(channel, method));
+        self.outbox
+            .push(Outgoing::Method(channel, Box::new(method)));
     }
 
     fn send_start(&self) {
@@ -1246,6 +1249,16 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             };
             if let Err(e) = r {
                 warn!(error = %e, "could not encode an outgoing frame");
+            }
+            // A full outbox of small deliveries encodes to more than the outbox counted:
+            // write as we go so that the batch's buffer stays small on every connection.
+            if batch.encoded_len() >= WRITE_CHUNK {
+                if let Err(e) = write_batch(&mut wr, &mut batch, &info).await {
+                    debug!(error = %e, "write failed");
+                    outbox.close();
+                    return;
+                }
+                last_write = Instant::now();
             }
         }
         if !batch.is_empty() {

@@ -19,9 +19,11 @@ use warren_core::queue::Queue;
 /// One outgoing item, encoded by the writer task.
 #[derive(Debug)]
 pub enum Outgoing {
-    Method(u16, AMQPClass),
+    /// Boxed, like `Content`'s method: the enum stays the size of `Deliver`, the item an
+    /// outbox holds by the thousand.
+    Method(u16, Box<AMQPClass>),
     /// A content-bearing method (get-ok, return) followed by the message's content.
-    Content(u16, AMQPClass, Arc<Message>),
+    Content(u16, Box<AMQPClass>, Arc<Message>),
     /// basic.deliver and the message's content: the writer encodes the method from a template
     /// it keeps, so nothing is allocated per delivery.
     Deliver(Deliver),
@@ -139,7 +141,7 @@ impl Outbox {
     }
 
     pub fn push_method(&self, channel: u16, method: AMQPClass) {
-        self.push(Outgoing::Method(channel, method));
+        self.push(Outgoing::Method(channel, Box::new(method)));
     }
 
     /// May a delivery be added now?
@@ -214,11 +216,11 @@ impl Outbox {
 
 impl DeliverySink for Outbox {
     fn send_method(&self, channel: u16, method: AMQPClass) {
-        self.push(Outgoing::Method(channel, method));
+        self.push(Outgoing::Method(channel, Box::new(method)));
     }
 
     fn send_content(&self, channel: u16, method: AMQPClass, msg: Arc<Message>) {
-        self.push(Outgoing::Content(channel, method, msg));
+        self.push(Outgoing::Content(channel, Box::new(method), msg));
     }
 
     fn send_deliver(

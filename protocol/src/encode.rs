@@ -90,6 +90,12 @@ impl WriteBatch {
         self.cur.is_empty() && self.chunks.is_empty()
     }
 
+    /// Bytes encoded into the batch's own buffer (frame headers, methods, small bodies; large
+    /// bodies are referenced, not copied).
+    pub fn encoded_len(&self) -> usize {
+        self.cur.len()
+    }
+
     /// Bytes waiting to be written.
     pub fn len(&self) -> usize {
         self.cur.len() + self.chunks.iter().map(Bytes::len).sum::<usize>()
