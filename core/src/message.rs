@@ -20,9 +20,11 @@ impl Gauge {
     }
 }
 
-/// Per-message memory besides its buffers: the struct and its `Arc` counts, a queue entry, and
-/// about 64 bytes of method and frame headers sharing the read buffer with the body.
-const OVERHEAD: usize = std::mem::size_of::<Message>() + 16 + 32 + 64;
+/// Per-message memory besides its buffers: the struct and its `Arc` counts, the allocator's
+/// headers of its header and body (small ones are copied out of the read buffer), and the
+/// record that holds it: a queue entry (48 bytes), or an unacknowledged delivery (72 bytes and
+/// its key in a B-tree leaf that is about half full after in-order inserts: about 160).
+const OVERHEAD: usize = std::mem::size_of::<Message>() + 16 + 32 + 160;
 
 #[derive(Debug)]
 pub struct Message {
@@ -246,8 +248,7 @@ impl Message {
     }
 
     /// Bytes this message holds in memory, for budgets: its buffers, the struct itself (with
-    /// its `Arc`), the queue entry that points at it, and the frame bytes around the body and
-    /// header that stay in the shared read buffer they were sliced from.
+    /// its `Arc`), and the entry or delivery record that points at it.
     pub fn weight(&self) -> usize {
         self.body.len()
             + self.header.len()

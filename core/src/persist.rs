@@ -7,7 +7,8 @@
 //! Memory: every live `Message` is counted in the gauge. A quarter of the budget is the moka
 //! cache, which only ever holds messages already in the store (so an eviction loses nothing).
 //! Once the gauge passes three quarters, queues page new messages out to the store instead of
-//! holding them (see `Queue::publish`).
+//! holding them (see `Queue::publish`), and consumers that acknowledge get a small window of
+//! unacknowledged deliveries whatever their prefetch (see `Consumer::reserve`).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -114,9 +115,11 @@ impl Persistence {
         self.next_queue_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Past three quarters of the budget: new messages page out.
+    /// Past three quarters of the budget, counting the messages in memory and those on their
+    /// way to the store (the writer's rows): new messages page out, and deliveries to consumers
+    /// that ack shrink to a small window.
     pub fn over_budget(&self) -> bool {
-        self.gauge.get() > self.budget / 4 * 3
+        self.gauge.get() + self.writer.held_bytes() > self.budget / 4 * 3
     }
 
     /// The ticket a publisher confirm must wait for: the store's ticket under `confirm`, none

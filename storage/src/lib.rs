@@ -271,14 +271,24 @@ impl StoreError {
 }
 
 impl Op {
-    /// Bytes this op holds in memory until committed.
+    /// Bytes this op holds in memory until committed: for an insert, the row's buffers and
+    /// names, the row itself in its `Arc`, the op, its positions, and the allocator's headers
+    /// of the names and the position list. Budgets count it (`held_bytes`).
     pub fn weight(&self) -> usize {
         match self {
             Op::Insert { message, entries } => {
-                message.body.len() + message.header.len() + 64 + entries.len() * 16
+                message.body.len()
+                    + message.header.len()
+                    + message.exchange.len()
+                    + message.routing_key.len()
+                    + std::mem::size_of::<MessageRow>()
+                    + 16
+                    + std::mem::size_of::<Op>()
+                    + entries.capacity() * std::mem::size_of::<(i64, i64)>()
+                    + 3 * 16
             }
             Op::Atomic(ops) => ops.iter().map(Op::weight).sum(),
-            _ => 64,
+            _ => std::mem::size_of::<Op>().max(64),
         }
     }
 }
