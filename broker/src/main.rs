@@ -9,6 +9,12 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use warren_broker::{broker::Broker, Config};
 
+/// mimalloc, not glibc's malloc: under S4 (64 queues, publishers and consumers flat out) glibc
+/// kept about 240 MiB of freed memory in its per-thread arenas beside a 590 MiB heap peak, and
+/// capping its arenas cost a third of the throughput.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let mut config = Config::parse();
     tracing_subscriber::fmt()
