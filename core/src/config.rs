@@ -87,8 +87,9 @@ pub struct Config {
     #[arg(long, env = "WARREN_COMMIT_MAX_OPS", default_value_t = 10_000)]
     pub commit_max_ops: usize,
 
-    /// Group commit: most bytes in one transaction.
-    #[arg(long, env = "WARREN_COMMIT_MAX_BYTES", default_value = "4MiB", value_parser = parse_size)]
+    /// Group commit: most bytes in one transaction (inserts whose ack joined the batch, which
+    /// are not written, do not count).
+    #[arg(long, env = "WARREN_COMMIT_MAX_BYTES", default_value = "16MiB", value_parser = parse_size)]
     pub commit_max_bytes: u64,
 
     /// Bytes waiting for the store above which publishers are held (and sent connection.blocked).

@@ -75,6 +75,7 @@ impl Persistence {
             store.clone(),
             WriterSettings {
                 interval,
+                large_interval: interval.max(WriterSettings::default().large_interval),
                 max_ops: config.commit_max_ops.max(1),
                 max_bytes: config.commit_max_bytes as usize,
                 hold_limit: config.store_hold_bytes as usize,
