@@ -483,35 +483,19 @@ impl std::fmt::Debug for Consumer {
     }
 }
 
-/// While message memory is over budget, a consumer that acknowledges holds at most this many
-/// unacknowledged deliveries (fewer if its prefetch is lower)...
-pub const TIGHT_WINDOW: u32 = 64;
-/// ...and at most about this many bytes of them (at least one delivery), so that deliveries
-/// to consumers without a prefetch limit cannot hold the whole backlog in memory.
-pub const TIGHT_BYTES: usize = 1 << 20;
-
 impl Consumer {
-    /// Takes one unit of credit for a delivery. `tight` is the message's weight when message
-    /// memory is over budget: the window then shrinks to `TIGHT_WINDOW` and `TIGHT_BYTES`.
-    pub fn reserve(&self, tight: Option<usize>) -> Result<(), NoCredit> {
+    /// Takes one unit of credit for a delivery.
+    pub fn reserve(&self) -> Result<(), NoCredit> {
         if !self.active.load(Ordering::Acquire) {
             return Err(NoCredit::Closed);
         }
         // Prefetch before the outbox: `Outbox` means this consumer could take the message
         // but its connection is behind (the queue then parks there and may slow publishers).
-        if !self.no_ack {
-            let held = self.unacked.load(Ordering::Acquire);
-            let tight_full = tight.is_some_and(|weight| {
-                held > 0
-                    && (held >= TIGHT_WINDOW
-                        || (held as usize).saturating_mul(weight) >= TIGHT_BYTES)
-            });
-            if (self.prefetch > 0 && held >= self.prefetch)
-                || self.channel.global_full()
-                || tight_full
-            {
-                return Err(NoCredit::Prefetch);
-            }
+        if !self.no_ack
+            && ((self.prefetch > 0 && self.unacked.load(Ordering::Acquire) >= self.prefetch)
+                || self.channel.global_full())
+        {
+            return Err(NoCredit::Prefetch);
         }
         if !self.channel.sink.has_room() {
             return Err(NoCredit::Outbox);

@@ -7,8 +7,7 @@
 //! Memory: every live `Message` is counted in the gauge. A quarter of the budget is the moka
 //! cache, which only ever holds messages already in the store (so an eviction loses nothing).
 //! Once the gauge passes three quarters, queues page new messages out to the store instead of
-//! holding them (see `Queue::publish`), and consumers that acknowledge get a small window of
-//! unacknowledged deliveries whatever their prefetch (see `Consumer::reserve`).
+//! holding them (see `Queue::publish`).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -117,8 +116,7 @@ impl Persistence {
     }
 
     /// Past three quarters of the budget, counting the messages in memory and those on their
-    /// way to the store (the writer's rows): new messages page out, and deliveries to consumers
-    /// that ack shrink to a small window.
+    /// way to the store (the writer's rows): new messages page out.
     pub fn over_budget(&self) -> bool {
         self.gauge.get() + self.writer.held_bytes() > self.budget / 4 * 3
     }

@@ -776,19 +776,15 @@ impl Queue {
     /// Picks the consumer for the next message: the single active one, or round-robin among
     /// the highest-priority consumers with credit. The credit is reserved. When none can take
     /// it, `g.blocked_on` names an outbox that a consumer with credit waits on (if any).
-    /// While message memory is over budget, consumers that ack take `msg` only inside the tight
-    /// window (`Consumer::reserve`): the backlog then waits in the queue, where it pages out,
-    /// instead of in unacknowledged deliveries, which stay in memory.
-    fn pick(self: &Arc<Self>, g: &mut State, msg: &Message) -> Option<Arc<Consumer>> {
+    fn pick(self: &Arc<Self>, g: &mut State) -> Option<Arc<Consumer>> {
         g.blocked_on = None;
-        let tight = self.persist.over_budget().then(|| msg.weight());
         let n = g.consumers.len();
         if n == 0 {
             return None;
         }
         if g.args.single_active_consumer {
             let c = g.consumers[0].clone();
-            return match c.reserve(tight) {
+            return match c.reserve() {
                 Ok(()) => Some(c),
                 Err(NoCredit::Outbox) => {
                     c.channel.sink.park(self);
@@ -810,7 +806,7 @@ impl Queue {
             for k in 0..len {
                 let idx = start + (g.rr + k) % len;
                 let c = &g.consumers[idx];
-                match c.reserve(tight) {
+                match c.reserve() {
                     Ok(()) => {
                         let c = c.clone();
                         g.rr = (idx - start) + 1;
@@ -839,7 +835,7 @@ impl Queue {
             let Some(msg) = g.ready.front().and_then(|e| self.body(e)) else {
                 break; // the loader brings the body back
             };
-            let Some(consumer) = self.pick(g, &msg) else {
+            let Some(consumer) = self.pick(g) else {
                 break;
             };
             let Some(entry) = g.ready.pop_front() else {

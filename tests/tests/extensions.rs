@@ -64,20 +64,6 @@ async fn send(ch: &Channel, key: &str, body: &[u8], props: BasicProperties) {
     .expect("publish");
 }
 
-async fn count(ch: &Channel, q: &str) -> u32 {
-    ch.queue_declare(
-        q.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("passive declare")
-    .message_count()
-}
-
 /// Polls the queue's count until it is `n` (5 s at most).
 async fn wait_count(ch: &Channel, q: &str, n: u32) {
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -74,6 +74,21 @@ pub async fn next(c: &mut Consumer) -> Delivery {
         .expect("delivery ok")
 }
 
+/// A queue's ready messages, by passive declare.
+pub async fn count(ch: &Channel, q: &str) -> u32 {
+    ch.queue_declare(
+        q.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("passive declare")
+    .message_count()
+}
+
 /// Asserts nothing arrives for a short while.
 pub async fn nothing(c: &mut Consumer) {
     assert!(
