@@ -241,6 +241,9 @@ async fn run<S: MessageStore>(
     writer: Arc<Writer>,
 ) {
     let mut batch: Vec<(u64, Op)> = Vec::new();
+    // Inserts of one position in the current batch, by message id (kept between batches so
+    // its allocation is reused).
+    let mut single: HashMap<i64, usize> = HashMap::new();
     while let Some((ticket, op)) = rx.recv().await {
         let mut last = ticket;
         let mut bytes = op.weight();
@@ -254,7 +257,7 @@ async fn run<S: MessageStore>(
         // The batch is full by the bytes it will write: an insert of one position whose
         // remove joins the batch is written by neither, so it stops counting.
         let mut live = bytes;
-        let mut single: HashMap<i64, usize> = HashMap::new();
+        single.clear();
         note_single(&op, &mut single);
         batch.push((ticket, op));
         let full = |n: usize, b: usize| n >= settings.max_ops || b >= settings.max_bytes;

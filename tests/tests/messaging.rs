@@ -315,26 +315,10 @@ async fn topic_headers_fanout_and_exchange_bindings() {
     )
     .await
     .unwrap();
-    let count = |q: &'static str| {
-        let ch = ch.clone();
-        async move {
-            ch.queue_declare(
-                q.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .message_count()
-        }
-    };
-    assert_eq!(count("t1").await, 1);
-    assert_eq!(count("t2").await, 1);
-    assert_eq!(count("h").await, 1);
-    assert_eq!(count("f").await, 2);
+    assert_eq!(count(&ch, "t1").await, 1);
+    assert_eq!(count(&ch, "t2").await, 1);
+    assert_eq!(count(&ch, "h").await, 1);
+    assert_eq!(count(&ch, "f").await, 2);
     b.stop().await;
 }
 
