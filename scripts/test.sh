@@ -33,6 +33,9 @@ echo "== galera (3 MariaDB nodes, for the cluster tests)"
 WARREN_TEST_GALERA_URLS=$(scripts/galera.sh | paste -sd, -)
 export WARREN_TEST_GALERA_URLS
 
+# A one-off build gains nothing from incremental caches and they cost gigabytes of disk.
+export CARGO_INCREMENTAL=0
+
 echo "== cargo build"
 cargo build --workspace --all-targets
 
