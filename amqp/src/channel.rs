@@ -24,6 +24,7 @@ use warren_core::exchange::Exchange;
 use warren_core::message::Message;
 use warren_core::persist::Persistence;
 use warren_core::queue::{Enqueued, Entry, Got, LoadFuture, Queue, Removed};
+use warren_storage::Capture;
 
 /// Store reads one basic.get may wait for before it is answered get-empty.
 const MAX_GET_LOADS: u8 = 3;
@@ -162,9 +163,9 @@ pub struct Channel {
     pending_load: Option<LoadFuture>,
     /// Store reads the current basic.get has waited for.
     get_loads: u8,
-    /// While handling a topology method: the store ticket before it, so its reply waits for
-    /// any write it made.
-    topology_mark: Option<u64>,
+    /// While handling a queue or exchange method: the tickets of the store writes it makes, so
+    /// that its reply waits for those (and only those) to commit.
+    topology: Option<Capture>,
     /// Direct reply-to: (consumer tag, token) of this channel's `amq.rabbitmq.reply-to`
     /// consumer.
     reply_consumer: Option<(ShortString, String)>,
@@ -199,7 +200,7 @@ impl Channel {
             congested: None,
             pending_load: None,
             get_loads: 0,
-            topology_mark: None,
+            topology: None,
             reply_consumer: None,
         }
     }
@@ -209,11 +210,11 @@ impl Channel {
     }
 
     fn reply(&self, method: AMQPClass) {
-        if let Some(mark) = self.topology_mark {
-            let last = self.persist.writer.last_ticket();
-            if last > mark {
-                // A durable change: the reply goes out once it is committed.
-                self.outbox.push(Outgoing::Gate(last));
+        if let Some(capture) = &self.topology {
+            let ticket = capture.ticket();
+            if ticket > self.persist.writer.committed() {
+                // This method changed the store: its reply goes out once that is committed.
+                self.outbox.push(Outgoing::Gate(ticket));
             }
         }
         self.outbox
@@ -407,15 +408,15 @@ impl Channel {
                 )));
             }
             AMQPClass::Exchange(e) => {
-                self.topology_mark = Some(self.persist.writer.last_ticket());
+                self.topology = Some(Capture::begin());
                 let r = self.exchange_method(vh, &ctx.access, e);
-                self.topology_mark = None;
+                self.topology = None;
                 r?
             }
             AMQPClass::Queue(q) => {
-                self.topology_mark = Some(self.persist.writer.last_ticket());
+                self.topology = Some(Capture::begin());
                 let r = self.queue_method(vh, &ctx.access, cid, q);
-                self.topology_mark = None;
+                self.topology = None;
                 r?
             }
             AMQPClass::Basic(b) => self.basic_method(ctx, b, raw)?,

@@ -1232,13 +1232,22 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                             outbox.close();
                             return;
                         }
-                        if !store.wait(ticket).await {
-                            // The store writer stopped: what follows must not be sent as if
-                            // it had been stored.
-                            debug!("store writer stopped; closing the connection");
-                            outbox.close();
-                            return;
+                        match gate(&mut wr, &store, ticket, &heartbeat, &info).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                // The store writer stopped: what follows must not be sent as
+                                // if it had been stored.
+                                debug!("store writer stopped; closing the connection");
+                                outbox.close();
+                                return;
+                            }
+                            Err(e) => {
+                                debug!(error = %e, "write failed");
+                                outbox.close();
+                                return;
+                            }
                         }
+                        last_write = Instant::now();
                     }
                     Ok(())
                 }
@@ -1277,6 +1286,38 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         for q in outbox.take_parked() {
             if let Some(q) = q.upgrade() {
                 q.dispatch();
+            }
+        }
+    }
+}
+
+/// Waits until the store commits `ticket` (true), or until the store writer stops (false),
+/// sending heartbeats meanwhile: a reply held for the store during a database outage must not
+/// make the client take the connection for dead.
+async fn gate(
+    wr: &mut (impl AsyncWrite + Unpin),
+    store: &warren_storage::Writer,
+    ticket: u64,
+    heartbeat: &AtomicU16,
+    info: &ConnInfo,
+) -> std::io::Result<bool> {
+    let wait = store.wait(ticket);
+    tokio::pin!(wait);
+    let mut beat = WriteBatch::new();
+    loop {
+        let hb = heartbeat.load(Ordering::Relaxed);
+        let tick = if hb == 0 {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_secs(hb as u64) / 2
+        };
+        tokio::select! {
+            ok = &mut wait => return Ok(ok),
+            _ = tokio::time::sleep(tick) => {
+                if hb > 0 {
+                    beat.push_heartbeat();
+                    write_batch(wr, &mut beat, info).await?;
+                }
             }
         }
     }

@@ -29,6 +29,48 @@ pub const NEVER: u64 = u64::MAX;
 /// A body at least this large makes its batch gather for `large_interval`.
 pub const LARGE_BODY: usize = 64 * 1024;
 
+thread_local! {
+    /// While a `Capture` is alive on this thread: the highest ticket submitted since it began.
+    static CAPTURED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Records the tickets of the ops submitted on this thread while it lives, so that a reply can
+/// wait for exactly the changes its own method made (not for everyone else's). Captures nest:
+/// an inner one's tickets count for the outer one too.
+pub struct Capture {
+    outer: Option<u64>,
+}
+
+impl Capture {
+    pub fn begin() -> Capture {
+        Capture {
+            outer: CAPTURED.with(|c| c.replace(Some(0))),
+        }
+    }
+
+    /// The highest ticket submitted on this thread since `begin` (0: none).
+    pub fn ticket(&self) -> u64 {
+        CAPTURED.with(|c| c.get().unwrap_or(0))
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        CAPTURED.with(|c| {
+            let mine = c.get().unwrap_or(0);
+            c.set(self.outer.map(|o| o.max(mine)));
+        });
+    }
+}
+
+fn captured(ticket: u64) {
+    CAPTURED.with(|c| {
+        if let Some(t) = c.get() {
+            c.set(Some(t.max(ticket)));
+        }
+    });
+}
+
 /// Remembers the weight of an insert with one position, by message id.
 fn note_single(op: &Op, single: &mut HashMap<i64, usize>) {
     if let Op::Insert { message, entries } = op {
@@ -142,15 +184,18 @@ impl Writer {
         let ticket = s.next;
         let Some(tx) = s.tx.as_ref() else {
             tracing::debug!("store writer closed; op dropped");
+            captured(NEVER);
             return NEVER;
         };
         if tx.send((ticket, op)).is_err() {
             tracing::error!("store writer gone; op dropped and never confirmed");
             s.tx = None;
+            captured(NEVER);
             return NEVER;
         }
         s.next += 1;
         self.pending.fetch_add(weight, Ordering::Relaxed);
+        captured(ticket);
         ticket
     }
 
@@ -438,6 +483,40 @@ mod tests {
 
     /// Issue 11: `submit` answered 0 ("nothing to wait for") once the writer was gone, which
     /// would confirm at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_capture_sees_only_its_own_threads_tickets() {
+        let (w, _store, _faults) = writer("capture").await;
+        let capture = Capture::begin();
+        assert_eq!(capture.ticket(), 0, "nothing submitted yet");
+        // Another thread's submissions are not this capture's.
+        let other = std::thread::spawn({
+            let w = w.clone();
+            move || {
+                (0..100)
+                    .map(|i| w.submit(Op::PutQueue(queue(10 + i, "other"))))
+                    .max()
+            }
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        assert_eq!(capture.ticket(), 0, "another thread's ticket was captured");
+        let mine = w.submit(Op::PutQueue(queue(2, "mine")));
+        assert!(mine > other);
+        // A nested capture records its own tickets and hands them to the outer one.
+        {
+            let inner = Capture::begin();
+            assert_eq!(inner.ticket(), 0);
+            let t = w.submit(Op::PutQueue(queue(3, "inner")));
+            assert_eq!(inner.ticket(), t);
+        }
+        assert_eq!(capture.ticket(), mine + 1);
+        drop(capture);
+        // No capture: submitting records nothing anywhere.
+        w.submit(Op::PutQueue(queue(4, "after")));
+        assert_eq!(Capture::begin().ticket(), 0);
+    }
+
     #[tokio::test]
     async fn a_closed_writer_never_confirms() {
         let (w, _, _) = writer("closed").await;

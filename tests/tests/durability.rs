@@ -778,3 +778,88 @@ async fn database_outage_holds_confirms_blocks_publishers_and_resumes_without_lo
     drop(server);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// During a database outage only the replies of methods that wrote to the store wait for it:
+/// transient declares on one connection answer at once however busy another connection keeps
+/// the store writer, and a durable declare's connection stays alive (the broker keeps sending
+/// heartbeats) until its declare-ok can go out, after the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_holds_only_replies_that_wrote_and_keeps_heartbeats() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let scratch = warren_storage::suite::mysql_scratch_url().await;
+    let (prefix, rest) = scratch.split_once('@').unwrap();
+    let (upstream, db) = rest.split_once('/').unwrap();
+    let proxy = CuttableProxy::start(upstream.to_string()).await;
+    let storage = format!("{prefix}@127.0.0.1:{}/{db}", proxy.port);
+    let dir = scratch_dir("outage-replies");
+    // A hold bound the publisher never reaches: it keeps submitting through the outage.
+    let args = ["--storage", storage.as_str(), "--store-hold-bytes", "1GiB"];
+    let server = Server::start(free_port(), &dir, &args).await;
+
+    let (_c1, ch1) = open(&server.url).await;
+    durable_queue(&ch1, "busy").await;
+    proxy.cut();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let publisher = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                ch1.basic_publish(
+                    "".into(),
+                    "busy".into(),
+                    BasicPublishOptions::default(),
+                    b"persistent",
+                    persistent(),
+                )
+                .await
+                .unwrap();
+                n += 1;
+                if n.is_multiple_of(16) {
+                    // Steady, not a flood: the point is that tickets keep moving.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            n
+        }
+    });
+
+    // lapin gives up on a server it has heard nothing from for twice the heartbeat (4 s).
+    let (c2, ch2) = open(&format!("{}?heartbeat=2", server.url)).await;
+    for i in 0..200 {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            ch2.queue_declare(
+                format!("transient-{i}").as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("transient declare {i} waited for the unreachable store"))
+        .unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    assert!(publisher.await.unwrap() > 0);
+    let durable = tokio::spawn({
+        let ch2 = ch2.clone();
+        async move { durable_queue(&ch2, "declared-during-outage").await }
+    });
+    // Past lapin's limit with the declare-ok held back.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(
+        !durable.is_finished(),
+        "a durable declare was answered while the database was unreachable"
+    );
+    assert!(
+        c2.status().connected(),
+        "the connection died while its reply waited for the store"
+    );
+    proxy.restore();
+    tokio::time::timeout(Duration::from_secs(60), durable)
+        .await
+        .expect("the durable declare was not answered after the database came back")
+        .unwrap();
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}
