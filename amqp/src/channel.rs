@@ -910,24 +910,27 @@ impl Channel {
             self.persist.next_message_id(),
             c.publish.exchange,
             c.publish.routing_key,
-            c.properties,
+            &c.properties,
             c.header,
             c.body,
             Some(self.persist.gauge.clone()),
         ));
-        if msg.properties.reply_to().as_ref().map(|r| r.as_str()) == Some(REPLY_TO) {
+        if c.properties.reply_to().as_ref().map(|r| r.as_str()) == Some(REPLY_TO) {
             // Direct reply-to: the reply address names this channel's reply consumer.
             let Some((_, token)) = self.reply_consumer.as_ref() else {
                 return Err(AmqpError::precondition(
                     "fast reply consumer does not exist",
                 ));
             };
-            let props = msg
+            let props = c
                 .properties
-                .clone()
                 .with_reply_to(short::truncated(format!("{REPLY_PREFIX}{token}")));
-            msg =
-                Arc::new(msg.derive(msg.id, msg.exchange.clone(), msg.routing_key.clone(), props));
+            msg = Arc::new(msg.derive(
+                msg.id,
+                msg.exchange.clone(),
+                msg.routing_key.clone(),
+                &props,
+            ));
         }
         if let Some(tx) = self.tx.as_mut() {
             tx.bytes += msg.body.len() as u64;

@@ -741,7 +741,7 @@ impl Admin {
             persist.next_message_id(),
             warren_protocol::short::truncated(exchange),
             warren_protocol::short::truncated(routing_key),
-            properties,
+            &properties,
             header,
             body,
             Some(persist.gauge.clone()),

@@ -57,12 +57,13 @@ impl Filter {
     pub fn matches(&self, m: &Message) -> bool {
         let n = self.needle.as_str();
         let has = |s: Option<&str>| s.is_some_and(|s| s.contains(n));
-        let p = &m.properties;
         match self.field {
             Field::RoutingKey => m.routing_key.as_str().contains(n),
-            Field::MessageId => has(p.message_id().as_ref().map(|s| s.as_str())),
-            Field::CorrelationId => has(p.correlation_id().as_ref().map(|s| s.as_str())),
-            Field::Header => header_matches(p.headers().as_ref(), n),
+            Field::MessageId => has(m.properties().message_id().as_ref().map(|s| s.as_str())),
+            Field::CorrelationId => {
+                has(m.properties().correlation_id().as_ref().map(|s| s.as_str()))
+            }
+            Field::Header => header_matches(m.properties().headers().as_ref(), n),
             Field::Body => contains_bytes(&m.body, n.as_bytes()),
             Field::Any => [
                 Field::RoutingKey,
@@ -350,12 +351,7 @@ impl Admin {
         match dest {
             Destination::Queue(name) => {
                 let t = v.queue(name)?;
-                let m = msg.derive(
-                    id,
-                    msg.exchange.clone(),
-                    msg.routing_key.clone(),
-                    msg.properties.clone(),
-                );
+                let m = msg.rerouted(id, msg.exchange.clone(), msg.routing_key.clone());
                 Some((vec![t], m))
             }
             Destination::Exchange { name, routing_key } => {
@@ -364,7 +360,7 @@ impl Admin {
                     Some(k) => short(k)?,
                     None => msg.routing_key.clone(),
                 };
-                let m = msg.derive(id, short(name)?, rk, msg.properties.clone());
+                let m = msg.rerouted(id, short(name)?, rk);
                 let mut targets = Vec::new();
                 v.route(&x, &m, &mut targets);
                 (!targets.is_empty()).then_some((targets, m))
@@ -372,7 +368,7 @@ impl Admin {
             Destination::Origin => {
                 let (queue, exchange, key) = crate::deadletter::origin(msg)?;
                 let t = v.queue(&queue)?;
-                let m = msg.derive(id, short(&exchange)?, short(&key)?, msg.properties.clone());
+                let m = msg.rerouted(id, short(&exchange)?, short(&key)?);
                 Some((vec![t], m))
             }
         }

@@ -48,7 +48,7 @@ pub fn dead_lettered(
     routing_key: &str,
     now_secs: u64,
 ) -> Option<Message> {
-    let mut props = msg.properties.clone();
+    let mut props = msg.properties();
     let mut headers: FieldTable = props.headers().clone().unwrap_or_default();
     let mut entry = FieldTable::default();
     entry.insert("count".into(), AMQPValue::LongLongInt(1));
@@ -107,13 +107,19 @@ pub fn dead_lettered(
     props = props.with_headers(headers);
     let dlx = warren_protocol::short::checked(dlx)?;
     let routing_key = warren_protocol::short::checked(routing_key)?;
-    Some(msg.derive(id, dlx, routing_key, props))
+    Some(msg.derive(id, dlx, routing_key, &props))
 }
 
 /// A message's `x-death` history, newest first (None: never dead-lettered).
-fn deaths(msg: &Message) -> Option<&FieldArray> {
-    match msg.properties.headers().as_ref()?.inner().get("x-death")? {
-        AMQPValue::FieldArray(a) => Some(a),
+fn deaths(msg: &Message) -> Option<FieldArray> {
+    match msg
+        .properties()
+        .headers()
+        .as_ref()?
+        .inner()
+        .get("x-death")?
+    {
+        AMQPValue::FieldArray(a) => Some(a.clone()),
         _ => None,
     }
 }
@@ -122,7 +128,8 @@ fn deaths(msg: &Message) -> Option<&FieldArray> {
 /// key it was published with there (the newest `x-death` entry). None for a message that was
 /// never dead-lettered.
 pub fn origin(msg: &Message) -> Option<(String, String, String)> {
-    let AMQPValue::FieldTable(t) = deaths(msg)?.as_slice().first()? else {
+    let deaths = deaths(msg)?;
+    let AMQPValue::FieldTable(t) = deaths.as_slice().first()? else {
         return None;
     };
     let t = t.inner();
@@ -164,20 +171,20 @@ mod tests {
     use warren_protocol::AMQPProperties;
 
     fn msg(props: AMQPProperties) -> Message {
-        Message::new(
+        Message::encoded(
             1,
             "ex".into(),
             "rk".into(),
-            props,
-            Bytes::new(),
+            &props,
             Bytes::from_static(b"body"),
             None,
         )
+        .unwrap()
     }
 
     fn deaths(m: &Message) -> Vec<FieldTable> {
         match m
-            .properties
+            .properties()
             .headers()
             .as_ref()
             .unwrap()
@@ -200,7 +207,7 @@ mod tests {
     fn x_death_entries_count_per_queue_and_reason_newest_first() {
         let m0 = msg(AMQPProperties::default().with_expiration("500".into()));
         let m1 = dead_lettered(&m0, 2, "q1", Reason::Expired, "dlx", "rk", 100).unwrap();
-        assert!(m1.properties.expiration().is_none());
+        assert!(m1.properties().expiration().is_none());
         let d = deaths(&m1);
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].inner().get("count"), Some(&AMQPValue::LongLongInt(1)));
@@ -222,7 +229,7 @@ mod tests {
             "an existing entry keeps its first time"
         );
         assert_eq!(d[1].inner().get("queue"), Some(&long_str("q2")));
-        let h = m3.properties.headers().clone().unwrap();
+        let h = m3.properties().headers().clone().unwrap();
         assert_eq!(h.inner().get("x-first-death-queue"), Some(&long_str("q1")));
         assert_eq!(
             h.inner().get("x-first-death-reason"),

@@ -47,7 +47,8 @@ fn position_key(now: u64, delay: u64, n: u64) -> u64 {
 
 /// The `x-delay` header: Some(ms) for a positive delay.
 pub fn delay_of(msg: &Message) -> Option<u64> {
-    let v = msg.properties.headers().as_ref()?.inner().get("x-delay")?;
+    let props = msg.properties();
+    let v = props.headers().as_ref()?.inner().get("x-delay")?;
     let ms = match v {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).parse::<i64>().ok()?,
         other => crate::args::as_int(other)?,

@@ -275,7 +275,11 @@ impl Exchange {
                 out.extend(hits.into_iter().map(|b| b.destination.clone()));
             }
             ExchangeKind::Headers => {
-                let h = msg.properties.headers().as_ref();
+                if t.all.is_empty() {
+                    return;
+                }
+                let props = msg.properties();
+                let h = props.headers().as_ref();
                 out.extend(
                     t.all
                         .iter()

@@ -26,19 +26,34 @@ impl Gauge {
 /// its key in a B-tree leaf that is about half full after in-order inserts: about 160).
 const OVERHEAD: usize = std::mem::size_of::<Message>() + 16 + 32 + 160;
 
+/// The `expiration` property as a queue reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    None,
+    Ms(u64),
+    /// Present but not what RabbitMQ accepts (refused at publish; possible in old rows).
+    Bad,
+}
+
+/// The properties are kept only in their encoded form (`header`, what deliveries send): the
+/// few that queues read for every message are extracted once, and the rest are decoded on
+/// demand (`properties`) by the rarer paths that need them (headers exchanges, dead-lettering,
+/// the management API). A decoded `AMQPProperties` is several hundred bytes per message.
 #[derive(Debug)]
 pub struct Message {
     /// Unique per broker (and across restarts): the store's key.
     pub id: u64,
     pub exchange: ShortString,
     pub routing_key: ShortString,
-    pub properties: AMQPProperties,
     /// The encoded content header payload (class, weight, body size, properties).
     pub header: Bytes,
     pub body: Bytes,
     /// When it was published (ms since the Unix epoch): TTLs count from it.
     pub published_ms: u64,
     gauge: Option<Arc<Gauge>>,
+    expiry: Expiry,
+    priority: u8,
+    persistent: bool,
 }
 
 /// Now, in ms since the Unix epoch (the clock TTLs, delays and x-death times use).
@@ -116,34 +131,88 @@ pub fn expiration_problem(s: &str) -> Option<String> {
     }
 }
 
+/// An `expiration` RabbitMQ accepts, in ms; None for one it refuses.
+fn parse_expiration(s: &str) -> Option<u64> {
+    match s.trim_start_matches('+').parse::<u64>() {
+        Ok(n) if expiration_problem(s).is_none() => Some(n),
+        _ => None,
+    }
+}
+
 /// A per-message `expiration` property RabbitMQ refuses (406 at publish).
 #[derive(Debug, PartialEq, Eq)]
 pub struct BadExpiration(pub String);
 
 impl Message {
+    /// A message whose `header` is the encoding of `properties` (a publisher's content header).
     pub fn new(
         id: u64,
         exchange: ShortString,
         routing_key: ShortString,
-        properties: AMQPProperties,
+        properties: &AMQPProperties,
         header: Bytes,
         body: Bytes,
         gauge: Option<Arc<Gauge>>,
     ) -> Message {
+        let expiry = match properties.expiration() {
+            None => Expiry::None,
+            Some(e) => match parse_expiration(e.as_str()) {
+                Some(ms) => Expiry::Ms(ms),
+                None => Expiry::Bad,
+            },
+        };
         let m = Message {
+            id,
+            exchange,
+            routing_key,
+            header,
+            body,
+            published_ms: now_ms(),
+            gauge,
+            expiry,
+            priority: properties.priority().unwrap_or(0),
+            persistent: properties.delivery_mode() == &Some(2),
+        };
+        if let Some(g) = &m.gauge {
+            g.0.fetch_add(m.weight(), Ordering::Relaxed);
+        }
+        m
+    }
+
+    /// A message whose content header is encoded here from `properties` (the management
+    /// API's publish, re-encoded copies). None if the properties do not encode.
+    pub fn encoded(
+        id: u64,
+        exchange: ShortString,
+        routing_key: ShortString,
+        properties: &AMQPProperties,
+        body: Bytes,
+        gauge: Option<Arc<Gauge>>,
+    ) -> Result<Message, String> {
+        let header = warren_protocol::encode::content_header_payload(
+            warren_protocol::CLASS_BASIC,
+            body.len() as u64,
+            properties,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Message::new(
             id,
             exchange,
             routing_key,
             properties,
             header,
             body,
-            published_ms: now_ms(),
             gauge,
-        };
-        if let Some(g) = &m.gauge {
-            g.0.fetch_add(m.weight(), Ordering::Relaxed);
-        }
-        m
+        ))
+    }
+
+    /// The message's properties, decoded from its content header.
+    pub fn properties(&self) -> AMQPProperties {
+        warren_protocol::codec::header_properties(&self.header).unwrap_or_else(|| {
+            // Every header was parsed (or encoded) before its message was built.
+            tracing::error!(id = self.id, "a message's content header does not parse");
+            AMQPProperties::default()
+        })
     }
 
     /// A message read back from the store; None if its header does not parse.
@@ -153,7 +222,7 @@ impl Message {
             row.id as u64,
             short::checked(row.exchange)?,
             short::checked(row.routing_key)?,
-            properties,
+            &properties,
             row.header,
             row.body,
             gauge,
@@ -172,12 +241,12 @@ impl Message {
         id: u64,
         exchange: ShortString,
         routing_key: ShortString,
-        properties: AMQPProperties,
+        properties: &AMQPProperties,
     ) -> Message {
         let header = warren_protocol::encode::content_header_payload(
             warren_protocol::CLASS_BASIC,
             self.body.len() as u64,
-            &properties,
+            properties,
         )
         .unwrap_or_else(|e| {
             // Properties that decoded from a peer's frame always encode again.
@@ -195,39 +264,78 @@ impl Message {
         )
     }
 
+    /// A copy under a new id, exchange and routing key with the same properties (shovelled or
+    /// moved messages): header and body are shared.
+    pub fn rerouted(&self, id: u64, exchange: ShortString, routing_key: ShortString) -> Message {
+        self.copy_with(
+            id,
+            (exchange, routing_key),
+            (self.header.clone(), self.body.clone()),
+            now_ms(),
+        )
+    }
+
+    /// This message's content under `id`, `address` (exchange, routing key) and `buffers`
+    /// (header, body), counted in the gauge.
+    fn copy_with(
+        &self,
+        id: u64,
+        address: (ShortString, ShortString),
+        buffers: (Bytes, Bytes),
+        published_ms: u64,
+    ) -> Message {
+        let m = Message {
+            id,
+            exchange: address.0,
+            routing_key: address.1,
+            header: buffers.0,
+            body: buffers.1,
+            published_ms,
+            gauge: self.gauge.clone(),
+            expiry: self.expiry,
+            priority: self.priority,
+            persistent: self.persistent,
+        };
+        if let Some(g) = &m.gauge {
+            g.0.fetch_add(m.weight(), Ordering::Relaxed);
+        }
+        m
+    }
+
     /// A copy whose header and body own their memory. A published message's buffers are slices
     /// of its connection's read buffer and keep the whole buffer alive; a message held for long
     /// (delayed) is compacted so it pins only its own bytes.
     pub fn compacted(&self) -> Message {
-        let mut m = Message::new(
+        self.copy_with(
             self.id,
-            self.exchange.clone(),
-            self.routing_key.clone(),
-            self.properties.clone(),
-            Bytes::copy_from_slice(&self.header),
-            Bytes::copy_from_slice(&self.body),
-            self.gauge.clone(),
-        );
-        m.published_ms = self.published_ms;
-        m
+            (self.exchange.clone(), self.routing_key.clone()),
+            (
+                Bytes::copy_from_slice(&self.header),
+                Bytes::copy_from_slice(&self.body),
+            ),
+            self.published_ms,
+        )
     }
 
     /// The per-message TTL from the `expiration` property, as RabbitMQ reads it: a string of
     /// decimal digits (ms).
     pub fn expiration(&self) -> Result<Option<u64>, BadExpiration> {
-        let Some(e) = self.properties.expiration() else {
-            return Ok(None);
-        };
-        let s = e.as_str();
-        match s.trim_start_matches('+').parse::<u64>() {
-            Ok(n) if expiration_problem(s).is_none() => Ok(Some(n)),
-            _ => Err(BadExpiration(s.to_string())),
+        match self.expiry {
+            Expiry::None => Ok(None),
+            Expiry::Ms(ms) => Ok(Some(ms)),
+            Expiry::Bad => Err(BadExpiration(
+                self.properties()
+                    .expiration()
+                    .as_ref()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default(),
+            )),
         }
     }
 
     /// The `priority` property (absent: 0).
     pub fn priority(&self) -> u8 {
-        self.properties.priority().unwrap_or(0)
+        self.priority
     }
 
     pub fn to_row(&self) -> MessageRow {
@@ -244,7 +352,7 @@ impl Message {
 
     /// delivery-mode 2.
     pub fn is_persistent(&self) -> bool {
-        self.properties.delivery_mode() == &Some(2)
+        self.persistent
     }
 
     /// Bytes this message holds in memory, for budgets: its buffers, the struct itself (with
@@ -268,7 +376,46 @@ impl Drop for Message {
 
 #[cfg(test)]
 mod tests {
-    use super::expiration_problem;
+    use super::*;
+
+    #[test]
+    fn properties_are_kept_encoded_and_decoded_on_demand() {
+        // The decoded form alone is several hundred bytes: it is not part of the struct.
+        assert!(
+            std::mem::size_of::<Message>() < std::mem::size_of::<AMQPProperties>(),
+            "Message is {} bytes",
+            std::mem::size_of::<Message>()
+        );
+        let mut headers = warren_protocol::FieldTable::default();
+        headers.insert("k".into(), warren_protocol::AMQPValue::LongLongInt(7));
+        let props = AMQPProperties::default()
+            .with_delivery_mode(2)
+            .with_priority(5)
+            .with_expiration("1500".into())
+            .with_correlation_id("c-1".into())
+            .with_headers(headers);
+        let m = Message::encoded(1, "x".into(), "k".into(), &props, Bytes::new(), None).unwrap();
+        assert!(m.is_persistent());
+        assert_eq!(m.priority(), 5);
+        assert_eq!(m.expiration(), Ok(Some(1500)));
+        assert_eq!(m.properties(), props);
+        let plain = Message::encoded(
+            2,
+            "x".into(),
+            "k".into(),
+            &AMQPProperties::default(),
+            Bytes::new(),
+            None,
+        )
+        .unwrap();
+        assert!(!plain.is_persistent());
+        assert_eq!(plain.priority(), 0);
+        assert_eq!(plain.expiration(), Ok(None));
+        // One RabbitMQ refuses (possible only in rows stored before the check) reads as bad.
+        let bad = AMQPProperties::default().with_expiration("10x".into());
+        let m = Message::encoded(3, "x".into(), "k".into(), &bad, Bytes::new(), None).unwrap();
+        assert_eq!(m.expiration(), Err(BadExpiration("10x".into())));
+    }
 
     #[test]
     fn expiration_is_read_as_rabbitmq_reads_it() {

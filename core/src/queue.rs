@@ -1030,14 +1030,19 @@ impl Queue {
         if deliveries == 0 || (self.args().delivery_limit.is_none() && !self.args().quorum) {
             return msg;
         }
-        let mut props = msg.properties.clone();
+        let mut props = msg.properties();
         let mut headers = props.headers().clone().unwrap_or_default();
         headers.insert(
             "x-delivery-count".into(),
             warren_protocol::AMQPValue::LongLongInt(deliveries as i64),
         );
         props = props.with_headers(headers);
-        Arc::new(msg.derive(msg.id, msg.exchange.clone(), msg.routing_key.clone(), props))
+        Arc::new(msg.derive(
+            msg.id,
+            msg.exchange.clone(),
+            msg.routing_key.clone(),
+            &props,
+        ))
     }
 
     /// A delivery rejected or nacked without requeue: dead-lettered (reason `rejected`) when
@@ -1896,7 +1901,7 @@ mod tests {
             p.next_message_id(),
             ShortString::from(""),
             ShortString::from("unit"),
-            AMQPProperties::default(),
+            &AMQPProperties::default(),
             bytes::Bytes::new(),
             bytes::Bytes::copy_from_slice(body),
             None,
@@ -2005,7 +2010,7 @@ mod tests {
                 p.next_message_id(),
                 ShortString::from(""),
                 ShortString::from("durable"),
-                AMQPProperties::default().with_delivery_mode(2),
+                &AMQPProperties::default().with_delivery_mode(2),
                 bytes::Bytes::new(),
                 bytes::Bytes::copy_from_slice(b),
                 None,

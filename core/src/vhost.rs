@@ -1289,7 +1289,7 @@ mod tests {
             1,
             "".into(),
             rk.into(),
-            Default::default(),
+            &Default::default(),
             Bytes::new(),
             Bytes::new(),
             None,

@@ -110,7 +110,7 @@ fn item(b: &Browsed, truncate: usize, base64: bool) -> Value {
         "payload_encoding": enc,
         "payload_bytes": body.len(),
         "payload_truncated": shown.len() < body.len(),
-        "properties": properties_to_json(&m.properties),
+        "properties": properties_to_json(&m.properties()),
         "redelivered": b.redelivered,
         "delivery_count": b.deliveries,
         "exchange": m.exchange.as_str(),

@@ -203,7 +203,7 @@ pub async fn get(
                 "exchange": g.message.exchange.as_str(),
                 "routing_key": g.message.routing_key.as_str(),
                 "message_count": g.message_count,
-                "properties": properties_to_json(&g.message.properties),
+                "properties": properties_to_json(&g.message.properties()),
                 "payload": payload,
                 "payload_encoding": enc,
             })
