@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use lapin::{options::*, types::FieldTable, ExchangeKind};
@@ -654,5 +654,147 @@ async fn returns_to_a_client_that_does_not_read_push_back() {
     let (_c, ch) = channel(&b).await;
     declare(&ch, "").await;
     drop(s);
+    b.stop().await;
+}
+
+/// basic.publish of `body` to the default exchange with `routing_key` on channel 1: the method,
+/// the content header and the body in frames of at most `frame_max` bytes, as a client sends them.
+fn publish_frames(routing_key: &str, body: &[u8], frame_max: usize) -> Vec<u8> {
+    use warren_protocol::{
+        encode::{content_header_payload, encode_frame},
+        protocol::{basic, AMQPClass},
+        AMQPProperties,
+    };
+    let mut v = Vec::new();
+    encode_frame(
+        &mut v,
+        1,
+        &AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: routing_key.into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    )
+    .unwrap();
+    let header = content_header_payload(60, body.len() as u64, &AMQPProperties::default()).unwrap();
+    v.extend_from_slice(&[2, 0, 1]);
+    v.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    v.extend_from_slice(&header);
+    v.push(0xCE);
+    for part in body.chunks(frame_max - 8) {
+        v.extend_from_slice(&[3, 0, 1]);
+        v.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        v.extend_from_slice(part);
+        v.push(0xCE);
+    }
+    v
+}
+
+async fn open_channel_1(s: &mut TcpStream) {
+    use warren_protocol::{
+        encode::encode_frame,
+        protocol::{channel, AMQPClass},
+    };
+    let mut open = Vec::new();
+    encode_frame(
+        &mut open,
+        1,
+        &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .unwrap();
+    s.write_all(&open).await.unwrap();
+}
+
+/// Multi-frame bodies: whatever the socket delivers at a time (a frame header alone, a frame end
+/// alone, a frame and a half, the whole message), every body arrives intact and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_arrive_intact_however_the_socket_splits_them() {
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    let q = declare(&ch, "split-bodies").await;
+    let mut s = handshake(&b).await;
+    open_channel_1(&mut s).await;
+    // handshake_to tunes frame_max to 131072.
+    let frame_max = 131_072;
+    let sizes = [40_000, frame_max - 8, frame_max - 7, 300_000, (1 << 20) + 5];
+    let mut sent = Vec::new();
+    for (i, size) in sizes.into_iter().enumerate() {
+        for split in 0..4 {
+            let body: Vec<u8> = (0..size)
+                .map(|j| (j as u64 * 31 + i as u64 * 7 + split as u64) as u8)
+                .collect();
+            let bytes = publish_frames(&q, &body, frame_max);
+            match split {
+                // The whole message in one write.
+                0 => s.write_all(&bytes).await.unwrap(),
+                // Pieces that straddle frame boundaries at different offsets.
+                1 | 2 => {
+                    let piece = if split == 1 { 65_539 } else { 4_093 };
+                    for p in bytes.chunks(piece) {
+                        s.write_all(p).await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                // Each body frame's header, payload and frame end as separate writes.
+                _ => {
+                    let mut at = 0;
+                    while at < bytes.len() {
+                        let len = 8 + u32::from_be_bytes([
+                            bytes[at + 3],
+                            bytes[at + 4],
+                            bytes[at + 5],
+                            bytes[at + 6],
+                        ]) as usize;
+                        let frame = &bytes[at..at + len];
+                        for p in [&frame[..7], &frame[7..len - 1], &frame[len - 1..]] {
+                            s.write_all(p).await.unwrap();
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        at += len;
+                    }
+                }
+            }
+            sent.push(body);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&ch, &q).await < sent.len() as u32 {
+        assert!(Instant::now() < deadline, "not every message arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (n, body) in sent.iter().enumerate() {
+        let d = ch
+            .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .expect("a message");
+        assert_eq!(d.data.len(), body.len(), "message {n}: size");
+        assert!(d.data == *body, "message {n}: body differs");
+    }
+    drop(s);
+    b.stop().await;
+}
+
+/// A bad frame end after the first of a message's body frames is a 501 (the half-assembled
+/// message is dropped), and the broker serves others.
+#[tokio::test]
+async fn a_bad_frame_end_after_a_large_body_frame_is_501() {
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    let q = declare(&ch, "bad-end").await;
+    let mut s = handshake(&b).await;
+    open_channel_1(&mut s).await;
+    let body = vec![5u8; 200_000];
+    let mut bytes = publish_frames(&q, &body, 131_072);
+    // The first body frame's end: after the method, the header and 131,064 bytes of payload.
+    let first_end = bytes.len() - (body.len() - 131_064) - 8 - 1;
+    assert_eq!(bytes[first_end], 0xCE);
+    bytes[first_end] = 0;
+    s.write_all(&bytes).await.unwrap();
+    let (code, _) = read_until_close(&mut s).await;
+    assert_eq!(code, 501);
+    assert_eq!(count(&ch, &q).await, 0);
+    declare(&ch, "after-bad-end").await;
     b.stop().await;
 }
