@@ -163,9 +163,9 @@ pub struct Channel {
     pending_load: Option<LoadFuture>,
     /// Store reads the current basic.get has waited for.
     get_loads: u8,
-    /// While handling a queue or exchange method: the tickets of the store writes it makes, so
-    /// that its reply waits for those (and only those) to commit.
-    topology: Option<Capture>,
+    /// While handling a queue or exchange method (under a `Capture` of the store writes it
+    /// makes): its reply waits for those writes, and only those, to commit.
+    topology: bool,
     /// Direct reply-to: (consumer tag, token) of this channel's `amq.rabbitmq.reply-to`
     /// consumer.
     reply_consumer: Option<(ShortString, String)>,
@@ -200,7 +200,7 @@ impl Channel {
             congested: None,
             pending_load: None,
             get_loads: 0,
-            topology: None,
+            topology: false,
             reply_consumer: None,
         }
     }
@@ -210,8 +210,8 @@ impl Channel {
     }
 
     fn reply(&self, method: AMQPClass) {
-        if let Some(capture) = &self.topology {
-            let ticket = capture.ticket();
+        if self.topology {
+            let ticket = Capture::current();
             if ticket > self.persist.writer.committed() {
                 // This method changed the store: its reply goes out once that is committed.
                 self.outbox.push(Outgoing::Gate(ticket));
@@ -408,15 +408,17 @@ impl Channel {
                 )));
             }
             AMQPClass::Exchange(e) => {
-                self.topology = Some(Capture::begin());
+                let _writes = Capture::begin();
+                self.topology = true;
                 let r = self.exchange_method(vh, &ctx.access, e);
-                self.topology = None;
+                self.topology = false;
                 r?
             }
             AMQPClass::Queue(q) => {
-                self.topology = Some(Capture::begin());
+                let _writes = Capture::begin();
+                self.topology = true;
                 let r = self.queue_method(vh, &ctx.access, cid, q);
-                self.topology = None;
+                self.topology = false;
                 r?
             }
             AMQPClass::Basic(b) => self.basic_method(ctx, b, raw)?,

@@ -286,7 +286,14 @@ async fn serve<R, W>(
     conn.cleanup();
     conn.cleaned = true;
     outbox.push(Outgoing::Shutdown);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    if tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .is_err()
+    {
+        // The writer is still busy (a reply held for the store, a peer that does not read):
+        // a closed outbox makes it stop.
+        outbox.close();
+    }
 }
 
 impl Conn {
@@ -1232,15 +1239,17 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                             outbox.close();
                             return;
                         }
-                        match gate(&mut wr, &store, ticket, &heartbeat, &info).await {
-                            Ok(true) => {}
-                            Ok(false) => {
+                        let gated = gate(&mut wr, &store, ticket, &heartbeat, &outbox, &info);
+                        match gated.await {
+                            Ok(GateEnd::Committed) => {}
+                            Ok(GateEnd::StoreStopped) => {
                                 // The store writer stopped: what follows must not be sent as
                                 // if it had been stored.
                                 debug!("store writer stopped; closing the connection");
                                 outbox.close();
                                 return;
                             }
+                            Ok(GateEnd::Closed) => return,
                             Err(e) => {
                                 debug!(error = %e, "write failed");
                                 outbox.close();
@@ -1291,33 +1300,48 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Waits until the store commits `ticket` (true), or until the store writer stops (false),
+/// How a wait for the store ended.
+enum GateEnd {
+    Committed,
+    /// The store writer stopped: the ticket will never be committed.
+    StoreStopped,
+    /// The connection ended meanwhile (its outbox was closed).
+    Closed,
+}
+
+/// Waits until the store commits `ticket` (the caller has just written everything before it),
 /// sending heartbeats meanwhile: a reply held for the store during a database outage must not
-/// make the client take the connection for dead.
+/// make the client take the connection for dead. Gives up once the connection has ended.
 async fn gate(
     wr: &mut (impl AsyncWrite + Unpin),
     store: &warren_storage::Writer,
     ticket: u64,
     heartbeat: &AtomicU16,
+    outbox: &Outbox,
     info: &ConnInfo,
-) -> std::io::Result<bool> {
+) -> std::io::Result<GateEnd> {
     let wait = store.wait(ticket);
     tokio::pin!(wait);
     let mut beat = WriteBatch::new();
+    let mut last_write = Instant::now();
     loop {
         let hb = heartbeat.load(Ordering::Relaxed);
-        let tick = if hb == 0 {
-            Duration::from_secs(3600)
-        } else {
-            Duration::from_secs(hb as u64) / 2
-        };
+        let interval = (hb > 0).then(|| Duration::from_secs(hb as u64) / 2);
+        // Without heartbeats, still look at the outbox now and then.
+        let next = last_write + interval.unwrap_or(Duration::from_secs(1));
         tokio::select! {
-            ok = &mut wait => return Ok(ok),
-            _ = tokio::time::sleep(tick) => {
-                if hb > 0 {
+            ok = &mut wait => {
+                return Ok(if ok { GateEnd::Committed } else { GateEnd::StoreStopped });
+            }
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(next)) => {
+                if outbox.is_closed() {
+                    return Ok(GateEnd::Closed);
+                }
+                if interval.is_some() {
                     beat.push_heartbeat();
                     write_batch(wr, &mut beat, info).await?;
                 }
+                last_write = Instant::now();
             }
         }
     }

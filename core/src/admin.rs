@@ -10,8 +10,8 @@ use std::sync::Arc;
 use warren_protocol::protocol::{basic, AMQPClass};
 use warren_protocol::{AMQPProperties, FieldTable};
 use warren_storage::{
-    GlobalParameterRecord, MetaStore, Op, ParameterRecord, PermissionRecord, TopicPermissionRecord,
-    UserRecord, VhostRecord,
+    Capture, GlobalParameterRecord, MetaStore, Op, ParameterRecord, PermissionRecord,
+    TopicPermissionRecord, UserRecord, VhostRecord,
 };
 
 use crate::auth::Access;
@@ -143,10 +143,11 @@ impl Admin {
         self.broker.vhost(name).ok_or(AdminError::NotFound)
     }
 
-    /// Waits until everything submitted so far is committed.
-    pub(crate) async fn committed(&self) -> AdminResult<()> {
+    /// Waits until store writes up to `t` are committed (0: none to wait for). `t` is what a
+    /// change's `Capture` recorded: an operator's transient declare does not wait for other
+    /// clients' writes (during a database outage, for ever).
+    pub(crate) async fn committed(&self, t: u64) -> AdminResult<()> {
         let w = &self.broker.persist.writer;
-        let t = w.last_ticket();
         if t == 0 {
             return Ok(());
         }
@@ -156,9 +157,16 @@ impl Admin {
         Ok(())
     }
 
+    /// Waits until everything submitted so far is committed: for changes made across awaits
+    /// (message operations), which no `Capture` can follow.
+    pub(crate) async fn everything_committed(&self) -> AdminResult<()> {
+        self.committed(self.broker.persist.writer.last_ticket())
+            .await
+    }
+
     async fn store(&self, op: Op) -> AdminResult<()> {
-        self.broker.persist.submit(op);
-        self.committed().await
+        let t = self.broker.persist.submit(op);
+        self.committed(t).await
     }
 
     /// Users and permissions changed: forget what the data cache holds.
@@ -529,8 +537,9 @@ impl Admin {
     pub async fn declare_exchange(&self, vhost: &str, d: ExchangeDeclare) -> AdminResult<bool> {
         let v = self.vhost(vhost)?;
         let created = v.exchange(&d.name).is_none();
-        v.declare_exchange(&d)?;
-        self.committed().await?;
+        let (r, t) = Capture::run(|| v.declare_exchange(&d));
+        r?;
+        self.committed(t).await?;
         Ok(created)
     }
 
@@ -544,8 +553,9 @@ impl Admin {
         if v.exchange(name).is_none() {
             return Err(AdminError::NotFound);
         }
-        v.delete_exchange(name, if_unused)?;
-        self.committed().await
+        let (r, t) = Capture::run(|| v.delete_exchange(name, if_unused));
+        r?;
+        self.committed(t).await
     }
 
     /// Declares a queue as a client would (no owner: never exclusive). Returns whether it was
@@ -563,8 +573,9 @@ impl Admin {
             ));
         }
         let created = v.queue(&d.name).is_none();
-        v.declare_queue(0, &Access::full(user, vhost), &d)?;
-        self.committed().await?;
+        let (r, t) = Capture::run(|| v.declare_queue(0, &Access::full(user, vhost), &d));
+        r?;
+        self.committed(t).await?;
         Ok(created)
     }
 
@@ -579,16 +590,20 @@ impl Admin {
         let q = v.queue(name).ok_or(AdminError::NotFound)?;
         // The AMQP method's checks and texts; an operator may delete another's exclusive queue.
         let owner = q.spec.exclusive_owner.unwrap_or(0);
-        let (_, consumers) = v.delete_queue(owner, name, if_unused, if_empty)?;
-        Queue::cancel_consumers(consumers);
-        self.committed().await
+        let (r, t) = Capture::run(|| {
+            let (_, consumers) = v.delete_queue(owner, name, if_unused, if_empty)?;
+            Queue::cancel_consumers(consumers);
+            Ok::<_, AdminError>(())
+        });
+        r?;
+        self.committed(t).await
     }
 
     pub async fn purge_queue(&self, vhost: &str, name: &str) -> AdminResult<u32> {
         let v = self.vhost(vhost)?;
         let q = v.queue(name).ok_or(AdminError::NotFound)?;
-        let n = q.purge();
-        self.committed().await?;
+        let (n, t) = Capture::run(|| q.purge());
+        self.committed(t).await?;
         Ok(n)
     }
 
@@ -606,17 +621,21 @@ impl Admin {
         if v.exchange(source).is_none() {
             return Err(AdminError::NotFound);
         }
-        if to_exchange {
-            if v.exchange(destination).is_none() {
-                return Err(AdminError::NotFound);
+        let (r, t) = Capture::run(|| {
+            if to_exchange {
+                if v.exchange(destination).is_none() {
+                    return Err(AdminError::NotFound);
+                }
+                v.bind_exchange(destination, source, key, arguments)?;
+            } else {
+                let q = v.queue(destination).ok_or(AdminError::NotFound)?;
+                let owner = q.spec.exclusive_owner.unwrap_or(0);
+                v.bind_queue(owner, destination, source, key, arguments)?;
             }
-            v.bind_exchange(destination, source, key, arguments)?;
-        } else {
-            let q = v.queue(destination).ok_or(AdminError::NotFound)?;
-            let owner = q.spec.exclusive_owner.unwrap_or(0);
-            v.bind_queue(owner, destination, source, key, arguments)?;
-        }
-        self.committed().await
+            Ok(())
+        });
+        r?;
+        self.committed(t).await
     }
 
     pub async fn unbind(
@@ -639,16 +658,20 @@ impl Admin {
         if !found {
             return Err(AdminError::NotFound);
         }
-        if to_exchange {
-            v.unbind_exchange(destination, source, key, arguments)?;
-        } else {
-            let owner = v
-                .queue(destination)
-                .and_then(|q| q.spec.exclusive_owner)
-                .unwrap_or(0);
-            v.unbind_queue(owner, destination, source, key, arguments)?;
-        }
-        self.committed().await
+        let (r, t) = Capture::run(|| {
+            if to_exchange {
+                v.unbind_exchange(destination, source, key, arguments)?;
+            } else {
+                let owner = v
+                    .queue(destination)
+                    .and_then(|q| q.spec.exclusive_owner)
+                    .unwrap_or(0);
+                v.unbind_queue(owner, destination, source, key, arguments)?;
+            }
+            Ok::<_, AdminError>(())
+        });
+        r?;
+        self.committed(t).await
     }
 
     /// Every binding of a vhost, the default exchange's implicit ones first (as RabbitMQ
@@ -837,7 +860,7 @@ impl Admin {
             }
         }
         q.dispatch();
-        self.committed().await?;
+        self.everything_committed().await?;
         Ok(sink.take())
     }
 

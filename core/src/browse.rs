@@ -312,7 +312,7 @@ impl Admin {
                 q.transfer((b.seq, b.id), &Arc::new(out), &targets, copy)
             })
             .await?;
-        self.committed().await?;
+        self.everything_committed().await?;
         Ok(report)
     }
 
@@ -334,7 +334,7 @@ impl Admin {
                 }
             })
             .await?;
-        self.committed().await?;
+        self.everything_committed().await?;
         Ok(report)
     }
 

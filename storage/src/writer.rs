@@ -36,21 +36,37 @@ thread_local! {
 
 /// Records the tickets of the ops submitted on this thread while it lives, so that a reply can
 /// wait for exactly the changes its own method made (not for everyone else's). Captures nest:
-/// an inner one's tickets count for the outer one too.
+/// an inner one's tickets count for the outer one too. Not `Send`: a capture held across an
+/// `.await` (where a task may move to another thread) does not compile in a spawned task.
 pub struct Capture {
     outer: Option<u64>,
+    _this_thread: std::marker::PhantomData<*const ()>,
 }
 
 impl Capture {
     pub fn begin() -> Capture {
         Capture {
             outer: CAPTURED.with(|c| c.replace(Some(0))),
+            _this_thread: std::marker::PhantomData,
         }
     }
 
     /// The highest ticket submitted on this thread since `begin` (0: none).
     pub fn ticket(&self) -> u64 {
+        Capture::current()
+    }
+
+    /// The innermost live capture's ticket on this thread (0: none, or no capture).
+    pub fn current() -> u64 {
         CAPTURED.with(|c| c.get().unwrap_or(0))
+    }
+
+    /// Runs `f` (synchronous changes) under a capture: its result, and the highest ticket of
+    /// the store writes it made (0: none).
+    pub fn run<R>(f: impl FnOnce() -> R) -> (R, u64) {
+        let capture = Capture::begin();
+        let r = f();
+        (r, capture.ticket())
     }
 }
 
@@ -481,8 +497,6 @@ mod tests {
         assert!(start.elapsed() < Duration::from_millis(300));
     }
 
-    /// Issue 11: `submit` answered 0 ("nothing to wait for") once the writer was gone, which
-    /// would confirm at once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_capture_sees_only_its_own_threads_tickets() {
         let (w, _store, _faults) = writer("capture").await;
@@ -514,9 +528,17 @@ mod tests {
         drop(capture);
         // No capture: submitting records nothing anywhere.
         w.submit(Op::PutQueue(queue(4, "after")));
+        assert_eq!(Capture::current(), 0);
         assert_eq!(Capture::begin().ticket(), 0);
+        let ((), t) = Capture::run(|| {
+            w.submit(Op::PutQueue(queue(5, "run")));
+        });
+        assert_eq!(t, w.last_ticket());
+        assert_eq!(Capture::current(), 0, "run's capture ended with it");
     }
 
+    /// Issue 11: `submit` answered 0 ("nothing to wait for") once the writer was gone, which
+    /// would confirm at once.
     #[tokio::test]
     async fn a_closed_writer_never_confirms() {
         let (w, _, _) = writer("closed").await;

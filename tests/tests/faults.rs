@@ -17,31 +17,7 @@ use warren_storage::Faults;
 async fn setup(faults: &Arc<Faults>) -> (warren_broker::Running, lapin::Connection, Channel) {
     let f = faults.clone();
     let b = broker_with(move |c| c.faults = Some(f)).await;
-    let (c, ch) = channel(&b).await;
-    ch.queue_declare(
-        "fq".into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    for key in ["good", "bad"] {
-        ch.queue_bind(
-            "fq".into(),
-            "amq.direct".into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    }
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (c, ch) = setup_channel(&b).await;
     (b, c, ch)
 }
 
@@ -237,4 +213,84 @@ async fn a_message_acked_everywhere_is_confirmed_before_its_commit() {
         .unwrap();
     assert!(c3.is_ack());
     b.stop().await;
+}
+
+/// During a store outage the management API answers what writes nothing to the store (a
+/// transient queue's declaration) at once, although other clients' persistent messages wait in
+/// the writer; a durable queue's declaration is answered once the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::async_yields_async)] // a publish yields its confirm, awaited later on purpose
+async fn an_outage_holds_only_the_http_changes_that_wrote() {
+    let faults = Faults::new();
+    let f = faults.clone();
+    let b = broker_with(move |c| {
+        c.faults = Some(f);
+        c.http_listen = warren_broker::config::parse_listen("127.0.0.1:0").unwrap();
+    })
+    .await;
+    let api = format!("http://{}/api", b.http.unwrap());
+    let (_c, ch) = setup_channel(&b).await;
+    faults.set_outage(true);
+    // Another client's persistent message now waits in the writer.
+    let held = publish(&ch, "good").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let put = |name: &str, durable: bool| {
+        reqwest::Client::new()
+            .put(format!("{api}/queues/%2f/{name}"))
+            .basic_auth("guest", Some("guest"))
+            .header("content-type", "application/json")
+            .body(format!("{{\"durable\": {durable}}}"))
+            .send()
+    };
+    let r = tokio::time::timeout(Duration::from_secs(5), put("http-transient", false))
+        .await
+        .expect("a transient declaration waited for the unreachable store")
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let durable = tokio::spawn(put("http-durable", true));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !durable.is_finished(),
+        "a durable declaration was answered during the outage"
+    );
+    faults.set_outage(false);
+    let r = tokio::time::timeout(Duration::from_secs(30), durable)
+        .await
+        .expect("the durable declaration was not answered after the outage")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    assert!(held.await.unwrap().is_ack());
+    b.stop().await;
+}
+
+/// A confirm-mode channel, and the durable queue `fq` bound to amq.direct with the keys "good"
+/// and "bad".
+async fn setup_channel(b: &warren_broker::Running) -> (lapin::Connection, Channel) {
+    let (c, ch) = channel(b).await;
+    ch.queue_declare(
+        "fq".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for key in ["good", "bad"] {
+        ch.queue_bind(
+            "fq".into(),
+            "amq.direct".into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    (c, ch)
 }
