@@ -261,6 +261,8 @@ impl Exchange {
 
     /// Appends the destinations `msg` routes to through this exchange's own bindings.
     pub fn route(&self, msg: &Message, out: &mut Vec<Destination>) {
+        // Decoded before taking the lock (only headers exchanges read the properties).
+        let props = (self.kind == ExchangeKind::Headers).then(|| msg.properties());
         let t = self.read();
         match self.kind {
             ExchangeKind::Fanout => out.extend(t.all.iter().map(|b| b.destination.clone())),
@@ -275,11 +277,7 @@ impl Exchange {
                 out.extend(hits.into_iter().map(|b| b.destination.clone()));
             }
             ExchangeKind::Headers => {
-                if t.all.is_empty() {
-                    return;
-                }
-                let props = msg.properties();
-                let h = props.headers().as_ref();
+                let h = props.as_ref().and_then(|p| p.headers().as_ref());
                 out.extend(
                     t.all
                         .iter()

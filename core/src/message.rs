@@ -179,8 +179,8 @@ impl Message {
         m
     }
 
-    /// A message whose content header is encoded here from `properties` (the management
-    /// API's publish, re-encoded copies). None if the properties do not encode.
+    /// A message whose content header is encoded here from `properties`; an error if they do
+    /// not encode.
     pub fn encoded(
         id: u64,
         exchange: ShortString,
@@ -243,16 +243,19 @@ impl Message {
         routing_key: ShortString,
         properties: &AMQPProperties,
     ) -> Message {
-        let header = warren_protocol::encode::content_header_payload(
+        let header = match warren_protocol::encode::content_header_payload(
             warren_protocol::CLASS_BASIC,
             self.body.len() as u64,
             properties,
-        )
-        .unwrap_or_else(|e| {
-            // Properties that decoded from a peer's frame always encode again.
-            tracing::error!(error = %e, "re-encoding a content header failed; keeping the original");
-            self.header.clone()
-        });
+        ) {
+            Ok(h) => h,
+            Err(e) => {
+                // Properties that decoded from a peer's frame always encode again. If not, the
+                // copy keeps the original header and what was read from it, consistently.
+                tracing::error!(error = %e, "re-encoding a content header failed; keeping the original");
+                return self.rerouted(id, exchange, routing_key);
+            }
+        };
         Message::new(
             id,
             exchange,

@@ -1897,15 +1897,17 @@ mod tests {
     }
 
     fn publish(q: &Arc<Queue>, p: &Persistence, body: &[u8]) {
-        let msg = Arc::new(Message::new(
-            p.next_message_id(),
-            ShortString::from(""),
-            ShortString::from("unit"),
-            &AMQPProperties::default(),
-            bytes::Bytes::new(),
-            bytes::Bytes::copy_from_slice(body),
-            None,
-        ));
+        let msg = Arc::new(
+            Message::encoded(
+                p.next_message_id(),
+                ShortString::from(""),
+                ShortString::from("unit"),
+                &AMQPProperties::default(),
+                bytes::Bytes::copy_from_slice(body),
+                None,
+            )
+            .unwrap(),
+        );
         q.publish(&msg, &mut None, None);
     }
 
@@ -2006,15 +2008,17 @@ mod tests {
             p.clone(),
         );
         for b in [b"a", b"b"] {
-            let msg = Arc::new(Message::new(
-                p.next_message_id(),
-                ShortString::from(""),
-                ShortString::from("durable"),
-                &AMQPProperties::default().with_delivery_mode(2),
-                bytes::Bytes::new(),
-                bytes::Bytes::copy_from_slice(b),
-                None,
-            ));
+            let msg = Arc::new(
+                Message::encoded(
+                    p.next_message_id(),
+                    ShortString::from(""),
+                    ShortString::from("durable"),
+                    &AMQPProperties::default().with_delivery_mode(2),
+                    bytes::Bytes::copy_from_slice(b),
+                    None,
+                )
+                .unwrap(),
+            );
             q.publish(&msg, &mut None, None);
         }
         assert_eq!(q.counts(), (1, 0), "drop-head took the first");

@@ -136,15 +136,15 @@ mod tests {
     use super::*;
 
     fn msg(rk: &str, body: &[u8]) -> Message {
-        Message::new(
+        Message::encoded(
             1,
             "x".into(),
             rk.into(),
             &Default::default(),
-            Bytes::new(),
             Bytes::copy_from_slice(body),
             None,
         )
+        .unwrap()
     }
 
     #[tokio::test]

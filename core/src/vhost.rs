@@ -1285,15 +1285,15 @@ mod tests {
         }
     }
     fn msg(rk: &str) -> Message {
-        Message::new(
+        Message::encoded(
             1,
             "".into(),
             rk.into(),
             &Default::default(),
             Bytes::new(),
-            Bytes::new(),
             None,
         )
+        .unwrap()
     }
     fn routed(v: &VHost, x: &str, rk: &str) -> Vec<String> {
         let mut out = vec![];
