@@ -16,9 +16,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use warren_protocol::codec::{Decoder, Frame};
-use warren_protocol::encode::{content_header_payload, encode_frame};
+use warren_protocol::encode::encode_frame;
 use warren_protocol::protocol::{basic, channel, confirm, connection, AMQPClass};
-use warren_protocol::{AMQPProperties, AMQPValue, FieldTable, LongString};
+use warren_protocol::{AMQPValue, FieldTable, LongString};
 
 async fn get(url: &str) -> (u16, Value) {
     let r = reqwest::Client::new()
@@ -87,28 +87,9 @@ async fn blocked_aware_publisher(b: &warren_broker::Running) -> TcpStream {
 }
 
 async fn publish(s: &mut TcpStream, queue: &str, body: &[u8]) {
-    let mut v = Vec::new();
-    encode_frame(
-        &mut v,
-        1,
-        &AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-            exchange: "".into(),
-            routing_key: queue.into(),
-            mandatory: false,
-            immediate: false,
-        })),
-    )
-    .unwrap();
-    let header = content_header_payload(60, body.len() as u64, &AMQPProperties::default()).unwrap();
-    v.extend_from_slice(&[2, 0, 1]);
-    v.extend_from_slice(&(header.len() as u32).to_be_bytes());
-    v.extend_from_slice(&header);
-    v.push(0xCE);
-    v.extend_from_slice(&[3, 0, 1]);
-    v.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    v.extend_from_slice(body);
-    v.push(0xCE);
-    s.write_all(&v).await.unwrap();
+    s.write_all(&publish_frames(queue, false, body, 131_072))
+        .await
+        .unwrap();
 }
 
 /// What the broker sent that this test watches for.

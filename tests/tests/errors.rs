@@ -598,44 +598,12 @@ async fn listeners_are_dual_stack_and_repeatable() {
 /// buffers plus the outbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn returns_to_a_client_that_does_not_read_push_back() {
-    use warren_protocol::{
-        encode::{content_header_payload, encode_frame},
-        protocol::{basic, channel, AMQPClass},
-        AMQPProperties,
-    };
     let b = broker().await;
     let mut s = handshake(&b).await;
-    let mut open = Vec::new();
-    encode_frame(
-        &mut open,
-        1,
-        &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-    )
-    .unwrap();
-    s.write_all(&open).await.unwrap();
+    open_channel_1(&mut s).await;
     // One mandatory publish of 64 KiB to a key nothing is bound to.
     let body = vec![7u8; 64 * 1024];
-    let mut one = Vec::new();
-    encode_frame(
-        &mut one,
-        1,
-        &AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-            exchange: "".into(),
-            routing_key: "nowhere".into(),
-            mandatory: true,
-            immediate: false,
-        })),
-    )
-    .unwrap();
-    let header = content_header_payload(60, body.len() as u64, &AMQPProperties::default()).unwrap();
-    one.extend_from_slice(&[2, 0, 1]);
-    one.extend_from_slice(&(header.len() as u32).to_be_bytes());
-    one.extend_from_slice(&header);
-    one.push(0xCE);
-    one.extend_from_slice(&[3, 0, 1]);
-    one.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    one.extend_from_slice(&body);
-    one.push(0xCE);
+    let one = publish_frames("nowhere", true, &body, 131_072);
     // 256 MiB offered; the broker must stop taking it long before.
     let mut sent = 0usize;
     let writing = async {
@@ -655,40 +623,6 @@ async fn returns_to_a_client_that_does_not_read_push_back() {
     declare(&ch, "").await;
     drop(s);
     b.stop().await;
-}
-
-/// basic.publish of `body` to the default exchange with `routing_key` on channel 1: the method,
-/// the content header and the body in frames of at most `frame_max` bytes, as a client sends them.
-fn publish_frames(routing_key: &str, body: &[u8], frame_max: usize) -> Vec<u8> {
-    use warren_protocol::{
-        encode::{content_header_payload, encode_frame},
-        protocol::{basic, AMQPClass},
-        AMQPProperties,
-    };
-    let mut v = Vec::new();
-    encode_frame(
-        &mut v,
-        1,
-        &AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-            exchange: "".into(),
-            routing_key: routing_key.into(),
-            mandatory: false,
-            immediate: false,
-        })),
-    )
-    .unwrap();
-    let header = content_header_payload(60, body.len() as u64, &AMQPProperties::default()).unwrap();
-    v.extend_from_slice(&[2, 0, 1]);
-    v.extend_from_slice(&(header.len() as u32).to_be_bytes());
-    v.extend_from_slice(&header);
-    v.push(0xCE);
-    for part in body.chunks(frame_max - 8) {
-        v.extend_from_slice(&[3, 0, 1]);
-        v.extend_from_slice(&(part.len() as u32).to_be_bytes());
-        v.extend_from_slice(part);
-        v.push(0xCE);
-    }
-    v
 }
 
 async fn open_channel_1(s: &mut TcpStream) {
@@ -724,7 +658,7 @@ async fn large_bodies_arrive_intact_however_the_socket_splits_them() {
             let body: Vec<u8> = (0..size)
                 .map(|j| (j as u64 * 31 + i as u64 * 7 + split as u64) as u8)
                 .collect();
-            let bytes = publish_frames(&q, &body, frame_max);
+            let bytes = publish_frames(&q, false, &body, frame_max);
             match split {
                 // The whole message in one write.
                 0 => s.write_all(&bytes).await.unwrap(),
@@ -786,7 +720,7 @@ async fn a_bad_frame_end_after_a_large_body_frame_is_501() {
     let mut s = handshake(&b).await;
     open_channel_1(&mut s).await;
     let body = vec![5u8; 200_000];
-    let mut bytes = publish_frames(&q, &body, 131_072);
+    let mut bytes = publish_frames(&q, false, &body, 131_072);
     // The first body frame's end: after the method, the header and 131,064 bytes of payload.
     let first_end = bytes.len() - (body.len() - 131_064) - 8 - 1;
     assert_eq!(bytes[first_end], 0xCE);

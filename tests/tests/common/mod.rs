@@ -198,3 +198,43 @@ pub async fn read_until_close(s: &mut TcpStream) -> (u16, String) {
         assert!(n > 0, "socket closed before connection.close");
     }
 }
+
+/// basic.publish of `body` to the default exchange with `routing_key` on channel 1: the method,
+/// the content header and the body in frames of at most `frame_max` bytes, as a client sends them
+/// (a raw socket after `handshake_to` and channel.open).
+pub fn publish_frames(
+    routing_key: &str,
+    mandatory: bool,
+    body: &[u8],
+    frame_max: usize,
+) -> Vec<u8> {
+    use warren_protocol::{
+        encode::{content_header_payload, encode_frame},
+        protocol::{basic, AMQPClass},
+        AMQPProperties,
+    };
+    let mut v = Vec::new();
+    encode_frame(
+        &mut v,
+        1,
+        &AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: routing_key.into(),
+            mandatory,
+            immediate: false,
+        })),
+    )
+    .unwrap();
+    let header = content_header_payload(60, body.len() as u64, &AMQPProperties::default()).unwrap();
+    v.extend_from_slice(&[2, 0, 1]);
+    v.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    v.extend_from_slice(&header);
+    v.push(0xCE);
+    for part in body.chunks(frame_max - 8) {
+        v.extend_from_slice(&[3, 0, 1]);
+        v.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        v.extend_from_slice(part);
+        v.push(0xCE);
+    }
+    v
+}
