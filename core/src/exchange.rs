@@ -102,6 +102,8 @@ pub struct Exchange {
     pub stats: crate::stats::ExchangeStats,
     /// Live-tail watchers (the console).
     pub taps: crate::tap::Taps,
+    /// The store ticket of its record (0: none): a declare that finds it waits for that commit.
+    pub stored: std::sync::atomic::AtomicU64,
 }
 
 impl Exchange {
@@ -134,6 +136,7 @@ impl Exchange {
             table: RwLock::new(Table::default()),
             stats: Default::default(),
             taps: Default::default(),
+            stored: Default::default(),
         })
     }
 

@@ -139,8 +139,8 @@ impl Persistence {
         self.cache.insert(msg.id, msg.clone());
     }
 
-    pub fn put_exchange(&self, r: ExchangeRecord) {
-        self.submit(Op::PutExchange(r));
+    pub fn put_exchange(&self, r: ExchangeRecord) -> u64 {
+        self.submit(Op::PutExchange(r))
     }
 
     pub fn delete_exchange(&self, vhost: &str, name: &str) {
@@ -150,8 +150,8 @@ impl Persistence {
         });
     }
 
-    pub fn put_queue(&self, r: QueueRecord) {
-        self.submit(Op::PutQueue(r));
+    pub fn put_queue(&self, r: QueueRecord) -> u64 {
+        self.submit(Op::PutQueue(r))
     }
 
     pub fn delete_queue(&self, id: i64, vhost: &str, name: &str) {

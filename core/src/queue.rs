@@ -191,6 +191,8 @@ pub struct Queue {
     pub stats: crate::stats::QueueStats,
     /// Depth rates, sampled with the counters.
     pub depth: crate::stats::QueueDepth,
+    /// The store ticket of its record (0: none): a declare that finds it waits for that commit.
+    pub stored: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Queue {
@@ -313,6 +315,7 @@ impl Queue {
             }),
             stats: Default::default(),
             depth: Default::default(),
+            stored: Default::default(),
         })
     }
 

@@ -442,6 +442,8 @@ impl VHost {
                 &x.arguments,
                 &d.arguments,
             )?;
+            // Its record may not be committed yet: the reply waits as the creator's does.
+            warren_storage::Capture::include(x.stored.load(AtomicOrdering::Relaxed));
             return Ok(());
         }
         let x = Exchange::new(
@@ -453,7 +455,7 @@ impl VHost {
             d.arguments.clone(),
         );
         if d.durable {
-            self.persist.put_exchange(ExchangeRecord {
+            let t = self.persist.put_exchange(ExchangeRecord {
                 vhost: self.name.clone(),
                 name: d.name.clone(),
                 kind: if delayed { delay::KIND } else { kind.as_str() }.to_string(),
@@ -461,6 +463,7 @@ impl VHost {
                 internal: d.internal,
                 arguments: encode_table(&d.arguments),
             });
+            x.stored.store(t, AtomicOrdering::Relaxed);
         }
         if delayed {
             if let Some(me) = self.me.upgrade() {
@@ -593,6 +596,8 @@ impl VHost {
                 )?;
             }
             q.touch();
+            // Its record may not be committed yet: the reply waits as the creator's does.
+            warren_storage::Capture::include(q.stored.load(AtomicOrdering::Relaxed));
             let (m, c) = q.counts();
             return Ok((q, m, c));
         }
@@ -662,7 +667,7 @@ impl VHost {
         );
         self.apply_policy_to(&q);
         if durable {
-            self.persist.put_queue(QueueRecord {
+            let t = self.persist.put_queue(QueueRecord {
                 id,
                 vhost: self.name.clone(),
                 name: name.clone(),
@@ -670,6 +675,7 @@ impl VHost {
                 arguments: encode_table(&d.arguments),
                 delivered_seq: 0,
             });
+            q.stored.store(t, AtomicOrdering::Relaxed);
         }
         self.stats.queue_created.inc();
         self.adopt(&q);

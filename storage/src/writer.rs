@@ -61,6 +61,14 @@ impl Capture {
         CAPTURED.with(|c| c.get().unwrap_or(0))
     }
 
+    /// Counts `ticket` as if this thread had just submitted it (a change found already made,
+    /// whose reply must still wait for its commit); nothing outside a capture.
+    pub fn include(ticket: u64) {
+        if ticket > 0 {
+            captured(ticket);
+        }
+    }
+
     /// Runs `f` (synchronous changes) under a capture: its result, and the highest ticket of
     /// the store writes it made (0: none).
     pub fn run<R>(f: impl FnOnce() -> R) -> (R, u64) {

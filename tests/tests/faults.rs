@@ -294,3 +294,65 @@ async fn setup_channel(b: &warren_broker::Running) -> (lapin::Connection, Channe
         .unwrap();
     (c, ch)
 }
+
+/// A declare that finds a durable queue or exchange whose record is not committed yet (another
+/// connection created it during a store outage) is answered once that record is, not before:
+/// declare-ok means the entity survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declare_finding_an_uncommitted_durable_entity_waits_for_its_commit() {
+    let faults = Faults::new();
+    let (b, _c, _ch) = setup(&faults).await;
+    faults.set_outage(true);
+    let durable = || QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let xdurable = || ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let mut conns = Vec::new();
+    let mut chans = Vec::new();
+    for _ in 0..4 {
+        let (c, ch) = channel(&b).await;
+        conns.push(c);
+        chans.push(ch);
+    }
+    let queue = |ch: Channel| {
+        tokio::spawn(async move {
+            ch.queue_declare("uncommitted-q".into(), durable(), FieldTable::default())
+                .await
+                .map(|_| ())
+        })
+    };
+    let exchange = |ch: Channel| {
+        tokio::spawn(async move {
+            ch.exchange_declare(
+                "uncommitted-x".into(),
+                lapin::ExchangeKind::Direct,
+                xdurable(),
+                FieldTable::default(),
+            )
+            .await
+        })
+    };
+    let created = [queue(chans[0].clone()), exchange(chans[1].clone())];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let found = [queue(chans[2].clone()), exchange(chans[3].clone())];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (i, t) in created.iter().chain(found.iter()).enumerate() {
+        assert!(
+            !t.is_finished(),
+            "declare {i} was answered before its record was committed"
+        );
+    }
+    faults.set_outage(false);
+    for t in created.into_iter().chain(found) {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("not answered after the outage")
+            .unwrap()
+            .unwrap();
+    }
+    b.stop().await;
+}
