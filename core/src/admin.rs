@@ -746,12 +746,6 @@ impl Admin {
             ));
         }
         let persist = &self.broker.persist;
-        let header = warren_protocol::encode::content_header_payload(
-            warren_protocol::CLASS_BASIC,
-            body.len() as u64,
-            &properties,
-        )
-        .map_err(|e| AdminError::BadRequest(format!("properties: {e}")))?;
         if let Some(e) = properties.expiration() {
             if let Some(why) = crate::message::expiration_problem(e.as_str()) {
                 return Err(AdminError::BadRequest(format!(
@@ -760,15 +754,17 @@ impl Admin {
                 )));
             }
         }
-        let msg = Arc::new(Message::new(
-            persist.next_message_id(),
-            warren_protocol::short::truncated(exchange),
-            warren_protocol::short::truncated(routing_key),
-            &properties,
-            header,
-            body,
-            Some(persist.gauge.clone()),
-        ));
+        let msg = Arc::new(
+            Message::encoded(
+                persist.next_message_id(),
+                warren_protocol::short::truncated(exchange),
+                warren_protocol::short::truncated(routing_key),
+                &properties,
+                body,
+                Some(persist.gauge.clone()),
+            )
+            .map_err(|e| AdminError::BadRequest(format!("properties: {e}")))?,
+        );
         let stats = &self.broker.stats;
         stats.publish.inc();
         x.stats.publish_in.inc();

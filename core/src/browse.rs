@@ -55,15 +55,25 @@ pub struct Filter {
 
 impl Filter {
     pub fn matches(&self, m: &Message) -> bool {
+        // The properties are decoded from the header at most once, and only if a field needs them.
+        let props = std::cell::OnceCell::new();
+        self.field_matches(self.field, m, &props)
+    }
+
+    fn field_matches(
+        &self,
+        field: Field,
+        m: &Message,
+        props: &std::cell::OnceCell<warren_protocol::AMQPProperties>,
+    ) -> bool {
         let n = self.needle.as_str();
         let has = |s: Option<&str>| s.is_some_and(|s| s.contains(n));
-        match self.field {
+        let p = || props.get_or_init(|| m.properties());
+        match field {
             Field::RoutingKey => m.routing_key.as_str().contains(n),
-            Field::MessageId => has(m.properties().message_id().as_ref().map(|s| s.as_str())),
-            Field::CorrelationId => {
-                has(m.properties().correlation_id().as_ref().map(|s| s.as_str()))
-            }
-            Field::Header => header_matches(m.properties().headers().as_ref(), n),
+            Field::MessageId => has(p().message_id().as_ref().map(|s| s.as_str())),
+            Field::CorrelationId => has(p().correlation_id().as_ref().map(|s| s.as_str())),
+            Field::Header => header_matches(p().headers().as_ref(), n),
             Field::Body => contains_bytes(&m.body, n.as_bytes()),
             Field::Any => [
                 Field::RoutingKey,
@@ -73,13 +83,7 @@ impl Filter {
                 Field::Body,
             ]
             .into_iter()
-            .any(|field| {
-                Filter {
-                    field,
-                    needle: self.needle.clone(),
-                }
-                .matches(m)
-            }),
+            .any(|field| self.field_matches(field, m, props)),
         }
     }
 }
