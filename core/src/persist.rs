@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 use warren_storage::{
     BindingRecord, ExchangeRecord, Faulty, MessageStore, Op, QueueRecord, Recovered, SqlStore,
     StoreError, Writer, WriterSettings,
@@ -33,6 +34,9 @@ pub struct Persistence {
     /// Stored bodies by message id, weighed by size.
     pub cache: moka::sync::Cache<u64, Arc<Message>>,
     pub gauge: Arc<Gauge>,
+    /// Work that must reach the writer before it closes: dead letters whose bodies are read
+    /// back from the store first. A graceful shutdown waits for them.
+    pub follow_ups: TaskTracker,
     budget: usize,
     next_message_id: AtomicU64,
     next_queue_id: AtomicI64,
@@ -99,6 +103,7 @@ impl Persistence {
                 sync: config.sync,
                 cache,
                 gauge: Arc::new(Gauge::default()),
+                follow_ups: TaskTracker::new(),
                 budget,
                 next_message_id: AtomicU64::new(recovered.next_message_id.max(1) as u64),
                 next_queue_id: AtomicI64::new(recovered.next_queue_id.max(1)),
@@ -170,8 +175,18 @@ impl Persistence {
         self.submit(Op::DeleteBinding(r));
     }
 
-    /// Commits what was submitted and closes the store (at shutdown).
+    /// Finishes the follow-ups, commits what was submitted and closes the store (at shutdown).
     pub async fn close(&self) {
+        self.follow_ups.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.follow_ups.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                left = self.follow_ups.len(),
+                "dead letters still reading their bodies after 10 s; they stay in their queues"
+            );
+        }
         self.writer.close();
         let task = self
             .writer_task

@@ -1088,7 +1088,7 @@ impl Queue {
                         continue;
                     };
                     let (q, vh, p) = (self.clone(), vh.clone(), self.persist.clone());
-                    rt.spawn(async move {
+                    rt.spawn(self.persist.follow_ups.track_future(async move {
                         if !p.writer.wait(p.writer.last_ticket()).await {
                             return; // the store writer stopped: shutting down
                         }
@@ -1106,7 +1106,7 @@ impl Queue {
                                 tracing::warn!(queue = q.name(), error = %e, "store read for a dead letter failed");
                             }
                         }
-                    });
+                    }));
                 }
             }
         }

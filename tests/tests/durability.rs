@@ -863,3 +863,96 @@ async fn database_outage_holds_only_replies_that_wrote_and_keeps_heartbeats() {
     drop(server);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A rejected delivery whose body the cache dropped is dead-lettered after its body is read
+/// back from the store. A graceful stop waits for that read: before, the broker closed the
+/// store first, and after the restart the rejected message was back in its queue, not in the
+/// dead-letter queue. (The store's reads are slowed so that the stop comes first.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_finishes_dead_lettering_what_was_rejected() {
+    let faults = warren_storage::Faults::new();
+    let mut config = warren_broker::Config::for_tests();
+    let dir = config.data_dir.clone();
+    // Over budget with one message: a delivery's body goes to the cache.
+    config.cache_memory = 4096;
+    config.faults = Some(faults.clone());
+    let b = warren_broker::start(config).await.unwrap();
+    {
+        let (_c, ch) = channel(&b).await;
+        durable_queue(&ch, "dl-target").await;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            lapin::types::AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            lapin::types::AMQPValue::LongString("dl-target".into()),
+        );
+        ch.queue_declare(
+            "dl-source".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        ch.basic_publish(
+            "".into(),
+            "dl-source".into(),
+            BasicPublishOptions::default(),
+            &[b'r'; 8192],
+            persistent(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        let d = ch
+            .basic_get("dl-source".into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+            .expect("the message");
+        // The cache drops the body (as it may at any time), and reads are slow.
+        b.broker.persist.cache.invalidate_all();
+        faults.set_read_delay(Duration::from_millis(500));
+        d.reject(BasicRejectOptions { requeue: false })
+            .await
+            .unwrap();
+        // A round trip on the same channel: the reject has been handled.
+        durable_queue(&ch, "dl-target").await;
+    }
+    b.stop().await;
+
+    let mut config = warren_broker::Config::for_tests();
+    config.data_dir = dir.clone();
+    let b = warren_broker::start(config).await.unwrap();
+    let (_c, ch) = channel(&b).await;
+    assert_eq!(durable_queue(&ch, "dl-target").await, 1, "dead-lettered");
+    let d = ch
+        .basic_get("dl-target".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the dead letter");
+    assert_eq!(d.data, vec![b'r'; 8192]);
+    let left = ch
+        .queue_declare(
+            "dl-source".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(left, 0, "the rejected message came back to its queue");
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
