@@ -950,12 +950,23 @@ impl Queue {
     }
 
     /// What a delivered entry keeps while it waits for its ack: its body, unless memory is over
-    /// budget and the message is stored, in which case the body goes to the cache (which may drop
-    /// it; a requeue re-reads it). A no-ack delivery's stored position is removed only once the
+    /// budget, in which case the body goes to the cache (which may drop it; a requeue re-reads
+    /// it). A message not stored yet is written first, as a paged one is, so unacked deliveries
+    /// cannot hold more than the budget whatever the consumer's prefetch (RabbitMQ pages its
+    /// pending acks to disk the same way); an ack that reaches the writer before the commit
+    /// cancels the write. A no-ack delivery's stored position is removed only once the
     /// delivery is recorded (`settled_no_ack`): a channel closing in between gives the entry
     /// back with its position untouched.
     fn delivered(&self, g: &mut State, mut entry: Entry, msg: &Arc<Message>, ack: bool) -> Entry {
         g.bytes = g.bytes.saturating_sub(msg.body.len() as u64);
+        if ack && !entry.stored && self.persist.over_budget() {
+            self.persist.submit(Op::Insert {
+                message: Arc::new(msg.to_row()),
+                entries: vec![(self.id, entry.seq as i64)],
+            });
+            entry.stored = true;
+            g.stored_any = true;
+        }
         if entry.stored {
             if self.spec.durable && entry.seq > g.delivered_reported {
                 g.delivered_reported = entry.seq;
