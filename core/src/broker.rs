@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use warren_storage::StoreError;
@@ -16,6 +17,9 @@ use crate::connections::Registry;
 use crate::persist::Persistence;
 use crate::stats::GlobalStats;
 use crate::vhost::VHost;
+
+/// How often the unacked sweeper runs.
+pub const UNACKED_SWEEP: Duration = Duration::from_millis(250);
 
 pub struct Broker {
     pub config: Config,
@@ -196,11 +200,13 @@ impl Broker {
         m
     }
 
-    /// Samples rates every `stats::RATE_INTERVAL` and checks the resource alarms every
-    /// `alarms::CHECK_INTERVAL`, until shutdown.
+    /// Samples rates every `stats::RATE_INTERVAL`, checks the resource alarms every
+    /// `alarms::CHECK_INTERVAL` and sweeps unacked deliveries over the budget
+    /// (`start_unacked_sweeper`), until shutdown.
     pub fn start_sampler(self: &Arc<Self>) {
         self.alarms
             .start_monitor(self.config.data_dir.clone(), self.shutdown.clone());
+        self.start_unacked_sweeper();
         let me = Arc::downgrade(self);
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -219,6 +225,56 @@ impl Broker {
                 last = now;
             }
         });
+    }
+
+    /// Over the memory budget, unacked deliveries held longer than `--unacked-page-after-ms` give their
+    /// bodies up to the store and the cache (`Queue::page_out_unacked`), checked every
+    /// `UNACKED_SWEEP` until shutdown. Deliveries acked within that time (the usual case)
+    /// cost nothing; only those a consumer sits on are written.
+    pub fn start_unacked_sweeper(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(UNACKED_SWEEP);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                let Some(b) = me.upgrade() else { return };
+                b.page_out_unacked();
+            }
+        });
+    }
+
+    /// One sweep (see `start_unacked_sweeper`); returns how many bodies it gave up.
+    pub fn page_out_unacked(&self) -> usize {
+        if !self.persist.over_budget() {
+            return 0;
+        }
+        let before = crate::message::now_ms().saturating_sub(self.config.unacked_page_after_ms);
+        let mut freed = 0;
+        for c in self.connections.all() {
+            for ch in c.channels() {
+                loop {
+                    let batch = ch.unswept(before, 1024);
+                    if batch.is_empty() {
+                        break;
+                    }
+                    for (tag, q) in batch {
+                        freed += q.page_out_unacked(&ch, tag) as usize;
+                    }
+                }
+            }
+        }
+        if freed > 0 {
+            tracing::debug!(
+                freed,
+                "unacked deliveries gave their bodies up to the store"
+            );
+        }
+        freed
     }
 
     /// Counts a connection as open until the returned guard drops.

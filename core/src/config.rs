@@ -73,6 +73,12 @@ pub struct Config {
     #[arg(long, env = "WARREN_CACHE_MEMORY", default_value = "512MiB", value_parser = parse_size)]
     pub cache_memory: u64,
 
+    /// Over the memory budget, a delivery unacked for longer than this (ms) gives its body up:
+    /// written to the store if it is not there, then held by the cache only (a requeue reads it
+    /// back). Deliveries acked sooner are never written for this.
+    #[arg(long, env = "WARREN_UNACKED_PAGE_AFTER_MS", default_value_t = 1000)]
+    pub unacked_page_after_ms: u64,
+
     /// When a publisher confirm is sent for a persistent message: `confirm` (after the commit
     /// that stores it) or `periodic:<ms>` (write-behind: at once, with the store flushed every
     /// <ms>; a crash can lose up to that window of confirmed messages).

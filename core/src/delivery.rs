@@ -55,6 +55,8 @@ struct State {
     closed: bool,
     /// Tags taken back by a consumer timeout: a late ack of one is ignored, not a 406.
     timed_out: std::collections::BTreeSet<u64>,
+    /// Unacked deliveries up to this tag have been offered to the sweeper (`unswept`).
+    swept: u64,
 }
 
 /// Where a channel's frames go. Queues and the reply-to registry reach a consumer's connection
@@ -179,6 +181,32 @@ impl ChannelHandle {
         for u in self.lock().unacked.values() {
             f(&u.queue);
         }
+    }
+
+    /// Unacked deliveries made before `before_ms` (ms since the epoch) that still hold their
+    /// bodies, oldest first, at most `max`, each offered once: (tag, queue). Delivery tags
+    /// grow with time, so the scan stops at the first younger delivery.
+    pub fn unswept(&self, before_ms: u64, max: usize) -> Vec<(u64, Arc<Queue>)> {
+        let mut g = self.lock();
+        let mut out = Vec::new();
+        let mut last = g.swept;
+        for (tag, u) in g.unacked.range(g.swept.saturating_add(1)..) {
+            if u.at >= before_ms || out.len() >= max {
+                break;
+            }
+            last = *tag;
+            if u.entry.msg.is_some() {
+                out.push((*tag, u.queue.clone()));
+            }
+        }
+        g.swept = last;
+        out
+    }
+
+    /// Calls `f` on the entry of unacked delivery `tag`, if it is still unacked. Callers may
+    /// hold the delivering queue's lock (queue, then channel).
+    pub fn with_unacked<R>(&self, tag: u64, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+        self.lock().unacked.get_mut(&tag).map(|u| f(&mut u.entry))
     }
 
     /// This channel's unacknowledged deliveries from `queue`, by delivery tag.

@@ -950,23 +950,13 @@ impl Queue {
     }
 
     /// What a delivered entry keeps while it waits for its ack: its body, unless memory is over
-    /// budget, in which case the body goes to the cache (which may drop it; a requeue re-reads
-    /// it). A message not stored yet is written first, as a paged one is, so unacked deliveries
-    /// cannot hold more than the budget whatever the consumer's prefetch (RabbitMQ pages its
-    /// pending acks to disk the same way); an ack that reaches the writer before the commit
-    /// cancels the write. A no-ack delivery's stored position is removed only once the
-    /// delivery is recorded (`settled_no_ack`): a channel closing in between gives the entry
-    /// back with its position untouched.
+    /// budget and the message is stored, in which case the body goes to the cache (which may drop
+    /// it; a requeue re-reads it). Bodies of deliveries that stay unacked while memory is over
+    /// budget are given up later (`page_out_unacked`). A no-ack delivery's stored position is
+    /// removed only once the delivery is recorded (`settled_no_ack`): a channel closing in
+    /// between gives the entry back with its position untouched.
     fn delivered(&self, g: &mut State, mut entry: Entry, msg: &Arc<Message>, ack: bool) -> Entry {
         g.bytes = g.bytes.saturating_sub(msg.body.len() as u64);
-        if ack && !entry.stored && self.persist.over_budget() {
-            self.persist.submit(Op::Insert {
-                message: Arc::new(msg.to_row()),
-                entries: vec![(self.id, entry.seq as i64)],
-            });
-            entry.stored = true;
-            g.stored_any = true;
-        }
         if entry.stored {
             if self.spec.durable && entry.seq > g.delivered_reported {
                 g.delivered_reported = entry.seq;
@@ -1036,6 +1026,40 @@ impl Queue {
     /// A no-ack delivery was recorded: its stored position goes (the message is gone).
     fn settled_no_ack(&self, seq: u64, id: u64) {
         self.persist.submit(self.remove_position(seq, id, false));
+    }
+
+    /// Gives up the body of the unacked delivery `tag` on `ch`, from this queue: a message not
+    /// stored yet is written first (as a paged one is), then only the cache holds the body and
+    /// a requeue reads it back. The sweeper calls this over the budget for deliveries held
+    /// a while (`Broker::page_out_unacked`), so unacked deliveries cannot hold memory
+    /// without bound whatever the consumer's prefetch. True if it freed a body.
+    pub fn page_out_unacked(&self, ch: &ChannelHandle, tag: u64) -> bool {
+        let mut g = self.lock();
+        if g.deleted {
+            return false;
+        }
+        // The queue's lock, then the channel's: the order dispatch takes them in.
+        let freed = ch
+            .with_unacked(tag, |e| {
+                let Some(msg) = e.msg.take() else {
+                    return false;
+                };
+                if !e.stored {
+                    self.persist.submit(Op::Insert {
+                        message: Arc::new(msg.to_row()),
+                        entries: vec![(self.id, e.seq as i64)],
+                    });
+                    e.stored = true;
+                }
+                self.persist.cache_body(&msg);
+                true
+            })
+            .unwrap_or(false);
+        if freed {
+            g.stored_any = true;
+        }
+        drop(g);
+        freed
     }
 
     /// Redeliveries from a queue with a delivery limit (or a quorum queue) carry

@@ -162,6 +162,11 @@ struct Msg {
     since_fence: u8,
     /// The queue it was last dead-lettered from (its newest x-death entry).
     origin: Option<usize>,
+    /// Queues it was dead-lettered from, one bit each, while that dead-lettering may still be
+    /// under way: a body the broker no longer holds is read back from the store first, so
+    /// the move can commit after a later fence. Not cleared by fences; cleared once the
+    /// dead-letter queue is seen holding every dead letter (`dead_letters_arrived`).
+    dl_pending: u8,
 }
 
 #[derive(Default)]
@@ -208,6 +213,7 @@ impl Model {
             durable_delivered: false,
             since_fence: Place::Ready(q).settled().map_or(0, |s| 1 << s),
             origin: None,
+            dl_pending: 0,
         });
         if q == Q1 {
             // x-max-length drop-head: the oldest ready ones go to the dead-letter queue.
@@ -223,6 +229,7 @@ impl Model {
     fn dead_letter(&mut self, i: usize) {
         if let Place::Ready(q) | Place::Unacked(q, ..) = self.msgs[i].place {
             self.msgs[i].origin = Some(q);
+            self.msgs[i].dl_pending |= 1 << q;
         }
         let seq = self.seq();
         self.msgs[i].place = Place::Ready(DLQ);
@@ -249,6 +256,7 @@ impl Model {
         m.durable_place = None;
         m.durable_delivered = false;
         m.since_fence = 0;
+        m.dl_pending = 0;
         self.msgs.push(m);
         let j = self.msgs.len() - 1;
         self.place_at(j, q);
@@ -567,7 +575,17 @@ impl Run {
     async fn dead_letters_arrived(&mut self) {
         let want = self.model.ready(DLQ).len() as u32;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.client().count(DLQ).await < want && Instant::now() < deadline {
+        loop {
+            let n = self.client().count(DLQ).await;
+            if n == want {
+                // Every dead letter so far has arrived.
+                for m in &mut self.model.msgs {
+                    m.dl_pending = 0;
+                }
+            }
+            if n >= want || Instant::now() > deadline {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -1297,7 +1315,7 @@ impl Run {
                     let then = m.durable_place.and_then(Place::settled);
                     // Requeued at the stop into a full q1, drop-head may have moved it.
                     let dropped = q1_overflow && q == DLQ && (now == Some(Q1) || then == Some(Q1));
-                    let passed = m.since_fence & (1 << q) != 0;
+                    let passed = (m.since_fence | m.dl_pending) & (1 << q) != 0;
                     m.persistent && (now == Some(q) || then == Some(q) || passed || dropped)
                 };
                 // Several messages may share a body (fanout, copies): prefer one whose flags
@@ -1430,6 +1448,7 @@ impl Run {
             m.place = Place::Ready(seen[&i]);
             m.delivered = true;
             m.origin = origins[&i];
+            m.dl_pending = 0;
             m.seq = self.model.seq();
             kept.push(m);
         }
@@ -1531,7 +1550,13 @@ async fn run_seed(seed: u64, steps: u64, storage: Option<String>) {
     // A small budget so that queues also page to the store. On odd seeds a tiny one (a dozen
     // messages), so that memory is over budget most of the time: most messages page, and
     // unacked deliveries give their bodies up to the store.
-    config.cache_memory = if seed.is_multiple_of(2) { 64 * 1024 } else { 4 * 1024 };
+    config.cache_memory = if seed.is_multiple_of(2) {
+        64 * 1024
+    } else {
+        4 * 1024
+    };
+    // Unacked deliveries give their bodies up at the next sweep (a quarter second).
+    config.unacked_page_after_ms = 0;
     // The management API, for the policy operation.
     config.http_listen = warren_broker::config::parse_listen("127.0.0.1:0").unwrap();
     std::fs::create_dir_all(&config.data_dir).unwrap();
