@@ -20,6 +20,8 @@ use crate::vhost::VHost;
 
 /// How often the unacked sweeper runs.
 pub const UNACKED_SWEEP: Duration = Duration::from_millis(250);
+/// Most rows one sweep of unacked deliveries writes to the store.
+pub const UNACKED_SWEEP_ROWS: usize = 4096;
 
 pub struct Broker {
     pub config: Config,
@@ -237,33 +239,47 @@ impl Broker {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(UNACKED_SWEEP);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
+            for round in 0.. {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = shutdown.cancelled() => return,
                 }
                 let Some(b) = me.upgrade() else { return };
-                b.page_out_unacked();
+                b.page_out_unacked(round);
             }
         });
     }
 
-    /// One sweep (see `start_unacked_sweeper`); returns how many bodies it gave up.
-    pub fn page_out_unacked(&self) -> usize {
+    /// One sweep (see `start_unacked_sweeper`); returns how many bodies it gave up. A sweep
+    /// writes at most `UNACKED_SWEEP_ROWS` rows and gives up at most an eighth of the budget,
+    /// oldest deliveries first, starting from another connection each `round`: the extra
+    /// work for the store stays bounded however many deliveries wait, so a broker that is
+    /// behind (consumers slow to ack because the machine is busy) is not slowed further by
+    /// writing deliveries that are about to be acked.
+    pub fn page_out_unacked(&self, round: usize) -> usize {
         if !self.persist.over_budget() {
             return 0;
         }
         let before = crate::message::now_ms().saturating_sub(self.config.unacked_page_after_ms);
-        let mut freed = 0;
-        for c in self.connections.all() {
-            for ch in c.channels() {
+        let max_bytes = (self.config.cache_memory / 8) as usize;
+        let (mut freed, mut rows, mut bytes) = (0, 0, 0);
+        let conns = self.connections.all();
+        'sweep: for k in 0..conns.len() {
+            for ch in conns[(round + k) % conns.len()].channels() {
                 loop {
-                    let batch = ch.unswept(before, 1024);
+                    if rows >= UNACKED_SWEEP_ROWS || bytes >= max_bytes {
+                        break 'sweep;
+                    }
+                    let batch = ch.unswept(before, 64);
                     if batch.is_empty() {
                         break;
                     }
                     for (tag, q) in batch {
-                        freed += q.page_out_unacked(&ch, tag) as usize;
+                        if let Some((weight, wrote)) = q.page_out_unacked(&ch, tag) {
+                            freed += 1;
+                            bytes += weight;
+                            rows += wrote as usize;
+                        }
                     }
                 }
             }
@@ -271,6 +287,8 @@ impl Broker {
         if freed > 0 {
             tracing::debug!(
                 freed,
+                rows,
+                bytes,
                 "unacked deliveries gave their bodies up to the store"
             );
         }

@@ -1032,34 +1032,32 @@ impl Queue {
     /// stored yet is written first (as a paged one is), then only the cache holds the body and
     /// a requeue reads it back. The sweeper calls this over the budget for deliveries held
     /// a while (`Broker::page_out_unacked`), so unacked deliveries cannot hold memory
-    /// without bound whatever the consumer's prefetch. True if it freed a body.
-    pub fn page_out_unacked(&self, ch: &ChannelHandle, tag: u64) -> bool {
+    /// without bound whatever the consumer's prefetch. Returns the message's weight and
+    /// whether it was written, if it gave a body up.
+    pub fn page_out_unacked(&self, ch: &ChannelHandle, tag: u64) -> Option<(usize, bool)> {
         let mut g = self.lock();
         if g.deleted {
-            return false;
+            return None;
         }
         // The queue's lock, then the channel's: the order dispatch takes them in.
-        let freed = ch
-            .with_unacked(tag, |e| {
-                let Some(msg) = e.msg.take() else {
-                    return false;
-                };
-                if !e.stored {
-                    self.persist.submit(Op::Insert {
-                        message: Arc::new(msg.to_row()),
-                        entries: vec![(self.id, e.seq as i64)],
-                    });
-                    e.stored = true;
-                }
-                self.persist.cache_body(&msg);
-                true
-            })
-            .unwrap_or(false);
-        if freed {
+        let done = ch.with_unacked(tag, |e| {
+            let msg = e.msg.take()?;
+            let wrote = !e.stored;
+            if wrote {
+                self.persist.submit(Op::Insert {
+                    message: Arc::new(msg.to_row()),
+                    entries: vec![(self.id, e.seq as i64)],
+                });
+                e.stored = true;
+            }
+            self.persist.cache_body(&msg);
+            Some((msg.weight(), wrote))
+        })?;
+        if done.is_some_and(|(_, wrote)| wrote) {
             g.stored_any = true;
         }
         drop(g);
-        freed
+        done
     }
 
     /// Redeliveries from a queue with a delivery limit (or a quorum queue) carry
