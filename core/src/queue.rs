@@ -56,6 +56,8 @@ const WINDOW: usize = 1024;
 const WINDOW_BYTES: usize = 4 << 20;
 /// The message browser reads at most this many body bytes from the store per page.
 const BROWSE_BYTES: usize = 16 << 20;
+/// How long the browser waits for drop-head drops the paged part still owes.
+pub const OWED_DROPS_WAIT: Duration = Duration::from_secs(5);
 /// The loader always refills a head shorter than this; up to `WINDOW` only under the budget.
 const LOW_WATER: usize = 256;
 /// Messages waiting in memory, while the consumers' outboxes are full, past which a queue
@@ -1359,8 +1361,15 @@ impl Queue {
     /// The message browser's view: up to `limit` ready messages with a position (seq) of at
     /// least `from`, in position order, read without taking them. The in-memory head comes
     /// first, then the store part (positions above the head's). Nothing about a message
-    /// changes: not its place, its redelivered flag nor its delivery count.
-    pub async fn browse(&self, from: u64, limit: usize) -> Result<Vec<Browsed>, StoreError> {
+    /// changes: not its place, its redelivered flag nor its delivery count. Drop-head drops
+    /// the paged part still owes are waited for first (for a while), and any still owed are
+    /// not shown.
+    pub async fn browse(
+        self: &Arc<Self>,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Browsed>, StoreError> {
+        self.owed_drops_done(OWED_DROPS_WAIT).await;
         let (mut out, paged) = {
             let g = self.lock();
             let take = |e: &Entry| Browsed {
@@ -1380,8 +1389,14 @@ impl Queue {
                 v.sort_by_key(|e| e.seq);
                 v.into_iter().take(limit).map(take).collect()
             };
-            let paged = (g.paged.count > 0 && out.len() < limit)
-                .then(|| (g.paged.cursor, g.paged.holes.clone(), g.delivered_before));
+            let paged = (g.paged.count > 0 && out.len() < limit).then(|| {
+                (
+                    g.paged.cursor,
+                    g.paged.holes.clone(),
+                    g.delivered_before,
+                    g.owed_drops,
+                )
+            });
             (out, paged)
         };
         let p = &self.persist;
@@ -1401,9 +1416,16 @@ impl Queue {
                 .map(Arc::new);
         }
         out.retain(|b| b.msg.is_some());
-        if let Some((cursor, holes, delivered_before)) = paged {
-            let after = cursor.max(from.saturating_sub(1));
-            let want = limit - out.len();
+        if let Some((cursor, holes, delivered_before, mut owed)) = paged {
+            // Drop-head's drops still owed by the paged part (the store failing, so the
+            // loader cannot read) are its first messages: they are not shown, so the read
+            // starts at the cursor when there are any.
+            let after = if owed > 0 {
+                cursor
+            } else {
+                cursor.max(from.saturating_sub(1))
+            };
+            let want = limit - out.len() + owed as usize;
             let rows = p
                 .store
                 .read_queue(self.id, after as i64, want + holes.len(), BROWSE_BYTES)
@@ -1415,6 +1437,13 @@ impl Queue {
                     break;
                 }
                 if seq <= cursor || holes.contains(&seq) {
+                    continue;
+                }
+                if owed > 0 {
+                    owed -= 1;
+                    continue;
+                }
+                if seq < from {
                     continue;
                 }
                 let id = row.message.id as u64;
@@ -1433,6 +1462,27 @@ impl Queue {
             }
         }
         Ok(out)
+    }
+
+    /// Waits, up to `limit`, until the drop-head drops owed by the paged part are done (the
+    /// loader applies them as it reads the paged head; after a store failure it retries a
+    /// second later). Until then the browser cannot take a paged message (`find_ready`): which
+    /// ones the drops take is known only once they are read. True once none is owed.
+    pub async fn owed_drops_done(self: &Arc<Self>, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            {
+                let mut g = self.lock();
+                if g.owed_drops == 0 || g.deleted {
+                    return true;
+                }
+                self.maybe_load(&mut g);
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// The newest position given out (0: none yet).

@@ -964,3 +964,34 @@ async fn live_tail_streams_samples_of_what_passes_an_exchange() {
     .await;
     assert_eq!(s, 404);
 }
+
+/// Drop-head on a queue whose head is paged out owes its drops until the loader reads that
+/// head. The browser waits for them, and does not show the messages they take: before, it
+/// listed them, more messages than the queue's count. (Store reads are slowed, so the
+/// loader's read is still under way when the browser looks.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browser_hides_what_drop_head_owes_from_a_paged_head() {
+    let faults = warren_storage::Faults::new();
+    let b = broker_with(|c| {
+        c.http_listen = warren_broker::config::parse_listen("127.0.0.1:0").unwrap();
+        c.prometheus_listen = Default::default();
+        // Two 2 KiB messages fill it: the rest page out.
+        c.cache_memory = 4096;
+        c.faults = Some(faults.clone());
+    })
+    .await;
+    let (_c, ch) = channel(&b).await;
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(3));
+    durable(&ch, "owed", args).await;
+    faults.set_read_delay(Duration::from_millis(1500));
+    // 0 and 1 stay in memory and are dropped at once; 2, 3 and 4 are dropped from the paged
+    // part, which the loader is still reading.
+    fill(&ch, "owed", 0..8, 2048).await;
+    assert_eq!(count(&ch, "owed").await, 3);
+    let (ns, _) = browse_all(&b, "owed", 100).await;
+    assert_eq!(ns, vec![5, 6, 7]);
+    faults.set_read_delay(Duration::ZERO);
+    assert_eq!(drain(&ch, "owed").await.len(), 3);
+    b.stop().await;
+}
