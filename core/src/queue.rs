@@ -1127,18 +1127,35 @@ impl Queue {
                         if !p.writer.wait(p.writer.last_ticket()).await {
                             return; // the store writer stopped: shutting down
                         }
-                        match p.store.read_message(d.entry.id as i64).await {
-                            Ok(Some(row)) => match Message::from_row(row, Some(p.gauge.clone())) {
+                        // The message is no longer in the queue's memory: a read the store
+                        // cannot answer now is retried (50 ms doubling to 5 s) until it can,
+                        // or until shutdown (it stays in the store and is dead-lettered
+                        // again after the restart).
+                        let mut backoff = Duration::from_millis(50);
+                        let row = loop {
+                            match p.store.read_message(d.entry.id as i64).await {
+                                Ok(row) => break row,
+                                Err(StoreError::Unavailable(e)) if !p.follow_ups.is_closed() => {
+                                    if backoff == Duration::from_millis(50) {
+                                        tracing::warn!(queue = q.name(), error = %e, "store read for a dead letter failed; retrying");
+                                    }
+                                    tokio::time::sleep(backoff).await;
+                                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                                }
+                                Err(e) => {
+                                    tracing::warn!(queue = q.name(), error = %e, "store read for a dead letter failed; left in the store");
+                                    return;
+                                }
+                            }
+                        };
+                        match row {
+                            Some(row) => match Message::from_row(row, Some(p.gauge.clone())) {
                                 Some(m) => vh.dead_letter(&q, d.entry, Arc::new(m), d.reason),
                                 None => q.forget(&d.entry),
                             },
-                            Ok(None) => {
+                            None => {
                                 tracing::warn!(queue = q.name(), seq = d.entry.seq, id = d.entry.id, "dead letter's body is not in the store; dropped");
                                 q.forget(&d.entry)
-                            }
-                            Err(e) => {
-                                // Left in the store: it is redelivered after a restart.
-                                tracing::warn!(queue = q.name(), error = %e, "store read for a dead letter failed");
                             }
                         }
                     }));

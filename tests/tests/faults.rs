@@ -356,3 +356,93 @@ async fn a_declare_finding_an_uncommitted_durable_entity_waits_for_its_commit() 
     }
     b.stop().await;
 }
+
+/// A rejected delivery whose body the cache dropped is dead-lettered after its body is read
+/// back from the store. A read that fails because the store is down is retried until the
+/// store is back: before, the message was left in the store, out of its queue's memory, and
+/// reached the dead-letter queue only after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_whose_body_read_fails_arrives_once_the_store_is_back() {
+    let faults = Faults::new();
+    let f = faults.clone();
+    let b = broker_with(move |c| {
+        c.faults = Some(f);
+        // Over budget with one message: a delivery's body goes to the cache.
+        c.cache_memory = 4096;
+    })
+    .await;
+    let (_c, ch) = channel(&b).await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare("dlf-target".into(), durable, FieldTable::default())
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        lapin::types::AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        lapin::types::AMQPValue::LongString("dlf-target".into()),
+    );
+    ch.queue_declare("dlf-source".into(), durable, args)
+        .await
+        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.basic_publish(
+        "".into(),
+        "dlf-source".into(),
+        BasicPublishOptions::default(),
+        &[b'd'; 8192],
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let d = ch
+        .basic_get("dlf-source".into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .expect("the message");
+    // What the delivery wrote is committed; then the cache drops the body and the store
+    // goes down.
+    let w = &b.broker.persist.writer;
+    assert!(w.wait(w.last_ticket()).await);
+    b.broker.persist.cache.invalidate_all();
+    faults.set_outage(true);
+    d.reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    faults.set_outage(false);
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let mut n = 0;
+    for _ in 0..100 {
+        n = ch
+            .queue_declare("dlf-target".into(), passive, FieldTable::default())
+            .await
+            .unwrap()
+            .message_count();
+        if n == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(n, 1, "the dead letter did not arrive");
+    let got = ch
+        .basic_get("dlf-target".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the dead letter");
+    assert_eq!(got.data, vec![b'd'; 8192]);
+    b.stop().await;
+}

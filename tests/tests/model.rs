@@ -617,7 +617,8 @@ impl Run {
             q => ("", NAMES[[Q0, Q1, TQ, Q2][q]], vec![[Q0, Q1, TQ, Q2][q]]),
         };
         self.log.push(format!(
-            "publish {n} to {exchange}/{key} persistent={persistent} confirm={confirm}"
+            "publish {n} to {exchange}/{key} persistent={persistent} confirm={confirm} (from {})",
+            self.model.next_pid + 1
         ));
         let props = if persistent {
             BasicProperties::default().with_delivery_mode(2)
