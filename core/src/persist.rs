@@ -1,7 +1,8 @@
 //! `Persistence`: the broker's side of the store. It owns the store (`SqlStore` behind the
 //! fault-injection seam, which forwards unless a test sets faults), the group-commit
 //! `Writer`, the `--sync` mode, the memory `Gauge` with its budget, the moka cache of stored
-//! bodies, and the id counters for messages and queues. Topology changes and message positions
+//! bodies, the id counters for messages and queues, and the follow-ups a graceful stop waits
+//! for (dead letters reading their bodies back). Topology changes and message positions
 //! reach the store only through `submit`; tickets say when they are committed.
 //!
 //! Memory: every live `Message` is counted in the gauge. A quarter of the budget is the moka

@@ -1033,9 +1033,9 @@ impl Queue {
     /// Gives up the body of the unacked delivery `tag` on `ch`, from this queue: a message not
     /// stored yet is written first (as a paged one is), then only the cache holds the body and
     /// a requeue reads it back. The sweeper calls this over the budget for deliveries held
-    /// a while (`Broker::page_out_unacked`), so unacked deliveries cannot hold memory
-    /// without bound whatever the consumer's prefetch. Returns the message's weight and
-    /// whether it was written, if it gave a body up.
+    /// a while (`Broker::page_out_unacked`), so unacked deliveries do not keep their bodies
+    /// in memory whatever the consumer's prefetch. Returns the message's weight and whether
+    /// it was written, if it gave a body up.
     pub fn page_out_unacked(&self, ch: &ChannelHandle, tag: u64) -> Option<(usize, bool)> {
         let mut g = self.lock();
         if g.deleted {
@@ -1128,9 +1128,9 @@ impl Queue {
                             return; // the store writer stopped: shutting down
                         }
                         // The message is no longer in the queue's memory: a read the store
-                        // cannot answer now is retried (50 ms doubling to 5 s) until it can,
+                        // cannot answer now is retried (50 ms doubling to 1 s) until it can,
                         // or until shutdown (it stays in the store and is dead-lettered
-                        // again after the restart).
+                        // again after the restart; the stop waits at most 10 s for these).
                         let mut backoff = Duration::from_millis(50);
                         let row = loop {
                             match p.store.read_message(d.entry.id as i64).await {
@@ -1140,7 +1140,7 @@ impl Queue {
                                         tracing::warn!(queue = q.name(), error = %e, "store read for a dead letter failed; retrying");
                                     }
                                     tokio::time::sleep(backoff).await;
-                                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                                    backoff = (backoff * 2).min(Duration::from_secs(1));
                                 }
                                 Err(e) => {
                                     tracing::warn!(queue = q.name(), error = %e, "store read for a dead letter failed; left in the store");
@@ -1433,16 +1433,31 @@ impl Queue {
                 .map(Arc::new);
         }
         out.retain(|b| b.msg.is_some());
-        if let Some((cursor, holes, delivered_before, mut owed)) = paged {
-            // Drop-head's drops still owed by the paged part (the store failing, so the
-            // loader cannot read) are its first messages: they are not shown, so the read
-            // starts at the cursor when there are any.
-            let after = if owed > 0 {
-                cursor
-            } else {
-                cursor.max(from.saturating_sub(1))
-            };
-            let want = limit - out.len() + owed as usize;
+        if let Some((cursor, holes, delivered_before, owed)) = paged {
+            // Drop-head's drops still owed by the paged part (the store slow or failing, so
+            // the loader has not read them yet) take its first messages: those are found
+            // first and not shown.
+            let mut owed_seqs = BTreeSet::new();
+            if owed > 0 {
+                let first = p
+                    .store
+                    .read_queue(
+                        self.id,
+                        cursor as i64,
+                        owed as usize + holes.len(),
+                        BROWSE_BYTES,
+                    )
+                    .await?;
+                owed_seqs.extend(
+                    first
+                        .iter()
+                        .map(|r| r.seq as u64)
+                        .filter(|s| !holes.contains(s))
+                        .take(owed as usize),
+                );
+            }
+            let after = cursor.max(from.saturating_sub(1));
+            let want = limit - out.len() + owed_seqs.len();
             let rows = p
                 .store
                 .read_queue(self.id, after as i64, want + holes.len(), BROWSE_BYTES)
@@ -1453,14 +1468,7 @@ impl Queue {
                 if out.len() >= limit {
                     break;
                 }
-                if seq <= cursor || holes.contains(&seq) {
-                    continue;
-                }
-                if owed > 0 {
-                    owed -= 1;
-                    continue;
-                }
-                if seq < from {
+                if seq <= cursor || holes.contains(&seq) || owed_seqs.contains(&seq) {
                     continue;
                 }
                 let id = row.message.id as u64;

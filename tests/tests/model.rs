@@ -315,6 +315,10 @@ impl Model {
     /// messages and the non-durable queue are gone.
     fn restart(&mut self) {
         self.fence();
+        // A graceful stop finishes the dead-lettering under way (`Persistence::follow_ups`).
+        for m in &mut self.msgs {
+            m.dl_pending = 0;
+        }
         for m in &mut self.msgs {
             let keep = m.persistent && m.place.settled().is_some_and(durable);
             if !keep {
