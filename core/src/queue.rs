@@ -1291,9 +1291,12 @@ impl Queue {
                 self.drop_entry(&mut g, e, Reason::DeliveryLimit);
                 continue;
             }
-            // A body evicted to the cache is usually still there; if not, its bytes are
-            // uncounted until it is read back.
-            g.bytes += self.body(&e).map_or(0, |m| m.body.len() as u64);
+            // A body given up to the cache is usually still there: the entry holds it again
+            // and it is counted. If not, its bytes are counted when the loader reads it back.
+            if let Some(m) = self.body(&e) {
+                g.bytes += m.body.len() as u64;
+                e.msg = Some(m);
+            }
             self.insert_ready(&mut g, e);
         }
         self.dispatch_locked(&mut g);
@@ -1794,13 +1797,17 @@ impl Queue {
             return Ok(());
         }
         for m in bodies {
+            // Requeued without their bodies, so not counted in `bytes` yet.
+            let mut filled = 0;
             for e in g
                 .ready
                 .iter_mut()
                 .filter(|e| e.id == m.id && e.msg.is_none())
             {
                 e.msg = Some(m.clone());
+                filled += m.body.len() as u64;
             }
+            g.bytes += filled;
         }
         // A missing body that could not be read back is dropped rather than wedging the head.
         let unreadable: Vec<u64> = job

@@ -1089,3 +1089,48 @@ async fn recovered_ttl_queue_expires_without_being_touched() {
     assert_eq!(count(&ch, "rttl-src").await, 0);
     b.stop().await;
 }
+
+/// `x-max-length-bytes` keeps counting messages that come back without their bodies: over the
+/// memory budget a delivery's body goes to the cache, and a requeue after the cache dropped it
+/// counted 0 bytes for it for good (the loader put the body back uncounted), so the limit
+/// stopped dropping. Now the loader counts what it reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_length_bytes_counts_requeued_messages_whose_bodies_were_evicted() {
+    // Over budget with two messages.
+    let b = broker_with(|c| c.cache_memory = 4096).await;
+    let (_c, ch) = channel(&b).await;
+    declare_durable(&ch, "bytes", args(&[("x-max-length-bytes", int(3000))])).await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let persistent = BasicProperties::default().with_delivery_mode(2);
+    for i in 0..3u8 {
+        send(&ch, "bytes", &[i; 1000], persistent.clone()).await;
+    }
+    ch.wait_for_confirms().await.unwrap();
+    {
+        let (_g, getter) = channel(&b).await;
+        for _ in 0..3 {
+            getter
+                .basic_get("bytes".into(), BasicGetOptions { no_ack: false })
+                .await
+                .unwrap()
+                .expect("a message");
+        }
+        // The cache drops the bodies; closing the channel requeues the three.
+        b.broker.persist.cache.invalidate_all();
+        getter.close(200, "requeue".into()).await.unwrap();
+    }
+    wait_count(&ch, "bytes", 3).await;
+    // A fourth: 4,000 bytes against 3,000, so the oldest goes.
+    send(&ch, "bytes", &[3; 1000], persistent).await;
+    ch.wait_for_confirms().await.unwrap();
+    wait_count(&ch, "bytes", 3).await;
+    let first = ch
+        .basic_get("bytes".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("a message");
+    assert_eq!(first.data, vec![1; 1000], "the oldest was dropped");
+    b.stop().await;
+}
