@@ -19,7 +19,7 @@ use crate::stats::GlobalStats;
 use crate::vhost::VHost;
 
 /// How often the unacked sweeper runs.
-pub const UNACKED_SWEEP: Duration = Duration::from_millis(250);
+pub const UNACKED_SWEEP: Duration = Duration::from_millis(100);
 /// Most rows one sweep of unacked deliveries writes to the store.
 pub const UNACKED_SWEEP_ROWS: usize = 4096;
 
@@ -252,21 +252,24 @@ impl Broker {
 
     /// One sweep (see `start_unacked_sweeper`); returns how many bodies it gave up. A sweep
     /// writes at most `UNACKED_SWEEP_ROWS` rows and gives up at most an eighth of the budget
-    /// or half of `--store-hold-bytes`, whichever is less, oldest deliveries first, starting
-    /// from another connection each `round`; none runs while the store's write queue is over
-    /// its limit. The extra work for the store stays bounded however many deliveries wait,
-    /// so a broker that is behind (consumers slow to ack because the machine is busy) is not
-    /// slowed further by writing deliveries that are about to be acked, and publishers are
-    /// not held for the sweeper's writes. So this caps the rate at which unacked bodies leave
-    /// memory (16,384 rows a second): a consumer that takes more than that per second and
+    /// or the room left in the store's write queue under `--store-hold-bytes`, whichever is
+    /// less, oldest deliveries first, starting from another connection each `round`. The extra
+    /// work for the store stays bounded however many deliveries wait, so a broker that is
+    /// behind (consumers slow to ack because the machine is busy) is not slowed further by
+    /// writing deliveries that are about to be acked, and publishers are not held for the
+    /// sweeper's writes. So this caps the rate at which unacked bodies leave memory (40,960
+    /// rows a second, and what the store commits): a consumer that takes more than that and
     /// never acks still grows memory, up to the memory alarm.
     pub fn page_out_unacked(&self, round: usize) -> usize {
-        if !self.persist.over_budget() || self.persist.writer.over_limit() {
+        if !self.persist.over_budget() {
+            return 0;
+        }
+        let max_bytes =
+            ((self.config.cache_memory / 8) as usize).min(self.persist.writer.room_left());
+        if max_bytes == 0 {
             return 0;
         }
         let before = crate::message::now_ms().saturating_sub(self.config.unacked_page_after_ms);
-        let max_bytes =
-            (self.config.cache_memory / 8).min(self.config.store_hold_bytes / 2) as usize;
         let (mut freed, mut rows, mut bytes) = (0, 0, 0);
         let conns = self.connections.all();
         'sweep: for k in 0..conns.len() {

@@ -280,6 +280,11 @@ impl Writer {
         self.held_bytes() > self.hold_limit
     }
 
+    /// Bytes that can still be submitted before publishers are held.
+    pub fn room_left(&self) -> usize {
+        self.hold_limit.saturating_sub(self.held_bytes())
+    }
+
     /// Waits until the held bytes are under the limit.
     pub async fn room(&self) {
         loop {

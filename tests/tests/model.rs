@@ -1560,7 +1560,7 @@ async fn run_seed(seed: u64, steps: u64, storage: Option<String>) {
     } else {
         4 * 1024
     };
-    // Unacked deliveries give their bodies up at the next sweep (a quarter second).
+    // Unacked deliveries give their bodies up at the next sweep (a tenth of a second).
     config.unacked_page_after_ms = 0;
     // The management API, for the policy operation.
     config.http_listen = warren_broker::config::parse_listen("127.0.0.1:0").unwrap();
