@@ -358,6 +358,10 @@ impl ChannelHandle {
     pub fn restore_unacked(&self, items: Vec<(u64, Unacked)>) {
         let mut g = self.lock();
         for (tag, u) in items {
+            // Back under the sweeper's watermark: offered to it again.
+            if tag <= g.swept {
+                g.swept = tag.saturating_sub(1);
+            }
             g.unacked.insert(tag, u);
         }
     }

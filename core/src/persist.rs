@@ -27,6 +27,9 @@ pub type Store = Faulty<SqlStore>;
 use crate::config::{Config, SyncMode};
 use crate::message::{Gauge, Message};
 
+/// Store reads dead-letter follow-ups make at once.
+pub const FOLLOW_UP_READS: usize = 8;
+
 pub struct Persistence {
     pub store: Arc<Store>,
     pub writer: Arc<Writer>,
@@ -38,6 +41,9 @@ pub struct Persistence {
     /// Work that must reach the writer before it closes: dead letters whose bodies are read
     /// back from the store first. A graceful shutdown waits for them.
     pub follow_ups: TaskTracker,
+    /// Store reads the follow-ups make at once (`FOLLOW_UP_READS`): many rejects during an
+    /// outage queue here instead of all retrying together.
+    pub follow_up_reads: tokio::sync::Semaphore,
     budget: usize,
     next_message_id: AtomicU64,
     next_queue_id: AtomicI64,
@@ -105,6 +111,7 @@ impl Persistence {
                 cache,
                 gauge: Arc::new(Gauge::default()),
                 follow_ups: TaskTracker::new(),
+                follow_up_reads: tokio::sync::Semaphore::new(FOLLOW_UP_READS),
                 budget,
                 next_message_id: AtomicU64::new(recovered.next_message_id.max(1) as u64),
                 next_queue_id: AtomicI64::new(recovered.next_queue_id.max(1)),

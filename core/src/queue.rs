@@ -1131,6 +1131,9 @@ impl Queue {
                         // cannot answer now is retried (50 ms doubling to 1 s) until it can,
                         // or until shutdown (it stays in the store and is dead-lettered
                         // again after the restart; the stop waits at most 10 s for these).
+                        let Ok(_permit) = p.follow_up_reads.acquire().await else {
+                            return;
+                        };
                         let mut backoff = Duration::from_millis(50);
                         let row = loop {
                             match p.store.read_message(d.entry.id as i64).await {
@@ -2045,6 +2048,34 @@ mod tests {
             q.requeue(back);
         }
         q.dispatch();
+    }
+
+    /// The sweeper is offered each unacked delivery once, oldest first, and only once its age
+    /// is past; a delivery a tx.rollback puts back is offered again.
+    #[tokio::test]
+    async fn unacked_deliveries_are_offered_to_the_sweeper_once() {
+        let (q, _sink, ch, p) = setup(FieldTable::default()).await;
+        for b in [b"a", b"b", b"c"] {
+            publish(&q, &p, b);
+        }
+        consumer(&q, &ch, 0);
+        q.dispatch();
+        assert!(ch.unswept(0, 64).is_empty(), "none is old enough");
+        let tags = |v: Vec<(u64, Arc<Queue>)>| v.into_iter().map(|(t, _)| t).collect::<Vec<_>>();
+        assert_eq!(tags(ch.unswept(u64::MAX, 2)), vec![1, 2]);
+        assert_eq!(tags(ch.unswept(u64::MAX, 64)), vec![3]);
+        assert!(ch.unswept(u64::MAX, 64).is_empty());
+        // tx.select; basic.ack 2; tx.rollback: delivery 2 is back.
+        let taken = ch.take_unacked(2, false).unwrap();
+        ch.restore_unacked(taken);
+        assert_eq!(tags(ch.unswept(u64::MAX, 64)), vec![2, 3]);
+        // Giving up its body: only the cache holds it after that, and it is not offered again.
+        assert!(q.page_out_unacked(&ch, 2).is_some());
+        assert!(
+            q.page_out_unacked(&ch, 2).is_none(),
+            "nothing left to give up"
+        );
+        assert!(ch.unswept(u64::MAX, 64).is_empty());
     }
 
     #[tokio::test]
