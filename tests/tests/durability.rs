@@ -879,45 +879,7 @@ async fn a_graceful_stop_finishes_dead_lettering_what_was_rejected() {
     let b = warren_broker::start(config).await.unwrap();
     {
         let (_c, ch) = channel(&b).await;
-        durable_queue(&ch, "dl-target").await;
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            lapin::types::AMQPValue::LongString("".into()),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            lapin::types::AMQPValue::LongString("dl-target".into()),
-        );
-        ch.queue_declare(
-            "dl-source".into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .unwrap();
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
-        ch.basic_publish(
-            "".into(),
-            "dl-source".into(),
-            BasicPublishOptions::default(),
-            &[b'r'; 8192],
-            persistent(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-        let d = ch
-            .basic_get("dl-source".into(), BasicGetOptions { no_ack: false })
-            .await
-            .unwrap()
-            .expect("the message");
+        let d = dead_letter_pair_with_one_taken(&ch, "dl-source", "dl-target", &[b'r'; 8192]).await;
         // The cache drops the body (as it may at any time), and reads are slow.
         b.broker.persist.cache.invalidate_all();
         faults.set_read_delay(Duration::from_millis(500));

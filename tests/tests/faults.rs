@@ -372,44 +372,7 @@ async fn a_dead_letter_whose_body_read_fails_arrives_once_the_store_is_back() {
     })
     .await;
     let (_c, ch) = channel(&b).await;
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    ch.queue_declare("dlf-target".into(), durable, FieldTable::default())
-        .await
-        .unwrap();
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        lapin::types::AMQPValue::LongString("".into()),
-    );
-    args.insert(
-        "x-dead-letter-routing-key".into(),
-        lapin::types::AMQPValue::LongString("dlf-target".into()),
-    );
-    ch.queue_declare("dlf-source".into(), durable, args)
-        .await
-        .unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    ch.basic_publish(
-        "".into(),
-        "dlf-source".into(),
-        BasicPublishOptions::default(),
-        &[b'd'; 8192],
-        BasicProperties::default().with_delivery_mode(2),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    let d = ch
-        .basic_get("dlf-source".into(), BasicGetOptions { no_ack: false })
-        .await
-        .unwrap()
-        .expect("the message");
+    let d = dead_letter_pair_with_one_taken(&ch, "dlf-source", "dlf-target", &[b'd'; 8192]).await;
     // What the delivery wrote is committed; then the cache drops the body and the store
     // goes down.
     let w = &b.broker.persist.writer;

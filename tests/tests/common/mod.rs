@@ -238,3 +238,53 @@ pub fn publish_frames(
     }
     v
 }
+
+/// Declares the durable queues `target` and `source`, whose dead letters go to `target`
+/// through the default exchange; publishes one persistent message with `body` to `source`
+/// (confirmed) and takes it with basic.get, unacked: returns that delivery.
+pub async fn dead_letter_pair_with_one_taken(
+    ch: &Channel,
+    source: &str,
+    target: &str,
+    body: &[u8],
+) -> lapin::message::BasicGetMessage {
+    use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::AMQPValue;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(target.into(), durable, FieldTable::default())
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(target.into()),
+    );
+    ch.queue_declare(source.into(), durable, args)
+        .await
+        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.basic_publish(
+        "".into(),
+        source.into(),
+        BasicPublishOptions::default(),
+        body,
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    ch.basic_get(source.into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .expect("the message")
+}
