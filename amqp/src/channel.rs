@@ -163,9 +163,6 @@ pub struct Channel {
     pending_load: Option<LoadFuture>,
     /// Store reads the current basic.get has waited for.
     get_loads: u8,
-    /// While handling a queue or exchange method (under a `Capture` of the store writes it
-    /// makes): its reply waits for those writes, and only those, to commit.
-    topology: bool,
     /// Direct reply-to: (consumer tag, token) of this channel's `amq.rabbitmq.reply-to`
     /// consumer.
     reply_consumer: Option<(ShortString, String)>,
@@ -200,7 +197,6 @@ impl Channel {
             congested: None,
             pending_load: None,
             get_loads: 0,
-            topology: false,
             reply_consumer: None,
         }
     }
@@ -209,13 +205,14 @@ impl Channel {
         self.handle.id
     }
 
+    /// Queues a reply. A queue or exchange method runs under a `Capture` of the store writes it
+    /// makes: its reply waits for those writes, and only those, to commit (outside a capture
+    /// the ticket is 0).
     fn reply(&self, method: AMQPClass) {
-        if self.topology {
-            let ticket = Capture::current();
-            if ticket > self.persist.writer.committed() {
-                // This method changed the store: its reply goes out once that is committed.
-                self.outbox.push(Outgoing::Gate(ticket));
-            }
+        let ticket = Capture::current();
+        if ticket > self.persist.writer.committed() {
+            // This method changed the store: its reply goes out once that is committed.
+            self.outbox.push(Outgoing::Gate(ticket));
         }
         self.outbox
             .push(Outgoing::Method(self.id(), Box::new(method)));
@@ -409,17 +406,11 @@ impl Channel {
             }
             AMQPClass::Exchange(e) => {
                 let _writes = Capture::begin();
-                self.topology = true;
-                let r = self.exchange_method(vh, &ctx.access, e);
-                self.topology = false;
-                r?
+                self.exchange_method(vh, &ctx.access, e)?
             }
             AMQPClass::Queue(q) => {
                 let _writes = Capture::begin();
-                self.topology = true;
-                let r = self.queue_method(vh, &ctx.access, cid, q);
-                self.topology = false;
-                r?
+                self.queue_method(vh, &ctx.access, cid, q)?
             }
             AMQPClass::Basic(b) => self.basic_method(ctx, b, raw)?,
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {

@@ -386,9 +386,6 @@ impl Admin {
         mut act: impl FnMut(&Browsed) -> Transferred,
     ) -> AdminResult<Report> {
         let mut r = Report::default();
-        // Drop-head drops still owed by the paged part go first: the browser acts on what
-        // the queue holds once they are done.
-        q.owed_drops_done(crate::queue::OWED_DROPS_WAIT).await;
         let tally = |r: &mut Report, t: Transferred| match t {
             Transferred::Done => r.done += 1,
             Transferred::Gone => r.gone += 1,

@@ -57,7 +57,7 @@ const WINDOW_BYTES: usize = 4 << 20;
 /// The message browser reads at most this many body bytes from the store per page.
 const BROWSE_BYTES: usize = 16 << 20;
 /// How long the browser waits for drop-head drops the paged part still owes.
-pub const OWED_DROPS_WAIT: Duration = Duration::from_secs(5);
+const OWED_DROPS_WAIT: Duration = Duration::from_secs(5);
 /// The loader always refills a head shorter than this; up to `WINDOW` only under the budget.
 const LOW_WATER: usize = 256;
 /// Messages waiting in memory, while the consumers' outboxes are full, past which a queue
@@ -1498,19 +1498,19 @@ impl Queue {
     /// Waits, up to `limit`, until the drop-head drops owed by the paged part are done (the
     /// loader applies them as it reads the paged head; after a store failure it retries a
     /// second later). Until then the browser cannot take a paged message (`find_ready`): which
-    /// ones the drops take is known only once they are read. True once none is owed.
-    pub async fn owed_drops_done(self: &Arc<Self>, limit: Duration) -> bool {
+    /// ones the drops take is known only once they are read.
+    async fn owed_drops_done(self: &Arc<Self>, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
             {
                 let mut g = self.lock();
                 if g.owed_drops == 0 || g.deleted {
-                    return true;
+                    return;
                 }
                 self.maybe_load(&mut g);
             }
             if Instant::now() >= deadline {
-                return false;
+                return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
