@@ -416,6 +416,23 @@ mod backend_tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_go_with_their_messages_on_sqlite() {
+        let dir = scratch_dir("chunks");
+        let store = SqlStore::open(&SqlStore::sqlite_url(&dir), false)
+            .await
+            .unwrap();
+        suite::chunks_go_with_their_messages(&store).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_go_with_their_messages_on_mysql() {
+        let url = suite::mysql_scratch_url().await;
+        let store = SqlStore::open(&url, false).await.unwrap();
+        suite::chunks_go_with_their_messages(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn suite_on_memory() {
         suite::run(Arc::new(MemStore::new())).await;
     }

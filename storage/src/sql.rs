@@ -200,7 +200,9 @@ impl SqlStore {
                                 "PRAGMA synchronous = {sync}"
                             )))
                             .await?;
-                            conn.execute("PRAGMA foreign_keys = ON").await?;
+                            // Chunks are deleted with their messages explicitly: the
+                            // cascade's per-row program cost 2.5 µs per acked message.
+                            conn.execute("PRAGMA foreign_keys = OFF").await?;
                             conn.execute("PRAGMA busy_timeout = 10000").await?;
                             Ok(())
                         })
@@ -538,18 +540,26 @@ async fn meta_op(tx: &mut Tx<'_>, op: &Op) -> Result<(), sqlx::Error> {
 
 /// Deletes a queue's positions after `after_seq` and the messages no other position holds.
 async fn purge(tx: &mut Tx<'_>, queue_id: i64, after_seq: i64) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "DELETE FROM messages WHERE id IN \
-         (SELECT qm.message_id FROM queue_messages qm WHERE qm.queue_id = ? AND qm.seq > ?) \
-         AND NOT EXISTS (SELECT 1 FROM queue_messages o WHERE o.message_id = messages.id \
-                         AND (o.queue_id <> ? OR o.seq <= ?))",
-    )
-    .bind(queue_id)
-    .bind(after_seq)
-    .bind(queue_id)
-    .bind(after_seq)
-    .execute(&mut **tx)
-    .await?;
+    // Chunks first, by the same test as their messages (see `delete_orphan_chunks`).
+    for table in ["message_chunks", "messages"] {
+        let id = if table == "messages" {
+            "id"
+        } else {
+            "message_id"
+        };
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM {table} WHERE {id} IN \
+             (SELECT qm.message_id FROM queue_messages qm WHERE qm.queue_id = ? AND qm.seq > ?) \
+             AND NOT EXISTS (SELECT 1 FROM queue_messages o WHERE o.message_id = {table}.{id} \
+                             AND (o.queue_id <> ? OR o.seq <= ?))"
+        )))
+        .bind(queue_id)
+        .bind(after_seq)
+        .bind(queue_id)
+        .bind(after_seq)
+        .execute(&mut **tx)
+        .await?;
+    }
     sqlx::query("DELETE FROM queue_messages WHERE queue_id = ? AND seq > ?")
         .bind(queue_id)
         .bind(after_seq)
@@ -695,6 +705,7 @@ async fn apply_plan(tx: &mut Tx<'_>, backend: Backend, plan: &Plan) -> Result<()
         .bind(last)
         .execute(&mut **tx)
         .await?;
+        delete_orphan_chunks(tx, *first, *last).await?;
     }
     let t_messages = t.elapsed();
     for (q, seq) in &plan.delivered {
@@ -724,6 +735,21 @@ async fn apply_plan(tx: &mut Tx<'_>, backend: Backend, plan: &Plan) -> Result<()
         marks_us = us(t.elapsed() - t_messages),
         "statements"
     );
+    Ok(())
+}
+
+/// Deletes the chunks of the messages in `first..=last` that are gone. The schema's cascade
+/// is not relied on: SQLite runs without foreign keys, whose per-row cascade program more than
+/// doubled the cost of deleting acked messages. A range with no chunked message is one seek.
+async fn delete_orphan_chunks(tx: &mut Tx<'_>, first: i64, last: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM message_chunks WHERE message_id >= ? AND message_id <= ? AND NOT EXISTS \
+         (SELECT 1 FROM messages m WHERE m.id = message_chunks.message_id)",
+    )
+    .bind(first)
+    .bind(last)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -1048,6 +1074,8 @@ impl MessageStore for SqlStore {
             "DELETE FROM messages WHERE persistent = 0",
             "DELETE FROM messages WHERE NOT EXISTS \
              (SELECT 1 FROM queue_messages qm WHERE qm.message_id = messages.id)",
+            "DELETE FROM message_chunks WHERE NOT EXISTS \
+             (SELECT 1 FROM messages m WHERE m.id = message_chunks.message_id)",
         ] {
             sqlx::query(sql)
                 .execute(&mut *tx)

@@ -679,3 +679,87 @@ async fn writer_batches<S: MessageStore>(store: Arc<S>) {
         "a closed writer's ticket is never committed"
     );
 }
+
+/// A chunked body's rows go with its message, however the message goes: its last position
+/// acked, a purge, its queue deleted, or recovery dropping what was transient. Checked in the
+/// table itself: nothing reads an orphaned chunk back, so only the disk would show a leak.
+pub async fn chunks_go_with_their_messages(s: &SqlStore) {
+    let chunks = |id: i64| async move {
+        sqlx::query("SELECT COUNT(*) FROM message_chunks WHERE message_id = ?")
+            .bind(id)
+            .fetch_one(&s.pool)
+            .await
+            .and_then(|r| sqlx::Row::try_get::<i64, _>(&r, 0))
+            .unwrap()
+    };
+    let big = |n: u8| Bytes::from(vec![n; sql::CHUNK + 1]);
+    s.recover().await.unwrap();
+    apply(
+        s,
+        vec![
+            Op::PutQueue(queue(1, "c1")),
+            Op::PutQueue(queue(2, "c2")),
+            Op::Insert {
+                message: message(50, true, big(50)),
+                entries: vec![(1, 1), (2, 1)],
+            },
+            Op::Insert {
+                message: message(51, true, big(51)),
+                entries: vec![(1, 2)],
+            },
+            Op::Insert {
+                message: message(52, true, big(52)),
+                entries: vec![(1, 3)],
+            },
+            Op::Insert {
+                message: message(53, false, big(53)),
+                entries: vec![(2, 2)],
+            },
+        ],
+    )
+    .await;
+    for id in 50..54 {
+        assert_eq!(chunks(id).await, 2, "message {id} stored in two chunks");
+    }
+    let remove = |queue_id, seq, message_id| Op::Remove {
+        queue_id,
+        seq,
+        message_id,
+    };
+    apply(s, vec![remove(1, 1, 50)]).await;
+    assert_eq!(chunks(50).await, 2, "still in queue 2");
+    apply(s, vec![remove(2, 1, 50)]).await;
+    assert_eq!(chunks(50).await, 0, "acked from both queues");
+    apply(
+        s,
+        vec![Op::Purge {
+            queue_id: 1,
+            after_seq: 2,
+        }],
+    )
+    .await;
+    assert_eq!(
+        (chunks(51).await, chunks(52).await),
+        (2, 0),
+        "purged after 2"
+    );
+    apply(
+        s,
+        vec![Op::DeleteQueue {
+            id: 1,
+            vhost: "/".into(),
+            name: "c1".into(),
+        }],
+    )
+    .await;
+    assert_eq!(chunks(51).await, 0, "its queue deleted");
+    assert_eq!(chunks(53).await, 2);
+    s.recover().await.unwrap();
+    assert_eq!(chunks(53).await, 0, "transient, dropped by recovery");
+    let left: i64 = sqlx::query("SELECT COUNT(*) FROM message_chunks")
+        .fetch_one(&s.pool)
+        .await
+        .and_then(|r| sqlx::Row::try_get(&r, 0))
+        .unwrap();
+    assert_eq!(left, 0);
+}
