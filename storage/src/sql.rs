@@ -57,6 +57,10 @@ pub enum Backend {
 
 pub struct SqlStore {
     pub(crate) pool: AnyPool,
+    /// SQLite only: a typed pool for reading messages back (a paged queue draining, dead
+    /// letters, requeues). Rows read through `Any` are converted value by value and column by
+    /// column, which cost as much as SQLite's own work for a queue draining from the store.
+    sqlite_reads: Option<sqlx::SqlitePool>,
     backend: Backend,
     /// SQLite syncs the commits that need it (see `Plan::needs_sync`).
     fsync: bool,
@@ -255,8 +259,13 @@ impl SqlStore {
                 .await;
         }
         migrated?;
+        let sqlite_reads = match backend {
+            Backend::Sqlite => Some(sqlite_read_pool(&url).await?),
+            Backend::Mysql => None,
+        };
         Ok(SqlStore {
             pool,
+            sqlite_reads,
             backend,
             fsync,
             fence: std::sync::OnceLock::new(),
@@ -268,8 +277,30 @@ impl SqlStore {
     }
 
     pub async fn close(&self) {
+        if let Some(reads) = &self.sqlite_reads {
+            reads.close().await;
+        }
         self.pool.close().await;
     }
+}
+
+/// The typed read pool on the database the main pool opened (and migrated): WAL mode is the
+/// file's, so these readers never wait for the writer.
+async fn sqlite_read_pool(url: &str) -> Result<sqlx::SqlitePool, StoreError> {
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+    let options = url
+        .parse::<SqliteConnectOptions>()
+        .map_err(|e| StoreError::Config(format!("storage URL '{}': {e}", redact(url))))?
+        .foreign_keys(false)
+        .busy_timeout(Duration::from_secs(10))
+        .pragma("cache_size", "-8192");
+    SqlitePoolOptions::new()
+        .acquire_timeout(Duration::from_secs(10))
+        .min_connections(1)
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .map_err(unavailable)
 }
 
 /// A URL with its password hidden, for messages.
@@ -761,43 +792,91 @@ fn blob(row: &AnyRow, col: &str) -> Result<Bytes, sqlx::Error> {
     Ok(Bytes::from(row.try_get::<Vec<u8>, _>(col)?))
 }
 
+/// A message row's columns, from either driver's rows; the body is empty when it is chunked.
+struct MessageColumns {
+    row: MessageRow,
+    chunks: i64,
+}
+
+/// The columns `read_queue` and `read_message` select, decoded from a row of any driver
+/// (`Any` for MySQL, typed for SQLite). Blobs are copied once, out of the row.
+fn message_columns<'r, R>(row: &'r R) -> Result<MessageColumns, sqlx::Error>
+where
+    R: Row,
+    &'static str: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    &'r [u8]: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let blob = |col| row.try_get::<&[u8], _>(col).map(Bytes::copy_from_slice);
+    let chunks: i64 = row.try_get("chunks")?;
+    Ok(MessageColumns {
+        row: MessageRow {
+            id: row.try_get("id")?,
+            persistent: row.try_get::<i64, _>("persistent")? != 0,
+            exchange: row.try_get("exchange")?,
+            routing_key: row.try_get("routing_key")?,
+            header: blob("header")?,
+            body: if chunks > 0 {
+                Bytes::new()
+            } else {
+                blob("body")?
+            },
+            published_ms: row.try_get("published_ms")?,
+        },
+        chunks,
+    })
+}
+
+/// `read_queue`'s columns beyond the message's: its position and redelivered mark.
+fn entry_columns<'r, R>(row: &'r R) -> Result<(i64, bool), sqlx::Error>
+where
+    R: Row,
+    &'static str: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok((
+        row.try_get("seq")?,
+        row.try_get::<i64, _>("redelivered")? != 0,
+    ))
+}
+
+const READ_QUEUE: &str = "SELECT qm.seq, qm.redelivered, m.id, m.persistent, m.exchange, \
+     m.routing_key, m.header, m.body, m.chunks, m.published_ms FROM queue_messages qm \
+     JOIN messages m ON m.id = qm.message_id \
+     WHERE qm.queue_id = ? AND qm.seq > ? ORDER BY qm.seq LIMIT ?";
+
+const READ_MESSAGE: &str = "SELECT id, persistent, exchange, routing_key, header, body, chunks, \
+     published_ms FROM messages WHERE id = ?";
+
 impl SqlStore {
     async fn chunked_body(&self, id: i64, chunks: i64) -> Result<Bytes, StoreError> {
-        let rows = sqlx::query("SELECT data FROM message_chunks WHERE message_id = ? ORDER BY idx")
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        if rows.len() as i64 != chunks {
+        const SQL: &str = "SELECT data FROM message_chunks WHERE message_id = ? ORDER BY idx";
+        let parts: Vec<Vec<u8>> = match &self.sqlite_reads {
+            Some(reads) => sqlx::query_scalar(SQL).bind(id).fetch_all(reads).await,
+            None => sqlx::query_scalar(SQL).bind(id).fetch_all(&self.pool).await,
+        }
+        .map_err(unavailable)?;
+        if parts.len() as i64 != chunks {
             return Err(StoreError::Corrupt(format!(
                 "message {id} has {} of its {chunks} chunks",
-                rows.len()
+                parts.len()
             )));
         }
-        let mut body = BytesMut::new();
-        for r in rows {
-            body.extend_from_slice(&r.try_get::<Vec<u8>, _>("data").map_err(unavailable)?);
+        let mut body = BytesMut::with_capacity(parts.iter().map(Vec::len).sum());
+        for part in parts {
+            body.extend_from_slice(&part);
         }
         Ok(body.freeze())
     }
 
-    async fn message_from(&self, row: &AnyRow) -> Result<MessageRow, StoreError> {
-        let id: i64 = row.try_get("id").map_err(unavailable)?;
-        let chunks: i64 = row.try_get("chunks").map_err(unavailable)?;
-        let body = if chunks > 0 {
-            self.chunked_body(id, chunks).await?
-        } else {
-            blob(row, "body").map_err(unavailable)?
-        };
-        Ok(MessageRow {
-            id,
-            persistent: flag(row, "persistent").map_err(unavailable)?,
-            exchange: row.try_get("exchange").map_err(unavailable)?,
-            routing_key: row.try_get("routing_key").map_err(unavailable)?,
-            header: blob(row, "header").map_err(unavailable)?,
-            body,
-            published_ms: row.try_get("published_ms").map_err(unavailable)?,
-        })
+    /// The message, its chunked body read in.
+    async fn message_from(&self, columns: MessageColumns) -> Result<MessageRow, StoreError> {
+        let mut message = columns.row;
+        if columns.chunks > 0 {
+            message.body = self.chunked_body(message.id, columns.chunks).await?;
+        }
+        Ok(message)
     }
 }
 
@@ -1143,46 +1222,65 @@ impl MessageStore for SqlStore {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredEntry>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT qm.seq, qm.redelivered, m.id, m.persistent, m.exchange, m.routing_key, \
-             m.header, m.body, m.chunks, m.published_ms FROM queue_messages qm \
-             JOIN messages m ON m.id = qm.message_id \
-             WHERE qm.queue_id = ? AND qm.seq > ? ORDER BY qm.seq LIMIT ?",
-        )
-        .bind(queue_id)
-        .bind(after_seq)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await
+        let (q, after, n) = (queue_id, after_seq, limit as i64);
+        let rows: Vec<(MessageColumns, (i64, bool))> = match &self.sqlite_reads {
+            Some(reads) => sqlx::query(READ_QUEUE)
+                .bind(q)
+                .bind(after)
+                .bind(n)
+                .fetch_all(reads)
+                .await
+                .and_then(|rows| {
+                    rows.iter()
+                        .map(|r| Ok((message_columns(r)?, entry_columns(r)?)))
+                        .collect()
+                }),
+            None => sqlx::query(READ_QUEUE)
+                .bind(q)
+                .bind(after)
+                .bind(n)
+                .fetch_all(&self.pool)
+                .await
+                .and_then(|rows| {
+                    rows.iter()
+                        .map(|r| Ok((message_columns(r)?, entry_columns(r)?)))
+                        .collect()
+                }),
+        }
         .map_err(unavailable)?;
         let mut out = Vec::with_capacity(rows.len());
         let mut bytes = 0;
-        for r in rows {
+        for (columns, (seq, redelivered)) in rows {
             if bytes >= max_bytes && !out.is_empty() {
                 break;
             }
-            let message = self.message_from(&r).await?;
+            let message = self.message_from(columns).await?;
             bytes += message.body.len();
             out.push(StoredEntry {
-                seq: r.try_get("seq").map_err(unavailable)?,
+                seq,
                 message,
-                redelivered: flag(&r, "redelivered").map_err(unavailable)?,
+                redelivered,
             });
         }
         Ok(out)
     }
 
     async fn read_message(&self, id: i64) -> Result<Option<MessageRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, persistent, exchange, routing_key, header, body, chunks, published_ms \
-             FROM messages WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
+        let columns = match &self.sqlite_reads {
+            Some(reads) => sqlx::query(READ_MESSAGE)
+                .bind(id)
+                .fetch_optional(reads)
+                .await
+                .and_then(|r| r.as_ref().map(message_columns).transpose()),
+            None => sqlx::query(READ_MESSAGE)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .and_then(|r| r.as_ref().map(message_columns).transpose()),
+        }
         .map_err(unavailable)?;
-        match row {
-            Some(r) => Ok(Some(self.message_from(&r).await?)),
+        match columns {
+            Some(c) => Ok(Some(self.message_from(c).await?)),
             None => Ok(None),
         }
     }
