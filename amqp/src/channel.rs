@@ -360,8 +360,30 @@ impl Channel {
                 }
                 Ok(After::Keep)
             }
+            Frame::BodyInPlace { body, len, .. } => {
+                match self.assembler.body_in_place(body, len) {
+                    Ok(Step::Done(c)) => self.published(ctx, *c).map_err(|e| e.at(60, 40))?,
+                    Ok(Step::Pending) => {}
+                    Err(e) => return Err(AmqpError::from(e).at(60, 40)),
+                }
+                Ok(After::Keep)
+            }
             Frame::Heartbeat { .. } => Ok(After::Keep),
         }
+    }
+
+    /// The buffer of the message being published, lent to the reader for a body frame of
+    /// `len` bytes (`Assembler::take_body_buffer`); None on a closing channel.
+    pub fn take_body_buffer(&mut self, len: usize) -> Option<bytes::BytesMut> {
+        if self.closing {
+            return None;
+        }
+        self.assembler.take_body_buffer(len)
+    }
+
+    /// Body bytes the message being published still expects.
+    pub fn body_left(&self) -> u64 {
+        self.assembler.body_left()
     }
 
     /// The queue a method names; "" means the channel's last declared queue.

@@ -12,17 +12,17 @@ use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 use warren_protocol::{
-    codec::{check_protocol_header, Decoder, Frame, HeaderCheck},
+    codec::{check_protocol_header, DecodeError, Decoder, Frame, HeaderCheck},
     encode::WriteBatch,
     protocol::{channel, connection, AMQPClass},
-    reply, sasl, AMQPValue, FieldTable, LongString, PROTOCOL_HEADER,
+    reply, sasl, AMQPValue, FieldTable, LongString, FRAME_END, PROTOCOL_HEADER,
 };
 
 use crate::channel::{Channel, ConnCtx};
@@ -309,18 +309,30 @@ impl Conn {
         let writer_gone = self.writer_gone.clone();
         let info = self.info.clone();
         let confirm_waker = self.confirm_waker.clone();
+        let mut in_place: Option<InPlace> = None;
+        // The channel of the last content frame: while its body expects more large frames,
+        // reads stop at the next frame header (`read_limit`).
+        let mut content_channel = None;
         loop {
             loop {
-                match self.decoder.decode(&mut buf) {
-                    Ok(Some(frame)) => match self.handle_and_await(frame).await {
-                        Ok(Flow::Stop) => return,
-                        Ok(_) => {}
-                        Err(e) => {
-                            if self.connection_error(e) {
-                                return;
+                match next_frame(&self.decoder, &mut buf, &mut in_place) {
+                    Ok(Some(frame)) => {
+                        content_channel = match &frame {
+                            Frame::Header { channel, .. }
+                            | Frame::Body { channel, .. }
+                            | Frame::BodyInPlace { channel, .. } => Some(*channel),
+                            _ => None,
+                        };
+                        match self.handle_and_await(frame).await {
+                            Ok(Flow::Stop) => return,
+                            Ok(_) => {}
+                            Err(e) => {
+                                if self.connection_error(e) {
+                                    return;
+                                }
                             }
                         }
-                    },
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         self.connection_error(e.into());
@@ -330,6 +342,9 @@ impl Conn {
                         return;
                     }
                 }
+            }
+            if in_place.is_none() {
+                in_place = self.start_in_place(&mut buf);
             }
             self.flush_confirms();
             if store.over_limit() && self.channels.values().any(|c| c.stored_publishes) {
@@ -358,8 +373,9 @@ impl Conn {
                 buf.reserve(READ_BUFFER);
             }
             let timeout = self.read_timeout(last_read, handshake_deadline);
+            let limit = self.read_limit(&buf, in_place.as_ref(), content_channel);
             tokio::select! {
-                r = rd.read_buf(&mut buf) => match r {
+                r = read_some(rd, &mut buf, in_place.as_mut(), limit) => match r {
                     Ok(0) => {
                         if self.phase != Phase::Closing {
                             info!("client closed the socket without connection.close");
@@ -409,6 +425,45 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// Lends the body frame whose header starts `buf` its message's buffer, when it is large
+    /// enough to be worth reading straight into it; the payload bytes already read go with it.
+    fn start_in_place(&mut self, buf: &mut BytesMut) -> Option<InPlace> {
+        let (channel, len) = self.decoder.body_frame_header(buf)?;
+        let have = buf.len() - 7;
+        if len < IN_PLACE_MIN || have >= len {
+            return None;
+        }
+        let mut body = self.channels.get_mut(&channel)?.take_body_buffer(len)?;
+        body.extend_from_slice(&buf[7..]);
+        buf.clear();
+        Some(InPlace {
+            channel,
+            len,
+            left: len - have,
+            body,
+        })
+    }
+
+    /// How much the next read may put in the read buffer: while a body expects more large
+    /// frames, only up to the next frame header (and the frame end before it), so that
+    /// frame's payload can be read straight into the body. None is as much as has arrived.
+    fn read_limit(
+        &self,
+        buf: &BytesMut,
+        in_place: Option<&InPlace>,
+        content_channel: Option<u16>,
+    ) -> Option<usize> {
+        let (channel, frame_end, this_frame) = match in_place {
+            Some(p) if p.left > 0 => return None,
+            Some(p) => (p.channel, 1, p.len as u64),
+            None => (content_channel?, 0, 0),
+        };
+        let left = self.channels.get(&channel)?.body_left();
+        let want = 7 + frame_end;
+        (left.saturating_sub(this_frame) >= IN_PLACE_MIN as u64 && buf.len() < want)
+            .then(|| want - buf.len())
     }
 
     /// After a framing error: send what is queued, then wait briefly for the peer to go.
@@ -571,7 +626,10 @@ impl Conn {
                 class,
                 raw,
             } => self.handle_connection_method(class, &raw),
-            Frame::Method { channel: _, .. } | Frame::Header { .. } | Frame::Body { .. }
+            Frame::Method { channel: _, .. }
+            | Frame::Header { .. }
+            | Frame::Body { .. }
+            | Frame::BodyInPlace { .. }
                 if self.phase != Phase::Running =>
             {
                 Err(AmqpError::unexpected_frame(
@@ -581,7 +639,7 @@ impl Conn {
             Frame::Header { channel: 0, .. } => {
                 Err(AmqpError::unexpected_frame("type 2 on channel 0"))
             }
-            Frame::Body { channel: 0, .. } => {
+            Frame::Body { channel: 0, .. } | Frame::BodyInPlace { channel: 0, .. } => {
                 Err(AmqpError::unexpected_frame("type 3 on channel 0"))
             }
             frame => self.handle_channel_frame(frame),
@@ -1158,6 +1216,65 @@ impl Conn {
         }
         self.broker.stats.connection_closed.inc();
         debug!("connection closed");
+    }
+}
+
+/// Body frames at least this long are read straight into their message's buffer.
+const IN_PLACE_MIN: usize = 16 * 1024;
+
+/// A body frame being read straight into its message (`Assembler::take_body_buffer`).
+struct InPlace {
+    channel: u16,
+    /// The frame's payload size.
+    len: usize,
+    /// Payload bytes still to read; then the frame end, from the read buffer.
+    left: usize,
+    body: BytesMut,
+}
+
+/// The next whole frame: the body frame read in place once its payload is in and its frame
+/// end checked, else the next frame in the read buffer.
+fn next_frame(
+    decoder: &Decoder,
+    buf: &mut BytesMut,
+    in_place: &mut Option<InPlace>,
+) -> Result<Option<Frame>, DecodeError> {
+    match in_place.take() {
+        None => decoder.decode(buf),
+        Some(p) if p.left > 0 || buf.is_empty() => {
+            *in_place = Some(p);
+            Ok(None)
+        }
+        Some(p) if buf[0] == FRAME_END => {
+            buf.advance(1);
+            Ok(Some(Frame::BodyInPlace {
+                channel: p.channel,
+                body: p.body,
+                len: p.len,
+            }))
+        }
+        Some(_) => Err(DecodeError::BadFrameEnd(buf[0])),
+    }
+}
+
+/// One read: into the lent body while a body frame's payload is owed, else into the read
+/// buffer (at most `limit` bytes). Cancel-safe, as `read_buf` is.
+async fn read_some(
+    rd: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    in_place: Option<&mut InPlace>,
+    limit: Option<usize>,
+) -> std::io::Result<usize> {
+    match in_place {
+        Some(p) if p.left > 0 => {
+            let n = (&mut *rd).take(p.left as u64).read_buf(&mut p.body).await?;
+            p.left -= n.min(p.left);
+            Ok(n)
+        }
+        _ => match limit {
+            Some(limit) => (&mut *rd).take(limit as u64).read_buf(buf).await,
+            None => rd.read_buf(buf).await,
+        },
     }
 }
 

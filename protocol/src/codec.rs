@@ -45,6 +45,13 @@ pub enum Frame {
     Heartbeat {
         channel: u16,
     },
+    /// A content body frame whose `len` bytes of payload the reader wrote straight to the end
+    /// of `body`, the buffer its channel's assembler lent it (`Assembler::take_body_buffer`).
+    BodyInPlace {
+        channel: u16,
+        body: bytes::BytesMut,
+        len: usize,
+    },
 }
 
 impl Frame {
@@ -53,6 +60,7 @@ impl Frame {
             Frame::Method { channel, .. }
             | Frame::Header { channel, .. }
             | Frame::Body { channel, .. }
+            | Frame::BodyInPlace { channel, .. }
             | Frame::Heartbeat { channel } => *channel,
         }
     }
@@ -185,6 +193,17 @@ impl Decoder {
         }
         let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
         Some(size + FRAME_OVERHEAD)
+    }
+
+    /// The channel and payload size of the body frame whose header starts `buf`, if one does.
+    /// Call after `decode` returned `Ok(None)`, which has checked the size.
+    pub fn body_frame_header(&self, buf: &[u8]) -> Option<(u16, usize)> {
+        if buf.len() < 7 || buf[0] != 3 {
+            return None;
+        }
+        let channel = u16::from_be_bytes([buf[1], buf[2]]);
+        let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
+        Some((channel, size))
     }
 
     /// Takes one complete frame off the front of `buf`, `Ok(None)` if more bytes are needed.

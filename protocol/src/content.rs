@@ -196,16 +196,7 @@ impl Assembler {
                     }
                     buf.extend_from_slice(&payload);
                 }
-                if *remaining > 0 {
-                    return Ok(Step::Pending);
-                }
-                match std::mem::take(&mut self.state) {
-                    State::Body { publish, properties, header, single, buf, .. } => {
-                        let body = single.map(own).unwrap_or_else(|| buf.freeze());
-                        Ok(Step::Done(Box::new(Content { publish, properties, header, body })))
-                    }
-                    _ => Ok(Step::Pending),
-                }
+                Ok(self.done_if_complete())
             }
             State::Idle => Err(ContentError::Unexpected(
                 "expected method frame, got non method frame instead".into(),
@@ -213,6 +204,94 @@ impl Assembler {
             State::Header(_) => Err(ContentError::Unexpected(format!(
                 "expected content header for class {CLASS_BASIC}, got non content header frame instead"
             ))),
+        }
+    }
+
+    /// Body bytes still expected (0 unless a body is being assembled).
+    pub fn body_left(&self) -> u64 {
+        match &self.state {
+            State::Body { remaining, .. } => *remaining,
+            _ => 0,
+        }
+    }
+
+    /// For a reader that writes the payload of a body frame of `len` bytes straight into the
+    /// message body instead of through its read buffer (which costs a copy of every large
+    /// body): the body so far, with room for at least the frame. None unless a body is being
+    /// assembled and the frame fits in what is left of it. Room ahead of the bytes received
+    /// is at most the larger of 1 MiB and what has arrived, so a declared size alone
+    /// allocates little. The buffer comes back, `len` bytes longer, in `body_in_place`.
+    pub fn take_body_buffer(&mut self, len: usize) -> Option<BytesMut> {
+        let State::Body {
+            remaining,
+            single,
+            buf,
+            ..
+        } = &mut self.state
+        else {
+            return None;
+        };
+        if len as u64 > *remaining {
+            return None;
+        }
+        let mut body = std::mem::take(buf);
+        let first = single.take();
+        let have = body.len() + first.as_ref().map_or(0, Bytes::len);
+        let ahead = (*remaining).min(have.max(1 << 20) as u64) as usize;
+        body.reserve(first.as_ref().map_or(0, Bytes::len) + ahead.max(len));
+        if let Some(first) = first {
+            body.extend_from_slice(&first);
+        }
+        Some(body)
+    }
+
+    /// Takes back the buffer of `take_body_buffer` with one body frame's `len` bytes of
+    /// payload written at its end.
+    pub fn body_in_place(&mut self, body: BytesMut, len: usize) -> Result<Step, ContentError> {
+        let n = len as u64;
+        match &mut self.state {
+            State::Body {
+                remaining,
+                single: None,
+                buf,
+                ..
+            } if buf.is_empty() && n <= *remaining && len <= body.len() => {
+                *remaining -= n;
+                *buf = body;
+                Ok(self.done_if_complete())
+            }
+            _ => {
+                self.state = State::Idle;
+                Err(ContentError::Unexpected(format!(
+                    "content body frame of {n} bytes does not fit the message being assembled"
+                )))
+            }
+        }
+    }
+
+    /// `Done` once a body has all its declared bytes.
+    fn done_if_complete(&mut self) -> Step {
+        if !matches!(self.state, State::Body { remaining: 0, .. }) {
+            return Step::Pending;
+        }
+        match std::mem::take(&mut self.state) {
+            State::Body {
+                publish,
+                properties,
+                header,
+                single,
+                buf,
+                ..
+            } => {
+                let body = single.map(own).unwrap_or_else(|| buf.freeze());
+                Step::Done(Box::new(Content {
+                    publish,
+                    properties,
+                    header,
+                    body,
+                }))
+            }
+            _ => Step::Pending,
         }
     }
 
@@ -312,6 +391,67 @@ mod tests {
             a.header(60, 0, AMQPProperties::default(), Bytes::new()),
             Ok(Step::Done(_))
         ));
+    }
+
+    /// Frames read in place and frames through the read buffer, mixed, make one body in one
+    /// allocation; a frame longer than what is left, or a buffer given back to an assembler
+    /// that is not waiting for it, is refused.
+    #[test]
+    fn bodies_read_in_place() {
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut a = Assembler::new(1 << 30);
+        a.start(publish()).unwrap();
+        a.header(
+            60,
+            body.len() as u64,
+            AMQPProperties::default(),
+            Bytes::new(),
+        )
+        .unwrap();
+        assert!(matches!(
+            a.body(Bytes::copy_from_slice(&body[..1000])),
+            Ok(Step::Pending)
+        ));
+        assert_eq!(a.body_left(), 299_000);
+        assert!(
+            a.take_body_buffer(299_001).is_none(),
+            "longer than what is left"
+        );
+        let mut buf = a.take_body_buffer(100_000).unwrap();
+        assert!(buf.capacity() >= body.len(), "room for the whole body");
+        let at = buf.as_ptr();
+        buf.extend_from_slice(&body[1000..101_000]);
+        assert!(matches!(a.body_in_place(buf, 100_000), Ok(Step::Pending)));
+        assert!(matches!(
+            a.body(Bytes::copy_from_slice(&body[101_000..102_000])),
+            Ok(Step::Pending)
+        ));
+        let mut buf = a.take_body_buffer(198_000).unwrap();
+        buf.extend_from_slice(&body[102_000..]);
+        match a.body_in_place(buf, 198_000).unwrap() {
+            Step::Done(c) => {
+                assert!(c.body == body);
+                assert_eq!(c.body.as_ptr(), at, "one allocation");
+            }
+            Step::Pending => panic!("should be done"),
+        }
+        assert!(!a.in_progress());
+        assert!(a.take_body_buffer(10).is_none(), "no body expected");
+        assert!(a.body_in_place(BytesMut::from(&b"stray"[..]), 5).is_err());
+    }
+
+    /// A declared size alone does not allocate it: room ahead of what arrived is at most 1 MiB
+    /// or what arrived, whichever is larger.
+    #[test]
+    fn a_lent_body_grows_with_what_arrives() {
+        let mut a = Assembler::new(1 << 30);
+        a.start(publish()).unwrap();
+        a.header(60, 1 << 29, AMQPProperties::default(), Bytes::new())
+            .unwrap();
+        let mut buf = a.take_body_buffer(131_064).unwrap();
+        assert!(buf.capacity() < 2 << 20, "{}", buf.capacity());
+        buf.resize(131_064, 1);
+        assert!(matches!(a.body_in_place(buf, 131_064), Ok(Step::Pending)));
     }
 
     #[test]

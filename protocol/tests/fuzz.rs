@@ -543,6 +543,9 @@ fn run_decoder(
                         Frame::Header { channel, raw, .. } => (2, channel, raw),
                         Frame::Body { channel, payload } => (3, channel, payload),
                         Frame::Heartbeat { channel } => (8, channel, Bytes::new()),
+                        Frame::BodyInPlace { .. } => {
+                            return Err(TestCaseError::fail("the decoder made a reader's frame"))
+                        }
                     };
                     prop_assert_eq!(t, header[0]);
                     prop_assert_eq!(channel, u16::from_be_bytes([header[1], header[2]]));

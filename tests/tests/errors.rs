@@ -692,20 +692,96 @@ async fn large_bodies_arrive_intact_however_the_socket_splits_them() {
             sent.push(body);
         }
     }
+    bodies_arrive_in_order(&ch, &q, &sent).await;
+    drop(s);
+    b.stop().await;
+}
+
+/// Every one of `sent` reaches `q`, whole and in order (taken with basic.get).
+async fn bodies_arrive_in_order(ch: &lapin::Channel, q: &str, sent: &[Vec<u8>]) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while count(&ch, &q).await < sent.len() as u32 {
+    while count(ch, q).await < sent.len() as u32 {
         assert!(Instant::now() < deadline, "not every message arrived");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for (n, body) in sent.iter().enumerate() {
         let d = ch
-            .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+            .basic_get(q.into(), BasicGetOptions { no_ack: true })
             .await
             .unwrap()
             .expect("a message");
         assert_eq!(d.data.len(), body.len(), "message {n}: size");
         assert!(d.data == *body, "message {n}: body differs");
     }
+}
+
+/// Frames of `bytes` (a channel 1 publish from `publish_frames`), moved to `channel`.
+fn frames_on(bytes: &[u8], channel: u16) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let len =
+            8 + u32::from_be_bytes([bytes[at + 3], bytes[at + 4], bytes[at + 5], bytes[at + 6]])
+                as usize;
+        let mut f = bytes[at..at + len].to_vec();
+        f[1..3].copy_from_slice(&channel.to_be_bytes());
+        frames.push(f);
+        at += len;
+    }
+    frames
+}
+
+/// Two channels publish large bodies with their frames interleaved (AMQP allows frames of
+/// different channels between a content's frames): each body is read into its own message,
+/// whole writes or 1,000-byte pieces alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_large_bodies_of_two_channels_arrive_intact() {
+    use warren_protocol::{
+        encode::encode_frame,
+        protocol::{channel, AMQPClass},
+    };
+    let b = broker().await;
+    let (_c, ch) = channel(&b).await;
+    let q = declare(&ch, "interleaved").await;
+    let mut s = handshake(&b).await;
+    open_channel_1(&mut s).await;
+    let mut open = Vec::new();
+    encode_frame(
+        &mut open,
+        2,
+        &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .unwrap();
+    s.write_all(&open).await.unwrap();
+    let mut sent = Vec::new();
+    for (round, piece) in [(0u8, usize::MAX), (1, 1000)] {
+        let bodies: Vec<Vec<u8>> = [700_000usize, 450_000]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                (0..*n)
+                    .map(|j| (j * 13 + i * 101 + round as usize) as u8)
+                    .collect()
+            })
+            .collect();
+        let one = frames_on(&publish_frames(&q, false, &bodies[0], 131_072), 1);
+        let two = frames_on(&publish_frames(&q, false, &bodies[1], 131_072), 2);
+        let mut wire = Vec::new();
+        for k in 0..one.len().max(two.len()) {
+            for frames in [&one, &two] {
+                if let Some(f) = frames.get(k) {
+                    wire.extend_from_slice(f);
+                }
+            }
+        }
+        for p in wire.chunks(piece) {
+            s.write_all(p).await.unwrap();
+        }
+        // Channel 2's message is the shorter: it completes first.
+        sent.push(bodies[1].clone());
+        sent.push(bodies[0].clone());
+    }
+    bodies_arrive_in_order(&ch, &q, &sent).await;
     drop(s);
     b.stop().await;
 }
