@@ -317,10 +317,15 @@ impl Conn {
             loop {
                 match next_frame(&self.decoder, &mut buf, &mut in_place) {
                     Ok(Some(frame)) => {
+                        // Small body frames (a low frame_max, a client that splits) are
+                        // read as they come.
                         content_channel = match &frame {
-                            Frame::Header { channel, .. }
-                            | Frame::Body { channel, .. }
-                            | Frame::BodyInPlace { channel, .. } => Some(*channel),
+                            Frame::Header { channel, .. } | Frame::BodyInPlace { channel, .. } => {
+                                Some(*channel)
+                            }
+                            Frame::Body { channel, payload } if payload.len() >= IN_PLACE_MIN => {
+                                Some(*channel)
+                            }
                             _ => None,
                         };
                         match self.handle_and_await(frame).await {
@@ -1224,11 +1229,13 @@ const IN_PLACE_MIN: usize = 16 * 1024;
 
 /// A body frame being read straight into its message (`Assembler::take_body_buffer`).
 struct InPlace {
+    /// The frame's channel, whose assembler lent `body`.
     channel: u16,
     /// The frame's payload size.
     len: usize,
     /// Payload bytes still to read; then the frame end, from the read buffer.
     left: usize,
+    /// The message's body so far; the payload is read onto its end.
     body: BytesMut,
 }
 

@@ -195,15 +195,26 @@ impl Decoder {
         Some(size + FRAME_OVERHEAD)
     }
 
-    /// The channel and payload size of the body frame whose header starts `buf`, if one does.
-    /// Call after `decode` returned `Ok(None)`, which has checked the size.
+    /// The channel and payload size of the body frame whose header starts `buf`, if one does
+    /// and its size is within frame_max.
     pub fn body_frame_header(&self, buf: &[u8]) -> Option<(u16, usize)> {
         if buf.len() < 7 || buf[0] != 3 {
             return None;
         }
         let channel = u16::from_be_bytes([buf[1], buf[2]]);
         let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
-        Some((channel, size))
+        let limit = self.limit(3).ok()?;
+        (size.saturating_add(FRAME_OVERHEAD) <= limit).then_some((channel, size))
+    }
+
+    /// The largest frame (with its overhead) of type `kind` allowed now.
+    fn limit(&self, kind: u8) -> Result<usize, DecodeError> {
+        Ok(match kind {
+            1 | 2 | 3 | 8 if !self.tuned => PRE_TUNE_FRAME_MAX,
+            3 => self.frame_max,
+            1 | 2 | 8 => self.frame_max.max(MAX_NON_BODY_FRAME),
+            other => return Err(DecodeError::UnknownFrameType(other)),
+        })
     }
 
     /// Takes one complete frame off the front of `buf`, `Ok(None)` if more bytes are needed.
@@ -216,12 +227,7 @@ impl Decoder {
         let kind = buf[0];
         let channel = u16::from_be_bytes([buf[1], buf[2]]);
         let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
-        let limit = match kind {
-            1 | 2 | 3 | 8 if !self.tuned => PRE_TUNE_FRAME_MAX,
-            3 => self.frame_max,
-            1 | 2 | 8 => self.frame_max.max(MAX_NON_BODY_FRAME),
-            other => return Err(DecodeError::UnknownFrameType(other)),
-        };
+        let limit = self.limit(kind)?;
         if size.saturating_add(FRAME_OVERHEAD) > limit {
             return Err(DecodeError::FrameTooLarge {
                 kind,
@@ -507,6 +513,23 @@ mod tests {
             e.to_string(),
             "type 3, all octets = <<>>: {frame_too_large,200000,131064}"
         );
+    }
+
+    /// What a reader may read in place: a body frame's header within frame_max, nothing else.
+    #[test]
+    fn body_frame_headers_for_in_place_reads() {
+        let d = Decoder::new(8192);
+        let header = |kind: u8, size: u32| {
+            let mut h = vec![kind, 0, 5];
+            h.extend_from_slice(&size.to_be_bytes());
+            h
+        };
+        assert_eq!(d.body_frame_header(&header(3, 8184)), Some((5, 8184)));
+        assert_eq!(d.body_frame_header(&header(3, 8185)), None, "over frame_max");
+        assert_eq!(d.body_frame_header(&header(1, 100)), None, "a method");
+        assert_eq!(d.body_frame_header(&header(3, 100)[..6]), None, "short");
+        let untuned = Decoder::before_tune();
+        assert_eq!(untuned.body_frame_header(&header(3, 8000)), None);
     }
 
     #[test]

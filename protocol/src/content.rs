@@ -218,9 +218,10 @@ impl Assembler {
     /// For a reader that writes the payload of a body frame of `len` bytes straight into the
     /// message body instead of through its read buffer (which costs a copy of every large
     /// body): the body so far, with room for at least the frame. None unless a body is being
-    /// assembled and the frame fits in what is left of it. Room ahead of the bytes received
-    /// is at most the larger of 1 MiB and what has arrived, so a declared size alone
-    /// allocates little. The buffer comes back, `len` bytes longer, in `body_in_place`.
+    /// assembled and the frame fits in what is left of it. The buffer never exceeds the
+    /// declared size, and room ahead of the bytes received is at most the larger of 1 MiB and
+    /// what has arrived, so a declared size alone allocates little. The buffer comes back,
+    /// `len` bytes longer, in `body_in_place`.
     pub fn take_body_buffer(&mut self, len: usize) -> Option<BytesMut> {
         let State::Body {
             remaining,
@@ -234,11 +235,20 @@ impl Assembler {
         if len as u64 > *remaining {
             return None;
         }
-        let mut body = std::mem::take(buf);
         let first = single.take();
-        let have = body.len() + first.as_ref().map_or(0, Bytes::len);
+        let have = buf.len() + first.as_ref().map_or(0, Bytes::len);
+        // `len` and `ahead` are both at most what is left of the declared size.
         let ahead = (*remaining).min(have.max(1 << 20) as u64) as usize;
-        body.reserve(first.as_ref().map_or(0, Bytes::len) + ahead.max(len));
+        let room = have + ahead.max(len);
+        let mut body = if buf.capacity() >= room {
+            std::mem::take(buf)
+        } else {
+            // Sized here rather than grown by `reserve`, which may double past the body.
+            let mut grown = BytesMut::with_capacity(room);
+            grown.extend_from_slice(buf);
+            *buf = BytesMut::new();
+            grown
+        };
         if let Some(first) = first {
             body.extend_from_slice(&first);
         }
