@@ -418,7 +418,7 @@ impl Conn {
                 Frame::Method { channel: 0, .. } | Frame::Heartbeat { .. } => continue,
                 Frame::Method { class, .. } => return Ok(class),
                 // Content (a return) cannot answer a call.
-                Frame::Header { .. } | Frame::Body { .. } => continue,
+                Frame::Header { .. } | Frame::Body { .. } | Frame::BodyInPlace { .. } => continue,
             }
         }
     }

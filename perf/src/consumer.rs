@@ -245,6 +245,8 @@ pub async fn run(cfg: Arc<Config>, ctx: Arc<Ctx>, i: usize, conn: Conn) -> Resul
                         }
                     }
                     Frame::Heartbeat { .. } => {}
+                    // Made only by the broker's reader, never by decoding.
+                    Frame::BodyInPlace { .. } => bail!("a body frame read in place"),
                 }
             }
             if consumed >= limit {
