@@ -525,7 +525,11 @@ mod tests {
             h
         };
         assert_eq!(d.body_frame_header(&header(3, 8184)), Some((5, 8184)));
-        assert_eq!(d.body_frame_header(&header(3, 8185)), None, "over frame_max");
+        assert_eq!(
+            d.body_frame_header(&header(3, 8185)),
+            None,
+            "over frame_max"
+        );
         assert_eq!(d.body_frame_header(&header(1, 100)), None, "a method");
         assert_eq!(d.body_frame_header(&header(3, 100)[..6]), None, "short");
         let untuned = Decoder::before_tune();
