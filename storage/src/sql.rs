@@ -285,12 +285,14 @@ impl SqlStore {
 }
 
 /// The typed read pool on the database the main pool opened (and migrated): WAL mode is the
-/// file's, so these readers never wait for the writer.
+/// file's, so these readers never wait for the writer. It never creates the file: a database
+/// removed underneath fails reads rather than growing an empty one.
 async fn sqlite_read_pool(url: &str) -> Result<sqlx::SqlitePool, StoreError> {
     use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
     let options = url
         .parse::<SqliteConnectOptions>()
         .map_err(|e| StoreError::Config(format!("storage URL '{}': {e}", redact(url))))?
+        .create_if_missing(false)
         .foreign_keys(false)
         .busy_timeout(Duration::from_secs(10))
         .pragma("cache_size", "-8192");
@@ -736,7 +738,9 @@ async fn apply_plan(tx: &mut Tx<'_>, backend: Backend, plan: &Plan) -> Result<()
         .bind(last)
         .execute(&mut **tx)
         .await?;
-        delete_orphan_chunks(tx, *first, *last).await?;
+        if backend == Backend::Sqlite {
+            delete_orphan_chunks(tx, *first, *last).await?;
+        }
     }
     let t_messages = t.elapsed();
     for (q, seq) in &plan.delivered {
@@ -769,9 +773,9 @@ async fn apply_plan(tx: &mut Tx<'_>, backend: Backend, plan: &Plan) -> Result<()
     Ok(())
 }
 
-/// Deletes the chunks of the messages in `first..=last` that are gone. The schema's cascade
-/// is not relied on: SQLite runs without foreign keys, whose per-row cascade program more than
-/// doubled the cost of deleting acked messages. A range with no chunked message is one seek.
+/// Deletes the chunks of the messages in `first..=last` that are gone, on SQLite, which runs
+/// without foreign keys: their per-row cascade program more than doubled the cost of deleting
+/// acked messages. (MySQL keeps its cascade.) A range with no chunked message is one seek.
 async fn delete_orphan_chunks(tx: &mut Tx<'_>, first: i64, last: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
         "DELETE FROM message_chunks WHERE message_id >= ? AND message_id <= ? AND NOT EXISTS \
@@ -839,6 +843,37 @@ where
         row.try_get("seq")?,
         row.try_get::<i64, _>("redelivered")? != 0,
     ))
+}
+
+/// `read_queue`'s rows, decoded until their bodies reach `max_bytes` (at least one row). A
+/// chunked body counts as its chunks' full size, which is at least its own.
+async fn take_page<R, S>(
+    mut rows: S,
+    max_bytes: usize,
+) -> Result<Vec<(MessageColumns, (i64, bool))>, sqlx::Error>
+where
+    S: futures_util::Stream<Item = Result<R, sqlx::Error>> + Unpin,
+    R: Row,
+    &'static str: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r [u8]: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    use futures_util::TryStreamExt;
+    let mut page = Vec::new();
+    let mut bytes = 0;
+    while bytes < max_bytes || page.is_empty() {
+        let Some(row) = rows.try_next().await? else {
+            break;
+        };
+        let columns = message_columns(&row)?;
+        bytes += match columns.chunks {
+            0 => columns.row.body.len(),
+            n => (n.max(0) as usize).saturating_mul(CHUNK),
+        };
+        page.push((columns, entry_columns(&row)?));
+    }
+    Ok(page)
 }
 
 const READ_QUEUE: &str = "SELECT qm.seq, qm.redelivered, m.id, m.persistent, m.exchange, \
@@ -1223,42 +1258,32 @@ impl MessageStore for SqlStore {
         max_bytes: usize,
     ) -> Result<Vec<StoredEntry>, StoreError> {
         let (q, after, n) = (queue_id, after_seq, limit as i64);
-        let rows: Vec<(MessageColumns, (i64, bool))> = match &self.sqlite_reads {
-            Some(reads) => sqlx::query(READ_QUEUE)
-                .bind(q)
-                .bind(after)
-                .bind(n)
-                .fetch_all(reads)
-                .await
-                .and_then(|rows| {
-                    rows.iter()
-                        .map(|r| Ok((message_columns(r)?, entry_columns(r)?)))
-                        .collect()
-                }),
-            None => sqlx::query(READ_QUEUE)
-                .bind(q)
-                .bind(after)
-                .bind(n)
-                .fetch_all(&self.pool)
-                .await
-                .and_then(|rows| {
-                    rows.iter()
-                        .map(|r| Ok((message_columns(r)?, entry_columns(r)?)))
-                        .collect()
-                }),
+        // Rows are taken as they come, up to the byte cap: a page of large bodies is not
+        // fetched whole only to be cut.
+        let rows = match &self.sqlite_reads {
+            Some(reads) => {
+                let rows = sqlx::query(READ_QUEUE)
+                    .bind(q)
+                    .bind(after)
+                    .bind(n)
+                    .fetch(reads);
+                take_page(rows, max_bytes).await
+            }
+            None => {
+                let rows = sqlx::query(READ_QUEUE)
+                    .bind(q)
+                    .bind(after)
+                    .bind(n)
+                    .fetch(&self.pool);
+                take_page(rows, max_bytes).await
+            }
         }
         .map_err(unavailable)?;
         let mut out = Vec::with_capacity(rows.len());
-        let mut bytes = 0;
         for (columns, (seq, redelivered)) in rows {
-            if bytes >= max_bytes && !out.is_empty() {
-                break;
-            }
-            let message = self.message_from(columns).await?;
-            bytes += message.body.len();
             out.push(StoredEntry {
                 seq,
-                message,
+                message: self.message_from(columns).await?,
                 redelivered,
             });
         }
