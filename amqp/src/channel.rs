@@ -345,7 +345,7 @@ impl Channel {
                 raw,
                 ..
             } => {
-                match self.assembler.header(class_id, body_size, properties, raw) {
+                match self.assembler.header(class_id, body_size, *properties, raw) {
                     Ok(Step::Done(c)) => self.published(ctx, *c).map_err(|e| e.at(60, 40))?,
                     Ok(Step::Pending) => {}
                     Err(e) => return Err(AmqpError::from(e).at(60, 40)),

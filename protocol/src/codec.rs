@@ -34,7 +34,9 @@ pub enum Frame {
         channel: u16,
         class_id: u16,
         body_size: u64,
-        properties: AMQPProperties,
+        /// Boxed: the properties are most of a header's size, and every `Frame` is as large
+        /// as its largest variant and moved through several calls.
+        properties: Box<AMQPProperties>,
         raw: Bytes,
     },
     /// A content body frame, sliced out of the read buffer.
@@ -376,7 +378,7 @@ fn decode_header(channel: u16, raw: Bytes) -> Result<Frame, DecodeError> {
             channel,
             class_id: h.class_id,
             body_size: h.body_size,
-            properties: h.properties,
+            properties: Box::new(h.properties),
             raw,
         }),
         Err(_) => Err(DecodeError::MalformedHeader(channel)),

@@ -924,7 +924,7 @@ proptest! {
                     prop_assert_eq!(*c, channel);
                     prop_assert_eq!(h.class_id, class_id);
                     prop_assert_eq!(h.body_size, body_size);
-                    prop_assert_eq!(&h.properties, &properties);
+                    prop_assert_eq!(&h.properties, &*properties);
                     let reread = header_properties(&raw);
                     prop_assert_eq!(reread.as_ref(), Some(&h.properties));
                 }
@@ -1153,8 +1153,8 @@ proptest! {
             let step = match f {
                 Frame::Header { channel: c, class_id, body_size, properties, raw } => {
                     prop_assert_eq!(c, channel);
-                    prop_assert_eq!(&properties, &props);
-                    a.header(class_id, body_size, properties, raw).unwrap()
+                    prop_assert_eq!(&*properties, &props);
+                    a.header(class_id, body_size, *properties, raw).unwrap()
                 }
                 Frame::Body { channel: c, payload } => {
                     prop_assert_eq!(c, channel);
