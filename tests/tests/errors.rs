@@ -600,7 +600,7 @@ async fn listeners_are_dual_stack_and_repeatable() {
 async fn returns_to_a_client_that_does_not_read_push_back() {
     let b = broker().await;
     let mut s = handshake(&b).await;
-    open_channel_1(&mut s).await;
+    open_channel(&mut s, 1).await;
     // One mandatory publish of 64 KiB to a key nothing is bound to.
     let body = vec![7u8; 64 * 1024];
     let one = publish_frames("nowhere", true, &body, 131_072);
@@ -625,7 +625,8 @@ async fn returns_to_a_client_that_does_not_read_push_back() {
     b.stop().await;
 }
 
-async fn open_channel_1(s: &mut TcpStream) {
+/// Sends channel.open for channel `id` on a raw socket.
+async fn open_channel(s: &mut TcpStream, id: u16) {
     use warren_protocol::{
         encode::encode_frame,
         protocol::{channel, AMQPClass},
@@ -633,7 +634,7 @@ async fn open_channel_1(s: &mut TcpStream) {
     let mut open = Vec::new();
     encode_frame(
         &mut open,
-        1,
+        id,
         &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
     )
     .unwrap();
@@ -648,7 +649,7 @@ async fn large_bodies_arrive_intact_however_the_socket_splits_them() {
     let (_c, ch) = channel(&b).await;
     let q = declare(&ch, "split-bodies").await;
     let mut s = handshake(&b).await;
-    open_channel_1(&mut s).await;
+    open_channel(&mut s, 1).await;
     // handshake_to tunes frame_max to 131072.
     let frame_max = 131_072;
     let sizes = [40_000, frame_max - 8, frame_max - 7, 300_000, (1 << 20) + 5];
@@ -736,23 +737,12 @@ fn frames_on(bytes: &[u8], channel: u16) -> Vec<Vec<u8>> {
 /// whole writes or 1,000-byte pieces alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interleaved_large_bodies_of_two_channels_arrive_intact() {
-    use warren_protocol::{
-        encode::encode_frame,
-        protocol::{channel, AMQPClass},
-    };
     let b = broker().await;
     let (_c, ch) = channel(&b).await;
     let q = declare(&ch, "interleaved").await;
     let mut s = handshake(&b).await;
-    open_channel_1(&mut s).await;
-    let mut open = Vec::new();
-    encode_frame(
-        &mut open,
-        2,
-        &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-    )
-    .unwrap();
-    s.write_all(&open).await.unwrap();
+    open_channel(&mut s, 1).await;
+    open_channel(&mut s, 2).await;
     let mut sent = Vec::new();
     for (round, piece) in [(0u8, usize::MAX), (1, 1000)] {
         let bodies: Vec<Vec<u8>> = [700_000usize, 450_000]
@@ -794,7 +784,7 @@ async fn a_bad_frame_end_after_a_large_body_frame_is_501() {
     let (_c, ch) = channel(&b).await;
     let q = declare(&ch, "bad-end").await;
     let mut s = handshake(&b).await;
-    open_channel_1(&mut s).await;
+    open_channel(&mut s, 1).await;
     let body = vec![5u8; 200_000];
     let mut bytes = publish_frames(&q, false, &body, 131_072);
     // The first body frame's end: after the method, the header and 131,064 bytes of payload.
