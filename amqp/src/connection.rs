@@ -1349,7 +1349,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 Outgoing::Deliver(d) => {
                     deliver.fill(&d);
                     batch
-                        .push_method(d.channel, &deliver.0)
+                        .push_method(d.channel, &deliver.method)
                         .map(|_| batch.push_content(d.channel, &d.msg.header, &d.msg.body, fm))
                 }
                 Outgoing::Heartbeat => {

@@ -14,6 +14,7 @@ use warren_protocol::{protocol::basic, AMQPClass};
 
 use warren_core::delivery::{Consumer, DeliverySink};
 use warren_core::message::Message;
+use warren_core::names::same;
 use warren_core::queue::Queue;
 
 /// One outgoing item, encoded by the writer task.
@@ -57,33 +58,43 @@ pub struct Deliver {
 
 /// The basic.deliver a connection's writer encodes, kept from one delivery to the next: only
 /// what differs from the last is replaced (usually just the tag), so encoding a delivery
-/// allocates nothing.
-pub(crate) struct DeliverTemplate(pub AMQPClass);
+/// allocates nothing. The consumer is recognised by its `Arc` (held, so its address cannot be
+/// reused by another), the names by `names::same`: this runs once per delivery.
+pub(crate) struct DeliverTemplate {
+    pub method: AMQPClass,
+    consumer: Option<Arc<Consumer>>,
+}
 
 impl DeliverTemplate {
     pub fn new() -> Self {
-        DeliverTemplate(AMQPClass::Basic(basic::AMQPMethod::Deliver(
-            basic::Deliver {
+        DeliverTemplate {
+            method: AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
                 consumer_tag: "".into(),
                 delivery_tag: 0,
                 redelivered: false,
                 exchange: "".into(),
                 routing_key: "".into(),
-            },
-        )))
+            })),
+            consumer: None,
+        }
     }
 
     pub fn fill(&mut self, d: &Deliver) {
-        if let AMQPClass::Basic(basic::AMQPMethod::Deliver(m)) = &mut self.0 {
-            if m.consumer_tag != d.consumer.tag {
+        if let AMQPClass::Basic(basic::AMQPMethod::Deliver(m)) = &mut self.method {
+            if !self
+                .consumer
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(c, &d.consumer))
+            {
                 m.consumer_tag = d.consumer.tag.clone();
+                self.consumer = Some(d.consumer.clone());
             }
             m.delivery_tag = d.delivery_tag;
             m.redelivered = d.redelivered;
-            if m.exchange != d.msg.exchange {
+            if !same(m.exchange.as_str(), d.msg.exchange.as_str()) {
                 m.exchange = d.msg.exchange.clone();
             }
-            if m.routing_key != d.msg.routing_key {
+            if !same(m.routing_key.as_str(), d.msg.routing_key.as_str()) {
                 m.routing_key = d.msg.routing_key.clone();
             }
         }
@@ -250,5 +261,75 @@ impl DeliverySink for Outbox {
 
     fn wait_room(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(Outbox::wait_room(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU32};
+
+    use warren_core::delivery::ChannelHandle;
+    use warren_protocol::ShortString;
+
+    use super::*;
+
+    fn consumer(tag: &str, sink: Arc<Outbox>) -> Arc<Consumer> {
+        Arc::new(Consumer {
+            tag: ShortString::from(tag),
+            channel: ChannelHandle::new(1, 1, sink, false, Default::default()),
+            queue: Weak::new(),
+            no_ack: true,
+            exclusive: false,
+            priority: 0,
+            prefetch: 0,
+            unacked: AtomicU32::new(0),
+            active: AtomicBool::new(true),
+        })
+    }
+
+    fn deliver(c: &Arc<Consumer>, tag: u64, exchange: &str, rk: &str) -> Deliver {
+        let msg = Message::encoded(
+            tag,
+            exchange.into(),
+            rk.into(),
+            &Default::default(),
+            bytes::Bytes::from_static(b"x"),
+            None,
+        )
+        .unwrap();
+        Deliver {
+            channel: 1,
+            consumer: c.clone(),
+            delivery_tag: tag,
+            redelivered: tag.is_multiple_of(2),
+            msg: Arc::new(msg),
+        }
+    }
+
+    #[test]
+    fn the_deliver_template_follows_every_field_that_changes() {
+        let sink = Outbox::new(1 << 20);
+        let (a, b) = (consumer("ctag-a", sink.clone()), consumer("ctag-b", sink));
+        let mut t = DeliverTemplate::new();
+        let steps = [
+            (&a, "", "q1"),
+            (&a, "", "q1"),
+            (&b, "", "q1"),
+            (&a, "amq.direct", "q1"),
+            (&a, "amq.direct", "q2"),
+            (&b, "x", "q2"),
+            (&b, "", ""),
+        ];
+        for (i, (c, x, rk)) in steps.into_iter().enumerate() {
+            let d = deliver(c, i as u64 + 1, x, rk);
+            t.fill(&d);
+            let AMQPClass::Basic(basic::AMQPMethod::Deliver(m)) = &t.method else {
+                panic!("not a deliver");
+            };
+            assert_eq!(m.consumer_tag.as_str(), c.tag.as_str(), "step {i}");
+            assert_eq!(m.delivery_tag, i as u64 + 1);
+            assert_eq!(m.redelivered, d.redelivered);
+            assert_eq!((m.exchange.as_str(), m.routing_key.as_str()), (x, rk));
+        }
     }
 }

@@ -19,6 +19,7 @@ pub mod error;
 pub mod exchange;
 pub mod headers;
 pub mod message;
+pub mod names;
 pub mod persist;
 pub mod policy;
 pub mod queue;

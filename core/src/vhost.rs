@@ -4,7 +4,7 @@
 //! `admin` mutex so that, for example, a bind cannot race the deletion of its queue. No lock here
 //! is held across `.await`. Durable entities are written through to the store (`Persistence`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::Duration;
@@ -22,6 +22,7 @@ use crate::error::{AmqpError, AmqpResult};
 use crate::exchange::{Destination, Exchange, ExchangeKind};
 use crate::headers;
 use crate::message::{now_ms, Message};
+use crate::names::NameMap;
 use crate::persist::Persistence;
 use crate::policy::{self, Policy};
 use crate::queue::{Entry, Queue, QueueSpec};
@@ -53,8 +54,8 @@ pub struct VHost {
     pub name: String,
     /// This vhost, for the timers and dead-letter routes its queues hold.
     me: Weak<VHost>,
-    exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
-    queues: RwLock<HashMap<String, Arc<Queue>>>,
+    exchanges: RwLock<NameMap<Arc<Exchange>>>,
+    queues: RwLock<NameMap<Arc<Queue>>>,
     admin: Mutex<()>,
     pub persist: Arc<Persistence>,
     /// Direct reply-to addresses of this vhost's channels.
@@ -134,7 +135,7 @@ impl VHost {
         persist: Arc<Persistence>,
         stats: Arc<crate::stats::GlobalStats>,
     ) -> Arc<Self> {
-        let mut exchanges = HashMap::new();
+        let mut exchanges = NameMap::default();
         for (n, k) in BUILTIN {
             exchanges.insert(
                 n.to_string(),
@@ -145,7 +146,7 @@ impl VHost {
             name: name.to_string(),
             me: me.clone(),
             exchanges: RwLock::new(exchanges),
-            queues: RwLock::new(HashMap::new()),
+            queues: RwLock::new(NameMap::default()),
             admin: Mutex::new(()),
             persist,
             replies: Default::default(),
