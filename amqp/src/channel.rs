@@ -345,8 +345,8 @@ impl Channel {
                 raw,
                 ..
             } => {
-                match self.assembler.header(class_id, body_size, *properties, raw) {
-                    Ok(Step::Done(c)) => self.published(ctx, *c).map_err(|e| e.at(60, 40))?,
+                match self.assembler.header(class_id, body_size, properties, raw) {
+                    Ok(Step::Done(c)) => self.published(ctx, c).map_err(|e| e.at(60, 40))?,
                     Ok(Step::Pending) => {}
                     Err(e) => return Err(AmqpError::from(e).at(60, 40)),
                 }
@@ -354,7 +354,7 @@ impl Channel {
             }
             Frame::Body { payload, .. } => {
                 match self.assembler.body(payload) {
-                    Ok(Step::Done(c)) => self.published(ctx, *c).map_err(|e| e.at(60, 40))?,
+                    Ok(Step::Done(c)) => self.published(ctx, c).map_err(|e| e.at(60, 40))?,
                     Ok(Step::Pending) => {}
                     Err(e) => return Err(AmqpError::from(e).at(60, 40)),
                 }
@@ -362,7 +362,7 @@ impl Channel {
             }
             Frame::BodyInPlace { body, len, .. } => {
                 match self.assembler.body_in_place(body, len) {
-                    Ok(Step::Done(c)) => self.published(ctx, *c).map_err(|e| e.at(60, 40))?,
+                    Ok(Step::Done(c)) => self.published(ctx, c).map_err(|e| e.at(60, 40))?,
                     Ok(Step::Pending) => {}
                     Err(e) => return Err(AmqpError::from(e).at(60, 40)),
                 }
@@ -904,7 +904,9 @@ impl Channel {
     }
 
     /// A complete message arrived.
-    fn published(&mut self, ctx: &ConnCtx, c: Content) -> AmqpResult<()> {
+    // Kept in the assembler's box: unboxing would copy the whole content once more per message.
+    #[allow(clippy::boxed_local)]
+    fn published(&mut self, ctx: &ConnCtx, c: Box<Content>) -> AmqpResult<()> {
         ctx.access
             .check(Perm::Write, Resource::Exchange, c.publish.exchange.as_str())?;
         let exchange = ctx.vhost.publish_exchange(c.publish.exchange.as_str())?;

@@ -757,6 +757,18 @@ impl Queue {
         }
     }
 
+    /// `expire_head` at `now`, read from the clock (and kept) when it is still 0 and the head
+    /// has a deadline.
+    fn expire_head_lazily(&self, g: &mut State, now: &mut u64, fresh: u64) {
+        if *now == 0 {
+            if g.ready.front().is_none_or(|e| e.expires == NEVER) {
+                return;
+            }
+            *now = now_ms();
+        }
+        self.expire_head(g, *now, fresh);
+    }
+
     /// Drop-head: drops the oldest while the queue is over its limits.
     fn enforce_limits(&self, g: &mut State) {
         if g.args.overflow != Overflow::DropHead || !g.args.bounded() {
@@ -831,9 +843,11 @@ impl Queue {
     }
 
     fn dispatch_fresh(self: &Arc<Self>, g: &mut State, fresh: u64) {
-        let now = if g.ready.is_empty() { 0 } else { now_ms() };
+        // The clock is read once, and only if a message with a deadline reaches the head: most
+        // have none, and this runs for every publish.
+        let mut now = 0;
         loop {
-            self.expire_head(g, now, fresh);
+            self.expire_head_lazily(g, &mut now, fresh);
             if g.ready.is_empty() || g.consumers.is_empty() {
                 break;
             }
@@ -854,9 +868,7 @@ impl Queue {
             }
         }
         self.enforce_limits(g);
-        if now > 0 {
-            self.expire_head(g, now, 0);
-        }
+        self.expire_head_lazily(g, &mut now, 0);
         self.arm_expiry(g);
         self.maybe_load(g);
     }

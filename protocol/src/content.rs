@@ -26,7 +26,8 @@ fn own(b: Bytes) -> Bytes {
 #[derive(Debug, Clone)]
 pub struct Content {
     pub publish: Publish,
-    pub properties: AMQPProperties,
+    /// Boxed, as the decoder made them: they are most of a message's size and are only read.
+    pub properties: Box<AMQPProperties>,
     /// The raw content header payload, reusable for deliveries.
     pub header: Bytes,
     pub body: Bytes,
@@ -60,7 +61,7 @@ enum State {
     Header(Publish),
     Body {
         publish: Publish,
-        properties: AMQPProperties,
+        properties: Box<AMQPProperties>,
         header: Bytes,
         remaining: u64,
         single: Option<Bytes>,
@@ -114,7 +115,7 @@ impl Assembler {
         &mut self,
         class_id: u16,
         body_size: u64,
-        properties: AMQPProperties,
+        properties: Box<AMQPProperties>,
         raw: Bytes,
     ) -> Result<Step, ContentError> {
         let publish = match std::mem::take(&mut self.state) {
@@ -345,12 +346,7 @@ mod tests {
         let mut a = Assembler::new(1 << 20);
         a.start(publish()).unwrap();
         assert!(matches!(
-            a.header(
-                60,
-                body as u64,
-                AMQPProperties::default(),
-                read.slice(..header)
-            ),
+            a.header(60, body as u64, Box::default(), read.slice(..header)),
             Ok(Step::Pending)
         ));
         match a.body(read.slice(header..)).unwrap() {
@@ -386,8 +382,7 @@ mod tests {
     fn multi_frame_body_and_empty_body() {
         let mut a = Assembler::new(1000);
         a.start(publish()).unwrap();
-        a.header(60, 6, AMQPProperties::default(), Bytes::new())
-            .unwrap();
+        a.header(60, 6, Box::default(), Bytes::new()).unwrap();
         assert!(matches!(
             a.body(Bytes::from_static(b"abc")),
             Ok(Step::Pending)
@@ -398,7 +393,7 @@ mod tests {
         }
         a.start(publish()).unwrap();
         assert!(matches!(
-            a.header(60, 0, AMQPProperties::default(), Bytes::new()),
+            a.header(60, 0, Box::default(), Bytes::new()),
             Ok(Step::Done(_))
         ));
     }
@@ -411,13 +406,8 @@ mod tests {
         let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let mut a = Assembler::new(1 << 30);
         a.start(publish()).unwrap();
-        a.header(
-            60,
-            body.len() as u64,
-            AMQPProperties::default(),
-            Bytes::new(),
-        )
-        .unwrap();
+        a.header(60, body.len() as u64, Box::default(), Bytes::new())
+            .unwrap();
         assert!(matches!(
             a.body(Bytes::copy_from_slice(&body[..1000])),
             Ok(Step::Pending)
@@ -456,8 +446,7 @@ mod tests {
     fn a_lent_body_grows_with_what_arrives() {
         let mut a = Assembler::new(1 << 30);
         a.start(publish()).unwrap();
-        a.header(60, 1 << 29, AMQPProperties::default(), Bytes::new())
-            .unwrap();
+        a.header(60, 1 << 29, Box::default(), Bytes::new()).unwrap();
         let mut buf = a.take_body_buffer(131_064).unwrap();
         assert!(buf.capacity() < 2 << 20, "{}", buf.capacity());
         buf.resize(131_064, 1);
@@ -471,9 +460,7 @@ mod tests {
             a.body(Bytes::new()).unwrap_err().code(),
             reply::UNEXPECTED_FRAME
         );
-        assert!(a
-            .header(60, 1, AMQPProperties::default(), Bytes::new())
-            .is_err());
+        assert!(a.header(60, 1, Box::default(), Bytes::new()).is_err());
         a.start(publish()).unwrap();
         assert_eq!(
             a.check_method().unwrap_err().code(),
@@ -482,17 +469,14 @@ mod tests {
         assert!(a.body(Bytes::from_static(b"x")).is_err());
         let mut a = Assembler::new(1000);
         a.start(publish()).unwrap();
-        assert!(a
-            .header(50, 1, AMQPProperties::default(), Bytes::new())
-            .is_err());
+        assert!(a.header(50, 1, Box::default(), Bytes::new()).is_err());
     }
 
     #[test]
     fn body_longer_than_declared() {
         let mut a = Assembler::new(1000);
         a.start(publish()).unwrap();
-        a.header(60, 3, AMQPProperties::default(), Bytes::new())
-            .unwrap();
+        a.header(60, 3, Box::default(), Bytes::new()).unwrap();
         let err = a.body(Bytes::from_static(b"abcd")).unwrap_err();
         assert_eq!(err.code(), reply::UNEXPECTED_FRAME);
     }
@@ -501,9 +485,7 @@ mod tests {
     fn oversized_is_refused_and_discarded() {
         let mut a = Assembler::new(10);
         a.start(publish()).unwrap();
-        let err = a
-            .header(60, 25, AMQPProperties::default(), Bytes::new())
-            .unwrap_err();
+        let err = a.header(60, 25, Box::default(), Bytes::new()).unwrap_err();
         assert_eq!(err, ContentError::TooLarge { size: 25, max: 10 });
         assert_eq!(err.code(), reply::PRECONDITION_FAILED);
         assert!(matches!(

@@ -1051,7 +1051,7 @@ proptest! {
                 Event::Header { class_id, size } => step_result(a.header(
                     *class_id,
                     *size,
-                    AMQPProperties::default(),
+                    Box::default(),
                     Bytes::from_static(b"raw"),
                 ))?,
                 Event::Body(n) => {
@@ -1086,7 +1086,7 @@ proptest! {
         for _round in 0..2 {
             a.start(publish()).unwrap();
             let raw = Bytes::from_static(b"header");
-            let r = a.header(CLASS_BASIC, body.len() as u64, props.clone(), raw.clone()).unwrap();
+            let r = a.header(CLASS_BASIC, body.len() as u64, Box::new(props.clone()), raw.clone()).unwrap();
             let mut done = None;
             if body.is_empty() {
                 prop_assert!(matches!(r, Step::Done(_)));
@@ -1110,7 +1110,7 @@ proptest! {
                 Some(Step::Done(c)) => {
                     prop_assert_eq!(&c.body[..], &body[..]);
                     prop_assert_eq!(&c.header, &raw);
-                    prop_assert_eq!(&c.properties, &props);
+                    prop_assert_eq!(&*c.properties, &props);
                     prop_assert_eq!(&c.publish, &publish());
                 }
                 other => prop_assert!(false, "not done: {:?}", other),
@@ -1154,7 +1154,7 @@ proptest! {
                 Frame::Header { channel: c, class_id, body_size, properties, raw } => {
                     prop_assert_eq!(c, channel);
                     prop_assert_eq!(&*properties, &props);
-                    a.header(class_id, body_size, *properties, raw).unwrap()
+                    a.header(class_id, body_size, properties, raw).unwrap()
                 }
                 Frame::Body { channel: c, payload } => {
                     prop_assert_eq!(c, channel);
