@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use warren_protocol::short;
 use warren_protocol::{
-    codec::{qos_prefetch_size, Frame},
+    codec::{Frame, MethodHead},
     content::{Assembler, Content, Step},
     protocol::{access, basic, channel, confirm, exchange, queue, tx, AMQPClass},
     ShortString,
@@ -330,12 +330,12 @@ impl Channel {
             return Ok(After::Keep);
         }
         match frame {
-            Frame::Method { class, raw, .. } => {
-                let ids = warren_protocol::codec::method_ids(&raw);
+            Frame::Method { class, head, .. } => {
+                let ids = head.ids();
                 self.assembler
                     .check_method()
                     .map_err(|e| AmqpError::from(e).at(60, 40))?;
-                self.method(ctx, class, &raw)
+                self.method(ctx, class, head)
                     .map_err(|e| e.at(ids.0, ids.1))
             }
             Frame::Header {
@@ -397,7 +397,7 @@ impl Channel {
         }
     }
 
-    fn method(&mut self, ctx: &ConnCtx, class: AMQPClass, raw: &[u8]) -> AmqpResult<After> {
+    fn method(&mut self, ctx: &ConnCtx, class: AMQPClass, head: MethodHead) -> AmqpResult<After> {
         let vh = &ctx.vhost;
         let cid = ctx.conn_id;
         match class {
@@ -434,7 +434,7 @@ impl Channel {
                 let _writes = Capture::begin();
                 self.queue_method(vh, &ctx.access, cid, q)?
             }
-            AMQPClass::Basic(b) => self.basic_method(ctx, b, raw)?,
+            AMQPClass::Basic(b) => self.basic_method(ctx, b, head)?,
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
                 if self.tx.is_some() {
                     return Err(AmqpError::precondition(
@@ -655,12 +655,17 @@ impl Channel {
         Ok(())
     }
 
-    fn basic_method(&mut self, ctx: &ConnCtx, b: basic::AMQPMethod, raw: &[u8]) -> AmqpResult<()> {
+    fn basic_method(
+        &mut self,
+        ctx: &ConnCtx,
+        b: basic::AMQPMethod,
+        head: MethodHead,
+    ) -> AmqpResult<()> {
         use basic::AMQPMethod as B;
         let vh = &ctx.vhost;
         match b {
             B::Qos(q) => {
-                let size = qos_prefetch_size(raw);
+                let size = head.qos_prefetch_size();
                 if size != 0 {
                     return Err(AmqpError::not_implemented(format!(
                         "prefetch_size!=0 ({size})"

@@ -629,8 +629,8 @@ impl Conn {
             Frame::Method {
                 channel: 0,
                 class,
-                raw,
-            } => self.handle_connection_method(class, &raw),
+                head,
+            } => self.handle_connection_method(class, head.ids()),
             Frame::Method { channel: _, .. }
             | Frame::Header { .. }
             | Frame::Body { .. }
@@ -668,9 +668,8 @@ impl Conn {
         }
     }
 
-    fn handle_connection_method(&mut self, class: AMQPClass, raw: &[u8]) -> AmqpResult<Flow> {
+    fn handle_connection_method(&mut self, class: AMQPClass, ids: (u16, u16)) -> AmqpResult<Flow> {
         use connection::AMQPMethod as M;
-        let ids = warren_protocol::codec::method_ids(raw);
         let AMQPClass::Connection(m) = class else {
             return Err(AmqpError::channel_error(format!(
                 "unexpected method in connection state {}",
@@ -1287,7 +1286,7 @@ async fn read_some(
 
 fn frame_ids(frame: &Frame) -> (u16, u16) {
     match frame {
-        Frame::Method { raw, .. } => warren_protocol::codec::method_ids(raw),
+        Frame::Method { head, .. } => head.ids(),
         _ => (0, 0),
     }
 }

@@ -6,24 +6,12 @@
 
 use std::hash::{Hash, Hasher};
 
-/// Whether `a` and `b` hold the same bytes: eight at a time, inline (AMQP names are at most
-/// 255 bytes, usually under 32).
+use warren_protocol::same_bytes;
+
+/// Whether two names are the same (`warren_protocol::same_bytes`: inline, no libc call).
 #[inline]
 pub fn same(a: &str, b: &str) -> bool {
     same_bytes(a.as_bytes(), b.as_bytes())
-}
-
-#[inline]
-pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let (wa, ra) = a.as_chunks::<8>();
-    let (wb, rb) = b.as_chunks::<8>();
-    wa.iter()
-        .zip(wb)
-        .all(|(x, y)| u64::from_ne_bytes(*x) == u64::from_ne_bytes(*y))
-        && ra.iter().zip(rb).all(|(x, y)| x == y)
 }
 
 /// A name looked up in a `NameMap`: hashes as the `String` key does, compares with `same`.

@@ -24,3 +24,19 @@ pub const FRAME_MIN_SIZE: u32 = 8192;
 pub const FRAME_END: u8 = 0xCE;
 /// Class id of `basic`, the only content class.
 pub const CLASS_BASIC: u16 = 60;
+
+/// Whether `a` and `b` hold the same bytes, compared eight at a time inline. For the short
+/// names and method payloads compared once per message: in S1 (16-byte messages) glibc's
+/// `memcmp` took 12% of the broker's CPU for two or three such calls per message.
+#[inline]
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (wa, ra) = a.as_chunks::<8>();
+    let (wb, rb) = b.as_chunks::<8>();
+    wa.iter()
+        .zip(wb)
+        .all(|(x, y)| u64::from_ne_bytes(*x) == u64::from_ne_bytes(*y))
+        && ra.iter().zip(rb).all(|(x, y)| x == y)
+}

@@ -531,6 +531,7 @@ fn run_decoder(
         loop {
             let before = buf.len();
             let header: Option<[u8; 7]> = buf.get(..7).map(|h| h.try_into().unwrap());
+            let wire = buf.to_vec();
             match d.decode(&mut buf) {
                 Ok(Some(f)) => {
                     let header = header.unwrap();
@@ -539,7 +540,14 @@ fn run_decoder(
                         u32::from_be_bytes([header[3], header[4], header[5], header[6]]) as usize;
                     prop_assert_eq!(consumed, size + FRAME_OVERHEAD);
                     let (t, channel, payload) = match f {
-                        Frame::Method { channel, raw, .. } => (1, channel, raw),
+                        Frame::Method { channel, head, .. } => {
+                            // A method keeps only the head of its payload.
+                            let payload = Bytes::copy_from_slice(&wire[7..7 + size]);
+                            let n = size.min(8);
+                            prop_assert_eq!(&head.bytes()[..n], &payload[..n]);
+                            prop_assert!(head.bytes()[n..].iter().all(|b| *b == 0));
+                            (1, channel, payload)
+                        }
                         Frame::Header { channel, raw, .. } => (2, channel, raw),
                         Frame::Body { channel, payload } => (3, channel, payload),
                         Frame::Heartbeat { channel } => (8, channel, Bytes::new()),
