@@ -6,7 +6,7 @@
 //! with 541 INTERNAL_ERROR and releases what it held (consumers, unacked deliveries requeued,
 //! exclusive queues), and a panicking writer stops its reader.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::Arc;
