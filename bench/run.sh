@@ -3,7 +3,7 @@
 # discarded warm-up then 3 measured runs, each on a freshly started broker with a fresh data
 # directory; medians go to bench/results/<date>.md with a PNG chart. See bench/README.md.
 #
-#   bench/run.sh [--only S1,S2] [--duration N] [--quick | --full] [--keep]
+#   bench/run.sh [--only S1,S2] [--duration N] [--runs N] [--quick | --full] [--keep]
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,6 +31,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --only) ONLY=${2:?--only needs a list}; shift 2 ;;
         --duration) DURATION=${2:?--duration needs seconds}; shift 2 ;;
+        --runs) RUNS=${2:?--runs needs a count}; shift 2 ;;
         --quick) BACKLOG=1000000; shift ;;
         --full) BACKLOG=10000000; shift ;;
         --keep) KEEP=1; shift ;;
