@@ -24,7 +24,7 @@ use warren_core::exchange::Exchange;
 use warren_core::message::Message;
 use warren_core::persist::Persistence;
 use warren_core::queue::{Enqueued, Entry, Got, LoadFuture, Queue, Removed};
-use warren_storage::Capture;
+use warren_storage::{Capture, Tickets};
 
 /// Store reads one basic.get may wait for before it is answered get-empty.
 const MAX_GET_LOADS: u8 = 3;
@@ -209,10 +209,11 @@ impl Channel {
     /// makes: its reply waits for those writes, and only those, to commit (outside a capture
     /// the ticket is 0).
     fn reply(&self, method: AMQPClass) {
-        let ticket = Capture::current();
-        if ticket > self.persist.writer.committed() {
-            // This method changed the store: its reply goes out once that is committed.
-            self.outbox.push(Outgoing::Gate(ticket));
+        let tickets = Capture::current();
+        if !tickets.is_empty() {
+            // This method changed the store: its reply goes out once that is committed, and
+            // only if the store took it.
+            self.outbox.push(Outgoing::Gate(Box::new(tickets)));
         }
         self.outbox
             .push(Outgoing::Method(self.id(), Box::new(method)));
@@ -1111,14 +1112,15 @@ impl Channel {
                 let Tx {
                     publishes, settles, ..
                 } = std::mem::take(tx);
-                let mut ticket = 0;
+                let mut tickets = Tickets::default();
                 for (x, msg, mandatory) in publishes {
-                    ticket = ticket.max(self.route(ctx, &x, msg, mandatory));
+                    tickets.push(self.route(ctx, &x, msg, mandatory));
                 }
                 self.apply_settles(settles.into_iter().map(|(_, u, how)| (u, how)));
-                if ticket > 0 {
-                    // commit-ok once the transaction's persistent messages are stored
-                    self.outbox.push(Outgoing::Gate(ticket));
+                if !tickets.is_empty() {
+                    // commit-ok once the transaction's persistent messages are stored, and
+                    // only if every one of them was
+                    self.outbox.push(Outgoing::Gate(Box::new(tickets)));
                 }
                 self.reply(AMQPClass::Tx(T::CommitOk(tx::CommitOk {})));
             }

@@ -1355,7 +1355,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     batch.push_heartbeat();
                     Ok(())
                 }
-                Outgoing::Gate(ticket) => {
+                Outgoing::Gate(tickets) => {
+                    let ticket = tickets.last();
                     if store.committed() < ticket {
                         if let Err(e) = write_batch(&mut wr, &mut batch, &info).await {
                             debug!(error = %e, "write failed");
@@ -1380,6 +1381,26 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                             }
                         }
                         last_write = Instant::now();
+                    }
+                    if tickets.iter().any(|t| store.failed(t)) {
+                        // What follows (a declare-ok, a commit-ok) would claim a write the
+                        // store refused: the client hears why, and nothing after it.
+                        warn!(
+                            "the store refused a write a reply depends on; closing the connection"
+                        );
+                        let close = AMQPClass::Connection(connection::AMQPMethod::Close(
+                            connection::Close {
+                                reply_code: warren_protocol::reply::INTERNAL_ERROR,
+                                reply_text: STORE_REFUSED.into(),
+                                class_id: 0,
+                                method_id: 0,
+                            },
+                        ));
+                        let _ = batch.push_method(0, &close);
+                        let _ = write_batch(&mut wr, &mut batch, &info).await;
+                        let _ = wr.shutdown().await;
+                        outbox.close();
+                        return;
                     }
                     Ok(())
                 }
@@ -1422,6 +1443,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
     }
 }
+
+/// The close text when the store refused a write that a held reply depends on.
+const STORE_REFUSED: &str = "INTERNAL_ERROR - the store refused a write this reply depends on";
 
 /// How a wait for the store ended.
 enum GateEnd {

@@ -16,6 +16,7 @@ use warren_core::delivery::{Consumer, DeliverySink};
 use warren_core::message::Message;
 use warren_core::names::same;
 use warren_core::queue::Queue;
+use warren_storage::Tickets;
 
 /// One outgoing item, encoded by the writer task.
 #[derive(Debug)]
@@ -29,8 +30,10 @@ pub enum Outgoing {
     /// it keeps, so nothing is allocated per delivery.
     Deliver(Deliver),
     Heartbeat,
-    /// Write what precedes, then hold what follows until this store ticket is committed.
-    Gate(u64),
+    /// Write what precedes, then hold what follows until these store tickets are committed;
+    /// if the store refused one, what follows would claim a write that did not happen, and
+    /// the connection is closed instead (541).
+    Gate(Box<Tickets>),
     /// Write what precedes, then close the socket and stop the writer.
     Shutdown,
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use warren_protocol::protocol::{basic, AMQPClass};
 use warren_protocol::{AMQPProperties, FieldTable};
 use warren_storage::{
-    Capture, GlobalParameterRecord, MetaStore, Op, ParameterRecord, PermissionRecord,
+    Capture, GlobalParameterRecord, MetaStore, Op, ParameterRecord, PermissionRecord, Tickets,
     TopicPermissionRecord, UserRecord, VhostRecord,
 };
 
@@ -146,12 +146,8 @@ impl Admin {
     /// Waits until store writes up to `t` are committed (0: none to wait for). `t` is what a
     /// change's `Capture` recorded: an operator's transient declare does not wait for other
     /// clients' writes (during a database outage, for ever).
-    pub(crate) async fn committed(&self, t: u64) -> AdminResult<()> {
-        let w = &self.broker.persist.writer;
-        if t == 0 {
-            return Ok(());
-        }
-        if !w.wait(t).await || w.failed(t) {
+    pub(crate) async fn committed(&self, t: &Tickets) -> AdminResult<()> {
+        if !self.broker.persist.writer.stored(t).await {
             return Err(AdminError::Store("the change could not be stored".into()));
         }
         Ok(())
@@ -160,13 +156,13 @@ impl Admin {
     /// Waits until everything submitted so far is committed: for changes made across awaits
     /// (message operations), which no `Capture` can follow.
     pub(crate) async fn everything_committed(&self) -> AdminResult<()> {
-        self.committed(self.broker.persist.writer.last_ticket())
+        self.committed(&Tickets::one(self.broker.persist.writer.last_ticket()))
             .await
     }
 
     async fn store(&self, op: Op) -> AdminResult<()> {
         let t = self.broker.persist.submit(op);
-        self.committed(t).await
+        self.committed(&Tickets::one(t)).await
     }
 
     /// Users and permissions changed: forget what the data cache holds.
@@ -539,7 +535,7 @@ impl Admin {
         let created = v.exchange(&d.name).is_none();
         let (r, t) = Capture::run(|| v.declare_exchange(&d));
         r?;
-        self.committed(t).await?;
+        self.committed(&t).await?;
         Ok(created)
     }
 
@@ -555,7 +551,7 @@ impl Admin {
         }
         let (r, t) = Capture::run(|| v.delete_exchange(name, if_unused));
         r?;
-        self.committed(t).await
+        self.committed(&t).await
     }
 
     /// Declares a queue as a client would (no owner: never exclusive). Returns whether it was
@@ -575,7 +571,7 @@ impl Admin {
         let created = v.queue(&d.name).is_none();
         let (r, t) = Capture::run(|| v.declare_queue(0, &Access::full(user, vhost), &d));
         r?;
-        self.committed(t).await?;
+        self.committed(&t).await?;
         Ok(created)
     }
 
@@ -596,14 +592,14 @@ impl Admin {
             Ok::<_, AdminError>(())
         });
         r?;
-        self.committed(t).await
+        self.committed(&t).await
     }
 
     pub async fn purge_queue(&self, vhost: &str, name: &str) -> AdminResult<u32> {
         let v = self.vhost(vhost)?;
         let q = v.queue(name).ok_or(AdminError::NotFound)?;
         let (n, t) = Capture::run(|| q.purge());
-        self.committed(t).await?;
+        self.committed(&t).await?;
         Ok(n)
     }
 
@@ -635,7 +631,7 @@ impl Admin {
             Ok(())
         });
         r?;
-        self.committed(t).await
+        self.committed(&t).await
     }
 
     pub async fn unbind(
@@ -671,7 +667,7 @@ impl Admin {
             Ok::<_, AdminError>(())
         });
         r?;
-        self.committed(t).await
+        self.committed(&t).await
     }
 
     /// Every binding of a vhost, the default exchange's implicit ones first (as RabbitMQ

@@ -1,16 +1,16 @@
 //! Fault injection at the storage seam: `Faulty<S>` wraps any store and, as its shared
 //! `Faults` control says, fails commits for a while (an outage: transient errors, reads too),
-//! refuses for good the commits that insert a chosen message (a permanent error), delays
-//! commits, or loses the answer of a commit that did apply (the ambiguous commit a dropped
-//! connection gives). With no fault set it only forwards, at the cost of one uncontended lock
+//! refuses for good the commits that insert a chosen message or write a chosen queue (a
+//! permanent error), delays commits, or loses the answer of a commit that did apply (the
+//! ambiguous commit a dropped connection gives). With no fault set it only forwards, at the cost of one uncontended lock
 //! per commit. Used by the writer's unit tests, the broker's fault tests and the model test.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::{
-    MessageRow, MessageStore, MetaStore, PermissionRecord, Plan, QueueSummary, Recovered, Snapshot,
-    StoreError, StoredEntry, TopicPermissionRecord, UserRecord,
+    MessageRow, MessageStore, MetaStore, Op, PermissionRecord, Plan, QueueSummary, Recovered,
+    Snapshot, StoreError, StoredEntry, TopicPermissionRecord, UserRecord,
 };
 
 #[derive(Debug, Default)]
@@ -19,6 +19,8 @@ struct State {
     outage: bool,
     /// Commits inserting a message with this routing key are refused for good.
     reject_routing_key: Option<String>,
+    /// Commits writing a queue of this name are refused for good.
+    reject_queue: Option<String>,
     /// The next this many commits apply, then report a transient failure.
     lose_answers: u32,
     /// Each commit first sleeps this long.
@@ -53,6 +55,11 @@ impl Faults {
     /// Refuses for good every commit that inserts a message with this routing key.
     pub fn reject_routing_key(&self, key: Option<&str>) {
         self.lock().reject_routing_key = key.map(str::to_string);
+    }
+
+    /// Refuses for good every commit that writes a queue of this name.
+    pub fn reject_queue(&self, name: Option<&str>) {
+        self.lock().reject_queue = name.map(str::to_string);
     }
 
     /// The next `n` commits are applied, then reported as failed (transiently).
@@ -126,7 +133,12 @@ impl<S: MessageStore> MessageStore for Faulty<S> {
             let rejected = s
                 .reject_routing_key
                 .as_deref()
-                .is_some_and(|k| plan.inserts.iter().any(|i| i.message.routing_key == k));
+                .is_some_and(|k| plan.inserts.iter().any(|i| i.message.routing_key == k))
+                || s.reject_queue.as_deref().is_some_and(|n| {
+                    plan.meta
+                        .iter()
+                        .any(|op| matches!(op, Op::PutQueue(q) if q.name == n))
+                });
             let verdict = if s.outage {
                 Verdict::Fail(StoreError::Unavailable("injected outage".to_string()))
             } else if rejected {

@@ -24,7 +24,7 @@ pub use faults::{Faults, Faulty};
 pub use memory::MemStore;
 pub use plan::Plan;
 pub use sql::{Backend, SqlStore};
-pub use writer::{Capture, Writer, WriterSettings};
+pub use writer::{Capture, Tickets, Writer, WriterSettings};
 
 /// A durable exchange.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -30,35 +30,66 @@ pub const NEVER: u64 = u64::MAX;
 pub const LARGE_BODY: usize = 64 * 1024;
 
 thread_local! {
-    /// While a `Capture` is alive on this thread: the highest ticket submitted since it began.
-    static CAPTURED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    /// While a `Capture` is alive on this thread: the tickets submitted since it began.
+    static CAPTURED: std::cell::RefCell<Option<Vec<u64>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The store writes a reply stands for: it may go once the highest is committed, and only if
+/// none of them was refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tickets(Vec<u64>);
+
+impl Tickets {
+    pub fn one(ticket: u64) -> Tickets {
+        Tickets(if ticket > 0 { vec![ticket] } else { Vec::new() })
+    }
+
+    /// The highest (0: none).
+    pub fn last(&self) -> u64 {
+        self.0.iter().copied().max().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().copied()
+    }
+
+    pub fn push(&mut self, ticket: u64) {
+        if ticket > 0 {
+            self.0.push(ticket);
+        }
+    }
 }
 
 /// Records the tickets of the ops submitted on this thread while it lives, so that a reply can
-/// wait for exactly the changes its own method made (not for everyone else's). Captures nest:
-/// an inner one's tickets count for the outer one too. Not `Send`: a capture held across an
-/// `.await` (where a task may move to another thread) does not compile in a spawned task.
+/// wait for exactly the changes its own method made (not for everyone else's), and learn
+/// whether the store refused any of them. Captures nest: an inner one's tickets count for the
+/// outer one too. Not `Send`: a capture held across an `.await` (where a task may move to
+/// another thread) does not compile in a spawned task.
 pub struct Capture {
-    outer: Option<u64>,
+    outer: Option<Vec<u64>>,
     _this_thread: std::marker::PhantomData<*const ()>,
 }
 
 impl Capture {
     pub fn begin() -> Capture {
         Capture {
-            outer: CAPTURED.with(|c| c.replace(Some(0))),
+            outer: CAPTURED.with(|c| c.replace(Some(Vec::new()))),
             _this_thread: std::marker::PhantomData,
         }
     }
 
-    /// The highest ticket submitted on this thread since `begin` (0: none).
-    pub fn ticket(&self) -> u64 {
+    /// The tickets submitted on this thread since `begin`.
+    pub fn tickets(&self) -> Tickets {
         Capture::current()
     }
 
-    /// The innermost live capture's ticket on this thread (0: none, or no capture).
-    pub fn current() -> u64 {
-        CAPTURED.with(|c| c.get().unwrap_or(0))
+    /// The innermost live capture's tickets on this thread (none outside a capture).
+    pub fn current() -> Tickets {
+        CAPTURED.with(|c| Tickets(c.borrow().clone().unwrap_or_default()))
     }
 
     /// Counts `ticket` as if this thread had just submitted it (a change found already made,
@@ -69,28 +100,31 @@ impl Capture {
         }
     }
 
-    /// Runs `f` (synchronous changes) under a capture: its result, and the highest ticket of
-    /// the store writes it made (0: none).
-    pub fn run<R>(f: impl FnOnce() -> R) -> (R, u64) {
+    /// Runs `f` (synchronous changes) under a capture: its result, and the tickets of the
+    /// store writes it made.
+    pub fn run<R>(f: impl FnOnce() -> R) -> (R, Tickets) {
         let capture = Capture::begin();
         let r = f();
-        (r, capture.ticket())
+        (r, capture.tickets())
     }
 }
 
 impl Drop for Capture {
     fn drop(&mut self) {
         CAPTURED.with(|c| {
-            let mine = c.get().unwrap_or(0);
-            c.set(self.outer.map(|o| o.max(mine)));
+            let mine = c.borrow_mut().take().unwrap_or_default();
+            *c.borrow_mut() = self.outer.take().map(|mut o| {
+                o.extend(mine);
+                o
+            });
         });
     }
 }
 
 fn captured(ticket: u64) {
     CAPTURED.with(|c| {
-        if let Some(t) = c.get() {
-            c.set(Some(t.max(ticket)));
+        if let Some(t) = c.borrow_mut().as_mut() {
+            t.push(ticket);
         }
     });
 }
@@ -246,6 +280,12 @@ impl Writer {
         let mut rx = self.committed.clone();
         let ok = rx.wait_for(|c| *c >= ticket).await.is_ok();
         ok
+    }
+
+    /// Waits until every ticket of `t` is committed: true if the store took them all, false
+    /// if it refused one for good or the writer stopped first.
+    pub async fn stored(&self, t: &Tickets) -> bool {
+        t.is_empty() || (self.wait(t.last()).await && !t.iter().any(|x| self.failed(x)))
     }
 
     /// Whether the store refused `ticket`'s op for good (only meaningful once committed).
@@ -514,7 +554,7 @@ mod tests {
     async fn a_capture_sees_only_its_own_threads_tickets() {
         let (w, _store, _faults) = writer("capture").await;
         let capture = Capture::begin();
-        assert_eq!(capture.ticket(), 0, "nothing submitted yet");
+        assert_eq!(capture.tickets().last(), 0, "nothing submitted yet");
         // Another thread's submissions are not this capture's.
         let other = std::thread::spawn({
             let w = w.clone();
@@ -527,27 +567,31 @@ mod tests {
         .join()
         .unwrap()
         .unwrap();
-        assert_eq!(capture.ticket(), 0, "another thread's ticket was captured");
+        assert_eq!(
+            capture.tickets().last(),
+            0,
+            "another thread's ticket was captured"
+        );
         let mine = w.submit(Op::PutQueue(queue(2, "mine")));
         assert!(mine > other);
         // A nested capture records its own tickets and hands them to the outer one.
         {
             let inner = Capture::begin();
-            assert_eq!(inner.ticket(), 0);
+            assert_eq!(inner.tickets().last(), 0);
             let t = w.submit(Op::PutQueue(queue(3, "inner")));
-            assert_eq!(inner.ticket(), t);
+            assert_eq!(inner.tickets(), Tickets::one(t));
         }
-        assert_eq!(capture.ticket(), mine + 1);
+        assert_eq!(capture.tickets(), Tickets(vec![mine, mine + 1]));
         drop(capture);
         // No capture: submitting records nothing anywhere.
         w.submit(Op::PutQueue(queue(4, "after")));
-        assert_eq!(Capture::current(), 0);
-        assert_eq!(Capture::begin().ticket(), 0);
+        assert!(Capture::current().is_empty());
+        assert!(Capture::begin().tickets().is_empty());
         let ((), t) = Capture::run(|| {
             w.submit(Op::PutQueue(queue(5, "run")));
         });
-        assert_eq!(t, w.last_ticket());
-        assert_eq!(Capture::current(), 0, "run's capture ended with it");
+        assert_eq!(t, Tickets::one(w.last_ticket()));
+        assert!(Capture::current().is_empty(), "run's capture ended with it");
     }
 
     /// Issue 11: `submit` answered 0 ("nothing to wait for") once the writer was gone, which

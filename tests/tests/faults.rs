@@ -1,7 +1,8 @@
 //! Store faults injected through the storage seam (`warren_storage::Faults`) into an
 //! in-process broker: an outage holds confirms until the store is back, a write the store
-//! refuses for good nacks only its publisher, a lost commit answer neither loses nor doubles,
-//! and a stopped writer never confirms.
+//! refuses for good nacks only its publisher (and closes, with 541, a connection whose held
+//! reply depends on it), a lost commit answer neither loses nor doubles, and a stopped writer
+//! never confirms.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
@@ -75,6 +76,56 @@ async fn a_refused_write_nacks_only_its_publish() {
     faults.reject_routing_key(None);
     let c = publish(&ch, "bad").await.await.unwrap();
     assert!(c.is_ack(), "the writer keeps going");
+    b.stop().await;
+}
+
+/// A reply held for the store (tx.commit-ok, a durable queue's declare-ok) went out even when
+/// the store had refused the write it stands for. Now the connection is closed with 541
+/// instead, whichever of the reply's writes was refused, and the others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_whose_write_the_store_refused_closes_with_541() {
+    let faults = Faults::new();
+    let (b, _c, ch) = setup(&faults).await;
+    faults.reject_routing_key(Some("bad"));
+    let (_c1, tx) = channel(&b).await;
+    tx.tx_select().await.unwrap();
+    // The refused message is not the transaction's last write.
+    for key in ["bad", "good"] {
+        tx.basic_publish(
+            "amq.direct".into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            key.as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    }
+    let e = tokio::time::timeout(Duration::from_secs(10), tx.tx_commit())
+        .await
+        .expect("an answer")
+        .expect_err("commit-ok for a message the store refused");
+    assert_eq!(code(&e), 541, "{e}");
+
+    faults.reject_queue(Some("refused-q"));
+    let (_c2, ch2) = channel(&b).await;
+    let e = ch2
+        .queue_declare(
+            "refused-q".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("declare-ok for a queue the store refused");
+    assert_eq!(code(&e), 541, "{e}");
+
+    faults.reject_routing_key(None);
+    faults.reject_queue(None);
+    let c = publish(&ch, "good").await.await.unwrap();
+    assert!(c.is_ack(), "other connections go on");
     b.stop().await;
 }
 
