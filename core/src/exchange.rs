@@ -3,6 +3,7 @@
 //! `std::sync::RwLock`: many publishers route at once, binding changes are rare and short.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use warren_protocol::{FieldTable, ShortString};
@@ -59,12 +60,23 @@ impl PartialEq for Destination {
     }
 }
 
+/// What `Exchange::bind` did.
+#[derive(Debug)]
+pub enum Bound {
+    New(Arc<Binding>),
+    /// An equal binding was already there (this one).
+    Existing(Arc<Binding>),
+}
+
 #[derive(Debug)]
 pub struct Binding {
     pub destination: Destination,
     pub routing_key: String,
     pub arguments: FieldTable,
     x_match: XMatch,
+    /// The store ticket of its record (0: not stored): a bind that finds it already there
+    /// answers once that is committed.
+    pub stored: AtomicU64,
 }
 
 impl PartialEq for Binding {
@@ -164,18 +176,24 @@ impl Exchange {
         self.table.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a binding; false if an identical one exists. `x-match` must have been validated.
-    pub fn bind(&self, destination: Destination, routing_key: &str, arguments: FieldTable) -> bool {
+    /// Adds a binding, or finds an identical one. `x-match` must have been validated.
+    pub fn bind(
+        &self,
+        destination: Destination,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Bound {
         let x_match = headers::x_match(&arguments).unwrap_or(XMatch::All);
         let b = Arc::new(Binding {
             destination,
             routing_key: routing_key.to_string(),
             arguments,
             x_match,
+            stored: AtomicU64::new(0),
         });
         let mut t = self.write();
-        if t.all.iter().any(|x| **x == *b) {
-            return false;
+        if let Some(old) = t.all.iter().find(|x| ***x == *b) {
+            return Bound::Existing(old.clone());
         }
         match self.kind {
             ExchangeKind::Direct => t
@@ -186,8 +204,8 @@ impl Exchange {
             ExchangeKind::Topic => t.topic.insert(&b.routing_key, b.clone()),
             ExchangeKind::Fanout | ExchangeKind::Headers => {}
         }
-        t.all.push(b);
-        true
+        t.all.push(b.clone());
+        Bound::New(b)
     }
 
     /// Removes the binding equal to (destination, key, args); true if it was there.

@@ -175,8 +175,9 @@ impl Persistence {
         });
     }
 
-    pub fn put_binding(&self, r: BindingRecord) {
-        self.submit(Op::PutBinding(r));
+    /// The record's store ticket.
+    pub fn put_binding(&self, r: BindingRecord) -> u64 {
+        self.submit(Op::PutBinding(r))
     }
 
     pub fn delete_binding(&self, r: BindingRecord) {

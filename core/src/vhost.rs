@@ -19,7 +19,7 @@ use crate::deadletter::{self, Reason};
 use crate::delay::{self, Delayer};
 use crate::delivery::Consumer;
 use crate::error::{AmqpError, AmqpResult};
-use crate::exchange::{Destination, Exchange, ExchangeKind};
+use crate::exchange::{Bound, Destination, Exchange, ExchangeKind};
 use crate::headers;
 use crate::message::{now_ms, Message};
 use crate::names::NameMap;
@@ -806,14 +806,11 @@ impl VHost {
         let q = self.queue_for(conn_id, queue)?;
         let x = self.exchange_or_404(exchange)?;
         self.check_binding_args(&x, a)?;
-        if x.bind(Destination::Queue(q.clone()), key, a.clone()) && x.durable && q.spec.durable {
-            self.persist.put_binding(self.binding_record(
-                exchange,
-                queue,
-                DestinationKind::Queue,
-                key,
-                a,
-            ));
+        let bound = x.bind(Destination::Queue(q.clone()), key, a.clone());
+        if x.durable && q.spec.durable {
+            self.store_binding(bound, || {
+                self.binding_record(exchange, queue, DestinationKind::Queue, key, a)
+            });
         }
         Ok(())
     }
@@ -865,16 +862,27 @@ impl VHost {
         let d = self.exchange_or_404(destination)?;
         let s = self.exchange_or_404(source)?;
         self.check_binding_args(&s, a)?;
-        if s.bind(Destination::Exchange(d.clone()), key, a.clone()) && s.durable && d.durable {
-            self.persist.put_binding(self.binding_record(
-                source,
-                destination,
-                DestinationKind::Exchange,
-                key,
-                a,
-            ));
+        let bound = s.bind(Destination::Exchange(d.clone()), key, a.clone());
+        if s.durable && d.durable {
+            self.store_binding(bound, || {
+                self.binding_record(source, destination, DestinationKind::Exchange, key, a)
+            });
         }
         Ok(())
+    }
+
+    /// Writes a new durable binding's record; for one found already there, the reply waits
+    /// for its record's commit (bind-ok means it survives a restart), as a declare does.
+    fn store_binding(&self, bound: Bound, record: impl FnOnce() -> BindingRecord) {
+        match bound {
+            Bound::New(b) => {
+                let t = self.persist.put_binding(record());
+                b.stored.store(t, AtomicOrdering::Relaxed);
+            }
+            Bound::Existing(b) => {
+                warren_storage::Capture::include(b.stored.load(AtomicOrdering::Relaxed))
+            }
+        }
     }
 
     pub fn unbind_exchange(

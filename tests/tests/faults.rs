@@ -460,3 +460,48 @@ async fn a_dead_letter_whose_body_read_fails_arrives_once_the_store_is_back() {
     assert_eq!(got.data, vec![b'd'; 8192]);
     b.stop().await;
 }
+
+/// The same for a binding: a bind that finds a durable binding whose record is not committed
+/// yet (another connection made it during an outage) was answered at once; bind-ok now waits
+/// for that record, as the first bind's does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bind_finding_an_uncommitted_durable_binding_waits_for_its_commit() {
+    let faults = Faults::new();
+    let (b, _c, _ch) = setup(&faults).await;
+    faults.set_outage(true);
+    let bind = |ch: Channel| {
+        tokio::spawn(async move {
+            ch.queue_bind(
+                "fq".into(),
+                "amq.direct".into(),
+                "during-outage".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        })
+    };
+    let (_c1, ch1) = channel(&b).await;
+    let (_c2, ch2) = channel(&b).await;
+    let created = bind(ch1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let found = bind(ch2);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !created.is_finished(),
+        "bind-ok before its record was committed"
+    );
+    assert!(
+        !found.is_finished(),
+        "a bind finding the uncommitted binding was answered before its record was committed"
+    );
+    faults.set_outage(false);
+    for t in [created, found] {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("not answered after the outage")
+            .unwrap()
+            .unwrap();
+    }
+    b.stop().await;
+}
