@@ -24,7 +24,7 @@ use warren_core::exchange::Exchange;
 use warren_core::message::Message;
 use warren_core::persist::Persistence;
 use warren_core::queue::{Enqueued, Entry, Got, LoadFuture, Queue, Removed};
-use warren_storage::{Capture, Tickets};
+use warren_storage::Capture;
 
 /// Store reads one basic.get may wait for before it is answered get-empty.
 const MAX_GET_LOADS: u8 = 3;
@@ -206,8 +206,8 @@ impl Channel {
     }
 
     /// Queues a reply. A queue or exchange method runs under a `Capture` of the store writes it
-    /// makes: its reply waits for those writes, and only those, to commit (outside a capture
-    /// the ticket is 0).
+    /// makes: its reply waits for those writes, and only those, to commit, and is replaced by
+    /// a 541 close if the store refused one (outside a capture there is nothing to wait for).
     fn reply(&self, method: AMQPClass) {
         let tickets = Capture::current();
         if !tickets.is_empty() {
@@ -1112,10 +1112,16 @@ impl Channel {
                 let Tx {
                     publishes, settles, ..
                 } = std::mem::take(tx);
-                let mut tickets = Tickets::default();
+                // Every store write routing makes (one per durable queue a message reaches) is
+                // one commit-ok stands for.
+                let writes = Capture::begin();
+                let mut routed = Vec::new();
                 for (x, msg, mandatory) in publishes {
-                    tickets.push(self.route(ctx, &x, msg, mandatory));
+                    routed.push(self.route(ctx, &x, msg, mandatory));
                 }
+                let mut tickets = writes.tickets();
+                drop(writes);
+                routed.into_iter().for_each(|t| tickets.push(t));
                 self.apply_settles(settles.into_iter().map(|(_, u, how)| (u, how)));
                 if !tickets.is_empty() {
                     // commit-ok once the transaction's persistent messages are stored, and

@@ -143,16 +143,25 @@ impl Drop for Conn {
     }
 }
 
-/// Stops the reader if the writer task ends by a panic.
+/// Stops the reader when the writer task ends, however it ends: a connection cannot go on
+/// without its writer (a write failed, the store stopped or refused a reply's write, a panic),
+/// and frames read after it has closed the connection must not be acted on.
 struct WriterGuard(CancellationToken, Arc<Outbox>);
+
+impl WriterGuard {
+    /// Stops the reader now (before the writer's last frames go out).
+    fn stop_reader(&self) {
+        self.0.cancel();
+    }
+}
 
 impl Drop for WriterGuard {
     fn drop(&mut self) {
         if std::thread::panicking() {
             error!("connection writer panicked; closing the connection");
-            self.1.close();
-            self.0.cancel();
         }
+        self.1.close();
+        self.0.cancel();
     }
 }
 
@@ -315,6 +324,10 @@ impl Conn {
         let mut content_channel = None;
         loop {
             loop {
+                if writer_gone.is_cancelled() {
+                    // The writer has closed the connection: nothing read is acted on.
+                    return;
+                }
                 match next_frame(&self.decoder, &mut buf, &mut in_place) {
                     Ok(Some(frame)) => {
                         // Small body frames (a low frame_max, a client that splits) are
@@ -1292,7 +1305,7 @@ fn frame_ids(frame: &Frame) -> (u16, u16) {
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
-    _guard: WriterGuard,
+    guard: WriterGuard,
     mut wr: W,
     outbox: Arc<Outbox>,
     frame_max: Arc<AtomicU32>,
@@ -1382,21 +1395,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         }
                         last_write = Instant::now();
                     }
-                    if tickets.iter().any(|t| store.failed(t)) {
+                    if tickets.own().any(|t| store.failed(t)) {
                         // What follows (a declare-ok, a commit-ok) would claim a write the
                         // store refused: the client hears why, and nothing after it.
-                        warn!(
-                            "the store refused a write a reply depends on; closing the connection"
-                        );
-                        let close = AMQPClass::Connection(connection::AMQPMethod::Close(
-                            connection::Close {
-                                reply_code: warren_protocol::reply::INTERNAL_ERROR,
-                                reply_text: STORE_REFUSED.into(),
-                                class_id: 0,
-                                method_id: 0,
-                            },
-                        ));
-                        let _ = batch.push_method(0, &close);
+                        let e = AmqpError::internal(STORE_REFUSED);
+                        warn!("{}; closing the connection", e);
+                        guard.stop_reader();
+                        let _ = batch.push_method(0, &e.close_method());
                         let _ = write_batch(&mut wr, &mut batch, &info).await;
                         let _ = wr.shutdown().await;
                         outbox.close();
@@ -1444,8 +1449,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
 }
 
-/// The close text when the store refused a write that a held reply depends on.
-const STORE_REFUSED: &str = "INTERNAL_ERROR - the store refused a write this reply depends on";
+/// Why a connection is closed when the store refused a write that a held reply depends on.
+const STORE_REFUSED: &str = "the store refused a write this reply depends on";
 
 /// How a wait for the store ended.
 enum GateEnd {

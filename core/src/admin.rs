@@ -143,9 +143,9 @@ impl Admin {
         self.broker.vhost(name).ok_or(AdminError::NotFound)
     }
 
-    /// Waits until store writes up to `t` are committed (0: none to wait for). `t` is what a
-    /// change's `Capture` recorded: an operator's transient declare does not wait for other
-    /// clients' writes (during a database outage, for ever).
+    /// Waits until the store writes `t` are committed, and fails if the store refused one of
+    /// the change's own. `t` is what a change's `Capture` recorded: an operator's transient
+    /// declare does not wait for other clients' writes (during a database outage, for ever).
     pub(crate) async fn committed(&self, t: &Tickets) -> AdminResult<()> {
         if !self.broker.persist.writer.stored(t).await {
             return Err(AdminError::Store("the change could not be stored".into()));

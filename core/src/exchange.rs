@@ -74,8 +74,8 @@ pub struct Binding {
     pub routing_key: String,
     pub arguments: FieldTable,
     x_match: XMatch,
-    /// The store ticket of its record (0: not stored): a bind that finds it already there
-    /// answers once that is committed.
+    /// The store ticket of its record (0: nothing to wait for: not durable, or recovered from
+    /// the store): a bind that finds it already there answers once that is committed.
     pub stored: AtomicU64,
 }
 

@@ -30,37 +30,55 @@ pub const NEVER: u64 = u64::MAX;
 pub const LARGE_BODY: usize = 64 * 1024;
 
 thread_local! {
-    /// While a `Capture` is alive on this thread: the tickets submitted since it began.
-    static CAPTURED: std::cell::RefCell<Option<Vec<u64>>> = const { std::cell::RefCell::new(None) };
+    /// While a `Capture` is alive on this thread: the tickets submitted or found since it began.
+    static CAPTURED: std::cell::RefCell<Option<Tickets>> = const { std::cell::RefCell::new(None) };
 }
 
 /// The store writes a reply stands for: it may go once the highest is committed, and only if
-/// none of them was refused.
+/// the store took the writes its own method made (`own`). Records the method found already
+/// made by someone else (`found`) are waited for, not judged: that is their maker's reply.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Tickets(Vec<u64>);
+pub struct Tickets {
+    own: Vec<u64>,
+    found: Vec<u64>,
+}
 
 impl Tickets {
     pub fn one(ticket: u64) -> Tickets {
-        Tickets(if ticket > 0 { vec![ticket] } else { Vec::new() })
+        let mut t = Tickets::default();
+        t.push(ticket);
+        t
     }
 
     /// The highest (0: none).
     pub fn last(&self) -> u64 {
-        self.0.iter().copied().max().unwrap_or(0)
+        self.own
+            .iter()
+            .chain(&self.found)
+            .copied()
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.own.is_empty() && self.found.is_empty()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.0.iter().copied()
+    /// The tickets of the writes this reply's own method made.
+    pub fn own(&self) -> impl Iterator<Item = u64> + '_ {
+        self.own.iter().copied()
     }
 
+    /// Adds a write of this reply's own (0: none).
     pub fn push(&mut self, ticket: u64) {
         if ticket > 0 {
-            self.0.push(ticket);
+            self.own.push(ticket);
         }
+    }
+
+    fn extend(&mut self, other: Tickets) {
+        self.own.extend(other.own);
+        self.found.extend(other.found);
     }
 }
 
@@ -70,38 +88,43 @@ impl Tickets {
 /// outer one too. Not `Send`: a capture held across an `.await` (where a task may move to
 /// another thread) does not compile in a spawned task.
 pub struct Capture {
-    outer: Option<Vec<u64>>,
+    outer: Option<Tickets>,
     _this_thread: std::marker::PhantomData<*const ()>,
 }
 
 impl Capture {
     pub fn begin() -> Capture {
         Capture {
-            outer: CAPTURED.with(|c| c.replace(Some(Vec::new()))),
+            outer: CAPTURED.with(|c| c.replace(Some(Tickets::default()))),
             _this_thread: std::marker::PhantomData,
         }
     }
 
-    /// The tickets submitted on this thread since `begin`.
+    /// The tickets submitted or found on this thread since `begin`.
     pub fn tickets(&self) -> Tickets {
         Capture::current()
     }
 
     /// The innermost live capture's tickets on this thread (none outside a capture).
     pub fn current() -> Tickets {
-        CAPTURED.with(|c| Tickets(c.borrow().clone().unwrap_or_default()))
+        CAPTURED.with(|c| c.borrow().clone().unwrap_or_default())
     }
 
-    /// Counts `ticket` as if this thread had just submitted it (a change found already made,
-    /// whose reply must still wait for its commit); nothing outside a capture.
+    /// Counts `ticket`, the record of a change found already made (by another connection,
+    /// maybe still uncommitted), so that the reply waits for its commit too; nothing outside
+    /// a capture.
     pub fn include(ticket: u64) {
         if ticket > 0 {
-            captured(ticket);
+            CAPTURED.with(|c| {
+                if let Some(t) = c.borrow_mut().as_mut() {
+                    t.found.push(ticket);
+                }
+            });
         }
     }
 
     /// Runs `f` (synchronous changes) under a capture: its result, and the tickets of the
-    /// store writes it made.
+    /// store writes it made or found.
     pub fn run<R>(f: impl FnOnce() -> R) -> (R, Tickets) {
         let capture = Capture::begin();
         let r = f();
@@ -124,7 +147,7 @@ impl Drop for Capture {
 fn captured(ticket: u64) {
     CAPTURED.with(|c| {
         if let Some(t) = c.borrow_mut().as_mut() {
-            t.push(ticket);
+            t.own.push(ticket);
         }
     });
 }
@@ -282,10 +305,11 @@ impl Writer {
         ok
     }
 
-    /// Waits until every ticket of `t` is committed: true if the store took them all, false
-    /// if it refused one for good or the writer stopped first.
+    /// Waits until every ticket of `t` is committed: true if the store took the writes of
+    /// `t`'s own, false if it refused one for good or the writer stopped first. Judged at the
+    /// commit (the writer remembers its most recent refusals, not all of them).
     pub async fn stored(&self, t: &Tickets) -> bool {
-        t.is_empty() || (self.wait(t.last()).await && !t.iter().any(|x| self.failed(x)))
+        t.is_empty() || (self.wait(t.last()).await && !t.own().any(|x| self.failed(x)))
     }
 
     /// Whether the store refused `ticket`'s op for good (only meaningful once committed).
@@ -581,7 +605,10 @@ mod tests {
             let t = w.submit(Op::PutQueue(queue(3, "inner")));
             assert_eq!(inner.tickets(), Tickets::one(t));
         }
-        assert_eq!(capture.tickets(), Tickets(vec![mine, mine + 1]));
+        assert_eq!(
+            capture.tickets().own().collect::<Vec<_>>(),
+            vec![mine, mine + 1]
+        );
         drop(capture);
         // No capture: submitting records nothing anywhere.
         w.submit(Op::PutQueue(queue(4, "after")));

@@ -625,22 +625,6 @@ async fn returns_to_a_client_that_does_not_read_push_back() {
     b.stop().await;
 }
 
-/// Sends channel.open for channel `id` on a raw socket.
-async fn open_channel(s: &mut TcpStream, id: u16) {
-    use warren_protocol::{
-        encode::encode_frame,
-        protocol::{channel, AMQPClass},
-    };
-    let mut open = Vec::new();
-    encode_frame(
-        &mut open,
-        id,
-        &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-    )
-    .unwrap();
-    s.write_all(&open).await.unwrap();
-}
-
 /// Multi-frame bodies: whatever the socket delivers at a time (a frame header alone, a frame end
 /// alone, a frame and a half, the whole message), every body arrives intact and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,6 +129,51 @@ async fn a_reply_whose_write_the_store_refused_closes_with_541() {
     b.stop().await;
 }
 
+/// After that 541 the connection acts on nothing more: a client that goes on sending, without
+/// close-ok, has its frames ignored and its socket closed. The reader used to go on routing and
+/// storing what came next until the client closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_refused_reply_the_connection_acts_on_nothing_more() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use warren_protocol::{
+        encode::encode_frame,
+        protocol::{queue, AMQPClass},
+    };
+    let faults = Faults::new();
+    let (b, _c, ch) = setup(&faults).await;
+    faults.reject_queue(Some("refused-q"));
+    let mut s = handshake_to(&b, "/").await;
+    open_channel(&mut s, 1).await;
+    let mut declare = Vec::new();
+    encode_frame(
+        &mut declare,
+        1,
+        &AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "refused-q".into(),
+            durable: true,
+            ..Default::default()
+        })),
+    )
+    .unwrap();
+    s.write_all(&declare).await.unwrap();
+    let (code, text) = read_until_close(&mut s).await;
+    assert_eq!(code, 541, "{text}");
+    // No close-ok: a publish to fq instead.
+    s.write_all(&publish_frames("fq", false, b"after the close", 131_072))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the broker kept the socket open");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        count(&ch, "fq").await,
+        0,
+        "a publish after the close was routed"
+    );
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_commit_answer_neither_loses_nor_doubles() {
     let faults = Faults::new();

@@ -176,6 +176,22 @@ pub async fn handshake_to(b: &warren_broker::Running, vhost: &str) -> TcpStream 
     s
 }
 
+/// Sends channel.open for channel `id` on a raw socket.
+pub async fn open_channel(s: &mut TcpStream, id: u16) {
+    use warren_protocol::{
+        encode::encode_frame,
+        protocol::{channel, AMQPClass},
+    };
+    let mut open = Vec::new();
+    encode_frame(
+        &mut open,
+        id,
+        &AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    )
+    .unwrap();
+    s.write_all(&open).await.unwrap();
+}
+
 /// Reads frames until a connection.close arrives: its code and text.
 pub async fn read_until_close(s: &mut TcpStream) -> (u16, String) {
     use warren_protocol::protocol::{connection, AMQPClass};
