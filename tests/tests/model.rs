@@ -3,7 +3,8 @@
 //! model of RabbitMQ's semantics.
 //!
 //! Operations: publish (persistent and transient, with and without confirms, to one queue or
-//! through a fanout to two), basic.get and consumers with prefetch (manual acks), ack / nack
+//! through a fanout to two), transactions (rolled back, or committed, sometimes through a store
+//! outage that must hold commit-ok), basic.get and consumers with prefetch (manual acks), ack / nack
 //! (requeue) / reject (no requeue, dead-lettering from the queue that has a DLX), channel close
 //! (requeue), purge, drain, max-length drop-head with dead-lettering, TTL expiry into the
 //! dead-letter queue, a policy set and cleared through the management API (max-length 4 on q1,
@@ -683,6 +684,87 @@ impl Run {
                 self.model.fence();
             }
         }
+    }
+
+    /// A transaction on a channel of its own: publishes, then a rollback (none of them arrive)
+    /// or a commit (all of them arrive, and commit-ok means the persistent ones are stored: a
+    /// fence when every target is durable). Sometimes a store outage holds the commit, which
+    /// must not be answered before the store is back when it wrote persistent messages.
+    async fn transaction(&mut self) {
+        let target = self.rng.random_range(0..5usize);
+        let persistent = self.rng.random_bool(0.7);
+        let n = self.rng.random_range(1..=4);
+        let commit = self.rng.random_bool(0.75);
+        let outage = commit && self.rng.random_bool(0.25);
+        let (exchange, key, queues): (&str, &str, Vec<usize>) = match target {
+            4 => ("m.fan", "", vec![Q0, Q1]),
+            q => ("", NAMES[[Q0, Q1, TQ, Q2][q]], vec![[Q0, Q1, TQ, Q2][q]]),
+        };
+        self.log.push(format!(
+            "transaction of {n} to {exchange}/{key} persistent={persistent} commit={commit} \
+             outage={outage} (from {})",
+            self.model.next_pid + 1
+        ));
+        let ch = self.client().conn.create_channel().await.unwrap();
+        ch.tx_select().await.unwrap();
+        let props = if persistent {
+            BasicProperties::default().with_delivery_mode(2)
+        } else {
+            BasicProperties::default()
+        };
+        let first = self.model.next_pid + 1;
+        for pid in first..first + n {
+            ch.basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                &body_of(pid),
+                props.clone(),
+            )
+            .await
+            .unwrap();
+        }
+        self.model.next_pid += n;
+        if !commit {
+            ch.tx_rollback().await.unwrap();
+            let _ = ch.close(200, "done".into()).await;
+            return;
+        }
+        if outage {
+            self.faults.set_outage(true);
+        }
+        let committed = ch.tx_commit();
+        tokio::pin!(committed);
+        let mut answer = None;
+        if outage {
+            if let Ok(r) = tokio::time::timeout(Duration::from_millis(150), &mut committed).await {
+                if persistent && queues.iter().any(|&q| durable(q)) {
+                    self.fail(format!(
+                        "transaction from {first} committed during a store outage"
+                    ));
+                }
+                answer = Some(r);
+            }
+            self.faults.set_outage(false);
+        }
+        let answer = match answer {
+            Some(r) => Ok(r),
+            None => tokio::time::timeout(Duration::from_secs(20), committed).await,
+        };
+        match answer {
+            Ok(Ok(())) => {}
+            other => self.fail(format!("transaction from {first}: {other:?}")),
+        }
+        for pid in first..first + n {
+            for &q in &queues {
+                self.model.add(pid, q, persistent);
+            }
+        }
+        if persistent && queues.iter().all(|&q| durable(q)) {
+            // commit-ok came once the commit landed; the writer commits in order.
+            self.model.fence();
+        }
+        let _ = ch.close(200, "done".into()).await;
     }
 
     /// basic.get with a manual ack: the head (any ready message for the dead-letter queue,
@@ -1493,7 +1575,8 @@ impl Run {
 
     async fn step(&mut self) {
         match self.rng.random_range(0..100) {
-            0..=27 => self.publish().await,
+            0..=25 => self.publish().await,
+            26..=27 => self.transaction().await,
             28..=29 => self.publish_consumed().await,
             30..=44 => self.get().await,
             45..=52 => self.consume().await,
