@@ -84,29 +84,58 @@ struct Tx {
 #[derive(Default)]
 struct Confirms {
     next: u64,
-    /// (tag, store ticket, ack?, holds) in tag order: sent once the ticket is committed, or
-    /// once every durable queue holding the message has had it acknowledged. Confirms go out
-    /// in tag order, so a transient message's confirm may wait behind a persistent one's.
-    waiting: VecDeque<(u64, u64, bool, Option<Arc<Pending>>)>,
+    /// (tag, store tickets, ack?, holds) in tag order: sent once the tickets are committed,
+    /// or once every durable queue holding the message has had it acknowledged. Confirms go
+    /// out in tag order, so a transient message's confirm may wait behind a persistent one's.
+    waiting: VecDeque<(u64, Writes, bool, Option<Arc<Pending>>)>,
     /// (first tag, last tag, ack?) runs in order, coalesced into one basic.ack/nack each.
     pending: Vec<(u64, u64, bool)>,
 }
 
+/// The store writes a publish made, one per durable queue it reached: consecutive tickets,
+/// perhaps with other connections' between them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Writes {
+    first: u64,
+    last: u64,
+}
+
+impl Writes {
+    fn add(&mut self, ticket: u64) {
+        if ticket == 0 {
+            return;
+        }
+        self.first = if self.first == 0 {
+            ticket
+        } else {
+            self.first.min(ticket)
+        };
+        self.last = self.last.max(ticket);
+    }
+
+    /// Whether the store refused one of them (only meaningful once `last` is committed). A
+    /// refusal of another's write between them counts too: a false nack is published again,
+    /// a false ack would lose the message.
+    fn refused(&self, writer: &warren_storage::Writer) -> bool {
+        self.last > 0 && writer.failed_any(self.first, self.last)
+    }
+}
+
 impl Confirms {
-    /// `committed` is read only for a message that waits on the store.
+    /// A publish's outcome: ready now, or waiting for its writes' commit (or its holds).
     fn settle(
         &mut self,
         tag: u64,
         ack: bool,
-        ticket: u64,
+        writes: Writes,
         holds: Option<Arc<Pending>>,
-        committed: impl FnOnce() -> u64,
+        writer: &warren_storage::Writer,
     ) {
-        if !self.waiting.is_empty() || (ticket > 0 && ticket > committed()) {
-            self.waiting.push_back((tag, ticket, ack, holds));
+        if !self.waiting.is_empty() || writes.last > writer.committed() {
+            self.waiting.push_back((tag, writes, ack, holds));
             return;
         }
-        self.ready(tag, ack);
+        self.ready(tag, ack && !writes.refused(writer));
     }
 
     fn ready(&mut self, tag: u64, ack: bool) {
@@ -121,11 +150,12 @@ impl Confirms {
 
     /// Moves what the store has committed, or what was acknowledged everywhere it went, to
     /// the ready runs; a message whose write the store refused is nacked.
-    fn release(&mut self, committed: u64, failed: impl Fn(u64) -> bool) {
-        while let Some((tag, ticket, ack, holds)) = self.waiting.front() {
-            let (tag, ticket, ack) = (*tag, *ticket, *ack);
-            if ticket <= committed {
-                self.ready(tag, ack && !failed(ticket));
+    fn release(&mut self, writer: &warren_storage::Writer) {
+        let committed = writer.committed();
+        while let Some((tag, writes, ack, holds)) = self.waiting.front() {
+            let (tag, writes, ack) = (*tag, *writes, *ack);
+            if writes.last <= committed {
+                self.ready(tag, ack && !writes.refused(writer));
             } else if holds.as_ref().is_some_and(|h| h.done()) {
                 self.ready(tag, ack);
             } else {
@@ -284,7 +314,7 @@ impl Channel {
             return;
         };
         let writer = &self.persist.writer;
-        c.release(writer.committed(), |t| writer.failed(t));
+        c.release(writer);
         if c.pending.is_empty() {
             return;
         }
@@ -1007,7 +1037,8 @@ impl Channel {
             },
         }
         let mut rejected = false;
-        let mut ticket = held_ticket;
+        let mut writes = Writes::default();
+        writes.add(held_ticket);
         let mut row = None;
         // A persistent message's confirm may go once every durable queue has had it acked.
         let holds = (self.confirms.is_some() && msg.is_persistent())
@@ -1035,7 +1066,7 @@ impl Channel {
                     // paged or persistent: this connection now feeds the store writer
                     self.stored_publishes = true;
                     if durable {
-                        ticket = ticket.max(t);
+                        writes.add(t);
                     }
                 }
             }
@@ -1044,7 +1075,12 @@ impl Channel {
         if let Some(h) = &holds {
             h.release(); // routed
         }
-        let ticket = self.persist.confirm_ticket(ticket);
+        // Without --sync confirm, confirms do not wait for the store.
+        let writes = if self.persist.confirm_ticket(writes.last) == 0 {
+            Writes::default()
+        } else {
+            writes
+        };
         let (stats, global) = (&self.handle.stats, &self.handle.global);
         stats.publish.inc();
         global.publish.inc();
@@ -1082,9 +1118,9 @@ impl Channel {
             let tag = c.next;
             c.next += 1;
             let writer = &self.persist.writer;
-            c.settle(tag, !rejected, ticket, holds, || writer.committed());
+            c.settle(tag, !rejected, writes, holds, writer);
         }
-        ticket
+        writes.last
     }
 
     fn tx_method(&mut self, ctx: &ConnCtx, t: tx::AMQPMethod) -> AmqpResult<()> {

@@ -21,6 +21,10 @@ struct State {
     reject_routing_key: Option<String>,
     /// Commits writing a queue of this name are refused for good.
     reject_queue: Option<String>,
+    /// Commits putting a message in a queue of this name are refused for good (the queue is
+    /// known by its id once a commit wrote its record).
+    reject_positions_in: Option<String>,
+    position_ids: Vec<i64>,
     /// The next this many commits apply, then report a transient failure.
     lose_answers: u32,
     /// Each commit first sleeps this long.
@@ -60,6 +64,14 @@ impl Faults {
     /// Refuses for good every commit that writes a queue of this name.
     pub fn reject_queue(&self, name: Option<&str>) {
         self.lock().reject_queue = name.map(str::to_string);
+    }
+
+    /// Refuses for good every commit that puts a message in the queue of this name (declared
+    /// after this call), while its other commits go through.
+    pub fn reject_positions_in(&self, name: Option<&str>) {
+        let mut s = self.lock();
+        s.reject_positions_in = name.map(str::to_string);
+        s.position_ids.clear();
     }
 
     /// The next `n` commits are applied, then reported as failed (transiently).
@@ -138,6 +150,21 @@ impl<S: MessageStore> MessageStore for Faulty<S> {
                     plan.meta
                         .iter()
                         .any(|op| matches!(op, Op::PutQueue(q) if q.name == n))
+                });
+            if let Some(n) = s.reject_positions_in.clone() {
+                for op in &plan.meta {
+                    if let Op::PutQueue(q) = op {
+                        if q.name == n {
+                            s.position_ids.push(q.id);
+                        }
+                    }
+                }
+            }
+            let rejected = rejected
+                || plan.inserts.iter().any(|i| {
+                    i.entries
+                        .iter()
+                        .any(|(queue, _)| s.position_ids.contains(queue))
                 });
             let verdict = if s.outage {
                 Verdict::Fail(StoreError::Unavailable("injected outage".to_string()))

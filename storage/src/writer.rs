@@ -312,6 +312,22 @@ impl Writer {
         t.is_empty() || (self.wait(t.last()).await && !t.own().any(|x| self.failed(x)))
     }
 
+    /// Whether the store refused for good any op from `first` to `last` (only meaningful once
+    /// `last` is committed).
+    pub fn failed_any(&self, first: u64, last: u64) -> bool {
+        if last == NEVER {
+            return true;
+        }
+        self.failures.load(Ordering::Acquire) > 0
+            && self
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .range(first..=last)
+                .next()
+                .is_some()
+    }
+
     /// Whether the store refused `ticket`'s op for good (only meaningful once committed).
     pub fn failed(&self, ticket: u64) -> bool {
         if ticket == NEVER {

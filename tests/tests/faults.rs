@@ -174,6 +174,47 @@ async fn after_a_refused_reply_the_connection_acts_on_nothing_more() {
     b.stop().await;
 }
 
+/// A persistent message that reaches two durable queues is written once per queue. When the
+/// store refused the first of those writes and took the second, the publisher got an ack: its
+/// confirm judged the last write only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_is_nacked_when_any_of_its_queue_writes_is_refused() {
+    let faults = Faults::new();
+    let (b, _c, ch) = setup(&faults).await;
+    faults.reject_positions_in(Some("fq-refused"));
+    ch.queue_declare(
+        "fq-refused".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    // Bound first: routing writes its position before fq's.
+    for q in ["fq-refused", "fq"] {
+        ch.queue_bind(
+            q.into(),
+            "amq.direct".into(),
+            "both".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let c = tokio::time::timeout(Duration::from_secs(10), publish(&ch, "both").await)
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert!(!c.is_ack(), "acked although one of its writes was refused");
+    faults.reject_positions_in(None);
+    let c = publish(&ch, "good").await.await.unwrap();
+    assert!(c.is_ack(), "the writer keeps going");
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_commit_answer_neither_loses_nor_doubles() {
     let faults = Faults::new();
