@@ -182,18 +182,30 @@ async fn a_publish_is_nacked_when_any_of_its_queue_writes_is_refused() {
     let faults = Faults::new();
     let (b, _c, ch) = setup(&faults).await;
     faults.reject_positions_in(Some("fq-refused"));
-    ch.queue_declare(
-        "fq-refused".into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    // Bound first: routing writes its position before fq's.
-    for q in ["fq-refused", "fq"] {
+    let durable = || QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare("fq-refused".into(), durable(), FieldTable::default())
+        .await
+        .unwrap();
+    // Routing orders a message's queues by address: the refused queue's write must come
+    // first, so its partner is a queue that sorts after it.
+    let vhost = b.broker.vhost("/").unwrap();
+    let address = |name: &str| Arc::as_ptr(&vhost.queue(name).unwrap()) as usize;
+    let mut partner = None;
+    for i in 0..32 {
+        let name = format!("fq-partner-{i}");
+        ch.queue_declare(name.as_str().into(), durable(), FieldTable::default())
+            .await
+            .unwrap();
+        if address(&name) > address("fq-refused") {
+            partner = Some(name);
+            break;
+        }
+    }
+    let partner = partner.expect("a queue allocated after the refused one");
+    for q in ["fq-refused", partner.as_str()] {
         ch.queue_bind(
             q.into(),
             "amq.direct".into(),
