@@ -330,15 +330,7 @@ impl Writer {
 
     /// Whether the store refused `ticket`'s op for good (only meaningful once committed).
     pub fn failed(&self, ticket: u64) -> bool {
-        if ticket == NEVER {
-            return true;
-        }
-        self.failures.load(Ordering::Acquire) > 0
-            && self
-                .failed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(&ticket)
+        self.failed_any(ticket, ticket)
     }
 
     fn mark_failed(&self, ticket: u64) {

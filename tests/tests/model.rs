@@ -636,15 +636,20 @@ impl Run {
         }
     }
 
+    /// Where a publish goes: (exchange, routing key, the queues it reaches), one of the four
+    /// queues through the default exchange or q0 and q1 through the fanout.
+    fn target(&mut self) -> (&'static str, &'static str, Vec<usize>) {
+        match self.rng.random_range(0..5usize) {
+            4 => ("m.fan", "", vec![Q0, Q1]),
+            q => ("", NAMES[[Q0, Q1, TQ, Q2][q]], vec![[Q0, Q1, TQ, Q2][q]]),
+        }
+    }
+
     async fn publish(&mut self) {
-        let target = self.rng.random_range(0..5usize);
+        let (exchange, key, queues) = self.target();
         let persistent = self.rng.random_bool(0.7);
         let confirm = self.rng.random_bool(0.8);
         let n = self.rng.random_range(1..=4);
-        let (exchange, key, queues): (&str, &str, Vec<usize>) = match target {
-            4 => ("m.fan", "", vec![Q0, Q1]),
-            q => ("", NAMES[[Q0, Q1, TQ, Q2][q]], vec![[Q0, Q1, TQ, Q2][q]]),
-        };
         self.log.push(format!(
             "publish {n} to {exchange}/{key} persistent={persistent} confirm={confirm} (from {})",
             self.model.next_pid + 1
@@ -691,15 +696,11 @@ impl Run {
     /// fence when every target is durable). Sometimes a store outage holds the commit, which
     /// must not be answered before the store is back when it wrote persistent messages.
     async fn transaction(&mut self) {
-        let target = self.rng.random_range(0..5usize);
+        let (exchange, key, queues) = self.target();
         let persistent = self.rng.random_bool(0.7);
         let n = self.rng.random_range(1..=4);
         let commit = self.rng.random_bool(0.75);
         let outage = commit && self.rng.random_bool(0.25);
-        let (exchange, key, queues): (&str, &str, Vec<usize>) = match target {
-            4 => ("m.fan", "", vec![Q0, Q1]),
-            q => ("", NAMES[[Q0, Q1, TQ, Q2][q]], vec![[Q0, Q1, TQ, Q2][q]]),
-        };
         self.log.push(format!(
             "transaction of {n} to {exchange}/{key} persistent={persistent} commit={commit} \
              outage={outage} (from {})",
