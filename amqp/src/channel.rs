@@ -105,11 +105,9 @@ impl Writes {
         if ticket == 0 {
             return;
         }
-        self.first = if self.first == 0 {
-            ticket
-        } else {
-            self.first.min(ticket)
-        };
+        if self.first == 0 || ticket < self.first {
+            self.first = ticket;
+        }
         self.last = self.last.max(ticket);
     }
 
@@ -1001,15 +999,15 @@ impl Channel {
         Ok(())
     }
 
-    /// Routes a message to its queues; returns the store ticket its durability waits for
-    /// (0: none).
+    /// Routes a message to its queues (its store writes are submitted on this thread, so a
+    /// `Capture` around it sees them).
     fn route(
         &mut self,
         ctx: &ConnCtx,
         exchange: &Arc<Exchange>,
         msg: Arc<Message>,
         mandatory: bool,
-    ) -> u64 {
+    ) {
         let mut queues = std::mem::take(&mut self.route_buf);
         let mut delivered = false;
         let mut held_ticket = 0;
@@ -1120,7 +1118,6 @@ impl Channel {
             let writer = &self.persist.writer;
             c.settle(tag, !rejected, writes, holds, writer);
         }
-        writes.last
     }
 
     fn tx_method(&mut self, ctx: &ConnCtx, t: tx::AMQPMethod) -> AmqpResult<()> {
@@ -1150,14 +1147,11 @@ impl Channel {
                 } = std::mem::take(tx);
                 // Every store write routing makes (one per durable queue a message reaches) is
                 // one commit-ok stands for.
-                let writes = Capture::begin();
-                let mut routed = Vec::new();
-                for (x, msg, mandatory) in publishes {
-                    routed.push(self.route(ctx, &x, msg, mandatory));
-                }
-                let mut tickets = writes.tickets();
-                drop(writes);
-                routed.into_iter().for_each(|t| tickets.push(t));
+                let ((), tickets) = Capture::run(|| {
+                    for (x, msg, mandatory) in publishes {
+                        self.route(ctx, &x, msg, mandatory);
+                    }
+                });
                 self.apply_settles(settles.into_iter().map(|(_, u, how)| (u, how)));
                 if !tickets.is_empty() {
                     // commit-ok once the transaction's persistent messages are stored, and

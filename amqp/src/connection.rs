@@ -4,7 +4,8 @@
 //! errors close the connection with `connection.close`; channel errors are handled in `channel`.
 //! A panic in either task is a bug, but it ends only its connection: `Conn`'s drop closes it
 //! with 541 INTERNAL_ERROR and releases what it held (consumers, unacked deliveries requeued,
-//! exclusive queues), and a panicking writer stops its reader.
+//! exclusive queues). However the writer ends (a write failed, the store stopped or refused a
+//! held reply's write, a panic), its guard closes the outbox and stops the reader.
 
 use hashbrown::HashMap;
 use std::net::SocketAddr;
@@ -143,9 +144,9 @@ impl Drop for Conn {
     }
 }
 
-/// Stops the reader when the writer task ends, however it ends: a connection cannot go on
-/// without its writer (a write failed, the store stopped or refused a reply's write, a panic),
-/// and frames read after it has closed the connection must not be acted on.
+/// Closes the outbox and stops the reader when the writer task ends, however it ends (the
+/// writer's early returns rely on it): a connection cannot go on without its writer, and
+/// frames read after it has closed the connection must not be acted on.
 struct WriterGuard(CancellationToken, Arc<Outbox>);
 
 impl WriterGuard {
@@ -1373,7 +1374,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     if store.committed() < ticket {
                         if let Err(e) = write_batch(&mut wr, &mut batch, &info).await {
                             debug!(error = %e, "write failed");
-                            outbox.close();
                             return;
                         }
                         let gated = gate(&mut wr, &store, ticket, &heartbeat, &outbox, &info);
@@ -1383,13 +1383,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                                 // The store writer stopped: what follows must not be sent as
                                 // if it had been stored.
                                 debug!("store writer stopped; closing the connection");
-                                outbox.close();
                                 return;
                             }
                             Ok(GateEnd::Closed) => return,
                             Err(e) => {
                                 debug!(error = %e, "write failed");
-                                outbox.close();
                                 return;
                             }
                         }
@@ -1404,7 +1402,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         let _ = batch.push_method(0, &e.close_method());
                         let _ = write_batch(&mut wr, &mut batch, &info).await;
                         let _ = wr.shutdown().await;
-                        outbox.close();
                         return;
                     }
                     Ok(())
@@ -1422,7 +1419,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             if batch.encoded_len() >= WRITE_CHUNK {
                 if let Err(e) = write_batch(&mut wr, &mut batch, &info).await {
                     debug!(error = %e, "write failed");
-                    outbox.close();
                     return;
                 }
                 last_write = Instant::now();
@@ -1431,14 +1427,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         if !batch.is_empty() {
             if let Err(e) = write_batch(&mut wr, &mut batch, &info).await {
                 debug!(error = %e, "write failed");
-                outbox.close();
                 return;
             }
             last_write = Instant::now();
         }
         if stop {
             let _ = wr.shutdown().await;
-            outbox.close();
             return;
         }
         for q in outbox.take_parked() {

@@ -44,10 +44,12 @@ pub struct Tickets {
 }
 
 impl Tickets {
+    /// A single write of the reply's own (0: none).
     pub fn one(ticket: u64) -> Tickets {
-        let mut t = Tickets::default();
-        t.push(ticket);
-        t
+        Tickets {
+            own: if ticket > 0 { vec![ticket] } else { Vec::new() },
+            found: Vec::new(),
+        }
     }
 
     /// The highest (0: none).
@@ -67,13 +69,6 @@ impl Tickets {
     /// The tickets of the writes this reply's own method made.
     pub fn own(&self) -> impl Iterator<Item = u64> + '_ {
         self.own.iter().copied()
-    }
-
-    /// Adds a write of this reply's own (0: none).
-    pub fn push(&mut self, ticket: u64) {
-        if ticket > 0 {
-            self.own.push(ticket);
-        }
     }
 
     fn extend(&mut self, other: Tickets) {

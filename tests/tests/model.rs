@@ -477,6 +477,15 @@ impl Client {
 /// carry only their pid.
 const LARGE_BODY: usize = 40_000;
 
+/// A published message's properties: delivery mode 2 when persistent.
+fn properties(persistent: bool) -> BasicProperties {
+    if persistent {
+        BasicProperties::default().with_delivery_mode(2)
+    } else {
+        BasicProperties::default()
+    }
+}
+
 /// The body published for `pid`: its number, and for a large one `#` and a pattern that
 /// depends on the pid, so a body cut short or mixed with another's is caught.
 fn body_of(pid: u64) -> Vec<u8> {
@@ -654,11 +663,7 @@ impl Run {
             "publish {n} to {exchange}/{key} persistent={persistent} confirm={confirm} (from {})",
             self.model.next_pid + 1
         ));
-        let props = if persistent {
-            BasicProperties::default().with_delivery_mode(2)
-        } else {
-            BasicProperties::default()
-        };
+        let props = properties(persistent);
         for _ in 0..n {
             self.model.next_pid += 1;
             let pid = self.model.next_pid;
@@ -708,11 +713,7 @@ impl Run {
         ));
         let ch = self.client().conn.create_channel().await.unwrap();
         ch.tx_select().await.unwrap();
-        let props = if persistent {
-            BasicProperties::default().with_delivery_mode(2)
-        } else {
-            BasicProperties::default()
-        };
+        let props = properties(persistent);
         let first = self.model.next_pid + 1;
         for pid in first..first + n {
             ch.basic_publish(
